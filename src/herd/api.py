@@ -1,0 +1,191 @@
+"""herd as a library: `herd.load(name_or_path)` and the `LLM` it returns.
+
+Results are shaped like Ollama's API responses (fields, nanosecond durations), so code
+written against Ollama's /api/generate and /api/chat reads herd's results unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from herd.errors import HerdError
+from herd.gguf import GGUFFile, open_gguf
+from herd.ml import BackendOptions, open_backend
+from herd.models import load_model
+from herd.runner import Event, Options, Runner
+from herd.template import select_template
+from herd.tokenizer import Tokenizer, from_gguf
+
+Progress = Callable[[str, "str | None", "int | None", "int | None"], None]
+
+
+@dataclass
+class Source:
+    """Where a model comes from: a GGUF path plus what a store manifest adds."""
+
+    name: str
+    path: Path
+    template: str | None = None
+    system: str | None = None
+    params: dict[str, Any] | None = None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def resolve(model: str | Path, progress: Progress | None = None) -> Source:
+    """A .gguf path, or a store name (pulled from the catalog when missing)."""
+    text = str(model)
+    if text.endswith(".gguf") or Path(text).is_file() or "/" in text and Path(text).exists():
+        return Source(Path(text).name, Path(text))
+    from herd.store import resolve_or_pull
+
+    ref = resolve_or_pull(text, progress=progress)
+    return Source(ref.name, Path(ref.model_path), ref.template, ref.system, ref.params)
+
+
+class LLM:
+    """A loaded model: tokenizer, engine and chat template."""
+
+    def __init__(self, source: Source, backend: str | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        t0 = time.perf_counter_ns()
+        self.source, self.name = source, source.name
+        self.gguf: GGUFFile = open_gguf(source.path)
+        self.defaults = Options().merged(source.params).merged(options)
+        self.backend = open_backend(backend, self.gguf,
+                                    BackendOptions(num_thread=self.defaults.num_thread,
+                                                   num_gpu=self.defaults.num_gpu))
+        self.tokenizer: Tokenizer = from_gguf(self.gguf)
+        self.model = load_model(self.gguf.config(), self.backend)
+        self.template = select_template(self.gguf.kv, source.template)
+        self._runner: Runner | None = None
+        self.load_duration = time.perf_counter_ns() - t0
+
+    # ---- tokens -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: list[int], special: bool = False) -> str:
+        return self.tokenizer.decode(ids, special=special)
+
+    # ---- compute ------------------------------------------------------------------------
+    def runner(self, options: Options) -> Runner:
+        if self._runner is None or self._runner_key != options.load_key():
+            self._runner = Runner(self.model, self.backend, self.tokenizer, options,
+                                  self.model.context_length)
+            self._runner_key = options.load_key()
+        return self._runner
+
+    def logits(self, ids: list[int], options: dict[str, Any] | None = None) -> np.ndarray:
+        """(len(ids), n_vocab) float32: one row per input position, one batch."""
+        opts = self.defaults.merged(options)
+        need = max(opts.num_ctx, len(ids))
+        opts = opts.merged({"num_ctx": need, "num_batch": max(opts.num_batch, len(ids))})
+        return self.runner(opts).logits(list(ids))
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.template is None:
+            raise HerdError(f"{self.name} has no chat template; use generate(..., raw=True)")
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def generate(self, prompt: str, *, system: str | None = None,
+                 options: dict[str, Any] | None = None, raw: bool = False,
+                 context: list[int] | None = None,
+                 stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        opts = self.defaults.merged(options)
+        system = system if system is not None else self.source.system
+        if raw or self.template is None:
+            text = prompt
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else [])
+            text = self.render(msgs + [{"role": "user", "content": prompt}])
+        prefix = list(context or [])
+        tokens = prefix + self.tokenize(text, add_special=not prefix, parse_special=not raw)
+        chunks = self._stream(tokens, opts, lambda e: {"response": e.text}, prompt_tokens=tokens)
+        return chunks if stream else _collect(chunks, "response")
+
+    def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
+             stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        opts = self.defaults.merged(options)
+        msgs = list(messages)
+        if self.source.system and not any(m.get("role") == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": self.source.system})
+        tokens = self.tokenize(self.render(msgs), add_special=True, parse_special=True)
+        chunks = self._stream(
+            tokens, opts, lambda e: {"message": {"role": "assistant", "content": e.text}})
+        return chunks if stream else _collect(chunks, "message")
+
+    def _stream(self, tokens: list[int], opts: Options, shape: Callable[[Event], dict[str, Any]],
+                prompt_tokens: list[int] | None = None) -> Iterator[dict[str, Any]]:
+        t0 = time.perf_counter_ns()
+        first_load = self._runner is None
+        runner = self.runner(opts)
+        load = self.load_duration if first_load else 0
+        for event in runner.generate(tokens, opts):
+            out = {"model": self.name, "created_at": _now(), **shape(event), "done": event.done}
+            if event.done:
+                out.update(done_reason=event.done_reason,
+                           total_duration=time.perf_counter_ns() - t0 + load,
+                           load_duration=load, prompt_eval_count=event.prompt_eval_count,
+                           prompt_eval_duration=event.prompt_eval_duration,
+                           eval_count=event.eval_count, eval_duration=event.eval_duration)
+                if prompt_tokens is not None:
+                    out["context"] = list(prompt_tokens) + list(event.tokens)
+            yield out
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.gguf.config()
+        from gguf import LlamaFileType
+
+        file_type = self.gguf.kv.get("general.file_type")
+        try:
+            quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type else ""
+        except ValueError:
+            quant = str(file_type)
+        n_params = sum(t.n_elements for t in self.gguf.tensors.values())
+        return {
+            "architecture": cfg.arch,
+            "parameters": n_params,
+            "context_length": cfg.int("context_length", 0),
+            "embedding_length": cfg.int("embedding_length", 0),
+            "quantization": quant,
+            "backend": self.backend.name,
+            "template": self.template.source if self.template is not None else None,
+        }
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _collect(chunks: Iterator[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Join a stream into the one object Ollama returns for `stream: false`."""
+    text, final = [], {}
+    for chunk in chunks:
+        part = chunk[key]["content"] if key == "message" else chunk[key]
+        text.append(part)
+        final = chunk
+    if key == "message":
+        final["message"] = {"role": "assistant", "content": "".join(text)}
+    else:
+        final["response"] = "".join(text)
+    return final
+
+
+def load(model: str | Path, backend: str | None = None, options: dict[str, Any] | None = None,
+         progress: Progress | None = None) -> LLM:
+    """Load a model by store name (pulled if missing) or .gguf path.
+
+    `backend`: "auto" (default: HERD_BACKEND, else the fastest installed), "numpy", "ggml".
+    """
+    from herd import envconfig
+
+    return LLM(resolve(model, progress), backend or envconfig.backend(), options)

@@ -1,0 +1,55 @@
+"""Typed exceptions raised at herd's boundaries.
+
+Every error a user can cause derives from `HerdError`; the CLI prints its message on one
+line and exits non-zero, the server maps it to an HTTP status. Anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class HerdError(Exception):
+    """Base class of every error herd raises on purpose."""
+
+
+class GGUFError(HerdError):
+    """A file is not a readable GGUF (wrong magic, truncated, inconsistent tensors)."""
+
+
+class UnsupportedModelError(HerdError):
+    """The model's architecture (or one of its features) is not implemented."""
+
+
+class WeightError(HerdError):
+    """A tensor the architecture needs is missing or has the wrong shape."""
+
+
+class ModelNotFoundError(HerdError):
+    """No model by that name in the store (and none to pull)."""
+
+
+class InvalidNameError(HerdError):
+    """A model name that does not follow Ollama's naming rules."""
+
+
+class DownloadError(HerdError):
+    """A pull failed: network, digest mismatch, interrupted transfer."""
+
+
+class CacheFullError(HerdError):
+    """The KV cache has no free cells for the batch."""
+
+
+class TokenizerError(HerdError):
+    """The GGUF's tokenizer metadata is missing or of an unsupported kind."""
+
+
+class TemplateError(HerdError):
+    """A chat template failed to parse or render."""
+
+
+class OptionError(HerdError):
+    """An option has an unknown name or a value of the wrong type."""
+
+
+class BackendError(HerdError):
+    """A compute backend is unavailable or failed."""

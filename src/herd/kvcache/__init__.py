@@ -1,0 +1,5 @@
+"""KV caches (DESIGN.md §4 "kvcache")."""
+
+from herd.kvcache.causal import Causal, ShiftFn
+
+__all__ = ["Causal", "ShiftFn"]

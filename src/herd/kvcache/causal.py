@@ -1,0 +1,165 @@
+"""The causal KV cache: cells tagged with a position and the sequences that share them.
+
+Several sequences live in one cache without multiplying memory per slot: a cell holds one
+token's keys and values for every layer and may belong to several sequences (a shared
+prompt prefix). Each forward pass finds free cells for the batch, writes K/V there with
+`set_rows`, and attends over the range of cells in use, masked by sequence, causality and
+an optional sliding window or chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from herd.errors import CacheFullError
+from herd.ml import Backend, Context, DType, Tensor
+
+# model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
+ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
+
+NEG_INF = np.float32(-np.inf)
+
+
+@dataclass
+class BatchLayout:
+    """What a cache needs to know about a batch (a subset of models.Batch)."""
+
+    positions: np.ndarray  # (T,) int32
+    sequences: np.ndarray  # (T,) int32
+
+
+class Causal:
+    """Causal (optionally sliding-window or chunked) attention cache.
+
+    `padding`: the attended range is padded to a multiple of this many cells so graph
+    backends see the same shapes for many decode steps in a row.
+    """
+
+    def __init__(
+        self,
+        shift: ShiftFn | None = None,
+        *,
+        window: int | None = None,
+        chunk: int | None = None,
+        padding: int = 32,
+    ) -> None:
+        self.shift_fn, self.window, self.chunk, self.padding = shift, window, chunk, padding
+        self.backend: Backend | None = None
+
+    # ---- runner side -------------------------------------------------------------------
+    def init(
+        self, backend: Backend, dtype: DType, max_sequences: int, capacity: int, max_batch: int
+    ) -> None:
+        self.backend, self.dtype = backend, dtype
+        size = max_sequences * capacity
+        self.size = -(-size // self.padding) * self.padding
+        self.max_batch = max_batch
+        self.pos = np.full(self.size, -1, dtype=np.int32)  # -1: free
+        self.member = np.zeros((self.size, max_sequences), dtype=bool)  # cell x sequence
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.layer = 0
+
+    def used_cells(self) -> int:
+        return int(np.count_nonzero(self.pos >= 0))
+
+    def start_forward(self, ctx: Context, batch: BatchLayout) -> None:
+        """Claim cells for the batch's tokens and build the mask for this pass."""
+        n = len(batch.positions)
+        free = np.flatnonzero(self.pos < 0)
+        if len(free) < n:
+            raise CacheFullError(
+                f"KV cache full: {n} cells needed, {len(free)} free of {self.size}"
+            )
+        locs = free[:n]
+        self.pos[locs] = batch.positions
+        self.member[locs] = False
+        self.member[locs, batch.sequences] = True
+        in_use = np.flatnonzero(self.member[:, np.unique(batch.sequences)].any(axis=1))
+        lo, hi = int(in_use[0]), int(in_use[-1]) + 1
+        lo = lo // self.padding * self.padding
+        hi = min(self.size, -(-hi // self.padding) * self.padding)
+        self.lo, self.hi = lo, hi
+        self.ctx = ctx
+        self.locs = ctx.input(locs.astype(np.int32), DType.I32)
+        self.mask = ctx.input(self._mask(batch, lo, hi))
+
+    def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
+        cell_pos = self.pos[lo:hi].astype(np.int64)
+        member = self.member[lo:hi, batch.sequences].T  # (T, S)
+        tok_pos = batch.positions.astype(np.int64)[:, None]
+        ok = member & (cell_pos[None, :] >= 0) & (cell_pos[None, :] <= tok_pos)
+        if self.window is not None:
+            ok &= tok_pos - cell_pos[None, :] < self.window
+        if self.chunk is not None:
+            ok &= cell_pos[None, :] >= tok_pos - tok_pos % self.chunk
+        return np.where(ok, np.float32(0), NEG_INF).astype(np.float32)
+
+    def remove(self, seq: int, begin: int, end: int | None = None) -> None:
+        """Drop seq's tokens at positions [begin, end); later ones move back and re-rope."""
+        mine = self.member[:, seq]
+        drop = mine & (self.pos >= begin)
+        if end is not None:
+            drop &= self.pos < end
+        self.member[drop, seq] = False
+        self.pos[drop & ~self.member.any(axis=1)] = -1
+        if end is None or end == begin:
+            return
+        moved = np.flatnonzero(self.member[:, seq] & (self.pos >= end))
+        if len(moved) == 0:
+            return
+        if self.member[moved].sum(axis=1).max() > 1:
+            raise NotImplementedError("cannot shift cells shared with another sequence")
+        if self.shift_fn is None:
+            raise NotImplementedError("this model does not support shifting the cache")
+        self.pos[moved] -= end - begin
+        self._shift(moved.astype(np.int32), begin - end)
+
+    def _shift(self, cells: np.ndarray, delta: int) -> None:
+        assert self.backend is not None and self.shift_fn is not None
+        for start in range(0, len(cells), max(1, self.max_batch)):
+            part = cells[start : start + self.max_batch]
+            with self.backend.new_context() as ctx:
+                idx = ctx.input(part, DType.I32)
+                deltas = ctx.input(np.full(len(part), delta, dtype=np.int32), DType.I32)
+                for layer, keys in self.keys.items():
+                    shifted = self.shift_fn(ctx, layer, keys.get_rows(idx), deltas)
+                    ctx.forward(keys.set_rows(idx, shifted))
+                ctx.compute()
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Let dst share src's cells for positions < n (no K/V copied)."""
+        self.remove(dst, 0, None)
+        self.member[self.member[:, src] & (self.pos < n), dst] = True
+
+    def can_resume(self, seq: int, pos: int) -> bool:
+        return True  # every cell is kept, so any prefix can be resumed
+
+    def seq_length(self, seq: int) -> int:
+        """1 + the highest position stored for seq (0 when empty)."""
+        mine = self.member[:, seq]
+        return int(self.pos[mine].max()) + 1 if mine.any() else 0
+
+    # ---- model side --------------------------------------------------------------------
+    def set_layer(self, layer: int) -> None:
+        self.layer = layer
+
+    def put(self, k: Tensor, v: Tensor) -> None:
+        """k (T, Hkv, D), v (T, Hkv, Dv) for the current layer."""
+        if self.layer not in self.keys:
+            assert self.backend is not None, "cache used before init"
+            self.keys[self.layer] = self.backend.alloc((self.size, *k.shape[1:]), self.dtype)
+            self.values[self.layer] = self.backend.alloc((self.size, *v.shape[1:]), self.dtype)
+        self.ctx.forward(
+            self.keys[self.layer].set_rows(self.locs, k),
+            self.values[self.layer].set_rows(self.locs, v),
+        )
+
+    def get(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range."""
+        k = self.ctx.attach(self.keys[self.layer]).slice(0, self.lo, self.hi)
+        v = self.ctx.attach(self.values[self.layer]).slice(0, self.lo, self.hi)
+        return k, v, self.mask

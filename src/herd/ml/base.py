@@ -1,0 +1,206 @@
+"""The backend contracts: Backend, Context, Tensor (DESIGN.md §4).
+
+Dimension order is NumPy's everywhere above the backends: a GGUF weight with ggml shape
+`ne = [n_in, n_out]` is the tensor `(n_out, n_in)`. Models and nn call only what is
+declared here, so any backend that implements it runs every model.
+
+A `Context` is one forward pass. Ops on tensors build a computation; `ctx.compute(*outs)`
+runs it and returns NumPy arrays. Eager backends compute as they go; graph backends record
+a graph. Every tensor made inside a context remembers it (`t.ctx`); weights and persistent
+tensors (KV cache) belong to no context, so ops take the context from whichever operand
+has one. Side effects that produce no used value (cache writes) are kept in the graph with
+`ctx.forward(t)`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class DType(enum.Enum):
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    I32 = "i32"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+
+@dataclass(frozen=True)
+class RopeOptions:
+    """How rotary embeddings are applied.
+
+    `dims`: leading dimensions of each head that rotate (the rest pass through).
+    `neox`: rotate halves (GPT-NeoX / HF "rotate_half") instead of adjacent pairs (GPT-J /
+    original llama GGUF layout). `freq_scale` multiplies positions (linear scaling);
+    `freq_factors` divides each frequency (Llama-3.1 `rope_freqs`). YaRN: `ext_factor`,
+    `attn_factor`, `beta_fast`, `beta_slow`, `orig_ctx`.
+    """
+
+    dims: int
+    base: float = 10000.0
+    neox: bool = False
+    freq_scale: float = 1.0
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    orig_ctx: int = 0
+
+
+@runtime_checkable
+class Tensor(Protocol):
+    """A backend tensor. Shapes in NumPy order; ops return new tensors (views where noted).
+
+    Binary ops broadcast `other` against `self` as NumPy does, with the constraint that the
+    result has `self`'s shape (ggml's repeat rule): `other` may have size-1 or missing
+    leading dims.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> DType: ...
+    @property
+    def ctx(self) -> Context | None: ...
+
+    # elementwise
+    def add(self, other: Tensor) -> Tensor: ...
+    def sub(self, other: Tensor) -> Tensor: ...
+    def mul(self, other: Tensor) -> Tensor: ...
+    def div(self, other: Tensor) -> Tensor: ...
+    def scale(self, s: float) -> Tensor: ...
+    def neg(self) -> Tensor: ...
+    def exp(self) -> Tensor: ...
+    def sqrt(self) -> Tensor: ...
+    def tanh(self) -> Tensor: ...
+    def sigmoid(self) -> Tensor: ...
+    def silu(self) -> Tensor: ...
+    def gelu(self) -> Tensor:
+        """GELU, tanh approximation (ggml_gelu, HF gelu_pytorch_tanh)."""
+
+    def gelu_erf(self) -> Tensor: ...
+    def relu(self) -> Tensor: ...
+    def clamp(self, lo: float, hi: float) -> Tensor: ...
+    def swiglu(self, up: Tensor) -> Tensor:
+        """silu(self) * up."""
+
+    def geglu(self, up: Tensor) -> Tensor:
+        """gelu(self) * up (tanh approximation)."""
+
+    # reductions and normalisations over the last axis
+    def softmax(self, mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
+        """softmax(self * scale + mask) over the last axis; mask (T, S) broadcasts over heads."""
+
+    def sum(self) -> Tensor:
+        """Sum over the last axis, keeping it as size 1."""
+
+    def mean(self) -> Tensor: ...
+    def rms_norm(self, eps: float) -> Tensor: ...
+    def layer_norm(self, eps: float) -> Tensor: ...
+    def l2_norm(self, eps: float) -> Tensor: ...
+
+    # matrix products
+    def linear(self, w: Tensor) -> Tensor:
+        """self (..., K) @ w.T for a 2-D weight w (M, K), possibly quantized -> (..., M)."""
+
+    def matmul_t(self, other: Tensor) -> Tensor:
+        """Batched self (B, T, K) @ other (Bo, S, K)^T -> (B, T, S).
+
+        Leading dims of `other` may divide those of `self`: consecutive groups of B/Bo batches
+        share one `other` batch (grouped-query attention without copying K/V).
+        """
+
+    def get_rows(self, ids: Tensor) -> Tensor:
+        """Rows of a 2-D tensor (N, D) at int ids (T,) -> (T, D), as float32."""
+
+    def set_rows(self, ids: Tensor, src: Tensor) -> Tensor:
+        """Write src (T, ...) into rows ids (T,) of this persistent tensor (N, ...).
+
+        Returns a tensor that must be passed to `ctx.forward` so the write happens.
+        """
+
+    # shape ops
+    def reshape(self, *shape: int) -> Tensor: ...
+    def slice(self, axis: int, start: int, stop: int) -> Tensor: ...
+    def permute(self, *axes: int) -> Tensor:
+        """NumPy transpose semantics: result axis i is input axis axes[i]."""
+
+    def contiguous(self) -> Tensor: ...
+    def concat(self, other: Tensor, axis: int) -> Tensor: ...
+    def repeat(self, *shape: int) -> Tensor:
+        """Broadcast (tile) to `shape`, each dim a multiple of the input's."""
+
+    def cast(self, dtype: DType) -> Tensor: ...
+
+    def rope(
+        self, positions: Tensor, opts: RopeOptions, freq_factors: Tensor | None = None
+    ) -> Tensor:
+        """Rotary embedding of x (T, H, D) at int positions (T,)."""
+
+
+class Context(Protocol):
+    """One forward pass (see module docstring)."""
+
+    def input(self, array: np.ndarray | Sequence[Any], dtype: DType = DType.F32) -> Tensor:
+        """A tensor holding host data (token ids, positions, masks)."""
+
+    def attach(self, t: Tensor) -> Tensor:
+        """The same data (a weight or persistent tensor) as an operand of this context,
+        for unary ops on it such as views of the KV cache. No copy."""
+
+    def forward(self, *tensors: Tensor) -> None:
+        """Make sure these (side-effect) tensors are computed, in this order."""
+
+    def compute(self, *outputs: Tensor) -> list[np.ndarray]:
+        """Run the pass; return the outputs as float32 (or int32) NumPy arrays."""
+
+    def close(self) -> None: ...
+    def __enter__(self) -> Context: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@dataclass
+class DeviceInfo:
+    name: str
+    kind: str  # "cpu", "gpu", "accel"
+    total_memory: int
+    free_memory: int
+
+
+@dataclass
+class BackendOptions:
+    num_thread: int = 0  # 0: the backend's default (physical cores)
+    num_gpu: int = -1  # layers to offload; -1 = as many as fit, 0 = CPU only
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """Owns a model file's weights and the persistent tensors (KV cache)."""
+
+    name: str
+
+    def weight(self, name: str) -> Tensor:
+        """The GGUF tensor by name (KeyError if absent)."""
+
+    def has_weight(self, name: str) -> bool: ...
+    def alloc(self, shape: tuple[int, ...], dtype: DType) -> Tensor:
+        """A persistent zero-filled tensor (KV cache), owned by the backend."""
+
+    def new_context(self) -> Context: ...
+    def devices(self) -> list[DeviceInfo]: ...
+    def close(self) -> None: ...
+
+
+def context_of(*tensors: object) -> Any:
+    """The context of the first operand that has one (weights have none)."""
+    for t in tensors:
+        ctx = getattr(t, "ctx", None)
+        if ctx is not None:
+            return ctx
+    raise AssertionError("op on tensors that belong to no context (weights only)")

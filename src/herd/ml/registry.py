@@ -1,0 +1,65 @@
+"""Backends by name. Each is imported only when asked for, so a missing optional
+dependency (ggml-python) never breaks the others.
+
+`auto` picks the fastest backend that imports: ggml, else numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from herd.errors import BackendError
+from herd.gguf import GGUFFile
+from herd.ml.base import Backend, BackendOptions
+
+log = logging.getLogger(__name__)
+
+# name -> (module, factory attribute); preference order for "auto"
+_BACKENDS: dict[str, tuple[str, str]] = {
+    "ggml": ("herd.ml.backends.ggml", "open_ggml"),
+    "numpy": ("herd.ml.backends.numpy.backend", "open_numpy"),
+}
+
+
+def _factory(name: str) -> Callable[..., Any] | None:
+    module, attr = _BACKENDS[name]
+    try:
+        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    except ImportError as e:
+        log.debug("backend %s unavailable: %s", name, e)
+        return None
+
+
+def available_backends() -> list[str]:
+    return [name for name in _BACKENDS if _factory(name) is not None]
+
+
+def resolve_backend_name(name: str | None) -> str:
+    """Map a requested name (None/"auto" included) to an importable backend name."""
+    requested = (name or "auto").lower()
+    if requested == "auto":
+        for candidate in _BACKENDS:
+            if _factory(candidate) is not None:
+                return candidate
+        raise BackendError("no compute backend could be imported")
+    if requested not in _BACKENDS:
+        raise BackendError(
+            f"unknown backend {name!r}; choose one of: auto, " + ", ".join(_BACKENDS)
+        )
+    if _factory(requested) is None:
+        raise BackendError(f"backend {requested!r} is not installed")
+    return requested
+
+
+def open_backend(
+    name: str | None, gguf: GGUFFile, options: BackendOptions | None = None
+) -> Backend:
+    resolved = resolve_backend_name(name)
+    factory = _factory(resolved)
+    assert factory is not None
+    backend: Backend = factory(gguf, options or BackendOptions())
+    log.info("backend: %s", resolved)
+    return backend

@@ -1,0 +1,3 @@
+from herd.models.llama.model import Model
+
+__all__ = ["Model"]

@@ -1,0 +1,7 @@
+"""Thin neural-network modules over `herd.ml` ops (DESIGN.md §4 "nn")."""
+
+from herd.nn.attention import attention
+from herd.nn.modules import Embedding, LayerNorm, Linear, RMSNorm
+from herd.nn.weights import Weights
+
+__all__ = ["Embedding", "LayerNorm", "Linear", "RMSNorm", "Weights", "attention"]

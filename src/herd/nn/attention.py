@@ -1,0 +1,35 @@
+"""Scaled dot-product attention over the KV cache."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from herd.ml import Tensor
+
+
+class KVCache(Protocol):
+    def put(self, k: Tensor, v: Tensor) -> None: ...
+    def get(self) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, cache: KVCache | None, mask: Tensor | None = None
+) -> Tensor:
+    """q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv) -> (T, Hq * Dv).
+
+    With a cache, k/v are stored first and attention reads the whole history (S cells)
+    with the cache's mask; without one, `mask` (T, T) or None (bidirectional) applies.
+    """
+    if cache is not None:
+        cache.put(k, v)
+        k, v, mask = cache.get()
+    sdpa = getattr(q, "scaled_dot_product_attention", None)
+    if sdpa is not None:  # fused path (flash attention) when the backend has one
+        return sdpa(k, v, mask, scale)  # type: ignore[no-any-return]
+    t, hq, d = q.shape
+    qh = q.permute(1, 0, 2)  # (Hq, T, D)
+    kh = k.permute(1, 0, 2)  # (Hkv, S, D)
+    vh = v.permute(1, 2, 0).contiguous()  # (Hkv, Dv, S)
+    probs = qh.matmul_t(kh).softmax(mask, scale)  # (Hq, T, S)
+    out = probs.matmul_t(vh)  # (Hq, T, Dv)
+    return out.permute(1, 0, 2).contiguous().reshape(t, hq * vh.shape[1])

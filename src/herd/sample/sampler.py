@@ -1,0 +1,66 @@
+"""`Sampler`: one sequence's token choice from a logits row, in Ollama's fixed order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from herd.sample import transforms as t
+
+
+class Sampler:
+    """Penalties, then greedy (temperature 0) or top_k, temperature, softmax, top_p, min_p, draw.
+
+    Values are clamped as Ollama does (temperature < 0 -> 0; top_p, min_p into [0, 1]).
+    `seed` -1 draws from OS entropy; any other seed makes the draws reproducible. Pass `rng`
+    to inject a generator directly (tests, or several samplers sharing one stream).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.9,
+        min_p: float = 0.0,
+        seed: int = -1,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        *,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.temperature = max(float(temperature), 0.0)
+        self.top_k = int(top_k)
+        self.top_p = min(max(float(top_p), 0.0), 1.0)
+        self.min_p = min(max(float(min_p), 0.0), 1.0)
+        self.repeat_penalty = float(repeat_penalty)
+        self.repeat_last_n = int(repeat_last_n)
+        self.presence_penalty = float(presence_penalty)
+        self.frequency_penalty = float(frequency_penalty)
+        if rng is None:
+            rng = np.random.default_rng(None if seed == -1 else seed)
+        self.rng = rng
+        self._scratch: t.Logits | None = None  # penalized logits, reused across tokens
+
+    def sample(self, logits: t.Logits, history: Sequence[int] = ()) -> int:
+        """Choose the next token id from `logits` (n_vocab,), given the tokens so far."""
+        if self._scratch is None or self._scratch.shape != logits.shape:
+            self._scratch = np.empty_like(logits)
+        logits = t.penalize(
+            logits,
+            history,
+            last_n=self.repeat_last_n,
+            repeat=self.repeat_penalty,
+            presence=self.presence_penalty,
+            frequency=self.frequency_penalty,
+            out=self._scratch,
+        )
+        if self.temperature == 0.0:
+            return t.greedy(logits)
+        ids, values = t.top_k(logits, self.top_k)
+        probs = t.softmax(t.temperature(values, self.temperature))
+        probs = probs[: t.top_p(probs, self.top_p)]
+        probs = probs[: t.min_p(probs, self.min_p)]
+        return int(ids[t.draw(probs, self.rng)])
