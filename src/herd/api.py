@@ -55,15 +55,18 @@ def resolve(model: str | Path, progress: Progress | None = None) -> Source:
 class LLM:
     """A loaded model: tokenizer, engine and chat template."""
 
-    def __init__(self, source: Source, backend: str | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, source: Source, backend: str | None = None, options: dict[str, Any] | None = None
+    ) -> None:
         t0 = time.perf_counter_ns()
         self.source, self.name = source, source.name
         self.gguf: GGUFFile = open_gguf(source.path)
         self.defaults = Options().merged(source.params).merged(options)
-        self.backend = open_backend(backend, self.gguf,
-                                    BackendOptions(num_thread=self.defaults.num_thread,
-                                                   num_gpu=self.defaults.num_gpu))
+        self.backend = open_backend(
+            backend,
+            self.gguf,
+            BackendOptions(num_thread=self.defaults.num_thread, num_gpu=self.defaults.num_gpu),
+        )
         self.tokenizer: Tokenizer = from_gguf(self.gguf)
         self.model = load_model(self.gguf.config(), self.backend)
         self.template = select_template(self.gguf.kv, source.template)
@@ -71,7 +74,9 @@ class LLM:
         self.load_duration = time.perf_counter_ns() - t0
 
     # ---- tokens -------------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, ids: list[int], special: bool = False) -> str:
@@ -80,8 +85,9 @@ class LLM:
     # ---- compute ------------------------------------------------------------------------
     def runner(self, options: Options) -> Runner:
         if self._runner is None or self._runner_key != options.load_key():
-            self._runner = Runner(self.model, self.backend, self.tokenizer, options,
-                                  self.model.context_length)
+            self._runner = Runner(
+                self.model, self.backend, self.tokenizer, options, self.model.context_length
+            )
             self._runner_key = options.load_key()
         return self._runner
 
@@ -97,35 +103,52 @@ class LLM:
             raise HerdError(f"{self.name} has no chat template; use generate(..., raw=True)")
         return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
-    def generate(self, prompt: str, *, system: str | None = None,
-                 options: dict[str, Any] | None = None, raw: bool = False,
-                 context: list[int] | None = None,
-                 stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        raw: bool = False,
+        context: list[int] | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         opts = self.defaults.merged(options)
         system = system if system is not None else self.source.system
         if raw or self.template is None:
             text = prompt
         else:
-            msgs = ([{"role": "system", "content": system}] if system else [])
+            msgs = [{"role": "system", "content": system}] if system else []
             text = self.render(msgs + [{"role": "user", "content": prompt}])
         prefix = list(context or [])
         tokens = prefix + self.tokenize(text, add_special=not prefix, parse_special=not raw)
         chunks = self._stream(tokens, opts, lambda e: {"response": e.text}, prompt_tokens=tokens)
         return chunks if stream else _collect(chunks, "response")
 
-    def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
-             stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        options: dict[str, Any] | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         opts = self.defaults.merged(options)
         msgs = list(messages)
         if self.source.system and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": self.source.system})
         tokens = self.tokenize(self.render(msgs), add_special=True, parse_special=True)
         chunks = self._stream(
-            tokens, opts, lambda e: {"message": {"role": "assistant", "content": e.text}})
+            tokens, opts, lambda e: {"message": {"role": "assistant", "content": e.text}}
+        )
         return chunks if stream else _collect(chunks, "message")
 
-    def _stream(self, tokens: list[int], opts: Options, shape: Callable[[Event], dict[str, Any]],
-                prompt_tokens: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    def _stream(
+        self,
+        tokens: list[int],
+        opts: Options,
+        shape: Callable[[Event], dict[str, Any]],
+        prompt_tokens: list[int] | None = None,
+    ) -> Iterator[dict[str, Any]]:
         t0 = time.perf_counter_ns()
         first_load = self._runner is None
         runner = self.runner(opts)
@@ -133,11 +156,15 @@ class LLM:
         for event in runner.generate(tokens, opts):
             out = {"model": self.name, "created_at": _now(), **shape(event), "done": event.done}
             if event.done:
-                out.update(done_reason=event.done_reason,
-                           total_duration=time.perf_counter_ns() - t0 + load,
-                           load_duration=load, prompt_eval_count=event.prompt_eval_count,
-                           prompt_eval_duration=event.prompt_eval_duration,
-                           eval_count=event.eval_count, eval_duration=event.eval_duration)
+                out.update(
+                    done_reason=event.done_reason,
+                    total_duration=time.perf_counter_ns() - t0 + load,
+                    load_duration=load,
+                    prompt_eval_count=event.prompt_eval_count,
+                    prompt_eval_duration=event.prompt_eval_duration,
+                    eval_count=event.eval_count,
+                    eval_duration=event.eval_duration,
+                )
                 if prompt_tokens is not None:
                     out["context"] = list(prompt_tokens) + list(event.tokens)
             yield out
@@ -180,8 +207,12 @@ def _collect(chunks: Iterator[dict[str, Any]], key: str) -> dict[str, Any]:
     return final
 
 
-def load(model: str | Path, backend: str | None = None, options: dict[str, Any] | None = None,
-         progress: Progress | None = None) -> LLM:
+def load(
+    model: str | Path,
+    backend: str | None = None,
+    options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> LLM:
     """Load a model by store name (pulled if missing) or .gguf path.
 
     `backend`: "auto" (default: HERD_BACKEND, else the fastest installed), "numpy", "ggml".

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from herd.errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"

@@ -40,14 +40,21 @@ class Event:
 class Runner:
     SEQ = 0
 
-    def __init__(self, model: object, backend: Backend, tokenizer: Tokenizer,
-                 options: Options, context_length: int) -> None:
+    def __init__(
+        self,
+        model: object,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        options: Options,
+        context_length: int,
+    ) -> None:
         self.model, self.backend, self.tokenizer = model, backend, tokenizer
         self.num_ctx = max(8, min(options.num_ctx, context_length))
         self.num_batch = max(1, min(options.num_batch, self.num_ctx))
         self.cache = model.cache  # type: ignore[attr-defined]
-        self.cache.init(backend, getattr(model, "cache_dtype", DType.F16), 1, self.num_ctx,
-                        self.num_batch)
+        self.cache.init(
+            backend, getattr(model, "cache_dtype", DType.F16), 1, self.num_ctx, self.num_batch
+        )
         self.cached: list[int] = []  # tokens whose K/V are in the cache for SEQ
 
     # ---- low level ----------------------------------------------------------------------
@@ -118,9 +125,17 @@ class Runner:
         tokens = self._truncate(list(tokens), options.num_keep)
         logits = self._prefill(tokens)
         t1 = time.perf_counter_ns()
-        sampler = Sampler(options.temperature, options.top_k, options.top_p, options.min_p,
-                          options.seed, options.repeat_penalty, options.repeat_last_n,
-                          options.presence_penalty, options.frequency_penalty)
+        sampler = Sampler(
+            options.temperature,
+            options.top_k,
+            options.top_p,
+            options.min_p,
+            options.seed,
+            options.repeat_penalty,
+            options.repeat_last_n,
+            options.presence_penalty,
+            options.frequency_penalty,
+        )
         decoder, stops = StreamDecoder(self.tokenizer), StopMatcher(list(options.stop))
         limit = options.num_predict if options.num_predict >= 0 else 10 * self.num_ctx
         history, generated, reason = list(tokens), [], "length"
@@ -148,6 +163,12 @@ class Runner:
             if tail:
                 yield Event(text=tail)
         t2 = time.perf_counter_ns()
-        yield Event(done=True, done_reason=reason, tokens=tuple(generated),
-                    prompt_eval_count=self.evaluated, prompt_eval_duration=t1 - t0,
-                    eval_count=len(generated), eval_duration=t2 - t1)
+        yield Event(
+            done=True,
+            done_reason=reason,
+            tokens=tuple(generated),
+            prompt_eval_count=self.evaluated,
+            prompt_eval_duration=t1 - t0,
+            eval_count=len(generated),
+            eval_duration=t2 - t1,
+        )

@@ -1,0 +1,66 @@
+"""Real built-in models against references nobody here wrote.
+
+Teacher-forced logits against llama.cpp goldens (tests/testdata/logits_*.json, made by
+scripts/make_goldens.py with llama-cpp-python), and against transformers loading the same
+GGUF (it dequantizes to fp32, as herd's NumPy backend does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import herd
+from herd.ml import available_backends
+
+DATA = Path(__file__).parent.parent / "testdata"
+
+# (top-1 agreement at least, mean |Δ log p| of llama.cpp's top token at most), per backend.
+# llama.cpp quantizes activations to 8 bits in its matmuls, so fp32 NumPy cannot match
+# exactly; ggml runs the same kernels and must be much closer.
+THRESHOLDS = {"numpy": (0.9, 0.08), "ggml": (0.96, 0.02)}
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def agreement(llm, case) -> tuple[float, float]:
+    lsm = log_softmax(llm.logits(case["ids"]))
+    top = np.array([p["top1"] for p in case["positions"]])
+    ref = np.array([p["logp"] for p in case["positions"]])
+    rows = np.arange(len(top))
+    return float((lsm[rows].argmax(-1) == top).mean()), float(np.abs(lsm[rows, top] - ref).mean())
+
+
+@pytest.fixture(scope="module", params=[b for b in available_backends() if b in THRESHOLDS])
+def smollm2(request, smollm2_path):
+    return herd.load(smollm2_path, backend=request.param)
+
+
+def test_smollm2_teacher_forced_logits_match_llama_cpp(smollm2):
+    golden = json.loads((DATA / "logits_smollm2.json").read_text())
+    results = {c["label"]: agreement(smollm2, c) for c in golden["cases"]}
+    top1 = np.mean([r[0] for r in results.values()])
+    dlogp = np.mean([r[1] for r in results.values()])
+    min_top1, max_dlogp = THRESHOLDS[smollm2.backend.name]
+    assert top1 >= min_top1 and dlogp <= max_dlogp, results
+
+
+def test_smollm2_logits_match_transformers_on_the_same_gguf(smollm2_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    llm = herd.load(smollm2_path, backend="numpy")
+    ids = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 3)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+    ours = llm.logits(ids)
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-3
