@@ -18,22 +18,37 @@ TOL = {"numpy": 1e-4, "ggml": 1e-3}
 CONFIGS = {
     "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
-    "mqa-rope-linear": dict(num_attention_heads=4, num_key_value_heads=1,
-                            rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                             "rope_theta": 10000.0}),
-    "gqa-rope-llama3": dict(num_attention_heads=8, num_key_value_heads=2,
-                            rope_parameters={"rope_type": "llama3", "factor": 8.0,
-                                             "rope_theta": 500000.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0,
-                                             "original_max_position_embeddings": 64}),
+    "mqa-rope-linear": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    ),
+    "gqa-rope-llama3": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "rope_theta": 500000.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
 }
 
 
 def tiny_llama(seed: int, **overrides):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        max_position_embeddings=256, rms_norm_eps=1e-5, **overrides)
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        **overrides,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
