@@ -65,7 +65,7 @@ def bench_herd(backend: str, path: str, threads: int, runs: int) -> dict[str, fl
         return out
 
     def prefill() -> None:
-        runner._reset()
+        runner.reset()
         forward(tokens, 0)
 
     def decode() -> None:
@@ -73,7 +73,7 @@ def bench_herd(backend: str, path: str, threads: int, runs: int) -> dict[str, fl
         for i in range(DECODE_TOKENS):
             token = int(forward([token], PROMPT_TOKENS + i)[0].argmax())
 
-    return _measure(cold, prefill, decode, runs, reset=runner._reset)
+    return _measure(cold, prefill, decode, runs, reset=runner.reset)
 
 
 def _measure(

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import sys
+
 from herd import envconfig
+
+sys.path.insert(0, str(Path(__file__).parent))  # lets fixtures use tests/parity/harness.py
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +44,24 @@ def gemma3_path(test_store) -> Path:
 def _isolated_store(tmp_path, monkeypatch):
     """No test writes to the user's store by accident."""
     monkeypatch.setenv("HERD_MODELS", str(tmp_path / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory) -> Path:
+    """A tiny random Llama (transformers) converted to GGUF by herd's llama converter."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from parity.harness import hf_to_gguf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    return hf_to_gguf(model, "llama", tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")

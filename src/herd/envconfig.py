@@ -50,3 +50,16 @@ def kv_cache_type() -> str:
 
 def nohistory() -> bool:
     return _get("HERD_NOHISTORY").lower() in ("1", "true", "yes")
+
+
+def noprune() -> bool:
+    """Keep blobs a pull no longer references (HERD_NOPRUNE, else OLLAMA_NOPRUNE)."""
+    value = (_get("HERD_NOPRUNE") or _get("OLLAMA_NOPRUNE")).lower()
+    return value in ("1", "true", "yes")
+
+
+def registry_key() -> Path:
+    """The ed25519 key that signs registry token requests, as Ollama's (HERD_KEY, default
+    ~/.ollama/id_ed25519, so a key registered with ollama.com works for herd too)."""
+    value = _get("HERD_KEY")
+    return Path(value).expanduser() if value else Path.home() / ".ollama" / "id_ed25519"

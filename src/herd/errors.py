@@ -35,6 +35,26 @@ class DownloadError(HerdError):
     """A pull failed: network, digest mismatch, interrupted transfer."""
 
 
+class ModelfileError(HerdError):
+    """A Modelfile that does not parse or names something that does not exist.
+
+    `line` and `column` are 1-based; 0 when the problem has no single place (missing FROM).
+    """
+
+    def __init__(self, message: str, line: int = 0, column: int = 0, path: str = "Modelfile"):
+        self.message, self.line, self.column, self.path = message, line, column, path
+        where = f"{path}:{line}:{column}" if line else path
+        super().__init__(f"{where}: {message}")
+
+
+class RegistryError(DownloadError):
+    """A registry answered with an error, refused access, or broke the protocol."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
 class CacheFullError(HerdError):
     """The KV cache has no free cells for the batch."""
 

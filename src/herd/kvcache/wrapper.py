@@ -1,0 +1,59 @@
+"""A cache per layer type, for models that mix them (Gemma's sliding-window and global
+layers). Model calls go to the cache of the current layer's type; runner calls fan out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from herd.kvcache.causal import BatchLayout, Causal
+from herd.ml import Backend, Context, DType, Tensor
+
+
+class Wrapper:
+    def __init__(self, caches: Sequence[Causal], layer_types: Sequence[int]) -> None:
+        """`layer_types[i]` is the index in `caches` that layer i uses."""
+        self.caches, self.layer_types = list(caches), list(layer_types)
+        self.current = self.caches[0]
+
+    # runner side
+    def init(
+        self, backend: Backend, dtype: DType, max_sequences: int, capacity: int, max_batch: int
+    ) -> None:
+        for cache in self.caches:
+            cache.init(backend, dtype, max_sequences, capacity, max_batch)
+
+    def start_forward(self, ctx: Context, batch: BatchLayout) -> None:
+        for cache in self.caches:
+            cache.start_forward(ctx, batch)
+
+    def remove(self, seq: int, begin: int, end: int | None = None) -> None:
+        for cache in self.caches:
+            cache.remove(seq, begin, end)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        for cache in self.caches:
+            cache.copy_prefix(src, dst, n)
+
+    def can_resume(self, seq: int, pos: int) -> bool:
+        return all(cache.can_resume(seq, pos) for cache in self.caches)
+
+    def seq_length(self, seq: int) -> int:
+        return self.caches[0].seq_length(seq)
+
+    def used_cells(self) -> int:
+        return self.caches[0].used_cells()
+
+    @property
+    def size(self) -> int:
+        return self.caches[0].size
+
+    # model side
+    def set_layer(self, layer: int) -> None:
+        self.current = self.caches[self.layer_types[layer]]
+        self.current.set_layer(layer)
+
+    def put(self, k: Tensor, v: Tensor) -> None:
+        self.current.put(k, v)
+
+    def get(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.current.get()

@@ -1,0 +1,3 @@
+from herd.models.gemma3.model import Model
+
+__all__ = ["Model"]

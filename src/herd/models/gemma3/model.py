@@ -1,0 +1,158 @@
+"""Gemma 3 (text): local sliding-window and global layers, QK-norm, sandwich norms, GeGLU.
+
+RMSNorm weights are stored as `1 + w` in GGUF (folded at conversion), so every norm here
+is a plain RMSNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from herd.gguf import Config as GGUFConfig
+from herd.kvcache import Causal, Wrapper
+from herd.ml import Backend, Context, DType, RopeOptions, Tensor
+from herd.models.base import Batch
+from herd.models.registry import register
+from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
+
+LOCAL, GLOBAL = 0, 1  # cache index per layer type
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    window: int
+    layer_types: tuple[int, ...]
+    rope_local: RopeOptions
+    rope_global: RopeOptions
+    attn_scale: float
+    final_softcap: float
+    context_length: int
+
+    @classmethod
+    def read(cls, c: GGUFConfig) -> Config:
+        n_layer, n_embd = c.int("block_count"), c.int("embedding_length")
+        n_head = c.int("attention.head_count")
+        head_dim = c.int("attention.key_length", n_embd // n_head)
+        pattern = c.get("attention.sliding_window_pattern", 6)
+        if isinstance(pattern, list):  # per layer: true = sliding window
+            types = tuple(LOCAL if p else GLOBAL for p in pattern)
+        else:
+            types = tuple(GLOBAL if (i + 1) % int(pattern) == 0 else LOCAL for i in range(n_layer))
+        factor = c.float("rope.scaling.factor", 1.0) if c.has("rope.scaling.type") else 1.0
+        local_base = c.float("rope.freq_base_swa", c.float("rope.local.freq_base", 10000.0))
+        return cls(
+            n_layer,
+            n_embd,
+            c.int("feed_forward_length"),
+            n_head,
+            c.int("attention.head_count_kv", n_head),
+            head_dim,
+            c.float("attention.layer_norm_rms_epsilon", 1e-6),
+            c.int("attention.sliding_window"),
+            types,
+            RopeOptions(dims=head_dim, base=local_base, neox=True),
+            RopeOptions(
+                dims=head_dim,
+                base=c.float("rope.freq_base", 1e6),
+                neox=True,
+                freq_scale=1.0 / factor,
+            ),
+            1.0 / math.sqrt(c.float("attention.query_pre_attn_scalar", head_dim)),
+            c.float("final_logit_softcapping", 0.0),
+            c.int("context_length", 32768),
+        )
+
+
+class Attention:
+    def __init__(self, w: Weights, cfg: Config, layer_type: int) -> None:
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.attn_q = Linear.bind(w, "attn_q", cfg.n_head * hd, d)
+        self.attn_k = Linear.bind(w, "attn_k", cfg.n_head_kv * hd, d)
+        self.attn_v = Linear.bind(w, "attn_v", cfg.n_head_kv * hd, d)
+        self.attn_output = Linear.bind(w, "attn_output", d, cfg.n_head * hd)
+        self.attn_q_norm = RMSNorm.bind(w, "attn_q_norm", hd, cfg.eps)
+        self.attn_k_norm = RMSNorm.bind(w, "attn_k_norm", hd, cfg.eps)
+        self.rope = cfg.rope_local if layer_type == LOCAL else cfg.rope_global
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Wrapper) -> Tensor:
+        cfg, t = self.cfg, x.shape[0]
+        q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
+        k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q = self.attn_q_norm.forward(q).rope(pos, self.rope)
+        k = self.attn_k_norm.forward(k).rope(pos, self.rope)
+        return self.attn_output.forward(attention(q, k, v, cfg.attn_scale, cache))
+
+
+class MLP:
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        self.ffn_gate = Linear.bind(w, "ffn_gate", cfg.n_ff, cfg.n_embd)
+        self.ffn_up = Linear.bind(w, "ffn_up", cfg.n_ff, cfg.n_embd)
+        self.ffn_down = Linear.bind(w, "ffn_down", cfg.n_embd, cfg.n_ff)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn_down.forward(self.ffn_gate.forward(x).geglu(self.ffn_up.forward(x)))
+
+
+class Block:
+    def __init__(self, w: Weights, cfg: Config, layer_type: int) -> None:
+        self.attn_norm = RMSNorm.bind(w, "attn_norm", cfg.n_embd, cfg.eps)
+        self.attn = Attention(w, cfg, layer_type)
+        self.post_attention_norm = RMSNorm.bind(w, "post_attention_norm", cfg.n_embd, cfg.eps)
+        self.ffn_norm = RMSNorm.bind(w, "ffn_norm", cfg.n_embd, cfg.eps)
+        self.mlp = MLP(w, cfg)
+        self.post_ffw_norm = RMSNorm.bind(w, "post_ffw_norm", cfg.n_embd, cfg.eps)
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Wrapper) -> Tensor:
+        h = self.attn.forward(self.attn_norm.forward(x), pos, cache)
+        x = x.add(self.post_attention_norm.forward(h))
+        h = self.mlp.forward(self.ffn_norm.forward(x))
+        return x.add(self.post_ffw_norm.forward(h))
+
+
+@register("gemma3")
+class Model:
+    def __init__(self, config: GGUFConfig, backend: Backend) -> None:
+        w = Weights(backend)
+        cfg = Config.read(config)
+        n_vocab = backend.weight("token_embd.weight").shape[0]
+        self.config, self.backend, self.cfg = config, backend, cfg
+        self.n_vocab, self.context_length = n_vocab, cfg.context_length
+        self.token_embd = Embedding.bind(w, "token_embd", n_vocab, cfg.n_embd)
+        self.blk = [Block(w.scope(f"blk.{i}"), cfg, cfg.layer_types[i]) for i in range(cfg.n_layer)]
+        self.output_norm = RMSNorm.bind(w, "output_norm", cfg.n_embd, cfg.eps)
+        self.output = Linear.bind(w, "output", n_vocab, cfg.n_embd, fallback="token_embd.weight")
+        self.cache = Wrapper(
+            [Causal(self.shift, window=cfg.window), Causal(self.shift)], cfg.layer_types
+        )
+        self.cache_dtype = DType.F16
+
+    @classmethod
+    def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
+        return cls(config, backend)
+
+    def forward(self, ctx: Context, batch: Batch) -> Tensor:
+        self.cache.start_forward(ctx, batch)
+        pos = ctx.input(batch.positions, DType.I32)
+        h = self.token_embd.forward(ctx.input(batch.tokens, DType.I32))  # (T, D)
+        h = h.scale(math.sqrt(self.cfg.n_embd))
+        for i, block in enumerate(self.blk):
+            self.cache.set_layer(i)
+            h = block.forward(h, pos, self.cache)
+        h = h.get_rows(ctx.input(batch.outputs, DType.I32))  # (N, D)
+        logits = self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
+        cap = self.cfg.final_softcap
+        return logits.scale(1.0 / cap).tanh().scale(cap) if cap else logits
+
+    def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
+        rope = self.cfg.rope_local if self.cfg.layer_types[layer] == LOCAL else self.cfg.rope_global
+        return key.rope(delta, rope)

@@ -1,0 +1,3 @@
+from herd.models.qwen2.model import Model
+
+__all__ = ["Model"]

@@ -1,0 +1,126 @@
+"""Qwen2 / Qwen2.5: the llama decoder with biases on Q, K, V and NeoX-style RoPE."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from herd.gguf import Config as GGUFConfig
+from herd.kvcache import Causal
+from herd.ml import Backend, Context, DType, RopeOptions, Tensor
+from herd.models.base import Batch
+from herd.models.registry import register
+from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    rope: RopeOptions
+    context_length: int
+
+    @classmethod
+    def read(cls, c: GGUFConfig) -> Config:
+        n_embd, n_head = c.int("embedding_length"), c.int("attention.head_count")
+        head_dim = c.int("attention.key_length", n_embd // n_head)
+        scaling = c.str("rope.scaling.type", "none")
+        factor = c.float("rope.scaling.factor", 1.0)
+        rope = RopeOptions(
+            dims=c.int("rope.dimension_count", head_dim),
+            base=c.float("rope.freq_base", 1e6),
+            neox=True,
+            freq_scale=1.0 / factor if scaling in ("linear", "yarn") and factor else 1.0,
+            ext_factor=1.0 if scaling == "yarn" else 0.0,
+            orig_ctx=c.int("rope.scaling.original_context_length", c.int("context_length", 0)),
+        )
+        return cls(
+            c.int("block_count"),
+            n_embd,
+            c.int("feed_forward_length"),
+            n_head,
+            c.int("attention.head_count_kv", n_head),
+            head_dim,
+            c.float("attention.layer_norm_rms_epsilon", 1e-6),
+            rope,
+            c.int("context_length", 32768),
+        )
+
+
+class Attention:
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.attn_q = Linear.bind(w, "attn_q", cfg.n_head * hd, d, bias=True)
+        self.attn_k = Linear.bind(w, "attn_k", cfg.n_head_kv * hd, d, bias=True)
+        self.attn_v = Linear.bind(w, "attn_v", cfg.n_head_kv * hd, d, bias=True)
+        self.attn_output = Linear.bind(w, "attn_output", d, cfg.n_head * hd)
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Causal) -> Tensor:
+        cfg, t = self.cfg, x.shape[0]
+        q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
+        k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q, k = q.rope(pos, cfg.rope), k.rope(pos, cfg.rope)
+        out = attention(q, k, v, 1.0 / math.sqrt(cfg.head_dim), cache)
+        return self.attn_output.forward(out)
+
+
+class MLP:
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        self.ffn_gate = Linear.bind(w, "ffn_gate", cfg.n_ff, cfg.n_embd)
+        self.ffn_up = Linear.bind(w, "ffn_up", cfg.n_ff, cfg.n_embd)
+        self.ffn_down = Linear.bind(w, "ffn_down", cfg.n_embd, cfg.n_ff)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn_down.forward(self.ffn_gate.forward(x).swiglu(self.ffn_up.forward(x)))
+
+
+class Block:
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        self.attn_norm = RMSNorm.bind(w, "attn_norm", cfg.n_embd, cfg.eps)
+        self.attn = Attention(w, cfg)
+        self.ffn_norm = RMSNorm.bind(w, "ffn_norm", cfg.n_embd, cfg.eps)
+        self.mlp = MLP(w, cfg)
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Causal) -> Tensor:
+        x = x.add(self.attn.forward(self.attn_norm.forward(x), pos, cache))
+        return x.add(self.mlp.forward(self.ffn_norm.forward(x)))
+
+
+@register("qwen2")
+class Model:
+    def __init__(self, config: GGUFConfig, backend: Backend) -> None:
+        w = Weights(backend)
+        cfg = Config.read(config)
+        n_vocab = backend.weight("token_embd.weight").shape[0]
+        self.config, self.backend, self.cfg = config, backend, cfg
+        self.n_vocab, self.context_length = n_vocab, cfg.context_length
+        self.token_embd = Embedding.bind(w, "token_embd", n_vocab, cfg.n_embd)
+        self.blk = [Block(w.scope(f"blk.{i}"), cfg) for i in range(cfg.n_layer)]
+        self.output_norm = RMSNorm.bind(w, "output_norm", cfg.n_embd, cfg.eps)
+        self.output = Linear.bind(w, "output", n_vocab, cfg.n_embd, fallback="token_embd.weight")
+        self.cache = Causal(self.shift)
+        self.cache_dtype = DType.F16
+
+    @classmethod
+    def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
+        return cls(config, backend)
+
+    def forward(self, ctx: Context, batch: Batch) -> Tensor:
+        self.cache.start_forward(ctx, batch)
+        pos = ctx.input(batch.positions, DType.I32)
+        h = self.token_embd.forward(ctx.input(batch.tokens, DType.I32))  # (T, D)
+        for i, block in enumerate(self.blk):
+            self.cache.set_layer(i)
+            h = block.forward(h, pos, self.cache)
+        h = h.get_rows(ctx.input(batch.outputs, DType.I32))  # (N, D)
+        return self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
+
+    def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
+        return key.rope(delta, self.cfg.rope)

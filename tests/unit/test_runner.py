@@ -1,0 +1,142 @@
+"""The runner on a tiny random model: batching, prefix reuse, context limits, cancel, stops."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from herd.errors import HerdError
+from herd.gguf import open_gguf
+from herd.ml import open_backend
+from herd.models import load_model
+from herd.runner import Options, Runner
+
+
+class LetterTokenizer:
+    """Token i is one letter; no token ends generation unless told to."""
+
+    def __init__(self, eog: int = -1) -> None:
+        self.eog = eog
+
+    def piece(self, id: int, special: bool = False) -> bytes:
+        return bytes([97 + id % 26])
+
+    def is_eog(self, id: int) -> bool:
+        return id == self.eog
+
+
+def make_runner(path, parallel=1, num_ctx=256, tokenizer=None) -> Runner:
+    g = open_gguf(path)
+    backend = open_backend("numpy", g)
+    model = load_model(g.config(), backend)
+    return Runner(
+        model,
+        backend,
+        tokenizer or LetterTokenizer(),
+        Options(num_ctx=num_ctx),
+        model.context_length,
+        parallel=parallel,
+    )
+
+
+GREEDY = Options(temperature=0, num_predict=12)
+PROMPTS = [[1, 5, 9, 13, 17, 21], [2, 4, 8, 16, 32], [3, 7, 11]]
+
+
+def run(runner, tokens, options=GREEDY, **kw):
+    events = list(runner.generate(tokens, options, **kw))
+    return events[-1], "".join(e.text for e in events)
+
+
+def test_concurrent_sequences_match_running_alone(tiny_llama_path):
+    alone = [run(make_runner(tiny_llama_path), p)[0].tokens for p in PROMPTS]
+    runner = make_runner(tiny_llama_path, parallel=3)
+    runner.start()
+    try:
+        results: dict[int, tuple[int, ...]] = {}
+
+        def client(i: int) -> None:
+            results[i] = run(runner, PROMPTS[i])[0].tokens
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        runner.stop()
+    assert [results[i] for i in range(3)] == alone
+
+
+def test_prefix_is_reused_across_requests(tiny_llama_path):
+    runner = make_runner(tiny_llama_path)
+    first, _ = run(runner, PROMPTS[0])
+    assert first.prompt_eval_count == len(PROMPTS[0])
+    follow_up = PROMPTS[0] + list(first.tokens) + [40, 41]
+    second, _ = run(runner, follow_up)
+    # the last sampled token was never fed to the model, so it is computed now with the 2 new
+    assert second.prompt_eval_count == 3
+    fresh, _ = run(make_runner(tiny_llama_path), follow_up)
+    assert second.tokens == fresh.tokens
+
+
+def test_num_predict_and_stop_strings(tiny_llama_path):
+    runner = make_runner(tiny_llama_path)
+    final, text = run(runner, PROMPTS[1], Options(temperature=0, num_predict=5))
+    assert final.done_reason == "length" and final.eval_count == 5 and len(text) == 5
+    stop = text[2]
+    final, cut = run(
+        make_runner(tiny_llama_path),
+        PROMPTS[1],
+        Options(temperature=0, num_predict=5, stop=(stop,)),
+    )
+    assert final.done_reason == "stop" and cut == text[: text.index(stop)]
+
+
+def test_end_of_generation_token_stops(tiny_llama_path):
+    first = run(make_runner(tiny_llama_path), PROMPTS[2])[0].tokens
+    final, _ = run(
+        make_runner(tiny_llama_path, tokenizer=LetterTokenizer(eog=first[3])), PROMPTS[2]
+    )
+    assert final.done_reason == "stop" and final.tokens == first[:3]
+
+
+def test_context_shift_keeps_generating(tiny_llama_path):
+    runner = make_runner(tiny_llama_path, num_ctx=16)
+    final, _ = run(runner, PROMPTS[0], Options(temperature=0, num_predict=40))
+    assert final.done_reason == "length" and final.eval_count == 40
+    final, _ = run(
+        make_runner(tiny_llama_path, num_ctx=16),
+        PROMPTS[0],
+        Options(temperature=0, num_predict=40),
+        shift=False,
+    )
+    assert final.done_reason == "length" and final.eval_count < 16
+
+
+def test_long_prompt_is_truncated_or_rejected(tiny_llama_path):
+    prompt = list(np.arange(40) % 60)
+    final, _ = run(make_runner(tiny_llama_path, num_ctx=16), prompt, Options(num_predict=1))
+    assert final.prompt_eval_count == 15
+    with pytest.raises(HerdError, match="exceeds the context length"):
+        run(make_runner(tiny_llama_path, num_ctx=16), prompt, truncate=False)
+
+
+def test_closing_the_stream_frees_the_slot(tiny_llama_path):
+    runner = make_runner(tiny_llama_path)
+    stream = runner.generate(PROMPTS[0], Options(temperature=0, num_predict=100))
+    next(stream)
+    stream.close()
+    runner.step()
+    assert not runner.slots[0].busy and not runner.active
+    assert run(runner, PROMPTS[1])[0].done
+
+
+def test_teacher_forced_logits_match_decode(tiny_llama_path):
+    runner = make_runner(tiny_llama_path)
+    final, _ = run(runner, PROMPTS[0])
+    logits = runner.logits(PROMPTS[0] + list(final.tokens))
+    greedy = logits[len(PROMPTS[0]) - 1 : -1].argmax(-1)
+    assert tuple(greedy) == final.tokens
