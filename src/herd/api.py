@@ -67,8 +67,8 @@ class LLM:
             self.gguf,
             BackendOptions(num_thread=self.defaults.num_thread, num_gpu=self.defaults.num_gpu),
         )
-        self.tokenizer: Tokenizer = from_gguf(self.gguf)
         self.model = load_model(self.gguf.config(), self.backend)
+        self.tokenizer: Tokenizer = from_gguf(self.gguf)
         self.template = select_template(self.gguf.kv, source.template)
         self._runner: Runner | None = None
         self.load_duration = time.perf_counter_ns() - t0
