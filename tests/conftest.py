@@ -6,11 +6,10 @@ checkout, so CI and later runs reuse the download; the user's own store is never
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-
-import sys
 
 from herd import envconfig
 

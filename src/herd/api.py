@@ -18,7 +18,7 @@ import numpy as np
 from herd.errors import HerdError
 from herd.gguf import GGUFFile, open_gguf
 from herd.ml import BackendOptions, open_backend
-from herd.models import load_model
+from herd.models import Batch, load_model
 from herd.runner import Event, Options, Runner
 from herd.template import select_template
 from herd.tokenizer import Tokenizer, from_gguf
@@ -46,9 +46,10 @@ def resolve(model: str | Path, progress: Progress | None = None) -> Source:
     text = str(model)
     if text.endswith(".gguf") or Path(text).is_file() or "/" in text and Path(text).exists():
         return Source(Path(text).name, Path(text))
+    from herd.registry import registry_puller
     from herd.store import resolve_or_pull
 
-    ref = resolve_or_pull(text, progress=progress)
+    ref = resolve_or_pull(text, progress=progress, registry=registry_puller())
     return Source(ref.name, Path(ref.model_path), ref.template, ref.system, ref.params)
 
 
@@ -97,6 +98,47 @@ class LLM:
         need = max(opts.num_ctx, len(ids))
         opts = opts.merged({"num_ctx": need, "num_batch": max(opts.num_batch, len(ids))})
         return self.runner(opts).logits(list(ids))
+
+    def embed(
+        self, texts: str | list[str], truncate: bool = True, dimensions: int | None = None
+    ) -> np.ndarray:
+        """(len(texts), n) float32 L2-normalized embeddings, as Ollama's /api/embed.
+
+        Inputs longer than the context are cut (keeping the final [SEP]) unless `truncate`
+        is False, which raises instead; `dimensions` keeps the first n dims, renormalized.
+        """
+        if not getattr(self.model, "is_embedding", False):
+            raise HerdError(f"{self.name} does not support embeddings")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        n_ctx, rows, batch = self.model.context_length, [], []
+        for i, text in enumerate(texts):
+            ids = self.tokenize(text)
+            if len(ids) > n_ctx:
+                if not truncate:
+                    raise HerdError(f"input {i} has {len(ids)} tokens, over the context "
+                                    f"length {n_ctx} (truncate is false)")
+                ids = ids[: n_ctx - 1] + ids[-1:]
+            if sum(map(len, batch)) + len(ids) > n_ctx:
+                rows.append(self._embed_batch(batch))
+                batch = []
+            batch.append(ids)
+        if batch:
+            rows.append(self._embed_batch(batch))
+        out = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+        if dimensions:
+            out = out[:, :dimensions]
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)
+
+    def _embed_batch(self, batch: list[list[int]]) -> np.ndarray:
+        """One forward pass over several texts, each its own sequence."""
+        seq = np.concatenate([np.full(len(ids), k, np.int32) for k, ids in enumerate(batch)])
+        b = Batch(np.concatenate(batch).astype(np.int32),
+                       np.concatenate([np.arange(len(ids), dtype=np.int32) for ids in batch]),
+                       seq, np.zeros(0, np.int32))
+        with self.backend.new_context() as ctx:
+            (out,) = ctx.compute(self.model.forward(ctx, b))
+        return out
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self.template is None:

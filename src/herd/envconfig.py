@@ -5,7 +5,10 @@ Each is a function so tests can change the environment at run time.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -63,3 +66,182 @@ def registry_key() -> Path:
     ~/.ollama/id_ed25519, so a key registered with ollama.com works for herd too)."""
     value = _get("HERD_KEY")
     return Path(value).expanduser() if value else Path.home() / ".ollama" / "id_ed25519"
+
+
+# ---- server -------------------------------------------------------------------------------
+DEFAULT_PORT = 11434
+
+
+@dataclass(frozen=True)
+class HostURL:
+    """Where `herd serve` listens and where clients connect (Ollama's envconfig.Host)."""
+
+    scheme: str
+    host: str  # "" binds every interface (":11434")
+    port: int
+    path: str = ""
+
+    @property
+    def bind_host(self) -> str:
+        return self.host or "0.0.0.0"
+
+    @property
+    def base_url(self) -> str:
+        """URL a client on this machine uses: an unspecified bind address means loopback."""
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        path = f"/{self.path.strip('/')}" if self.path.strip("/") else ""
+        return f"{self.scheme}://{shown}:{self.port}{path}"
+
+
+def parse_host(value: str) -> HostURL:
+    """`[scheme://]host[:port][/path]`; http defaults to port 80 and https to 443 only when
+    the scheme is given, else 11434; a missing host is 127.0.0.1, `:port` binds all."""
+    s = value.strip()
+    default_port = DEFAULT_PORT
+    scheme, sep, hostport = s.partition("://")
+    if not sep:
+        scheme, hostport = "http", s
+        if s == "ollama.com":
+            scheme, hostport = "https", "ollama.com:443"
+    elif scheme == "http":
+        default_port = 80
+    elif scheme == "https":
+        default_port = 443
+    hostport, _, path = hostport.partition("/")
+    host, port_text = _split_host_port(hostport)
+    if host is None:
+        host, port_text = "127.0.0.1", ""
+        bare = hostport.strip("[]")
+        if bare:
+            host = bare
+    try:
+        port = int(port_text) if port_text else default_port
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        port = default_port
+    return HostURL(scheme, host, port, path.strip("/"))
+
+
+def _split_host_port(hostport: str) -> tuple[str | None, str]:
+    """Go's net.SplitHostPort: (None, "") when there is no port."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0 or not hostport[end + 1 :].startswith(":"):
+            return None, ""
+        return hostport[1:end], hostport[end + 2 :]
+    if hostport.count(":") != 1:
+        return None, ""
+    host, _, port = hostport.partition(":")
+    return host, port
+
+
+def host() -> HostURL:
+    """HERD_HOST, else OLLAMA_HOST, else http://127.0.0.1:11434."""
+    return parse_host(_get("HERD_HOST") or _get("OLLAMA_HOST"))
+
+
+def origins() -> list[str]:
+    """Extra CORS origins, comma-separated: HERD_ORIGINS, else OLLAMA_ORIGINS."""
+    value = _get("HERD_ORIGINS") or _get("OLLAMA_ORIGINS")
+    return [o.strip() for o in value.split(",") if o.strip()]
+
+
+def api_key() -> str:
+    """When set, every route but `/` requires `Authorization: Bearer <key>`. HERD_API_KEY."""
+    return _get("HERD_API_KEY")
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                   "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Go's time.ParseDuration in seconds ("5m", "1h30m", "-1s", "0"); ValueError if bad."""
+    s = text.strip()
+    sign = -1.0 if s.startswith("-") else 1.0
+    body = s.lstrip("+-")
+    if body == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(body):
+        m = _DURATION.match(body, pos)
+        if m is None:
+            raise ValueError(f"time: invalid duration {text!r}")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not body:
+        raise ValueError(f"time: invalid duration {text!r}")
+    return sign * total
+
+
+def _seconds(names: tuple[str, ...], default: float) -> float:
+    """An int number of seconds or a Go duration; negative means forever (inf)."""
+    value = next((v for v in (_get(n) for n in names) if v), "")
+    if not value:
+        return default
+    try:
+        seconds = float(int(value))
+    except ValueError:
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            return default
+    return math.inf if seconds < 0 else seconds
+
+
+def keep_alive() -> float:
+    """Seconds a model stays loaded after its last use: HERD_KEEP_ALIVE, else
+    OLLAMA_KEEP_ALIVE (default 5m; negative = forever, returned as inf)."""
+    return _seconds(("HERD_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"), 300.0)
+
+
+def load_timeout() -> float:
+    """Seconds a runner may take to load before it is given up: HERD_LOAD_TIMEOUT (5m)."""
+    value = _seconds(("HERD_LOAD_TIMEOUT", "OLLAMA_LOAD_TIMEOUT"), 300.0)
+    return math.inf if value <= 0 else value
+
+
+def _int(names: tuple[str, ...], default: int) -> int:
+    value = next((v for v in (_get(n) for n in names) if v), "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default
+
+
+def max_loaded_models() -> int:
+    """Most models loaded at once (HERD_MAX_LOADED_MODELS; 0 = auto: 3)."""
+    n = _int(("HERD_MAX_LOADED_MODELS", "OLLAMA_MAX_LOADED_MODELS"), 0)
+    return n if n > 0 else 3
+
+
+def max_queue() -> int:
+    """Requests allowed to wait for a model (HERD_MAX_QUEUE, default 512); then 503."""
+    return max(1, _int(("HERD_MAX_QUEUE", "OLLAMA_MAX_QUEUE"), 512))
+
+
+def num_parallel() -> int:
+    """Sequences one loaded model serves at once (HERD_NUM_PARALLEL, default 4)."""
+    return max(1, _int(("HERD_NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"), 4))
+
+
+def memory_limit() -> int | None:
+    """Bytes runners may use in all (HERD_MEMORY_LIMIT, e.g. 8GiB); None: what is free."""
+    value = _get("HERD_MEMORY_LIMIT")
+    if not value:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?", value.lower())
+    if m is None:
+        return None
+    unit = (m.group(2) or "b").rstrip("b") or "b"
+    scale = {"b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}.get(unit)
+    return int(float(m.group(1)) * scale) if scale else None
+
+
+def log_dir() -> Path:
+    """Where a background `herd serve` (started by `herd run`) writes server.log."""
+    return Path.home() / ".herd" / "logs"

@@ -9,8 +9,14 @@ import gguf
 import numpy as np
 
 
-def write_gguf(path: Path, *, arch: str = "llama", template: str | None = "{{ messages }}",
-               file_type: int | None = 3, extra: dict[str, str] | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    template: str | None = "{{ messages }}",
+    file_type: int | None = 3,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """A valid GGUF with two F32 tensors: 16*8 + 8 = 136 parameters."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(2048)

@@ -33,24 +33,48 @@ class FakeLLM:
         for i, piece in enumerate(self.pieces):
             if self.interrupt and i == 1:
                 raise KeyboardInterrupt
-            body = {"response": piece} if key == "response" else {
-                "message": {"role": "assistant", "content": piece}}
+            body = (
+                {"response": piece}
+                if key == "response"
+                else {"message": {"role": "assistant", "content": piece}}
+            )
             yield {"model": "m", "done": False, **body}
-        yield {"model": "m", "done": True, "done_reason": "stop",
-               **({"response": ""} if key == "response" else
-                  {"message": {"role": "assistant", "content": ""}}),
-               "total_duration": 2_500_000_000, "load_duration": 1_500_000,
-               "prompt_eval_count": 10, "prompt_eval_duration": 500_000_000,
-               "eval_count": 20, "eval_duration": 1_000_000_000}
+        yield {
+            "model": "m",
+            "done": True,
+            "done_reason": "stop",
+            **(
+                {"response": ""}
+                if key == "response"
+                else {"message": {"role": "assistant", "content": ""}}
+            ),
+            "total_duration": 2_500_000_000,
+            "load_duration": 1_500_000,
+            "prompt_eval_count": 10,
+            "prompt_eval_duration": 500_000_000,
+            "eval_count": 20,
+            "eval_duration": 1_000_000_000,
+        }
 
-    def generate(self, prompt: str, *, system: str | None = None,
-                 options: dict[str, Any] | None = None, raw: bool = False,
-                 stream: bool = False) -> Iterator[dict[str, Any]]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        raw: bool = False,
+        stream: bool = False,
+    ) -> Iterator[dict[str, Any]]:
         self.calls.append(("generate", prompt, options))
         return self._stream("response")
 
-    def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
-             stream: bool = False) -> Iterator[dict[str, Any]]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        options: dict[str, Any] | None = None,
+        stream: bool = False,
+    ) -> Iterator[dict[str, Any]]:
         self.calls.append(("chat", [dict(m) for m in messages], options))
         return self._stream("message")
 
@@ -92,6 +116,11 @@ class Lines:
 # ---------------------------------------------------------------- fixtures
 
 
+def no_server(start: bool = False) -> None:
+    """No `herd serve` to talk to: commands use the store and the (fake) engine in-process."""
+    return None
+
+
 @pytest.fixture
 def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     monkeypatch.setenv("HERD_MODELS", str(tmp_path / "models"))
@@ -101,19 +130,27 @@ def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     with store.blob_writer() as w:
         w.write(src.read_bytes())
         layer = w.commit()
-    store.write_model("tiny:1", layer, system="Be brief.\nReally.\nVery.",
-                      params={"stop": ["<end>"], "temperature": 0.5}, license=["MIT License"])
+    store.write_model(
+        "tiny:1",
+        layer,
+        system="Be brief.\nReally.\nVery.",
+        params={"stop": ["<end>"], "temperature": 0.5},
+        license=["MIT License"],
+    )
     return store
 
 
 def invoke(args: list[str], env: CliEnv | None = None, input: str | None = None) -> Result:
-    return CliRunner().invoke(cli, args, obj=env or CliEnv(), input=input)
+    return CliRunner().invoke(cli, args, obj=env or CliEnv(connect=no_server), input=input)
 
 
-def fake_env(llm: FakeLLM | None = None, tty: bool = False,
-             lines: Lines | None = None) -> tuple[CliEnv, FakeLoader]:
+def fake_env(
+    llm: FakeLLM | None = None, tty: bool = False, lines: Lines | None = None
+) -> tuple[CliEnv, FakeLoader]:
     loader = FakeLoader(llm or FakeLLM())
-    env = CliEnv(loader=loader, stdin_isatty=lambda: tty, read_line=lines or Lines())
+    env = CliEnv(
+        loader=loader, stdin_isatty=lambda: tty, read_line=lines or Lines(), connect=no_server
+    )
     return env, loader
 
 
@@ -144,20 +181,34 @@ def test_show_default(models: Store) -> None:
     r = invoke(["show", "tiny:1"])
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("  Model\n    architecture        llama\n")
-    for line in ["    parameters          136", "    context length      2048",
-                 "    embedding length    8", "    quantization        Q4_1",
-                 "  Capabilities\n    completion", "  Parameters\n",
-                 '    stop           "<end>"', "    temperature    0.5",
-                 "  System\n    Be brief.\n    Really.\n    ...", "  License\n    MIT License"]:
+    for line in [
+        "    parameters          136",
+        "    context length      2048",
+        "    embedding length    8",
+        "    quantization        Q4_1",
+        "  Capabilities\n    completion",
+        "  Parameters\n",
+        '    stop           "<end>"',
+        "    temperature    0.5",
+        "  System\n    Be brief.\n    Really.\n    ...",
+        "  License\n    MIT License",
+    ]:
         assert line in r.stdout
 
 
-@pytest.mark.parametrize("flag,expected", [
-    ("--template", "{{ messages }}"),  # no template layer: the GGUF's chat template
-    ("--system", "Be brief.\nReally.\nVery."),
-    ("--parameters", 'stop                           "<end>"\ntemperature                    0.5'),
-    ("--license", "MIT License"),
-], ids=["template", "system", "parameters", "license"])
+@pytest.mark.parametrize(
+    "flag,expected",
+    [
+        ("--template", "{{ messages }}"),  # no template layer: the GGUF's chat template
+        ("--system", "Be brief.\nReally.\nVery."),
+        (
+            "--parameters",
+            'stop                           "<end>"\ntemperature                    0.5',
+        ),
+        ("--license", "MIT License"),
+    ],
+    ids=["template", "system", "parameters", "license"],
+)
 def test_show_single_field(models: Store, flag: str, expected: str) -> None:
     r = invoke(["show", "tiny:1", flag])
     assert (r.exit_code, r.stdout) == (0, expected + "\n")
@@ -169,7 +220,7 @@ def test_show_modelfile(models: Store) -> None:
     assert f"FROM {ref.model_path}\n" in r.stdout
     assert "# FROM tiny:1\n" in r.stdout
     assert "PARAMETER stop <end>\nPARAMETER temperature 0.5\n" in r.stdout
-    assert 'SYSTEM """Be brief.' in r.stdout
+    assert 'SYSTEM "Be brief.\nReally.\nVery."\n' in r.stdout  # Ollama's quote()
 
 
 def test_show_gguf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,8 +276,9 @@ ERRORS = [
 
 
 @pytest.mark.parametrize("args,message", ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
-def test_user_errors_are_one_line(models: Store, tmp_path: Path, args: list[str],
-                                  message: str) -> None:
+def test_user_errors_are_one_line(
+    models: Store, tmp_path: Path, args: list[str], message: str
+) -> None:
     files = {k: str(v) for k, v in bad_files(tmp_path).items()}
     env, _ = fake_env()
     r = invoke([a.format(**files) for a in args], env)
@@ -259,11 +311,15 @@ def test_ctrl_c_exits_130_quietly(models: Store) -> None:
 # ---------------------------------------------------------------- run: one-shot
 
 
-@pytest.mark.parametrize("args,stdin,prompt", [
-    (["hello", "world"], None, "hello world"),
-    ([], "piped text", "piped text"),
-    (["and", "args"], "piped", "piped and args"),
-], ids=["args", "stdin", "stdin-then-args"])
+@pytest.mark.parametrize(
+    "args,stdin,prompt",
+    [
+        (["hello", "world"], None, "hello world"),
+        ([], "piped text", "piped text"),
+        (["and", "args"], "piped", "piped and args"),
+    ],
+    ids=["args", "stdin", "stdin-then-args"],
+)
 def test_run_one_shot(models: Store, args: list[str], stdin: str | None, prompt: str) -> None:
     llm = FakeLLM()
     env, loader = fake_env(llm, tty=stdin is None)
@@ -293,7 +349,8 @@ def test_run_verbose_prints_timings(models: Store) -> None:
         "prompt eval rate:     20.00 tokens/s\n"
         "eval count:           20 token(s)\n"
         "eval duration:        1s\n"
-        "eval rate:            20.00 tokens/s\n")
+        "eval rate:            20.00 tokens/s\n"
+    )
 
 
 # ---------------------------------------------------------------- run: REPL
@@ -301,9 +358,23 @@ def test_run_verbose_prints_timings(models: Store) -> None:
 
 def test_repl_session(models: Store) -> None:
     llm = FakeLLM()
-    lines = Lines("hi", '"""first', "second", 'third"""', "/set parameter temperature 0.5",
-                  "/set parameter stop a b", "/set parameter top_k x", "/set parameter nope 1",
-                  "/set system Be terse.", "again", "/clear", "fresh", "/foo", "/bye", "unread")
+    lines = Lines(
+        "hi",
+        '"""first',
+        "second",
+        'third"""',
+        "/set parameter temperature 0.5",
+        "/set parameter stop a b",
+        "/set parameter top_k x",
+        "/set parameter nope 1",
+        "/set system Be terse.",
+        "again",
+        "/clear",
+        "fresh",
+        "/foo",
+        "/bye",
+        "unread",
+    )
     env, _ = fake_env(llm, tty=True, lines=lines)
     r = invoke(["run", "tiny:1"], env)
     assert r.exit_code == 0, r.output
@@ -315,8 +386,7 @@ def test_repl_session(models: Store) -> None:
     assert llm.calls == [
         ("chat", [user1], None),
         ("chat", [user1, reply, user2], None),
-        ("chat", [user1, reply, user2, reply, system, {"role": "user", "content": "again"}],
-         opts),
+        ("chat", [user1, reply, user2, reply, system, {"role": "user", "content": "again"}], opts),
         ("chat", [system, {"role": "user", "content": "fresh"}], opts),  # /clear keeps system
     ]
     assert lines.prompts[:4] == [">>> ", ">>> ", "... ", "... "]
@@ -352,9 +422,11 @@ def test_repl_ctrl_c_and_ctrl_d() -> None:
     text = "".join(out)
     assert "Use Ctrl + d or /bye to exit." in text
     # Ctrl-C stopped the answer after "Hello"; the REPL went on with the next turn
-    assert llm.calls[1][1] == [{"role": "user", "content": "tell me"},
-                               {"role": "assistant", "content": "Hello"},
-                               {"role": "user", "content": "next"}]
+    assert llm.calls[1][1] == [
+        {"role": "user", "content": "tell me"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "next"},
+    ]
     assert text.endswith("\n")
 
 
@@ -393,45 +465,86 @@ def test_repl_engine_error_keeps_going() -> None:
 # ---------------------------------------------------------------- formatting
 
 
-@pytest.mark.parametrize("name,values,expected", [
-    ("temperature", ["0.7"], 0.7), ("top_k", ["40"], 40), ("seed", ["-1"], -1),
-    ("stop", ["<a>", "<b>"], ["<a>", "<b>"]), ("use_mmap", ["false"], False),
-], ids=["float", "int", "negative", "list", "bool"])
+@pytest.mark.parametrize(
+    "name,values,expected",
+    [
+        ("temperature", ["0.7"], 0.7),
+        ("top_k", ["40"], 40),
+        ("seed", ["-1"], -1),
+        ("stop", ["<a>", "<b>"], ["<a>", "<b>"]),
+        ("use_mmap", ["false"], False),
+    ],
+    ids=["float", "int", "negative", "list", "bool"],
+)
 def test_parse_parameter(name: str, values: list[str], expected: object) -> None:
     assert parse_parameter(name, values) == expected
 
 
-@pytest.mark.parametrize("name,values,message", [
-    ("top_k", ["4.5"], "invalid int value [4.5]"),
-    ("temperature", ["hot"], "invalid float value [hot]"),
-    ("use_mmap", ["maybe"], "invalid bool value [maybe]"),
-    ("colour", ["red"], "unknown parameter 'colour'"),
-], ids=["int", "float", "bool", "unknown"])
+@pytest.mark.parametrize(
+    "name,values,message",
+    [
+        ("top_k", ["4.5"], "invalid int value [4.5]"),
+        ("temperature", ["hot"], "invalid float value [hot]"),
+        ("use_mmap", ["maybe"], "invalid bool value [maybe]"),
+        ("colour", ["red"], "unknown parameter 'colour'"),
+    ],
+    ids=["int", "float", "bool", "unknown"],
+)
 def test_parse_parameter_errors(name: str, values: list[str], message: str) -> None:
     with pytest.raises(OptionError, match=re.escape(message)):
         parse_parameter(name, values)
 
 
-@pytest.mark.parametrize("ns,text", [
-    (0, "0s"), (999, "999ns"), (1_500, "1.5µs"), (1_500_000, "1.5ms"), (2_000_000_000, "2s"),
-    (61_500_000_000, "1m1.5s"), (3_600_000_000_000, "1h0m0s"), (4_563_862_583, "4.563862583s"),
-], ids=["zero", "ns", "us", "ms", "s", "m", "h", "precise"])
+@pytest.mark.parametrize(
+    "ns,text",
+    [
+        (0, "0s"),
+        (999, "999ns"),
+        (1_500, "1.5µs"),
+        (1_500_000, "1.5ms"),
+        (2_000_000_000, "2s"),
+        (61_500_000_000, "1m1.5s"),
+        (3_600_000_000_000, "1h0m0s"),
+        (4_563_862_583, "4.563862583s"),
+    ],
+    ids=["zero", "ns", "us", "ms", "s", "m", "h", "precise"],
+)
 def test_go_duration(ns: int, text: str) -> None:
     assert go_duration(ns) == text
 
 
-@pytest.mark.parametrize("n,text", [
-    (512, "512 B"), (1_500, "1.5 KB"), (98_362_432, "98 MB"), (253_113_024, "253 MB"),
-    (2_000_000_000, "2 GB"), (4_700_000_000, "4.7 GB"),
-], ids=["bytes", "kb", "98mb", "253mb", "2gb", "4.7gb"])
+@pytest.mark.parametrize(
+    "n,text",
+    [
+        (512, "512 B"),
+        (1_500, "1.5 KB"),
+        (98_362_432, "98 MB"),
+        (253_113_024, "253 MB"),
+        (2_000_000_000, "2 GB"),
+        (4_700_000_000, "4.7 GB"),
+    ],
+    ids=["bytes", "kb", "98mb", "253mb", "2gb", "4.7gb"],
+)
 def test_human_bytes(n: int, text: str) -> None:
     assert human_bytes(n) == text
 
 
-@pytest.mark.parametrize("seconds,text", [
-    (0.2, "Less than a second"), (1, "1 second"), (45, "45 seconds"), (90, "About a minute"),
-    (150, "2 minutes"), (3700, "About an hour"), (5 * 3600, "5 hours"), (3 * 86400, "3 days"),
-    (20 * 86400, "2 weeks"), (90 * 86400, "3 months"), (800 * 86400, "2 years"),
-], ids=["sub-second", "1s", "45s", "1m", "2m", "1h", "5h", "3d", "2w", "3mo", "2y"])
+@pytest.mark.parametrize(
+    "seconds,text",
+    [
+        (0.2, "Less than a second"),
+        (1, "1 second"),
+        (45, "45 seconds"),
+        (90, "About a minute"),
+        (150, "2 minutes"),
+        (3700, "About an hour"),
+        (5 * 3600, "5 hours"),
+        (3 * 86400, "3 days"),
+        (20 * 86400, "2 weeks"),
+        (90 * 86400, "3 months"),
+        (800 * 86400, "2 years"),
+    ],
+    ids=["sub-second", "1s", "45s", "1m", "2m", "1h", "5h", "3d", "2w", "3mo", "2y"],
+)
 def test_human_duration(seconds: float, text: str) -> None:
     assert human_duration(seconds) == text

@@ -61,8 +61,18 @@ def test_invalid_names_name_the_bad_part(text: str, problem: str, _id: str) -> N
     assert str(e.value).startswith(f"invalid model name '{text}'")
 
 
-TRAVERSAL = ["../etc/passwd", "ns/../x", "../../x:y", "model/..", "model:../x", "..",
-             "ns/.hidden", "a\\..\\b", "m:..", "./m"]
+TRAVERSAL = [
+    "../etc/passwd",
+    "ns/../x",
+    "../../x:y",
+    "model/..",
+    "model:../x",
+    "..",
+    "ns/.hidden",
+    "a\\..\\b",
+    "m:..",
+    "./m",
+]
 
 
 @pytest.mark.parametrize("text", TRAVERSAL, ids=range(len(TRAVERSAL)))
@@ -85,11 +95,15 @@ def test_display_shortest(text: str, shown: str) -> None:
     assert names.parse(text).display_shortest() == shown
 
 
-@pytest.mark.parametrize("text,path", [
-    ("user/m:t", "registry.ollama.ai/user/m/t"),
-    ("smollm2:135m", "registry.ollama.ai/library/smollm2/135m"),
-    ("localhost:5000/ns/M:T", "localhost:5000/ns/M/T"),
-], ids=["namespace", "catalog", "host-case-kept"])
+@pytest.mark.parametrize(
+    "text,path",
+    [
+        ("user/m:t", "registry.ollama.ai/user/m/t"),
+        ("smollm2:135m", "registry.ollama.ai/library/smollm2/135m"),
+        ("localhost:5000/ns/M:T", "localhost:5000/ns/M/T"),
+    ],
+    ids=["namespace", "catalog", "host-case-kept"],
+)
 def test_filepath(text: str, path: str) -> None:
     assert names.parse(text).filepath().as_posix() == path
 
@@ -99,21 +113,29 @@ def test_filepath_of_invalid_name_raises() -> None:
         Name("h", "..", "m", "t").filepath()
 
 
-@pytest.mark.parametrize("path,expected", [
-    ("registry.ollama.ai/library/m/t", Name("registry.ollama.ai", "library", "m", "t")),
-    ("a/b/c", None),
-    ("a/../c/d", None),
-    ("h/n/m/.herd-tmp-123", None),
-], ids=["valid", "three-parts", "dotdot", "temp-file"])
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("registry.ollama.ai/library/m/t", Name("registry.ollama.ai", "library", "m", "t")),
+        ("a/b/c", None),
+        ("a/../c/d", None),
+        ("h/n/m/.herd-tmp-123", None),
+    ],
+    ids=["valid", "three-parts", "dotdot", "temp-file"],
+)
 def test_from_filepath(path: str, expected: Name | None) -> None:
     assert names.from_filepath(path) == expected
 
 
-@pytest.mark.parametrize("typed,found", [
-    ("smollm2:135m", "registry.ollama.ai/library/SmolLM2:135M"),
-    ("SMOLLM2:135M", "registry.ollama.ai/library/SmolLM2:135M"),
-    ("other:1", "registry.ollama.ai/library/other:1"),
-], ids=["lower", "upper", "absent"])
+@pytest.mark.parametrize(
+    "typed,found",
+    [
+        ("smollm2:135m", "registry.ollama.ai/library/SmolLM2:135M"),
+        ("SMOLLM2:135M", "registry.ollama.ai/library/SmolLM2:135M"),
+        ("other:1", "registry.ollama.ai/library/other:1"),
+    ],
+    ids=["lower", "upper", "absent"],
+)
 def test_match_existing_is_case_insensitive(typed: str, found: str) -> None:
     existing = [Name("registry.ollama.ai", "library", "SmolLM2", "135M")]
     assert str(names.match_existing(names.parse(typed), existing)) == found

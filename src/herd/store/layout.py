@@ -13,6 +13,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -56,13 +57,39 @@ def go_json(obj: Any, sort_keys: bool = False) -> bytes:
 
     Ollama's manifest digest is the sha256 of the file bytes, so matching its encoder keeps
     IDs stable for manifests written by either tool. Go sorts map keys (`sort_keys`) but
-    keeps struct fields in declaration order.
+    keeps struct fields in declaration order, and writes floats its own way (1, not 1.0).
     """
-    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
+    text = _encode(obj, sort_keys)
     for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
                     ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(ch, esc)
     return (text + "\n").encode()
+
+
+def go_float(f: float) -> str:
+    """encoding/json's float format: shortest digits, 'e' only below 1e-6 or from 1e21."""
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"JSON cannot hold {f}")
+    if f == 0:
+        return "0" if str(f)[0] != "-" else "-0"
+    if 1e-6 <= abs(f) < 1e21:
+        text = format(Decimal(repr(f)), "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    mantissa, _, exp = repr(f).partition("e")
+    sign, digits = exp[0], exp[1:].lstrip("0")
+    return f"{mantissa.removesuffix('.0')}e{sign}{digits.rjust(2, '0') if sign == '+' else digits}"
+
+
+def _encode(obj: Any, sort_keys: bool) -> str:
+    if isinstance(obj, dict):
+        items = sorted(obj.items()) if sort_keys else obj.items()
+        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + _encode(v, sort_keys)
+                              for k, v in items) + "}"
+    if isinstance(obj, list | tuple):
+        return "[" + ",".join(_encode(v, sort_keys) for v in obj) + "]"
+    if isinstance(obj, float):
+        return go_float(obj)
+    return json.dumps(obj, ensure_ascii=False)  # str, int, bool, None
 
 
 @dataclass(frozen=True)
@@ -141,19 +168,25 @@ class ConfigV2:
     model_families: list[str] = field(default_factory=list)
     model_type: str = ""  # parameter size, e.g. "134.52M"
     file_type: str = ""  # quantization, e.g. "Q4_1"
+    renderer: str = ""
+    parser: str = ""
+    requires: str = ""  # minimum Ollama version (semver without "v")
     diff_ids: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
-        return go_json({
+        obj: dict[str, Any] = {
             "model_format": self.model_format,
             "model_family": self.model_family,
             "model_families": self.model_families,
             "model_type": self.model_type,
             "file_type": self.file_type,
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": self.diff_ids},
-        })
+        }
+        for key in ("renderer", "parser", "requires"):  # omitempty in Go
+            if getattr(self, key):
+                obj[key] = getattr(self, key)
+        obj.update({"architecture": "amd64", "os": "linux",
+                    "rootfs": {"type": "layers", "diff_ids": self.diff_ids}})
+        return go_json(obj)
 
 
 def fsync_dir(path: Path) -> None:

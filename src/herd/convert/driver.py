@@ -1,0 +1,270 @@
+"""The conversion driver: a Hugging Face directory -> one GGUF file.
+
+The driver knows files, dtypes and the GGUF layout; everything about an architecture lives
+in its `herd/models/<arch>/convert.py`, which provides:
+
+    HF_ARCHITECTURES: tuple[str, ...]         config.json `architectures[0]` values it takes
+    ARCH: str                                 the GGUF `general.architecture`
+    kv(cfg) -> dict                           `<arch>.*` metadata from config.json
+    tensor_shapes(cfg) -> dict[str, shape]    every GGUF tensor the file must hold (NumPy order)
+    gguf_name(cfg, hf_name) -> str | None     the GGUF name, None to drop, KeyError if unknown
+    tensor(cfg, hf_name, array) -> (name, array) | None   renaming plus fix-ups (permutations,
+                                              folded norms); fix-ups never change the shape
+    extra_tensors(cfg) -> [(name, array)]     optional: tensors made from the config
+    dir_kv(cfg, src) -> dict                  optional: metadata from other files of the dir
+    tokenizer_kv(cfg, kv) -> dict             optional: adjust the `tokenizer.*` metadata
+
+Every name and shape is checked against the config before a byte is written, so a missing,
+extra or misshapen tensor fails early, naming the file and tensor. Tensors then stream one
+at a time from the memory-mapped checkpoint into a temp file that is renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from herd.convert.readers import FLOAT_DTYPES, ConvertError, TensorRef, read_tensors
+from herd.convert.vocab import vocab_kv
+from herd.errors import UnsupportedModelError
+from herd.gguf.writer import _vtype
+
+Q = GGMLQuantizationType
+# --outtype -> (general.file_type, tensor type of the large weights)
+OUTTYPES: dict[str, tuple[LlamaFileType, GGMLQuantizationType]] = {
+    "f32": (LlamaFileType.ALL_F32, Q.F32),
+    "f16": (LlamaFileType.MOSTLY_F16, Q.F16),
+    "bf16": (LlamaFileType.MOSTLY_BF16, Q.BF16),
+    "q8_0": (LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+}
+# These stay F32 whatever the outtype, as in llama.cpp's converter.
+_F32_PREFIXES = ("position_embd.", "token_types.", "rope_freqs.")
+
+# progress(index from 1, total, gguf name, tensor type name, shape)
+Progress = Callable[[int, int, str, str, tuple[int, ...]], None]
+
+
+@cache
+def converters() -> dict[str, ModuleType]:
+    """HF architecture name -> the `herd.models.<arch>.convert` module that takes it."""
+    import herd.models
+
+    out: dict[str, ModuleType] = {}
+    for m in sorted(pkgutil.iter_modules(herd.models.__path__), key=lambda m: m.name):
+        if not m.ispkg:
+            continue
+        try:
+            mod = importlib.import_module(f"herd.models.{m.name}.convert")
+        except ModuleNotFoundError as e:
+            if e.name == f"herd.models.{m.name}.convert":
+                continue  # an architecture herd runs but does not convert
+            raise
+        for hf_arch in getattr(mod, "HF_ARCHITECTURES", ()):
+            out[hf_arch] = mod
+    return out
+
+
+def supported_architectures() -> list[str]:
+    return sorted(converters())
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory")
+    path = src / "config.json"
+    if not path.is_file():
+        raise ConvertError(f"{src}: no config.json (not a Hugging Face model directory)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: unreadable JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{path}: not a JSON object")
+    return cfg
+
+
+def converter_for(cfg: dict[str, Any]) -> ModuleType:
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else None
+    conv = converters().get(arch) if isinstance(arch, str) else None
+    if conv is None:
+        raise UnsupportedModelError(
+            f"config.json: unsupported architecture {arch!r}; herd converts "
+            + ", ".join(supported_architectures())
+        )
+    return conv
+
+
+@dataclass
+class _Item:
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    ref: TensorRef | None  # None: `array` holds a tensor made from the config
+    array: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return int(np.prod(self.shape)) // block * size
+
+
+def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -> Q:
+    """llama.cpp's rule: vectors, norms, biases and position tables stay F32."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return Q.F32
+    if name.startswith(_F32_PREFIXES):
+        return Q.F32
+    if main == Q.Q8_0 and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16  # rows that do not split into Q8_0 blocks (llama.cpp falls back too)
+    return main
+
+
+def _plan(
+    conv: ModuleType, cfg: dict[str, Any], refs: dict[str, TensorRef], main: Q
+) -> list[_Item]:
+    expected = {k: tuple(v) for k, v in conv.tensor_shapes(cfg).items()}
+    items: list[_Item] = []
+    seen: dict[str, str] = {}
+    for name, array in getattr(conv, "extra_tensors", lambda c: [])(cfg):
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        items.append(
+            _Item(name, tuple(array.shape), tensor_type(name, array.shape, main), None, array)
+        )
+        seen[name] = "config.json"
+    for ref in refs.values():
+        where = f"{ref.file.name}: tensor {ref.name}"
+        try:
+            name = conv.gguf_name(cfg, ref.name)
+        except KeyError:
+            raise ConvertError(f"{where} is not part of a {cfg['architectures'][0]}") from None
+        if name is None:
+            continue
+        if name not in expected:
+            raise ConvertError(f"{where} (GGUF {name}) is not part of this model's config")
+        if name in seen:
+            raise ConvertError(f"{where} (GGUF {name}) duplicates one in {seen[name]}")
+        if ref.dtype not in FLOAT_DTYPES:
+            raise ConvertError(
+                f"{where} has dtype {ref.dtype}; only "
+                f"{', '.join(FLOAT_DTYPES)} weights can be converted"
+            )
+        if ref.shape != expected[name]:
+            raise ConvertError(
+                f"{where} has shape {list(ref.shape)}, but config.json implies "
+                f"{list(expected[name])} (GGUF {name})"
+            )
+        seen[name] = ref.file.name
+        items.append(_Item(name, ref.shape, tensor_type(name, ref.shape, main), ref))
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        files = sorted({r.file.name for r in refs.values()})
+        raise ConvertError(
+            f"missing tensors {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            + f" (looked in {', '.join(files)})"
+        )
+    return items
+
+
+def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
+    if qtype == Q.F32:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    if qtype == Q.F16:
+        return np.ascontiguousarray(array, dtype=np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    outtype: str = "f16",
+    *,
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Convert the Hugging Face directory `src` to the GGUF file `out`; returns `out`.
+
+    Nothing appears at `out` unless the whole file was written.
+    """
+    src, out = Path(src), Path(out)
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    file_type, main = OUTTYPES[outtype]
+    cfg = read_config(src)
+    conv = converter_for(cfg)
+    refs = read_tensors(src)
+    items = _plan(conv, cfg, refs, main)
+    kv: dict[str, Any] = {
+        "general.type": "model",
+        "general.name": name or src.resolve().name,
+        "general.file_type": int(file_type),
+        "general.quantization_version": gguf.GGML_QUANT_VERSION,
+    }
+    kv.update(conv.kv(cfg))
+    if hasattr(conv, "dir_kv"):
+        kv.update(conv.dir_kv(cfg, src))
+    tok = vocab_kv(src, cfg)
+    hook = getattr(conv, "tokenizer_kv", None)
+    kv.update(hook(cfg, tok) if hook is not None else tok)
+    _write(out, conv.ARCH, kv, items, cfg, conv, progress)
+    return out
+
+
+def _write(
+    out: Path,
+    arch: str,
+    kv: dict[str, Any],
+    items: list[_Item],
+    cfg: dict[str, Any],
+    conv: ModuleType,
+    progress: Progress | None,
+) -> None:
+    if not out.parent.is_dir():
+        raise ConvertError(f"{out.parent}: no such directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd)
+    writer = None
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, value in kv.items():
+            if key != "general.architecture":
+                vtype, sub = _vtype(value)
+                writer.add_key_value(key, value, vtype, sub)
+        for it in items:
+            writer.add_tensor_info(it.name, it.shape, np.dtype(np.float32), it.nbytes, it.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, it in enumerate(items, 1):
+            if it.ref is None:
+                array = it.array
+            else:
+                done = conv.tensor(cfg, it.ref.name, it.ref.load())
+                assert done is not None and done[0] == it.name, (it.ref.name, done and done[0])
+                array = done[1]
+            assert array is not None and tuple(array.shape) == it.shape, (it.name, it.shape)
+            writer.write_tensor_data(_encode(array, it.qtype))
+            if progress is not None:
+                progress(i, len(items), it.name, it.qtype.name, it.shape)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise

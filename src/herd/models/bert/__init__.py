@@ -1,0 +1,3 @@
+from herd.models.bert.model import Model
+
+__all__ = ["Model"]

@@ -1,0 +1,460 @@
+"""Ollama's API (`/api/*`): the fields, defaults, status codes and NDJSON streams of
+reference §7."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import herd
+from herd.cli.show import ShowFacts, render_modelfile, render_parameters
+from herd.errors import DownloadError, HerdError
+from herd.server.errors import BadRequestError, NotImplementedYetError
+from herd.server.http import (
+    JSON,
+    close,
+    dumps,
+    field_of,
+    first_item,
+    handles_errors,
+    keep_alive_of,
+    local_time,
+    ndjson,
+    now_utc,
+    read_json,
+    watch,
+)
+from herd.server.scheduler import FOREVER_S, Runner
+from herd.server.service import Completion, Service
+from herd.store import ModelRef, pull
+from herd.store.layout import parse_digest
+
+log = logging.getLogger("herd.server")
+
+COUNTERS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+            "eval_count", "eval_duration")
+
+
+def details(ref_config: dict[str, Any], facts: ShowFacts | None = None) -> dict[str, Any]:
+    """Ollama's ModelDetails, from the manifest's config blob (and the GGUF when at hand)."""
+    family = ref_config.get("model_family") or (facts.gguf.architecture if facts else "")
+    return {
+        "parent_model": "",
+        "format": ref_config.get("model_format") or "gguf",
+        "family": family,
+        "families": ref_config.get("model_families") or ([family] if family else None),
+        "parameter_size": ref_config.get("model_type")
+        or (facts.gguf.parameter_size if facts else ""),
+        "quantization_level": ref_config.get("file_type") or (facts.gguf.file_type if facts
+                                                              else ""),
+    }
+
+
+def _name(body: dict[str, Any]) -> Any:
+    return body.get("model") or body.get("name")
+
+
+def _check_capabilities(name: str, facts: ShowFacts, body: dict[str, Any]) -> None:
+    """400s for what the model (or herd) cannot do, in Ollama's words."""
+    caps = facts.capabilities
+    think = body.get("think")
+    if think not in (None, False) and "thinking" not in caps:
+        raise BadRequestError(f'"{name}" does not support thinking')
+    if body.get("tools") and "tools" not in caps:
+        raise BadRequestError(f'"{name}" does not support tools')
+    if body.get("suffix") and "insert" not in caps:
+        raise BadRequestError(f'"{name}" does not support insert')
+    images = body.get("images") or any(
+        m.get("images") for m in body.get("messages") or [] if isinstance(m, dict))
+    if images and "vision" not in caps:
+        raise BadRequestError(f'"{name}" does not support vision')
+    fmt = body.get("format")
+    if fmt not in (None, "", "null"):
+        if fmt != "json" and not isinstance(fmt, dict):
+            raise BadRequestError(f"invalid format: {dumps(fmt)}; expected \"json\" or a JSON "
+                                  "schema")
+        raise NotImplementedYetError("structured outputs (format) are not supported yet")
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)
+                            or not 0 <= top <= 20):
+        raise BadRequestError("top_logprobs must be between 0 and 20")
+    if body.get("logprobs"):
+        log.warning("logprobs are not supported yet; answering without them")
+
+
+class OllamaAPI:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def routes(self) -> list[Route]:
+        e = handles_errors()
+        return [
+            Route("/", self.root, methods=["GET", "HEAD"]),
+            Route("/api/version", e(self.version), methods=["GET", "HEAD"]),
+            Route("/api/generate", e(self.generate), methods=["POST"]),
+            Route("/api/chat", e(self.chat), methods=["POST"]),
+            Route("/api/embed", e(self.embed), methods=["POST"]),
+            Route("/api/embeddings", e(self.embeddings), methods=["POST"]),
+            Route("/api/tags", e(self.tags), methods=["GET", "HEAD"]),
+            Route("/api/show", e(self.show), methods=["POST"]),
+            Route("/api/ps", e(self.ps), methods=["GET"]),
+            Route("/api/copy", e(self.copy), methods=["POST"]),
+            Route("/api/delete", e(self.delete), methods=["DELETE"]),
+            Route("/api/pull", e(self.pull), methods=["POST"]),
+            Route("/api/push", e(self.push), methods=["POST"]),
+            Route("/api/create", e(self.create), methods=["POST"]),
+            Route("/api/blobs/{digest}", e(self.blob), methods=["HEAD", "POST"]),
+        ]
+
+    async def root(self, request: Request) -> Response:
+        return Response("Ollama is running", media_type="text/plain")
+
+    async def version(self, request: Request) -> Response:
+        return JSON({"version": herd.__version__})
+
+    # ---- generation
+    async def _prepare(self, body: dict[str, Any]) -> tuple[str, ModelRef, ShowFacts, Any,
+                                                           float | None]:
+        name = _name(body)
+        ref = self.service.model(name)
+        facts = await self.service.facts(ref)
+        _check_capabilities(name, facts, body)
+        keep_alive = keep_alive_of(body)
+        spec = await self.service.load_spec(ref, body.get("options"))
+        return name, ref, facts, spec, keep_alive
+
+    async def _load_or_unload(self, request: Request, spec: Any, keep_alive: float | None,
+                              out: dict[str, Any]) -> Response:
+        if keep_alive == 0:
+            await self.service.scheduler.expire(spec.name)
+            return JSON({**out, "done": True, "done_reason": "unload"})
+        await watch(request, self.service.scheduler.load_only(spec, keep_alive))
+        return JSON({**out, "done": True, "done_reason": "load"})
+
+    async def generate(self, request: Request) -> Response:
+        body = await read_json(request)
+        name, ref, facts, spec, keep_alive = await self._prepare(body)
+        prompt = field_of(body, "prompt", str, "")
+        system = field_of(body, "system", str)
+        template = field_of(body, "template", str)
+        context = field_of(body, "context", list)
+        raw = bool(field_of(body, "raw", bool, False))
+        if raw and (template or system or context):
+            raise BadRequestError("raw mode does not support template, system, or context")
+        if not prompt and not body.get("images"):
+            return await self._load_or_unload(request, spec, keep_alive, {
+                "model": name, "created_at": now_utc(), "response": ""})
+        if raw:
+            payload: dict[str, Any] = {"prompt": prompt}
+        else:
+            system = system if system is not None else ref.system
+            messages = [{"role": "system", "content": system}] if system else []
+            if not context:
+                messages += list(ref.messages)
+            messages.append({"role": "user", "content": prompt})
+            payload = {"messages": messages, "context": context, "template": template,
+                       "want_context": True}
+        payload.update(shift=body.get("shift", True) is not False,
+                       truncate=body.get("truncate", True) is not False)
+        events = self.service.completion(Completion(spec, keep_alive, payload))
+
+        def shape(msg: dict[str, Any]) -> dict[str, Any]:
+            out = {"model": name, "created_at": now_utc(), "response": msg.get("text", ""),
+                   "done": bool(msg.get("done"))}
+            if msg.get("done"):
+                out["done_reason"] = msg.get("done_reason", "stop")
+                if "context" in msg:
+                    out["context"] = msg["context"]
+                out.update((k, msg.get(k, 0)) for k in COUNTERS)
+            return out
+
+        return await self._respond(request, events, shape, body, "response")
+
+    async def chat(self, request: Request) -> Response:
+        body = await read_json(request)
+        name, ref, facts, spec, keep_alive = await self._prepare(body)
+        messages = field_of(body, "messages", list, [])
+        if not messages:
+            return await self._load_or_unload(request, spec, keep_alive, {
+                "model": name, "created_at": now_utc(),
+                "message": {"role": "assistant", "content": ""}})
+        msgs = [_message(m) for m in messages]
+        if ref.system and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": ref.system})
+        payload = {"messages": list(ref.messages) + msgs,
+                   "shift": body.get("shift", True) is not False,
+                   "truncate": body.get("truncate", True) is not False}
+        events = self.service.completion(Completion(spec, keep_alive, payload))
+
+        def shape(msg: dict[str, Any]) -> dict[str, Any]:
+            out = {"model": name, "created_at": now_utc(),
+                   "message": {"role": "assistant", "content": msg.get("text", "")},
+                   "done": bool(msg.get("done"))}
+            if msg.get("done"):
+                out["done_reason"] = msg.get("done_reason", "stop")
+                out.update((k, msg.get(k, 0)) for k in COUNTERS)
+            return out
+
+        return await self._respond(request, events, shape, body, "message")
+
+    async def _respond(self, request: Request, events: Any, shape: Any, body: dict[str, Any],
+                       key: str) -> Response:
+        first = await first_item(request, events)
+        if body.get("stream", True) is not False:
+            return _ndjson_skip_empty(first, events, shape)
+        parts: list[str] = []
+
+        async def collect() -> dict[str, Any]:
+            item = first
+            while True:
+                parts.append(item.get("text", ""))
+                if item.get("done"):
+                    return item
+                item = await anext(events)
+
+        try:
+            final = shape(await watch(request, collect()))
+        finally:
+            await close(events)
+        if key == "message":
+            final["message"]["content"] = "".join(parts)
+        else:
+            final["response"] = "".join(parts)
+        return JSON(final)
+
+    # ---- embeddings
+    async def embed(self, request: Request) -> Response:
+        body = await read_json(request)
+        ref = self.service.model(_name(body))
+        value = body.get("input")
+        texts = [value] if isinstance(value, str) else value if value is not None else []
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise BadRequestError("input must be a string or a list of strings")
+        dimensions = field_of(body, "dimensions", int)
+        keep_alive = keep_alive_of(body)
+        spec = await self.service.load_spec(ref, body.get("options"))
+        t0 = time.perf_counter_ns()
+        if not texts:
+            await watch(request, self.service.scheduler.load_only(spec, keep_alive))
+            return JSON({"model": _name(body), "embeddings": []})
+        vectors, count, load_ns = await watch(request, self.service.embed(
+            spec, keep_alive, texts, body.get("truncate", True) is not False))
+        return JSON({"model": _name(body),
+                     "embeddings": [normalize(v, dimensions) for v in vectors],
+                     "total_duration": time.perf_counter_ns() - t0, "load_duration": load_ns,
+                     "prompt_eval_count": count})
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await read_json(request)
+        ref = self.service.model(_name(body))
+        prompt = field_of(body, "prompt", str, "")
+        keep_alive = keep_alive_of(body)
+        spec = await self.service.load_spec(ref, body.get("options"))
+        if not prompt:
+            await watch(request, self.service.scheduler.load_only(spec, keep_alive))
+            return JSON({"embedding": []})
+        vectors, _, _ = await watch(request, self.service.embed(spec, keep_alive, [prompt]))
+        return JSON({"embedding": vectors[0] if vectors else []})
+
+    # ---- models
+    async def tags(self, request: Request) -> Response:
+        models = []
+        for m in self.service.store.list():
+            models.append({"name": m.name, "model": m.name,
+                           "modified_at": m.modified.isoformat(), "size": m.size,
+                           "digest": m.digest, "details": details(m.details)})
+        return JSON({"models": models})
+
+    async def show(self, request: Request) -> Response:
+        body = await read_json(request)
+        ref = self.service.model(_name(body))
+        facts = await self.service.facts(ref)
+        verbose = bool(body.get("verbose"))
+        store = self.service.store
+        mtime = store.manifest_path(store.existing(ref.name)).stat().st_mtime
+        info = {k: _jsonable(v) if verbose or not _long(v) else None
+                for k, v in sorted(facts.gguf.kv.items())}
+        info["general.parameter_count"] = facts.gguf.parameter_count
+        out: dict[str, Any] = {
+            "license": "\n".join(ref.license),
+            "modelfile": render_modelfile(facts),
+            "parameters": render_parameters(ref.params),
+            "template": facts.template or "",
+            "details": details(ref.config, facts),
+            "model_info": info,
+            "capabilities": facts.capabilities,
+            "modified_at": local_time(mtime),
+        }
+        if ref.system:
+            out["system"] = ref.system
+        if ref.messages:
+            out["messages"] = ref.messages
+        if verbose:
+            out["tensors"] = [{"name": t.name, "type": t.type.name,
+                               "shape": [int(x) for x in reversed(t.shape)]}
+                              for t in facts.tensors]
+        return JSON(out)
+
+    async def ps(self, request: Request) -> Response:
+        models = []
+        for r in self.service.scheduler.loaded():
+            models.append(ps_entry(r, await self.service.facts(r.spec.ref)))
+        return JSON({"models": models})
+
+    async def copy(self, request: Request) -> Response:
+        body = await read_json(request)
+        src, dst = body.get("source"), body.get("destination")
+        if not isinstance(src, str) or not src or not isinstance(dst, str) or not dst:
+            raise BadRequestError("source and destination are required")
+        self.service.model(src)
+        self.service.store.copy(src, dst)
+        return Response(status_code=200)
+
+    async def delete(self, request: Request) -> Response:
+        body = await read_json(request)
+        ref = self.service.model(_name(body))
+        self.service.store.delete(ref.name)
+        return Response(status_code=200)
+
+    async def pull(self, request: Request) -> Response:
+        body = await read_json(request)
+        name = _name(body)
+        if not isinstance(name, str) or not name:
+            raise BadRequestError("model is required")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        def progress(status: str, digest: str | None, total: int | None,
+                     completed: int | None) -> None:
+            item: dict[str, Any] = {"status": status}
+            if digest:
+                item["digest"] = digest
+            if total:
+                item.update(total=total, completed=completed or 0)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        registry = _registry_puller(bool(body.get("insecure")))
+
+        def work() -> None:
+            try:
+                pull(name, store=self.service.store, progress=progress, registry=registry)
+            except BaseException as e:
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        loop.run_in_executor(None, work)
+
+        async def items() -> Any:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item if isinstance(item, HerdError) else DownloadError(str(item))
+                yield item
+
+        progress_items = items()
+        if body.get("stream", True) is not False:
+            first = await first_item(request, progress_items)
+            return ndjson(first, progress_items, lambda x: x)
+        last: dict[str, Any] = {}
+        async for item in progress_items:
+            last = item
+        return JSON({"status": last.get("status", "success")})
+
+    async def push(self, request: Request) -> Response:
+        raise NotImplementedYetError("push is not supported yet: herd has no registry client")
+
+    async def create(self, request: Request) -> Response:
+        raise NotImplementedYetError("create is not supported yet: herd cannot build models "
+                                     "from a Modelfile yet")
+
+    async def blob(self, request: Request) -> Response:
+        digest = request.path_params["digest"]
+        try:
+            parse_digest(digest)
+        except HerdError as e:
+            raise BadRequestError(str(e)) from None
+        store = self.service.store
+        if request.method == "HEAD":
+            return Response(status_code=200 if store.has_blob(digest) else 404)
+        if store.has_blob(digest):
+            return Response(status_code=200)
+        writer = store.blob_writer(digest)
+        try:
+            async for chunk in request.stream():
+                writer.write(chunk)
+            writer.commit()
+        except DownloadError as e:
+            raise BadRequestError(str(e)) from None
+        finally:
+            writer.discard()
+        return Response(status_code=201)
+
+
+def _registry_puller(insecure: bool) -> Any:
+    """The OCI registry client for names outside the built-in catalog, when installed."""
+    try:
+        from herd.registry import Options, registry_puller
+    except ImportError:
+        return None
+    return registry_puller(Options(insecure=insecure))
+
+
+def _ndjson_skip_empty(first: dict[str, Any], events: Any, shape: Any) -> Response:
+    # the runner may send empty text pieces; Ollama never streams an empty non-final line
+    def shaped(msg: dict[str, Any]) -> dict[str, Any] | None:
+        return shape(msg) if msg.get("done") or msg.get("text") else None
+
+    return ndjson(first, events, shaped)
+
+
+def _message(m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise BadRequestError("each message must be an object")
+    role = m.get("role")
+    if not isinstance(role, str) or not role:
+        raise BadRequestError("message role is required")
+    content = m.get("content")
+    if content is not None and not isinstance(content, str):
+        raise BadRequestError("message content must be a string")
+    out = {k: v for k, v in m.items() if k != "images" and v is not None}
+    out.update(role=role.lower(), content=content or "")
+    return out
+
+
+def normalize(v: list[float], dimensions: int | None) -> list[float]:
+    """L2-normalized, truncated to `dimensions` first (then renormalized), like Ollama."""
+    if dimensions and 0 < dimensions < len(v):
+        v = v[:dimensions]
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / norm for x in v] if norm > 0 else list(v)
+
+
+def ps_entry(r: Runner, facts: ShowFacts) -> dict[str, Any]:
+    expires = datetime.fromtimestamp(min(r.expires_at, time.time() + FOREVER_S), UTC)
+    return {"name": r.name, "model": r.name, "size": r.estimate, "digest": r.spec.ref.digest,
+            "details": details(r.spec.ref.config, facts),
+            "expires_at": expires.astimezone().isoformat(), "size_vram": 0,
+            "context_length": r.spec.context_length()}
+
+
+def _long(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) > 1024
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value

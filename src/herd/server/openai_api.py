@@ -1,0 +1,238 @@
+"""OpenAI compatibility (`/v1/*`), translated to the same requests the Ollama API makes,
+as Ollama's `openai` middleware does (reference §7.9)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from herd.errors import ModelNotFoundError
+from herd.server.errors import BadRequestError, NotImplementedYetError
+from herd.server.http import (
+    JSON,
+    close,
+    first_item,
+    handles_errors,
+    read_json,
+    sse,
+    watch,
+)
+from herd.server.ollama_api import normalize
+from herd.server.service import Completion, Service
+from herd.store import names
+
+FINISH = {"stop": "stop", "length": "length"}
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields as Ollama options (temperature and top_p default to 1)."""
+    opts: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        opts["num_predict"] = max_tokens
+    for src, dst in (("seed", "seed"), ("frequency_penalty", "frequency_penalty"),
+                     ("presence_penalty", "presence_penalty")):
+        if body.get(src) is not None:
+            opts[dst] = body[src]
+    opts["temperature"] = body["temperature"] if body.get("temperature") is not None else 1.0
+    opts["top_p"] = body["top_p"] if body.get("top_p") is not None else 1.0
+    stop = body.get("stop")
+    if stop is not None:
+        opts["stop"] = [stop] if isinstance(stop, str) else stop
+    return opts
+
+
+def _check_format(body: dict[str, Any]) -> None:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise NotImplementedYetError("structured outputs (response_format) are not supported "
+                                     "yet")
+
+
+def _text(content: Any) -> str:
+    """A message's content: a string, or parts of which herd reads the text ones."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise BadRequestError("invalid message content")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append(str(part.get("text") or ""))
+        elif kind in ("image_url", "input_audio"):
+            raise BadRequestError("this model does not support images or audio")
+        else:
+            raise BadRequestError(f"invalid message content part: {kind!r}")
+    return "".join(out)
+
+
+def _usage(final: dict[str, Any]) -> dict[str, int]:
+    p, c = int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+class OpenAIAPI:
+    def __init__(self, service: Service, ollama: Any) -> None:
+        self.service, self.ollama = service, ollama
+
+    def routes(self) -> list[Route]:
+        e = handles_errors(openai=True)
+        return [
+            Route("/v1/chat/completions", e(self.chat), methods=["POST"]),
+            Route("/v1/completions", e(self.completions), methods=["POST"]),
+            Route("/v1/embeddings", e(self.embeddings), methods=["POST"]),
+            Route("/v1/models", e(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", e(self.model), methods=["GET"]),
+        ]
+
+    async def _completion(self, body: dict[str, Any], payload: dict[str, Any]) -> Any:
+        ref = self.service.model(body.get("model"))
+        if body.get("tools"):
+            raise BadRequestError(f'"{body["model"]}" does not support tools')
+        _check_format(body)
+        spec = await self.service.load_spec(ref, _options(body))
+        return self.service.completion(Completion(spec, None, payload))
+
+    async def chat(self, request: Request) -> Response:
+        body = await read_json(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise BadRequestError("[] is too short - 'messages'")
+        msgs = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise BadRequestError("each message needs a role")
+            msg = {k: v for k, v in m.items() if k not in ("content", "name") and v is not None}
+            msg.update(role=m["role"].lower(), content=_text(m.get("content")))
+            msgs.append(msg)
+        ref = self.service.model(body.get("model"))
+        if ref.system and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": ref.system})
+        events = await self._completion(body, {"messages": list(ref.messages) + msgs})
+        model, cid, created = body["model"], f"chatcmpl-{secrets.randbelow(1000)}", int(time.time())
+        base = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                "model": model, "system_fingerprint": "fp_ollama"}
+        first = await first_item(request, events)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        if body.get("stream"):
+            def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
+                done = bool(msg.get("done"))
+                if not done and not msg.get("text"):
+                    return []
+                choice = {"index": 0, "delta": {"role": "assistant",
+                                                "content": msg.get("text", "")},
+                          "finish_reason": FINISH.get(msg.get("done_reason", ""), "stop")
+                          if done else None}
+                out = [{**base, "choices": [choice]}]
+                if done and include_usage:
+                    out.append({**base, "choices": [], "usage": _usage(msg)})
+                return out
+
+            return sse(first, events, chunks)
+        text, final = await self._collect(request, first, events)
+        return JSON({**base, "object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": text},
+            "finish_reason": FINISH.get(final.get("done_reason", ""), "stop")}],
+            "usage": _usage(final)})
+
+    async def completions(self, request: Request) -> Response:
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise BadRequestError("prompt must be a string")
+        if body.get("suffix"):
+            raise BadRequestError(f'"{body.get("model")}" does not support insert')
+        ref = self.service.model(body.get("model"))
+        messages = [{"role": "system", "content": ref.system}] if ref.system else []
+        messages.append({"role": "user", "content": prompt})
+        events = await self._completion(body, {"messages": messages})
+        model, cid, created = body["model"], f"cmpl-{secrets.randbelow(1000)}", int(time.time())
+        base = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": "fp_ollama"}
+        first = await first_item(request, events)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if body.get("stream"):
+            def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
+                done = bool(msg.get("done"))
+                if not done and not msg.get("text"):
+                    return []
+                choice = {"text": msg.get("text", ""), "index": 0, "logprobs": None,
+                          "finish_reason": FINISH.get(msg.get("done_reason", ""), "stop")
+                          if done else None}
+                out = [{**base, "choices": [choice]}]
+                if done and include_usage:
+                    out.append({**base, "choices": [], "usage": _usage(msg)})
+                return out
+
+            return sse(first, events, chunks)
+        text, final = await self._collect(request, first, events)
+        return JSON({**base, "choices": [{
+            "text": text, "index": 0, "logprobs": None,
+            "finish_reason": FINISH.get(final.get("done_reason", ""), "stop")}],
+            "usage": _usage(final)})
+
+    async def _collect(self, request: Request, first: dict[str, Any],
+                       events: Any) -> tuple[str, dict[str, Any]]:
+        parts: list[str] = []
+
+        async def run() -> dict[str, Any]:
+            item = first
+            while True:
+                parts.append(item.get("text", ""))
+                if item.get("done"):
+                    return item
+                item = await anext(events)
+
+        try:
+            final = await watch(request, run())
+        finally:
+            await close(events)
+        return "".join(parts), final
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await read_json(request)
+        value = body.get("input")
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str)
+                                                               for t in texts):
+            raise BadRequestError("invalid input: expected a string or a list of strings")
+        if body.get("encoding_format") not in (None, "float"):
+            raise NotImplementedYetError("only encoding_format \"float\" is supported")
+        ref = self.service.model(body.get("model"))
+        spec = await self.service.load_spec(ref, None)
+        vectors, count, _ = await watch(request, self.service.embed(spec, None, texts))
+        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else None
+        return JSON({"object": "list", "model": body["model"],
+                     "data": [{"object": "embedding", "embedding": normalize(v, dims),
+                               "index": i} for i, v in enumerate(vectors)],
+                     "usage": {"prompt_tokens": count, "total_tokens": count}})
+
+    def _entry(self, name: str, modified: float) -> dict[str, Any]:
+        try:
+            owner = names.parse(name).namespace
+        except Exception:
+            owner = "library"
+        return {"id": name, "object": "model", "created": int(modified), "owned_by": owner}
+
+    async def models(self, request: Request) -> Response:
+        return JSON({"object": "list", "data": [self._entry(m.name, m.modified.timestamp())
+                                                for m in self.service.store.list()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        try:
+            ref = self.service.store.resolve(name)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(f"model '{name}' not found") from None
+        store = self.service.store
+        mtime = store.manifest_path(store.existing(ref.name)).stat().st_mtime
+        return JSON(self._entry(name, mtime))

@@ -1,0 +1,456 @@
+"""Which models are loaded, in which runner processes, for how long.
+
+A model loads on first use into its own runner child process (`herd.runner.serve`, see
+its docstring for the pipe protocol) and stays for `keep_alive` after its last request
+(every request sets that duration; 0 unloads as soon as the model is idle; negative keeps
+it forever). At most `max_loaded` models are loaded and at most `max_queue` requests wait
+(then QueueFullError, 503). Before a load, the model's weights + KV cache + compute
+buffers must fit in the memory left: idle models are evicted, shortest keep-alive first;
+if it can never fit, InsufficientMemoryError names the sizes. A request whose load-time
+options (num_ctx, num_batch, num_gpu, num_thread) differ from the loaded runner's, or a
+model re-pulled with new content, reloads the runner once it is idle. A runner that dies
+fails its requests in flight (RunnerError, 500); the next request starts a new one.
+
+All of it runs on the server's event loop; the only blocking work (the runner's compute)
+happens in the child processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from herd.runner.options import Options
+from herd.server.errors import (
+    InsufficientMemoryError,
+    QueueFullError,
+    RemoteError,
+    RunnerError,
+)
+from herd.store import ModelRef
+from herd.store.ggufinfo import GGUFFacts
+
+log = logging.getLogger("herd.server")
+
+RUNNER_OVERHEAD = 200 * 2**20  # a Python process with NumPy and the engine imported
+FOREVER_S = 2**63 / 1e9  # Ollama's "forever": time.Duration(math.MaxInt64)
+
+
+@dataclass
+class LoadSpec:
+    """A model to load (or find loaded): its store entry, GGUF facts and load options."""
+
+    name: str
+    ref: ModelRef
+    facts: GGUFFacts
+    file_size: int
+    options: Options  # fully merged; the load-time fields pick the runner
+    backend: str | None = None
+
+    def context_length(self) -> int:
+        ctx = self.facts.context_length or self.options.num_ctx
+        return max(4, min(self.options.num_ctx, ctx))
+
+
+def estimate_memory(spec: LoadSpec, parallel: int) -> int:
+    """Bytes a runner needs: weights, an f16 KV cache of parallel x num_ctx cells, compute
+    buffers."""
+    kv, arch = spec.facts.kv, spec.facts.architecture
+
+    def num(key: str, default: int) -> int:
+        value = kv.get(f"{arch}.{key}", default)
+        if isinstance(value, list):
+            value = max(value) if value else default
+        return int(value) if isinstance(value, int | float) else default
+
+    n_layer = num("block_count", 1)
+    n_embd = num("embedding_length", 1)
+    n_head = max(1, num("attention.head_count", 1))
+    n_head_kv = num("attention.head_count_kv", n_head)
+    k_len = num("attention.key_length", n_embd // n_head)
+    v_len = num("attention.value_length", n_embd // n_head)
+    tokens = kv.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if isinstance(tokens, list) else num("vocab_size", 32000)
+    ctx = spec.context_length()
+    batch = max(1, min(spec.options.num_batch, ctx))
+    cache = parallel * n_layer * ctx * n_head_kv * (k_len + v_len) * 2
+    graph = 4 * batch * (n_vocab + 4 * n_embd + n_head * ctx)
+    return spec.file_size + cache + graph + RUNNER_OVERHEAD
+
+
+# ---- one runner process -------------------------------------------------------------------
+class RunnerProcess:
+    """The server's end of the pipe to one `python -m herd.runner.serve`."""
+
+    def __init__(self, name: str, on_exit: Callable[[RunnerProcess], None]) -> None:
+        self.name, self.on_exit = name, on_exit
+        self.proc: asyncio.subprocess.Process | None = None
+        self.streams: dict[int, asyncio.Queue[Any]] = {}
+        self.ids = itertools.count(1)
+        self.reader: asyncio.Task[None] | None = None
+        self.alive = False
+        self.stopping = False
+        self.ready: dict[str, Any] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self, load: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "herd.runner.serve",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=1 << 28)
+        self._write({"op": "load", **load})
+        try:
+            line = await asyncio.wait_for(self._readline(), None if math.isinf(timeout)
+                                          else timeout)
+        except TimeoutError:
+            await self.kill()
+            raise RunnerError(f"timed out loading '{self.name}' after {timeout:g}s "
+                              "(HERD_LOAD_TIMEOUT)") from None
+        except BaseException:
+            await self.kill()
+            raise
+        if not line:
+            code = await self.proc.wait()
+            raise RunnerError(f"model runner for '{self.name}' exited while loading "
+                              f"(exit code {code}); see the server log for details")
+        msg = json.loads(line)
+        if msg.get("op") != "ready":
+            await self.kill()
+            raise RemoteError(str(msg.get("error", "load failed")), str(msg.get("type", "")))
+        self.ready, self.alive = msg, True
+        self.reader = asyncio.create_task(self._read())
+        return msg
+
+    async def _readline(self) -> bytes:
+        assert self.proc is not None and self.proc.stdout is not None
+        return await self.proc.stdout.readline()
+
+    async def _read(self) -> None:
+        try:
+            while line := await self._readline():
+                msg = json.loads(line)
+                queue = self.streams.get(msg.get("id"))
+                if queue is not None:
+                    queue.put_nowait(msg)
+        finally:
+            self.alive = False
+            code = self.proc.returncode if self.proc is not None else None
+            if not self.stopping:
+                log.error("runner for %s stopped unexpectedly (exit code %s)", self.name, code)
+            error = RunnerError(
+                "model runner has unexpectedly stopped, this may be due to resource "
+                "limitations or an internal error, check the herd server log for details")
+            for queue in self.streams.values():
+                queue.put_nowait(error)
+            self.on_exit(self)
+
+    def _write(self, msg: dict[str, Any]) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+    async def request(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Send one request; yield its replies up to the last. Closing early cancels it."""
+        if not self.alive:
+            raise RunnerError(f"model runner for '{self.name}' is not running")
+        rid = next(self.ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.streams[rid] = queue
+        finished = False
+        try:
+            self._write({**payload, "id": rid})
+            while True:
+                msg = await queue.get()
+                if isinstance(msg, BaseException):
+                    finished = True
+                    raise msg
+                if "error" in msg:
+                    finished = True
+                    raise RemoteError(str(msg["error"]), str(msg.get("type", "")))
+                finished = bool(msg.get("done")) or "embeddings" in msg
+                yield msg
+                if finished:
+                    return
+        finally:
+            # synchronous on purpose: this runs while the request task is being cancelled
+            self.streams.pop(rid, None)
+            if not finished and self.alive:
+                self._write({"op": "cancel", "id": rid})
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """End the process: close its stdin (it exits), kill it if it does not."""
+        self.stopping = True
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                await self.kill()
+        if self.reader is not None:
+            with contextlib.suppress(Exception):
+                await self.reader
+
+    async def kill(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+# ---- the loaded models --------------------------------------------------------------------
+@dataclass
+class Runner:
+    """A loaded model."""
+
+    spec: LoadSpec
+    proc: RunnerProcess
+    estimate: int
+    parallel: int
+    slots: asyncio.Semaphore
+    session: float = 300.0  # seconds of keep-alive after the last request; inf = forever
+    refcount: int = 0
+    running: int = 0
+    expires_at: float = 0.0  # epoch seconds
+    timer: asyncio.TimerHandle | None = None
+    kv_usage: float = 0.0
+    load_duration: int = 0  # ns
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def usable_for(self, spec: LoadSpec) -> bool:
+        return (self.proc.alive and self.spec.ref.digest == spec.ref.digest
+                and self.spec.options.load_key() == spec.options.load_key())
+
+
+class Lease:
+    """A request's hold on a runner slot; `release()` (idempotent, synchronous) gives it back."""
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, load_duration: int) -> None:
+        self.scheduler, self.runner, self.load_duration = scheduler, runner, load_duration
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.runner.slots.release()
+            self.runner.running -= 1
+            self.scheduler._release(self.runner)
+
+
+class Scheduler:
+    def __init__(self, *, max_loaded: int, max_queue: int, keep_alive: float,
+                 load_timeout: float, memory_limit: int | None, num_parallel: int,
+                 backend: str | None = None) -> None:
+        self.max_loaded, self.max_queue = max_loaded, max_queue
+        self.default_keep_alive, self.load_timeout = keep_alive, load_timeout
+        self.memory_limit, self.num_parallel, self.backend = memory_limit, num_parallel, backend
+        self.runners: dict[str, Runner] = {}
+        self.waiting: dict[str, int] = {}
+        self.pending = 0
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()  # unloads in flight (kept referenced)
+
+    # ---- requests
+    async def lease(self, spec: LoadSpec, keep_alive: float | None) -> Lease:
+        """A slot on the runner for `spec`, loading it first if needed (QueueFullError when
+        too many requests wait already)."""
+        if self.pending >= self.max_queue:
+            raise QueueFullError()
+        self.pending += 1
+        self.waiting[spec.name] = self.waiting.get(spec.name, 0) + 1
+        try:
+            runner, load_ns = await self._runner_for(spec, keep_alive)
+            try:
+                await runner.slots.acquire()
+            except BaseException:
+                self._release(runner)
+                raise
+        finally:
+            self.pending -= 1
+            self.waiting[spec.name] -= 1
+            if not self.waiting[spec.name]:
+                del self.waiting[spec.name]
+        runner.running += 1
+        return Lease(self, runner, load_ns)
+
+    async def load_only(self, spec: LoadSpec, keep_alive: float | None) -> int:
+        """Load (or keep) the model without running anything; returns the load time in ns."""
+        lease = await self.lease(spec, keep_alive)
+        lease.release()
+        return lease.load_duration
+
+    async def expire(self, name: str) -> None:
+        """keep_alive 0 without a prompt: unload now, or as soon as the model is idle."""
+        runner = self.runners.get(name)
+        if runner is None:
+            return
+        runner.session = 0.0
+        if runner.refcount == 0:
+            await self._unload(runner)
+
+    # ---- state for /api/ps and /metrics
+    def loaded(self) -> list[Runner]:
+        return sorted(self.runners.values(), key=lambda r: r.expires_at, reverse=True)
+
+    def gauges(self) -> dict[str, dict[str, float]]:
+        names = set(self.runners) | set(self.waiting)
+        out = {}
+        for name in names:
+            r = self.runners.get(name)
+            out[name] = {"running": float(r.running if r else 0),
+                         "waiting": float(self.waiting.get(name, 0)),
+                         "kv": r.kv_usage if r else 0.0}
+        return out
+
+    async def shutdown(self) -> None:
+        for runner in list(self.runners.values()):
+            await self._unload(runner)
+
+    # ---- internals
+    def _spawn_unload(self, runner: Runner) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload(runner))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), 1.0)
+
+    def _take(self, runner: Runner, keep_alive: float | None) -> None:
+        runner.refcount += 1
+        session = self.default_keep_alive if keep_alive is None else keep_alive
+        runner.session = math.inf if session < 0 else session
+        if runner.timer is not None:
+            runner.timer.cancel()
+            runner.timer = None
+        runner.expires_at = time.time() + min(runner.session, FOREVER_S)
+
+    async def _runner_for(self, spec: LoadSpec, keep_alive: float | None) -> tuple[Runner, int]:
+        runner = self.runners.get(spec.name)
+        if runner is not None and runner.usable_for(spec):
+            self._take(runner, keep_alive)
+            return runner, 0
+        async with self._lock:  # one load at a time, like Ollama
+            while True:
+                runner = self.runners.get(spec.name)
+                if runner is None:
+                    break
+                if runner.usable_for(spec):
+                    self._take(runner, keep_alive)
+                    return runner, 0
+                if runner.refcount > 0 and runner.proc.alive:
+                    await self._wait_change()  # reload once its requests are done
+                    continue
+                await self._unload(runner)
+            estimate = estimate_memory(spec, self.num_parallel)
+            await self._make_room(spec.name, estimate)
+            runner = await self._load(spec, estimate)
+            self._take(runner, keep_alive)
+            return runner, runner.load_duration
+
+    async def _load(self, spec: LoadSpec, estimate: int) -> Runner:
+        t0 = time.perf_counter_ns()
+        proc = RunnerProcess(spec.name, self._on_exit)
+        log.info("loading %s (%s, about %d MiB)", spec.name, spec.ref.model_path,
+                 estimate >> 20)
+        ready = await proc.start({
+            "name": spec.name, "path": str(spec.ref.model_path), "template": spec.ref.template,
+            "system": spec.ref.system, "params": spec.ref.params, "backend": self.backend,
+            "options": asdict(spec.options), "parallel": self.num_parallel,
+        }, self.load_timeout)
+        parallel = max(1, int(ready.get("parallel", 1)))
+        runner = Runner(spec, proc, estimate, parallel, asyncio.Semaphore(parallel),
+                        load_duration=time.perf_counter_ns() - t0)
+        self.runners[spec.name] = runner
+        self._notify()
+        return runner
+
+    def _release(self, runner: Runner) -> None:
+        runner.refcount -= 1
+        self._notify()
+        if runner.refcount > 0 or self.runners.get(runner.name) is not runner:
+            return
+        if not runner.proc.alive or runner.session <= 0:
+            self._spawn_unload(runner)
+        elif not math.isinf(runner.session):
+            runner.expires_at = time.time() + runner.session
+            runner.timer = asyncio.get_running_loop().call_later(
+                runner.session, self._expire_idle, runner)
+
+    def _expire_idle(self, runner: Runner) -> None:
+        runner.timer = None
+        if runner.refcount == 0 and self.runners.get(runner.name) is runner:
+            self._spawn_unload(runner)
+
+    def _on_exit(self, proc: RunnerProcess) -> None:
+        runner = self.runners.get(proc.name)
+        if runner is not None and runner.proc is proc and runner.refcount == 0:
+            del self.runners[proc.name]
+            self._notify()
+
+    async def _unload(self, runner: Runner) -> None:
+        if self.runners.get(runner.name) is runner:
+            del self.runners[runner.name]
+        if runner.timer is not None:
+            runner.timer.cancel()
+            runner.timer = None
+        log.info("unloading %s", runner.name)
+        await runner.proc.stop()
+        self._notify()
+
+    def _free_memory(self) -> int:
+        used = sum(r.estimate for r in self.runners.values())
+        if self.memory_limit is not None:
+            return self.memory_limit - used
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return min(vm.available, vm.total - used)
+
+    async def _make_room(self, name: str, need: int) -> None:
+        """Evict idle models until one more is allowed and `need` bytes fit (or fail)."""
+        while True:
+            free = self._free_memory()
+            count_ok = len(self.runners) < self.max_loaded
+            if count_ok and need <= free:
+                return
+            idle = sorted((r for r in self.runners.values() if r.refcount == 0),
+                          key=lambda r: (r.session, r.name))
+            if idle:
+                log.info("evicting %s to make room for %s", idle[0].name, name)
+                await self._unload(idle[0])
+                continue
+            reclaimable = free + sum(r.estimate for r in self.runners.values())
+            if need > reclaimable or not self.runners:
+                raise InsufficientMemoryError(
+                    f"model '{name}' requires more system memory ({_gib(need)}) than is "
+                    f"available ({_gib(max(free, 0))})")
+            await self._wait_change()  # every model is busy: wait for one to go idle
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"

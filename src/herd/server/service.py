@@ -1,0 +1,109 @@
+"""What the HTTP handlers of both APIs share: models by name, options, running a request.
+
+`completion()` yields the runner's replies (`{"text"}` pieces, then the `done` one with
+counts and durations) and keeps the books: the lease on the runner, the timings, the
+metrics. Closing it early (client gone) cancels the sequence in the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from herd import envconfig
+from herd.cli.show import ShowFacts, load_facts
+from herd.errors import ModelNotFoundError
+from herd.runner.options import Options
+from herd.server.errors import BadRequestError
+from herd.server.metrics import Metrics
+from herd.server.scheduler import LoadSpec, Scheduler
+from herd.store import ModelRef, Store
+
+
+@dataclass
+class Completion:
+    """One generate/chat request, ready for a runner (see herd.runner.serve's protocol)."""
+
+    spec: LoadSpec
+    keep_alive: float | None
+    payload: dict[str, Any] = field(default_factory=dict)  # messages | prompt, context, ...
+
+
+class Service:
+    def __init__(self, store: Store, scheduler: Scheduler, metrics: Metrics) -> None:
+        self.store, self.scheduler, self.metrics = store, scheduler, metrics
+        self._facts: dict[str, ShowFacts] = {}
+
+    # ---- models
+    def model(self, name: Any) -> ModelRef:
+        """The stored model; 404 `model 'x' not found` (Ollama's words) when absent."""
+        if not isinstance(name, str) or not name.strip():
+            raise BadRequestError("model is required")
+        try:
+            return self.store.resolve(name)
+        except ModelNotFoundError:
+            raise ModelNotFoundError(f"model '{name}' not found") from None
+
+    async def facts(self, ref: ModelRef) -> ShowFacts:
+        """GGUF facts (metadata, tensors) of a stored model, read once per digest."""
+        facts = self._facts.get(ref.digest)
+        if facts is None:
+            facts = await asyncio.to_thread(load_facts, ref.name, self.store)
+            self._facts[ref.digest] = facts
+        return facts
+
+    async def load_spec(self, ref: ModelRef, options: Any) -> LoadSpec:
+        """Options merged as Ollama does: defaults < model parameters < request."""
+        if options is not None and not isinstance(options, dict):
+            raise BadRequestError("options must be an object")
+        merged = Options(num_ctx=envconfig.context_length()).merged(ref.params).merged(options)
+        facts = await self.facts(ref)
+        return LoadSpec(ref.name, ref, facts.gguf, ref.model_path.stat().st_size, merged,
+                        self.scheduler.backend)
+
+    # ---- running
+    async def completion(self, c: Completion) -> AsyncIterator[dict[str, Any]]:
+        t0 = time.perf_counter_ns()
+        lease = await self.scheduler.lease(c.spec, c.keep_alive)
+        name = c.spec.name
+        first: int | None = None
+        last = t0
+        try:
+            payload = {"op": "completion", **c.payload, "options": asdict(c.spec.options)}
+            async for msg in lease.runner.proc.request(payload):
+                now = time.perf_counter_ns()
+                if msg.get("done"):
+                    lease.runner.kv_usage = float(msg.get("kv_usage", lease.runner.kv_usage))
+                    msg["load_duration"] = lease.load_duration
+                    msg["total_duration"] = now - t0
+                    self.metrics.finished(
+                        name, str(msg.get("done_reason", "")),
+                        int(msg.get("prompt_eval_count", 0)), int(msg.get("eval_count", 0)),
+                        int(msg.get("eval_duration", 0)) / 1e9, (now - t0) / 1e9)
+                elif msg.get("text"):
+                    if first is None:
+                        first = now
+                        self.metrics.ttft.observe(name, (now - t0) / 1e9)
+                    else:
+                        self.metrics.itl.observe(name, (now - last) / 1e9)
+                    last = now
+                yield msg
+        finally:
+            lease.release()
+
+    async def embed(self, spec: LoadSpec, keep_alive: float | None, texts: list[str],
+                    truncate: bool = True) -> tuple[list[list[float]], int, int]:
+        """(vectors, prompt tokens, load ns); the runner raises when the model can't embed."""
+        lease = await self.scheduler.lease(spec, keep_alive)
+        try:
+            result: dict[str, Any] = {}
+            async for msg in lease.runner.proc.request({"op": "embed", "input": texts,
+                                                         "truncate": truncate}):
+                result = msg
+            return (result.get("embeddings") or [], int(result.get("prompt_eval_count", 0)),
+                    lease.load_duration)
+        finally:
+            lease.release()
