@@ -5,17 +5,26 @@ BIN := $(VENV)/bin
 MODEL ?= smollm2:135m
 PROMPT ?= Why is the sky blue? Answer in two sentences.
 
-.PHONY: run test install install-test lint goldens bench clean
+# ggml-python builds ggml from source: with llamafile's matmul kernels (off in its default
+# build; prompts are ~1.3x slower without them) for this machine's CPU.
+GGML_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON
+# llama-cpp-python (benchmark peer and goldens): a native build enables AMX kernels that
+# crash on VMs whose CPUs report AMX; name the vector extensions instead.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
+	-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_BMI2=ON
+
+.PHONY: run test install install-test lint bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	CMAKE_ARGS="$(GGML_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[ggml]"
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	CMAKE_ARGS="$(GGML_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[ggml,test]"
 
 run: install
 	$(BIN)/herd run $(MODEL) "$(PROMPT)"
@@ -28,3 +37,7 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check src tests benchmarks scripts
+
+bench: install-test
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python -m benchmarks.compare

@@ -1,6 +1,7 @@
 """herd against its peers on the same model, machine and threads, in one run.
 
     python -m benchmarks.compare [--model smollm2:135m] [--threads 2] [--engines ...]
+                                 [--num-gpu N]
 
 Each engine runs in its own child process (so peak resident memory and cold load are its
 own) and reports: cold load to first token, prefill tokens/s on a 256-token prompt,
@@ -44,7 +45,9 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 # ---- engines: each returns a dict of measurements; run inside a child process ----------
-def bench_herd(backend: str, path: str, threads: int, runs: int) -> dict[str, float]:
+def bench_herd(
+    backend: str, path: str, threads: int, runs: int, num_gpu: int = 0
+) -> dict[str, float]:
     import numpy as np
 
     from herd.api import LLM, Source
@@ -52,17 +55,16 @@ def bench_herd(backend: str, path: str, threads: int, runs: int) -> dict[str, fl
     from herd.runner import Options
 
     t0 = time.perf_counter()
-    llm = LLM(Source(Path(path).name, Path(path)), backend=backend, options={"num_thread": threads})
+    opts = {"num_thread": threads, "num_gpu": num_gpu, "num_ctx": 1024}
+    llm = LLM(Source(Path(path).name, Path(path)), backend=backend, options=opts)
     tokens = llm.tokenize(TEXT)[:PROMPT_TOKENS]
-    runner = llm.runner(Options(num_ctx=1024, num_thread=threads))
+    runner = llm.runner(Options(num_ctx=1024, num_thread=threads, num_gpu=num_gpu))
     runner.logits(tokens[:8])
     cold = time.perf_counter() - t0
 
     def forward(batch_tokens: list[int], start: int) -> np.ndarray:
-        batch = Batch.single(batch_tokens, start)
-        with llm.backend.new_context() as ctx:
-            (out,) = ctx.compute(llm.model.forward(ctx, batch))
-        return out
+        # the runner's batch step: graph reuse on decode where the backend supports it
+        return runner._compute(Batch.single(batch_tokens, start))
 
     def prefill() -> None:
         runner.reset()
@@ -97,12 +99,21 @@ def _measure(
     }
 
 
-def bench_llama_cpp(path: str, threads: int, runs: int) -> dict[str, float]:
+def bench_llama_cpp(path: str, threads: int, runs: int, num_gpu: int = 0) -> dict[str, float]:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
     llm = Llama(
-        path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        path,
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_gpu_layers=num_gpu,  # -1: all, like herd's num_gpu
+        # as herd: flash attention where layers run on a GPU, unless this llama.cpp was built
+        # without its CUDA kernels (scripts/gpu_check.sh does, to build in time)
+        flash_attn=num_gpu != 0 and os.environ.get("BENCH_LLAMA_FLASH_ATTN", "1") == "1",
+        verbose=False,
     )
     tokens = llm.tokenize(TEXT.encode())[:PROMPT_TOKENS]
     llm.eval(tokens[:8])
@@ -121,7 +132,8 @@ def bench_llama_cpp(path: str, threads: int, runs: int) -> dict[str, float]:
     return _measure(cold, prefill, decode, runs, reset=llm.reset)
 
 
-def bench_transformers(path: str, threads: int, runs: int) -> dict[str, float]:
+def bench_transformers(path: str, threads: int, runs: int, num_gpu: int = 0) -> dict[str, float]:
+    """On the CPU whatever num_gpu says (the peer for CPU runs)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -156,16 +168,16 @@ def bench_transformers(path: str, threads: int, runs: int) -> dict[str, float]:
 
 
 ENGINES: dict[str, Callable[..., dict[str, float]]] = {
-    "herd-ggml": lambda p, t, r: bench_herd("ggml", p, t, r),
-    "herd-numpy": lambda p, t, r: bench_herd("numpy", p, t, r),
+    "herd-ggml": lambda p, t, r, g: bench_herd("ggml", p, t, r, g),
+    "herd-numpy": lambda p, t, r, g: bench_herd("numpy", p, t, r, g),
     "llama.cpp": bench_llama_cpp,
     "transformers": bench_transformers,
 }
 
 
-def _child(name: str, path: str, threads: int, runs: int, queue: Any) -> None:
+def _child(name: str, path: str, threads: int, runs: int, num_gpu: int, queue: Any) -> None:
     try:
-        result = ENGINES[name](path, threads, runs)
+        result = ENGINES[name](path, threads, runs, num_gpu)
         result["peak_rss_mb"] = _peak_rss_mb()
         queue.put(result)
     except ImportError as e:
@@ -174,15 +186,25 @@ def _child(name: str, path: str, threads: int, runs: int, queue: Any) -> None:
         queue.put({"skipped": f"{type(e).__name__}: {e}"})
 
 
-def run_engine(name: str, path: str, threads: int, runs: int) -> dict[str, Any]:
+def run_engine(name: str, path: str, threads: int, runs: int, num_gpu: int = 0) -> dict[str, Any]:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)  # inherited by the child before numpy/torch load
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, path, threads, runs, queue))
+    proc = ctx.Process(target=_child, args=(name, path, threads, runs, num_gpu, queue))
     proc.start()
     proc.join()
     return queue.get() if not queue.empty() else {"skipped": f"crashed (exit {proc.exitcode})"}
+
+
+def gpu_name() -> str:
+    """The GPU the offloaded layers run on, as ggml names it."""
+    try:
+        from herd.ml.backends.ggml.backend import probe_devices
+    except ImportError:
+        return "no ggml"
+    gpus = [d.info.name for d in probe_devices() if d.info.kind in ("gpu", "igpu")]
+    return ", ".join(gpus) or "no GPU found"
 
 
 def model_path(name: str) -> str:
@@ -193,7 +215,7 @@ def model_path(name: str) -> str:
     return str(resolve(name).path)
 
 
-def table(model: str, results: dict[str, dict[str, Any]], threads: int) -> str:
+def table(model: str, results: dict[str, dict[str, Any]], threads: int, num_gpu: int = 0) -> str:
     cols = [
         ("prefill_tps", "prefill tok/s"),
         ("decode_tps", "decode tok/s"),
@@ -205,7 +227,8 @@ def table(model: str, results: dict[str, dict[str, Any]], threads: int) -> str:
     ]
     lines = [
         f"model {model}, {threads} threads, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}",
+        f"{os.cpu_count()} cores, Python {platform.python_version()}"
+        + (f", num_gpu {num_gpu} ({gpu_name()})" if num_gpu else ""),
         "",
     ]
     head = "| engine | " + " | ".join(c[1] for c in cols) + " |"
@@ -232,13 +255,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument(
+        "--num-gpu",
+        type=int,
+        default=0,
+        help="layers on the GPU for herd (num_gpu) and llama.cpp (n_gpu_layers); -1: all",
+    )
     args = ap.parse_args()
     path = model_path(args.model)
     results = {}
     for name in args.engines.split(","):
         print(f"running {name}...", file=sys.stderr, flush=True)
-        results[name] = run_engine(name, path, args.threads, args.runs)
-    print(table(args.model, results, args.threads))
+        results[name] = run_engine(name, path, args.threads, args.runs, args.num_gpu)
+    print(table(args.model, results, args.threads, args.num_gpu))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

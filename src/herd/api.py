@@ -19,8 +19,10 @@ from herd.errors import HerdError
 from herd.gguf import GGUFFile, open_gguf
 from herd.ml import BackendOptions, open_backend
 from herd.models import Batch, load_model
-from herd.runner import Event, Options, Runner
+from herd.runner import Options, Runner
+from herd.sample.grammar import Grammar
 from herd.template import select_template
+from herd.template.parsers import OutputParser, Parsed, infer_thinking_tags, supports_tools
 from herd.tokenizer import Tokenizer, from_gguf
 
 Progress = Callable[[str, "str | None", "int | None", "int | None"], None]
@@ -66,7 +68,12 @@ class LLM:
         self.backend = open_backend(
             backend,
             self.gguf,
-            BackendOptions(num_thread=self.defaults.num_thread, num_gpu=self.defaults.num_gpu),
+            BackendOptions(
+                num_thread=self.defaults.num_thread,
+                num_gpu=self.defaults.num_gpu,
+                num_ctx=self.defaults.num_ctx,
+                num_batch=self.defaults.num_batch,
+            ),
         )
         self.model = load_model(self.gguf.config(), self.backend)
         self.tokenizer: Tokenizer = from_gguf(self.gguf)
@@ -140,10 +147,32 @@ class LLM:
             (out,) = ctx.compute(self.model.forward(ctx, b))
         return out
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
+    ) -> str:
         if self.template is None:
             raise HerdError(f"{self.name} has no chat template; use generate(..., raw=True)")
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.template.render(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, think=think
+        )
+
+    def _parser(
+        self, tools: list[dict[str, Any]] | None, think: bool | str | None, prompt: str
+    ) -> OutputParser | None:
+        """The output parser for tools and thinking (None without either); errors in
+        Ollama's words when the template cannot do what is asked."""
+        if think not in (None, False) and not all(infer_thinking_tags(self.template)):
+            raise HerdError(f'"{self.name}" does not support thinking')
+        if tools and not supports_tools(self.template):
+            raise HerdError(f'"{self.name}" does not support tools')
+        if not tools and think in (None, False):
+            return None
+        return OutputParser(self.template, tools=tools, think=think, prompt=prompt)
 
     def generate(
         self,
@@ -154,17 +183,27 @@ class LLM:
         raw: bool = False,
         context: list[int] | None = None,
         stream: bool = False,
+        format: str | dict[str, Any] | None = None,
+        think: bool | str | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Ollama's /api/generate. `format`: "json" or a JSON schema the response must
+        follow; `think`: True/False or "low"/"medium"/"high" for thinking models (the
+        thinking goes to `thinking`, apart from `response`)."""
         opts = self.defaults.merged(options)
+        think = False if format and think else think  # the grammar holds from the start
         system = system if system is not None else self.source.system
         if raw or self.template is None:
             text = prompt
         else:
             msgs = [{"role": "system", "content": system}] if system else []
-            text = self.render(msgs + [{"role": "user", "content": prompt}])
+            text = self.render(msgs + [{"role": "user", "content": prompt}], think=think)
+        parser = self._parser(None, think, text)
         prefix = list(context or [])
         tokens = prefix + self.tokenize(text, add_special=not prefix, parse_special=not raw)
-        chunks = self._stream(tokens, opts, lambda e: {"response": e.text}, prompt_tokens=tokens)
+        chunks = self._stream(
+            tokens, opts, _generate_fields, prompt_tokens=tokens,
+            grammar=Grammar.from_format(self.tokenizer, format), parser=parser,
+        )  # fmt: skip
         return chunks if stream else _collect(chunks, "response")
 
     def chat(
@@ -173,30 +212,42 @@ class LLM:
         *,
         options: dict[str, Any] | None = None,
         stream: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
+        format: str | dict[str, Any] | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Ollama's /api/chat. `tools`: function definitions the model may call (its calls
+        come back in `message.tool_calls`); `think` and `format` as in `generate`."""
         opts = self.defaults.merged(options)
+        think = False if format and think else think  # the grammar holds from the start
         msgs = list(messages)
         if self.source.system and not any(m.get("role") == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": self.source.system})
-        tokens = self.tokenize(self.render(msgs), add_special=True, parse_special=True)
+        text = self.render(msgs, tools=tools, think=think)
+        parser = self._parser(tools, think, text)
+        tokens = self.tokenize(text, add_special=True, parse_special=True)
         chunks = self._stream(
-            tokens, opts, lambda e: {"message": {"role": "assistant", "content": e.text}}
-        )
+            tokens, opts, _chat_fields,
+            grammar=Grammar.from_format(self.tokenizer, format), parser=parser,
+        )  # fmt: skip
         return chunks if stream else _collect(chunks, "message")
 
     def _stream(
         self,
         tokens: list[int],
         opts: Options,
-        shape: Callable[[Event], dict[str, Any]],
+        shape: Callable[[Parsed], dict[str, Any]],
         prompt_tokens: list[int] | None = None,
+        grammar: Grammar | None = None,
+        parser: OutputParser | None = None,
     ) -> Iterator[dict[str, Any]]:
         t0 = time.perf_counter_ns()
         first_load = self._runner is None
         runner = self.runner(opts)
         load = self.load_duration if first_load else 0
-        for event in runner.generate(tokens, opts):
-            out = {"model": self.name, "created_at": _now(), **shape(event), "done": event.done}
+        for event in runner.generate(tokens, opts, grammar=grammar):
+            parsed = Parsed(event.text) if parser is None else parser.add(event.text, event.done)
+            out = {"model": self.name, "created_at": _now(), **shape(parsed), "done": event.done}
             if event.done:
                 out.update(
                     done_reason=event.done_reason,
@@ -235,17 +286,34 @@ class LLM:
         self.backend.close()
 
 
+def _generate_fields(p: Parsed) -> dict[str, Any]:
+    return {"response": p.content, **({"thinking": p.thinking} if p.thinking else {})}
+
+
+def _chat_fields(p: Parsed) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": p.content}
+    if p.thinking:
+        message["thinking"] = p.thinking
+    if p.tool_calls:
+        message["tool_calls"] = p.tool_calls
+    return {"message": message}
+
+
 def _collect(chunks: Iterator[dict[str, Any]], key: str) -> dict[str, Any]:
     """Join a stream into the one object Ollama returns for `stream: false`."""
-    text, final = [], {}
+    text, thinking, calls, final = [], [], [], {}
     for chunk in chunks:
-        part = chunk[key]["content"] if key == "message" else chunk[key]
-        text.append(part)
+        part = chunk[key] if key == "message" else chunk
+        text.append(part["content"] if key == "message" else part["response"])
+        thinking.append(part.get("thinking", ""))
+        calls += part.get("tool_calls", [])
         final = chunk
+    whole = _chat_fields(Parsed("".join(text), "".join(thinking), calls))["message"]
     if key == "message":
-        final["message"] = {"role": "assistant", "content": "".join(text)}
+        final["message"] = whole
     else:
-        final["response"] = "".join(text)
+        final.pop("thinking", None)
+        final.update(_generate_fields(Parsed(whole["content"], whole.get("thinking", ""))))
     return final
 
 

@@ -67,9 +67,18 @@ class TemplateError(HerdError):
     """A chat template failed to parse or render."""
 
 
+class GrammarError(HerdError):
+    """A structured-output format (JSON schema) that is invalid or that the grammar
+    engine does not support, or a constrained sequence that can go no further."""
+
+
 class OptionError(HerdError):
     """An option has an unknown name or a value of the wrong type."""
 
 
 class BackendError(HerdError):
     """A compute backend is unavailable or failed."""
+
+
+class OutOfMemoryError(BackendError):
+    """A model, KV cache or compute buffer does not fit in a device's free memory."""

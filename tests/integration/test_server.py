@@ -275,12 +275,6 @@ def test_blobs(server: Server) -> None:
     assert httpx.post(f"{server.url}/api/blobs/{wrong}", content=data).status_code == 400
 
 
-@pytest.mark.parametrize("path", ["/api/push", "/api/create"])
-def test_not_yet_implemented(server: Server, path: str) -> None:
-    r = httpx.post(server.url + path, json={"model": "x"})
-    assert r.status_code == 501 and "not supported yet" in r.json()["error"]
-
-
 def test_embeddings_until_bert(server: Server) -> None:
     client = server.ollama()
     for call in (lambda: client.embed(MODEL, "hi"), lambda: client.embeddings(MODEL, "hi")):

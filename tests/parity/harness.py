@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gpu import NUM_GPU
 
 from herd.gguf import open_gguf
 from herd.gguf.writer import write_gguf
-from herd.ml import DType, open_backend
+from herd.ml import BackendOptions, DType, open_backend
 from herd.models import Batch, load_model
 
 
@@ -34,7 +35,8 @@ class Engine:
 
     def __init__(self, path: Path, backend: str, capacity: int = 256, sequences: int = 2):
         self.gguf = open_gguf(path)
-        self.backend = open_backend(backend, self.gguf)
+        # HERD_TEST_NUM_GPU: offloaded layers on backends that have devices (default -1)
+        self.backend = open_backend(backend, self.gguf, BackendOptions(num_gpu=NUM_GPU))
         self.model = load_model(self.gguf.config(), self.backend)
         self.model.cache.init(self.backend, DType.F32, sequences, capacity, capacity)
 

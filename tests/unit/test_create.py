@@ -143,7 +143,7 @@ def test_recreate_prunes_old_blobs_and_keeps_shared(src: Path) -> None:
     [
         ("FROM ./nope.gguf", None, "Modelfile:1:6: FROM ./nope.gguf: no such file"),
         ("FROM nosuch:model", None, "FROM nosuch:model: no such file, and no model by that name"),
-        ("FROM ./hf", "hf", "Hugging Face model folder"),
+        ("FROM ./hf", "hf", "no config.json"),
         ("FROM ./notes.gguf", "text", "not a GGUF file"),
         ("FROM ./tiny.gguf\nADAPTER ./gone.gguf", None, "Modelfile:2:9: ADAPTER ./gone.gguf"),
     ],
@@ -182,6 +182,44 @@ def test_adapter_layer_round_trips(src: Path) -> None:
         env={"HERD_MODELS": str(src / "models")},
     )
     assert f"ADAPTER {store.blob_path(adapter.digest)}\n" in r.stdout
+
+
+def test_create_from_hugging_face_folder(src: Path) -> None:
+    from convert.handmade import make_dir
+
+    make_dir(src)  # a tiny BERT: src/hf/{config.json, vocab.txt, model.safetensors}
+    store = Store(src / "models")
+    steps: list[str] = []
+    create(store, "tiny-bert:1", parse("FROM ./hf\nPARAMETER num_ctx 16"), base_dir=src,
+           progress=lambda status, *_: steps.append(status))
+    ref = store.resolve("tiny-bert:1")
+    g = open_gguf(ref.model_path)
+    assert g.kv["general.architecture"] == "bert" and g.kv["general.file_type"] == 1  # F16
+    assert ref.config["model_family"] == "bert" and ref.params == {"num_ctx": 16}
+    assert "converting model" in steps and steps[-1] == "success"
+    assert sorted(p.name for p in store.root.iterdir()) == ["blobs", "manifests"]  # no temp
+
+
+def test_create_uses_a_stored_blob_in_place(src: Path) -> None:
+    store = Store(src / "models")
+    create(store, "a:1", parse("FROM ./tiny.gguf"), base_dir=src)
+    blob = store.resolve("a:1").model_path
+    (src / "link.gguf").symlink_to(blob)
+    steps: list[str] = []
+    create(store, "b:1", parse("FROM ./link.gguf"), base_dir=src,
+           progress=lambda status, *_: steps.append(status))
+    assert store.resolve("b:1").model_path == blob
+    assert not any(s.startswith("copying") for s in steps)
+    assert store.read_manifest("b:1")[0].layers[0].from_ == "link.gguf"
+
+
+def test_bad_template_fails_before_writing(src: Path) -> None:
+    from herd.errors import TemplateError
+
+    store = Store(src / "models")
+    with pytest.raises(TemplateError):
+        create(store, "t:1", parse('FROM ./tiny.gguf\nTEMPLATE "{{ .Prompt"'), base_dir=src)
+    assert not store.blobs_dir.exists() or not any(store.blobs_dir.iterdir())
 
 
 def test_cli_create_and_show(src: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -140,3 +140,27 @@ def test_teacher_forced_logits_match_decode(tiny_llama_path):
     logits = runner.logits(PROMPTS[0] + list(final.tokens))
     greedy = logits[len(PROMPTS[0]) - 1 : -1].argmax(-1)
     assert tuple(greedy) == final.tokens
+
+
+def test_reused_decode_graphs_cross_the_padding_boundary(tiny_llama_path):
+    """ggml reruns the decode graph while the attended range is unchanged; 70 steps cross
+    the 32-cell padding twice and must give exactly the tokens of building every graph."""
+    from herd.ml import available_backends
+
+    if "ggml" not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    g = open_gguf(tiny_llama_path)
+    backend = open_backend("ggml", g)
+    model = load_model(g.config(), backend)
+    results = []
+    for reuse in (True, False):
+        runner = Runner(
+            model,
+            backend,
+            LetterTokenizer(),
+            Options(num_ctx=256),
+            model.context_length,
+            reuse_graphs=reuse,
+        )
+        results.append(run(runner, PROMPTS[0], Options(temperature=0, num_predict=70))[0])
+    assert results[0].tokens == results[1].tokens and len(results[0].tokens) == 70

@@ -134,13 +134,20 @@ class RemoteLLM:
 
     def generate(self, prompt: str, *, system: str | None = None,
                  options: dict[str, Any] | None = None, raw: bool = False,
-                 stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        body = self._body(prompt=prompt, system=system, options=options, raw=raw or None)
+                 stream: bool = False, format: str | dict[str, Any] | None = None,
+                 think: bool | str | None = None,
+                 ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        body = self._body(prompt=prompt, system=system, options=options, raw=raw or None,
+                          format=format, think=think)
         return self._run("/api/generate", body, stream)
 
     def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
-             stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        return self._run("/api/chat", self._body(messages=messages, options=options), stream)
+             stream: bool = False, tools: list[dict[str, Any]] | None = None,
+             think: bool | str | None = None, format: str | dict[str, Any] | None = None,
+             ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        body = self._body(messages=messages, options=options, tools=tools, think=think,
+                          format=format)
+        return self._run("/api/chat", body, stream)
 
     def _run(self, path: str, body: dict[str, Any],
              stream: bool) -> dict[str, Any] | Iterator[dict[str, Any]]:

@@ -20,10 +20,14 @@ class LLM(Protocol):
 
     def generate(self, prompt: str, *, system: str | None = None,
                  options: dict[str, Any] | None = None, raw: bool = False,
-                 stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+                 stream: bool = False, **kw: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """`kw`: `format`, `think` when the user set them."""
+        ...
 
     def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
-             stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]: ...
+             stream: bool = False, **kw: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """`kw`: `format`, `think` when the user set them."""
+        ...
 
     def info(self) -> dict[str, Any]: ...
 

@@ -34,11 +34,20 @@ def _err(text: str) -> None:
 @click.argument("prompt", nargs=-1)
 @click.option("--verbose", is_flag=True, help="Show timings for the response.")
 @click.option("--backend", default=None, help="Compute backend (numpy, ggml, ...).")
+@click.option("--think", default=None, is_flag=False, flag_value="true",
+              help="Enable thinking mode: true/false or high/medium/low for supported models.")
+@click.option("--hidethinking", is_flag=True, help="Hide thinking output (if any).")
+@click.option("--format", "fmt", default=None, help="Response format (e.g. json).")
 @click.pass_obj
 def run(env: CliEnv, model: str, prompt: tuple[str, ...], verbose: bool,
-        backend: str | None) -> None:
+        backend: str | None, think: str | None, hidethinking: bool, fmt: str | None) -> None:
     """Run a model: answer PROMPT (or stdin), or chat interactively."""
     prompts = list(prompt)
+    try:
+        think_value = parse_think(think)
+    except click.BadParameter:  # `--think <prompt>`: a bare --think, then the prompt
+        think_value = True
+        prompts.insert(0, str(think))
     interactive = not prompts
     if not env.stdin_isatty():
         # like Ollama: piped input goes first, then the arguments, joined by spaces
@@ -62,13 +71,40 @@ def run(env: CliEnv, model: str, prompt: tuple[str, ...], verbose: bool,
         text = " ".join(prompts)
         if not text.strip():
             return  # Ollama loads the model and prints nothing for an empty prompt
-        answer, final = stream_out(llm.generate(text, stream=True), _response, _out)
+        extra = _extra(think_value, fmt)
+        answer, final = stream_out(llm.generate(text, stream=True, **extra), _response, _out,
+                                   hide_thinking=hidethinking, plain=not sys.stdout.isatty())
         if answer and not answer.endswith("\n"):
             _out("\n")
         if verbose and final:
             _err(timings(final))
         return
-    Repl(llm, env.read_line, verbose=verbose, facts=lambda: load_facts(model, Store())).run()
+    repl = Repl(llm, env.read_line, verbose=verbose, facts=lambda: load_facts(model, Store()))
+    repl.think, repl.format, repl.hide_thinking = think_value, fmt, hidethinking
+    repl.run()
+
+
+def parse_think(value: str | None) -> bool | str | None:
+    """`--think`: true/false, or a level for models that take one."""
+    if value is None:
+        return None
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("high", "medium", "low"):
+        return low
+    raise click.BadParameter(f"invalid value {value!r}: use true, false, high, medium or low",
+                             param_hint="--think")
+
+
+def _extra(think: bool | str | None, fmt: str | None) -> dict[str, Any]:
+    """generate/chat keyword arguments for what was set (an LLM may not take them all)."""
+    out: dict[str, Any] = {}
+    if think is not None:
+        out["think"] = think
+    if fmt:
+        out["format"] = fmt
+    return out
 
 
 def _response(chunk: dict[str, Any]) -> str:
@@ -79,21 +115,62 @@ def _content(chunk: dict[str, Any]) -> str:
     return str((chunk.get("message") or {}).get("content") or "")
 
 
-def stream_out(chunks: Any, pick: Callable[[dict[str, Any]], str],
-               write: Write) -> tuple[str, dict[str, Any] | None]:
-    """Write each chunk's text as it comes; returns (whole text, final chunk).
+def _thinking(chunk: dict[str, Any]) -> str:
+    return str(chunk.get("thinking") or (chunk.get("message") or {}).get("thinking") or "")
+
+
+GREY, BOLD, DEFAULT = "\033[90m", "\033[1m", "\033[0m"
+
+
+class Shown:
+    """An answer as Ollama's CLI shows it: the thinking first, between "Thinking..." and
+    "...done thinking." (grey on a terminal), then the content."""
+
+    def __init__(self, write: Write, *, hide_thinking: bool = False, plain: bool = True) -> None:
+        self.write, self.hide, self.plain = write, hide_thinking, plain
+        self.thinking_open = False
+        self.last = ""
+
+    def add(self, chunk: dict[str, Any], content: str) -> None:
+        thinking = _thinking(chunk)
+        if thinking and not self.hide:
+            if not self.thinking_open:
+                self.write("Thinking...\n" if self.plain else f"{GREY}{BOLD}Thinking...\n"
+                           f"{DEFAULT}{GREY}")
+                self.thinking_open = True
+            self.write(thinking)
+            self.last = thinking
+        if content:
+            self.close()
+            self.write(content)
+
+    def close(self) -> None:
+        if self.thinking_open:
+            end = "...done thinking.\n\n"
+            self.write(("" if self.last.endswith("\n") else "\n")
+                       + (end if self.plain else f"{GREY}{BOLD}{end}{DEFAULT}"))
+            self.thinking_open = False
+
+
+def stream_out(chunks: Any, pick: Callable[[dict[str, Any]], str], write: Write, *,
+               hide_thinking: bool = False,
+               plain: bool = True) -> tuple[str, dict[str, Any] | None]:
+    """Write each chunk's text (and thinking, unless hidden) as it comes; returns (whole
+    text, final chunk).
 
     Ctrl-C propagates from here (one-shot exits 130); the REPL catches it in `send`.
     """
     parts: list[str] = []
     final = None
+    shown = Shown(write, hide_thinking=hide_thinking, plain=plain)
     for chunk in _iterate(chunks):
         piece = pick(chunk)
+        shown.add(chunk, piece)
         if piece:
-            write(piece)
             parts.append(piece)
         if chunk.get("done"):
             final = chunk
+    shown.close()
     return "".join(parts), final
 
 
@@ -135,6 +212,10 @@ Use """ to begin a multi-line message.
 HELP_SET = '''Available Commands:
   /set parameter ...     Set a parameter
   /set system <string>   Set system message
+  /set think             Enable thinking
+  /set nothink           Disable thinking
+  /set format json       Enable JSON mode
+  /set noformat          Disable formatting
   /set verbose           Show LLM stats
   /set quiet             Disable LLM stats
 
@@ -180,6 +261,9 @@ class Repl:
         self.messages: list[dict[str, Any]] = []
         self.options: dict[str, Any] = {}
         self.system: str | None = None
+        self.think: bool | str | None = None
+        self.format: str | None = None
+        self.hide_thinking = False
 
     def run(self) -> None:
         pending: list[str] = []  # lines of an unfinished """ block
@@ -282,6 +366,26 @@ class Repl:
         elif what in ("verbose", "quiet"):
             self.verbose = what == "verbose"
             self.write(f"Set '{what}' mode.\n")
+        elif what == "think":
+            level = args[2] if len(args) > 2 else ""
+            try:
+                self.think = parse_think(level) if level else True
+            except click.BadParameter:
+                self.write(f"Invalid think level '{level}'. Use high, medium or low.\n")
+                return
+            self.write(f"Set 'think' mode to '{level}'.\n" if level else "Set 'think' mode.\n")
+        elif what == "nothink":
+            self.think = False
+            self.write("Set 'nothink' mode.\n")
+        elif what == "format":
+            if len(args) < 3 or args[2] != "json":
+                self.write("Invalid or missing format. For 'json' mode use '/set format json'\n")
+            else:
+                self.format = args[2]
+                self.write(f"Set format to '{args[2]}' mode.\n")
+        elif what == "noformat":
+            self.format = None
+            self.write("Disabled format.\n")
         elif not what:
             self.write(HELP_SET)
         else:
@@ -322,14 +426,15 @@ class Repl:
     def _turn(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
         chunks = self.llm.chat(list(self.messages), options=dict(self.options) or None,
-                               stream=True)
+                               stream=True, **_extra(self.think, self.format))
         parts: list[str] = []
         final = None
+        shown = Shown(self.write, hide_thinking=self.hide_thinking, plain=not sys.stdout.isatty())
         try:
             for chunk in _iterate(chunks):
                 piece = _content(chunk)
+                shown.add(chunk, piece)
                 if piece:
-                    self.write(piece)
                     parts.append(piece)
                 if chunk.get("done"):
                     final = chunk
@@ -338,6 +443,7 @@ class Repl:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+        shown.close()
         answer = "".join(parts)
         if answer:
             self.messages.append({"role": "assistant", "content": answer})

@@ -36,8 +36,10 @@ class ShowFacts:
         caps = ["embedding" if f"{arch}.pooling_type" in kv else "completion"]
         if f"{arch}.vision.block_count" in kv:
             caps.append("vision")
-        if self.template and ".Tools" in self.template:
-            caps.append("tools")
+        if self.template:
+            from herd.template.parsers import template_capabilities
+
+            caps += template_capabilities(self.template)  # tools, thinking
         if self.template and ".Suffix" in self.template:
             caps.append("insert")
         return caps

@@ -67,7 +67,23 @@ class Causal:
         return int(np.count_nonzero(self.pos >= 0))
 
     def start_forward(self, ctx: Context, batch: BatchLayout) -> None:
-        """Claim cells for the batch's tokens and build the mask for this pass."""
+        """Claim cells for the batch's tokens and build the mask for this pass.
+
+        Called again with the same batch (a graph built after its inputs were recorded for
+        reuse), it only binds the planned inputs to the new context.
+        """
+        if batch is not getattr(self, "_planned", None):
+            self._plan(batch)
+            self._planned = batch
+        self.ctx = ctx
+        self.locs = ctx.input(self._locs, DType.I32)
+        self.mask = ctx.input(self._mask_array)
+
+    def view_key(self) -> tuple[int, int]:
+        """The attended cell range of this pass: graphs over equal ranges are reusable."""
+        return self.lo, self.hi
+
+    def _plan(self, batch: BatchLayout) -> None:
         n = len(batch.positions)
         free = np.flatnonzero(self.pos < 0)
         if len(free) < n:
@@ -83,9 +99,8 @@ class Causal:
         lo = lo // self.padding * self.padding
         hi = min(self.size, -(-hi // self.padding) * self.padding)
         self.lo, self.hi = lo, hi
-        self.ctx = ctx
-        self.locs = ctx.input(locs.astype(np.int32), DType.I32)
-        self.mask = ctx.input(self._mask(batch, lo, hi))
+        self._locs = locs.astype(np.int32)
+        self._mask_array = self._mask(batch, lo, hi)
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
         cell_pos = self.pos[lo:hi].astype(np.int64)
@@ -151,8 +166,10 @@ class Causal:
         """k (T, Hkv, D), v (T, Hkv, Dv) for the current layer."""
         if self.layer not in self.keys:
             assert self.backend is not None, "cache used before init"
-            self.keys[self.layer] = self.backend.alloc((self.size, *k.shape[1:]), self.dtype)
-            self.values[self.layer] = self.backend.alloc((self.size, *v.shape[1:]), self.dtype)
+            # on the layer's device when the backend offloads it
+            shape_k, shape_v = (self.size, *k.shape[1:]), (self.size, *v.shape[1:])
+            self.keys[self.layer] = self.backend.alloc(shape_k, self.dtype, layer=self.layer)
+            self.values[self.layer] = self.backend.alloc(shape_v, self.dtype, layer=self.layer)
         self.ctx.forward(
             self.keys[self.layer].set_rows(self.locs, k),
             self.values[self.layer].set_rows(self.locs, v),

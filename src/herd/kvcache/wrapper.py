@@ -34,6 +34,9 @@ class Wrapper:
         for cache in self.caches:
             cache.copy_prefix(src, dst, n)
 
+    def view_key(self) -> tuple[tuple[int, int], ...]:
+        return tuple(cache.view_key() for cache in self.caches)
+
     def can_resume(self, seq: int, pos: int) -> bool:
         return all(cache.can_resume(seq, pos) for cache in self.caches)
 

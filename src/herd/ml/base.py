@@ -181,6 +181,9 @@ class DeviceInfo:
 class BackendOptions:
     num_thread: int = 0  # 0: the backend's default (physical cores)
     num_gpu: int = -1  # layers to offload; -1 = as many as fit, 0 = CPU only
+    # what to plan memory for at load (the layout and the fit check); 0: weights only
+    num_ctx: int = 0
+    num_batch: int = 512
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,8 +196,9 @@ class Backend(Protocol):
         """The GGUF tensor by name (KeyError if absent)."""
 
     def has_weight(self, name: str) -> bool: ...
-    def alloc(self, shape: tuple[int, ...], dtype: DType) -> Tensor:
-        """A persistent zero-filled tensor (KV cache), owned by the backend."""
+    def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> Tensor:
+        """A persistent zero-filled tensor (KV cache), owned by the backend, on the device
+        of `layer` (None: the CPU). OutOfMemoryError, before allocating, if it cannot fit."""
 
     def new_context(self) -> Context: ...
     def devices(self) -> list[DeviceInfo]: ...

@@ -1,6 +1,6 @@
 """Model architectures, registered by GGUF `general.architecture`."""
 
-from herd.models.base import Batch, Model
+from herd.models.base import Batch, Model, batch_inputs
 from herd.models.registry import load_model, register, supported_architectures
 
-__all__ = ["Batch", "Model", "load_model", "register", "supported_architectures"]
+__all__ = ["Batch", "Model", "batch_inputs", "load_model", "register", "supported_architectures"]

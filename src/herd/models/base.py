@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from herd.gguf import Config
-from herd.ml import Backend, Context, Tensor
+from herd.ml import Backend, Context, DType, Tensor
 
 
 @dataclass
@@ -58,3 +58,16 @@ class Model(Protocol):
     def forward(self, ctx: Context, batch: Batch) -> Tensor: ...
 
     def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor: ...
+
+
+def batch_inputs(ctx: Context, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's token ids, positions and output rows as inputs, always in this order.
+
+    Every model creates its inputs through `cache.start_forward` and then this, so the
+    runner can refill a reused decode graph without running `forward` (see runner).
+    """
+    return (
+        ctx.input(batch.tokens, DType.I32),
+        ctx.input(batch.positions, DType.I32),
+        ctx.input(batch.outputs, DType.I32),
+    )

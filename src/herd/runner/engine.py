@@ -17,15 +17,17 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from herd.errors import HerdError
 from herd.ml import Backend, DType
-from herd.models import Batch
+from herd.models import Batch, batch_inputs
 from herd.runner.options import Options
 from herd.runner.stop import StopMatcher
-from herd.sample import Sampler
+from herd.sample import Constraint, Sampler
+from herd.sample.logprobs import logprobs
 from herd.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -41,6 +43,8 @@ class Event:
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
+    # per generated token, Ollama's api.Logprob: {token, logprob, bytes, top_logprobs}
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Sequence:
     cancelled: threading.Event
     evaluated: int
     shift: bool = True
+    logprobs: int = -1  # top alternatives to report per token; -1: no logprobs
     generated: list[int] = field(default_factory=list)
     t_start: int = field(default_factory=time.perf_counter_ns)
     t_first: int = 0
@@ -79,6 +84,7 @@ class Runner:
         options: Options,
         context_length: int,
         parallel: int = 1,
+        reuse_graphs: bool = True,
     ) -> None:
         self.model, self.backend, self.tokenizer = model, backend, tokenizer
         self.num_ctx = max(8, min(options.num_ctx, context_length))
@@ -98,6 +104,10 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # decode-graph reuse, for backends whose contexts can rerun a built graph
+        with backend.new_context() as probe:
+            self._reuse = reuse_graphs and hasattr(probe, "rerun")
+        self._graph: tuple[object, Any] | None = None
 
     # ---- sequences ----------------------------------------------------------------------
     def _truncate(self, tokens: list[int], keep: int) -> list[int]:
@@ -134,6 +144,8 @@ class Runner:
         cancelled: threading.Event | None,
         shift: bool,
         truncate: bool,
+        logprobs: int = -1,
+        grammar: Constraint | None = None,
     ) -> Sequence:
         if not tokens:
             raise HerdError("empty prompt")
@@ -151,6 +163,7 @@ class Runner:
             options.repeat_last_n,
             options.presence_penalty,
             options.frequency_penalty,
+            grammar=grammar,
         )
         limit = options.num_predict if options.num_predict >= 0 else 10 * self.num_ctx
         return Sequence(
@@ -166,6 +179,7 @@ class Runner:
             cancelled or threading.Event(),
             evaluated=len(tokens) - reused,
             shift=shift,
+            logprobs=logprobs,
         )
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -236,33 +250,83 @@ class Runner:
                     np.array(seqs, np.int32),
                     np.array(outputs, np.int32),
                 )
-                with self.backend.new_context() as ctx:
-                    out = self.model.forward(ctx, batch)  # type: ignore[attr-defined]
-                    (logits,) = ctx.compute(out)
+                logits = self._compute(batch)
                 for seq, row in zip(owners, logits, strict=True):
                     self._advance(seq, row)
             # rotate so a long prompt cannot starve the others
             self.active = self.active[1:] + self.active[:1]
             return True
 
+    def _compute(self, batch: Batch) -> np.ndarray:
+        """Logits for the batch's outputs, reusing the last decode graph when it fits.
+
+        Graph backends (ggml) can run a built graph again with new input values. A decode
+        step differs from the last one only in its inputs (tokens, positions, cache cells,
+        mask) as long as the attended cache range stays the same, which the cache's
+        padding keeps true for many steps in a row. The inputs are recorded by running
+        only the input-making part of a forward pass (`cache.start_forward` and
+        `batch_inputs`, which every model calls first); when their shapes and the cache
+        range match the kept graph, it is rerun and `model.forward` is skipped.
+        """
+        if not self._reuse or len(batch.tokens) > len(self.slots):
+            with self.backend.new_context() as ctx:
+                (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
+            return logits  # type: ignore[no-any-return]
+        recorder = _InputRecorder()
+        self.cache.start_forward(recorder, batch)
+        batch_inputs(recorder, batch)  # type: ignore[arg-type]
+        key = (tuple((a.shape, a.dtype.str) for a in recorder.arrays), self.cache.view_key())
+        if self._graph is not None and self._graph[0] == key:
+            return self._graph[1].rerun(*recorder.arrays)[0]  # type: ignore[no-any-return]
+        ctx = self.backend.new_context()
+        (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
+        if self._graph is not None:
+            self._graph[1].close()
+        self._graph = (key, ctx)
+        return logits  # type: ignore[no-any-return]
+
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
         if not seq.t_first:
             seq.t_first = time.perf_counter_ns()
         token = seq.sampler.sample(logits, seq.history)
+        grammar = seq.sampler.grammar
+        if grammar is not None:
+            try:
+                grammar.accept(token)
+            except HerdError:  # cannot happen with a sound mask; end the answer, not the loop
+                self._finish(seq, "stop")
+                return
         if self.tokenizer.is_eog(token):
             self._finish(seq, "stop")
             return
         seq.generated.append(token)
         seq.history.append(token)
         text, stopped = seq.stops.feed(seq.decoder.add(token))
-        if text:
-            seq.events.put(Event(text=text))
-        if stopped:
+        lp = (self._logprob(logits, token, seq.logprobs),) if seq.logprobs >= 0 else ()
+        if text or lp:
+            seq.events.put(Event(text=text, logprobs=lp))
+        if stopped or (grammar is not None and grammar.done):  # a closed JSON value ends it
             self._finish(seq, "stop")
         elif len(seq.generated) >= seq.limit:
             self._finish(seq, "length")
         else:
             seq.pending = [token]
+
+    def _logprob(self, logits: np.ndarray, token: int, top_n: int) -> dict[str, Any]:
+        """Ollama's api.Logprob of `token`, over the raw logits row."""
+
+        def entry(id: int, value: float) -> dict[str, Any]:
+            raw = self.tokenizer.piece(id, special=True)
+            out: dict[str, Any] = {"token": raw.decode("utf-8", errors="replace"), "logprob": value}
+            if raw:
+                out["bytes"] = list(raw)
+            return out
+
+        value, top = logprobs(logits, token, top_n)
+        out = entry(token, value)
+        if top:
+            out["top_logprobs"] = [entry(i, v) for i, v in top]
+        return out
 
     def _shift(self, slot: Slot, keep: int) -> None:
         """Context full: drop half of what follows the first `keep` tokens (re-roping keys)."""
@@ -280,15 +344,21 @@ class Runner:
         *,
         shift: bool = True,
         truncate: bool = True,
+        logprobs: int = -1,
+        grammar: Constraint | None = None,
     ) -> Iterator[Event]:
         """Stream one request's events; runs the loop inline unless a thread runs it.
 
         `shift=False`: end with done_reason "length" when the context fills instead of
         dropping old tokens; `truncate=False`: reject a prompt longer than the context.
-        Closing the iterator (a client that went away) cancels the sequence.
+        `logprobs` >= 0: each generated token's Event carries its log-probability and that
+        many top alternatives. `grammar` constrains the answer (structured outputs) and
+        ends it once complete. Closing the iterator (a client that went away) cancels the
+        sequence.
         """
         with self.lock:
-            seq = self._new_sequence(tokens, options, cancelled, shift, truncate)
+            seq = self._new_sequence(tokens, options, cancelled, shift, truncate, logprobs,
+                                     grammar)
         self.incoming.put(seq)
         self._wake.set()
         try:
@@ -353,3 +423,14 @@ class Runner:
             for slot in self.slots:
                 self.cache.remove(slot.id, 0, None)
                 slot.cached = []
+
+
+class _InputRecorder:
+    """A stand-in Context that only records the arrays given to `input`, in order."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+
+    def input(self, array: Any, dtype: DType = DType.F32) -> None:
+        kind = np.int32 if dtype == DType.I32 else np.float32
+        self.arrays.append(np.ascontiguousarray(array, dtype=kind))

@@ -10,10 +10,10 @@ server; every reply carries the id it answers.
      "system", "params", "backend", "options",              "num_ctx", "kv_usage",
      "parallel"}                                            "load_duration"}
                                                           | {"op": "error", "error", "type"}
-    {"op": "completion", "id", "messages" | "prompt",     {"id", "text"}  (zero or more)
+    {"op": "completion", "id", "messages" | "prompt",     {"id", "text", "logprobs"?}  (0+)
      "context", "template", "options", "shift",           {"id", "done": true, "done_reason",
-     "truncate", "want_context"}                            "prompt_eval_count", ...,
-                                                            "context", "kv_usage"}
+     "truncate", "want_context", "logprobs",                "prompt_eval_count", ...,
+     "top_logprobs", "tools", "think", "format"}            "context", "kv_usage"}
     {"op": "embed", "id", "input", "truncate"}            {"id", "embeddings",
                                                             "prompt_eval_count"}
     {"op": "cancel", "id"}                                (the completion ends early)
@@ -29,6 +29,10 @@ Inside, requests go to an `Engine`: `submit(tokens, options, cancelled)` yields 
 runner's `Event`s and stops within a batch step once `cancelled` is set (client gone).
 `BatchEngine` puts `herd.runner.Runner` (continuous batching over `parallel` slots of one
 shared KV cache) behind it; another engine slots in by implementing the same members.
+
+With `tools` or `think`, the output is parsed here (the template says how the model writes
+tool calls and thinking): pieces then carry `thinking` and `tool_calls` beside `text`,
+which is only the content. `format` ("json" or a JSON schema) constrains decoding.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from typing import IO, Any, Protocol
 from herd.errors import HerdError, UnsupportedModelError
 from herd.runner.engine import Event
 from herd.runner.options import Options
+from herd.sample.grammar import Grammar
+from herd.template.parsers import OutputParser
 
 log = logging.getLogger("herd.runner")
 
@@ -66,11 +72,14 @@ class Engine(Protocol):
     num_ctx: int  # context length of each sequence
 
     def submit(self, tokens: list[int], options: Options, cancelled: threading.Event, *,
-               shift: bool = True, truncate: bool = True) -> Iterator[Event]:
+               shift: bool = True, truncate: bool = True,
+               logprobs: int = -1, grammar: Grammar | None = None) -> Iterator[Event]:
         """Generate after `tokens`. Ends with a `done` Event; returns early (without one)
         once `cancelled` is set. `shift=False`: stop with done_reason "length" when the
         context is full instead of shifting it; `truncate=False`: ContextLengthError for
-        a prompt that does not fit instead of cutting it."""
+        a prompt that does not fit instead of cutting it; `logprobs` >= 0: Events carry
+        each token's log-probability and that many top alternatives; `grammar`
+        constrains the tokens (structured outputs)."""
         ...
 
     def kv_usage(self) -> float:
@@ -96,7 +105,8 @@ class BatchEngine:
         self.runner.start()
 
     def submit(self, tokens: list[int], options: Options, cancelled: threading.Event, *,
-               shift: bool = True, truncate: bool = True) -> Iterator[Event]:
+               shift: bool = True, truncate: bool = True,
+               logprobs: int = -1, grammar: Grammar | None = None) -> Iterator[Event]:
         if len(tokens) >= self.num_ctx and not truncate:
             raise ContextLengthError(
                 f"the input length ({len(tokens)} tokens) exceeds the context length "
@@ -108,7 +118,8 @@ class BatchEngine:
             # ends with the done Event, which the runner sends (also for a cancelled
             # sequence) once the slot is free again
             yield from self.runner.submit(tokens, options, cancelled, shift=shift,
-                                          truncate=truncate)
+                                          truncate=truncate, logprobs=logprobs,
+                                          grammar=grammar)
         finally:
             self.free.release()
 
@@ -130,11 +141,39 @@ class NoGeneration:
         self.name, self.num_ctx = name, num_ctx
 
     def submit(self, tokens: list[int], options: Options, cancelled: threading.Event, *,
-               shift: bool = True, truncate: bool = True) -> Iterator[Event]:
+               shift: bool = True, truncate: bool = True,
+               logprobs: int = -1, grammar: Grammar | None = None) -> Iterator[Event]:
         raise CapabilityError(f'"{self.name}" does not support generate')
 
     def kv_usage(self) -> float:
         return 0.0
+
+
+def _logprobs(req: dict[str, Any]) -> int:
+    """Top alternatives per token the request wants (-1: no logprobs at all)."""
+    if not req.get("logprobs"):
+        return -1
+    return max(0, min(int(req.get("top_logprobs") or 0), 20))
+
+
+def _piece(rid: int, event: Event) -> dict[str, Any]:
+    msg: dict[str, Any] = {"id": rid, "text": event.text}
+    if event.logprobs:
+        msg["logprobs"] = list(event.logprobs)
+    return msg
+
+
+def _parsed(msg: dict[str, Any], parser: OutputParser | None, done: bool) -> dict[str, Any]:
+    """A piece with its text split into content, thinking and tool calls."""
+    if parser is None:
+        return msg
+    out = parser.add(msg["text"], done=done)
+    msg["text"] = out.content
+    if out.thinking:
+        msg["thinking"] = out.thinking
+    if out.tool_calls:
+        msg["tool_calls"] = out.tool_calls
+    return msg
 
 
 # ---- the process ----------------------------------------------------------------------------
@@ -169,8 +208,13 @@ class Child:
                    "kv_usage": 0.0, "load_duration": time.perf_counter_ns() - t0})
 
     def prompt_tokens(self, req: dict[str, Any]) -> list[int]:
+        return self.prompt(req)[0]
+
+    def prompt(self, req: dict[str, Any]) -> tuple[list[int], str, Any]:
+        """(tokens, rendered text, template used) of a completion request."""
         context = [int(t) for t in req.get("context") or []]
         messages = req.get("messages")
+        template = None
         if messages is None:
             text = str(req.get("prompt") or "")
         else:
@@ -182,19 +226,30 @@ class Child:
             if template is None:
                 text = "\n".join(str(m.get("content") or "") for m in messages)
             else:
-                text = template.render(messages, add_generation_prompt=True)
-        return context + self.llm.tokenize(text, add_special=not context, parse_special=True)
+                text = template.render(messages, add_generation_prompt=True,
+                                       tools=req.get("tools"), think=req.get("think"))
+        tokens = self.llm.tokenize(text, add_special=not context, parse_special=True)
+        return context + tokens, text, template
 
     def completion(self, req: dict[str, Any], cancelled: threading.Event) -> None:
         assert self.engine is not None
         rid = req["id"]
-        tokens = self.prompt_tokens(req)
+        fmt = req.get("format")
+        if fmt and req.get("think"):  # the grammar holds from the first token: no thinking
+            req = {**req, "think": False}
+        tokens, text, template = self.prompt(req)
         options = Options().merged(req.get("options"))
+        grammar = Grammar.from_format(self.llm.tokenizer, fmt) if fmt else None
+        parser = None
+        if req.get("tools") or req.get("think") not in (None, False):
+            parser = OutputParser(template, tools=req.get("tools"), think=req.get("think"),
+                                  prompt=text)
         for event in self.engine.submit(tokens, options, cancelled,
                                         shift=bool(req.get("shift", True)),
-                                        truncate=bool(req.get("truncate", True))):
+                                        truncate=bool(req.get("truncate", True)),
+                                        logprobs=_logprobs(req), grammar=grammar):
             if not event.done:
-                self.send({"id": rid, "text": event.text})
+                self.send(_parsed(_piece(rid, event), parser, event.done))
                 continue
             final: dict[str, Any] = {
                 "id": rid, "done": True, "done_reason": event.done_reason,
@@ -203,8 +258,9 @@ class Child:
                 "eval_count": event.eval_count, "eval_duration": event.eval_duration,
                 "kv_usage": self.engine.kv_usage(),
             }
-            if event.text:
-                self.send({"id": rid, "text": event.text})
+            piece = _parsed(_piece(rid, event), parser, event.done)
+            if piece["text"] or set(piece) - {"id", "text"}:
+                self.send(piece)
             if req.get("want_context"):
                 final["context"] = tokens + list(event.tokens)
             self.send(final)

@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from herd.sample import transforms as t
 
 
+class Constraint(Protocol):
+    """A constraint on one sequence's tokens (herd.sample.grammar.Grammar: structured
+    outputs). The sampler masks with it; whoever drives the sampler advances it."""
+
+    def mask(self, logits: t.Logits, out: t.Logits) -> t.Logits:
+        """`logits` (n_vocab,) with every token the constraint rules out at -inf, written
+        into `out` (which may be `logits` itself); returns `out`."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past the token the sampler chose."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """Nothing but the end of the sequence can follow."""
+        ...
+
+
 class Sampler:
-    """Penalties, then greedy (temperature 0) or top_k, temperature, softmax, top_p, min_p, draw.
+    """Penalties, the grammar mask, then greedy (temperature 0) or top_k, temperature,
+    softmax, top_p, min_p, draw.
 
     Values are clamped as Ollama does (temperature < 0 -> 0; top_p, min_p into [0, 1]).
     `seed` -1 draws from OS entropy; any other seed makes the draws reproducible. Pass `rng`
     to inject a generator directly (tests, or several samplers sharing one stream).
+    `grammar` (structured outputs) rules tokens out before any choice is made; whoever
+    drives the sampler advances it with the chosen token (`grammar.accept`).
     """
 
     def __init__(
@@ -30,6 +53,7 @@ class Sampler:
         frequency_penalty: float = 0.0,
         *,
         rng: np.random.Generator | None = None,
+        grammar: Constraint | None = None,
     ) -> None:
         self.temperature = max(float(temperature), 0.0)
         self.top_k = int(top_k)
@@ -42,6 +66,7 @@ class Sampler:
         if rng is None:
             rng = np.random.default_rng(None if seed == -1 else seed)
         self.rng = rng
+        self.grammar = grammar
         self._scratch: t.Logits | None = None  # penalized logits, reused across tokens
 
     def sample(self, logits: t.Logits, history: Sequence[int] = ()) -> int:
@@ -57,6 +82,8 @@ class Sampler:
             frequency=self.frequency_penalty,
             out=self._scratch,
         )
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits, self._scratch)
         if self.temperature == 0.0:
             return t.greedy(logits)
         ids, values = t.top_k(logits, self.top_k)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from herd.errors import (
     CacheFullError,
     DownloadError,
+    GrammarError,
     HerdError,
     InvalidNameError,
     ModelNotFoundError,
@@ -55,6 +56,7 @@ _STATUS: list[tuple[type[HerdError], int]] = [
     (OptionError, 400),
     (InvalidNameError, 400),
     (TemplateError, 400),
+    (GrammarError, 400),
     (UnauthorizedError, 401),
     (ModelNotFoundError, 404),
     (UnsupportedModelError, 501),

@@ -3,7 +3,6 @@ reference §7."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -17,11 +16,11 @@ from starlette.routing import Route
 import herd
 from herd.cli.show import ShowFacts, render_modelfile, render_parameters
 from herd.errors import DownloadError, HerdError
-from herd.server.errors import BadRequestError, NotImplementedYetError
+from herd.server import store_api
+from herd.server.errors import BadRequestError
 from herd.server.http import (
     JSON,
     close,
-    dumps,
     field_of,
     first_item,
     handles_errors,
@@ -32,9 +31,17 @@ from herd.server.http import (
     read_json,
     watch,
 )
+from herd.server.outputs import (
+    Joined,
+    check_format,
+    check_think,
+    fields,
+    has_output,
+    ollama_message,
+)
 from herd.server.scheduler import FOREVER_S, Runner
 from herd.server.service import Completion, Service
-from herd.store import ModelRef, pull
+from herd.store import ModelRef
 from herd.store.layout import parse_digest
 
 log = logging.getLogger("herd.server")
@@ -66,6 +73,7 @@ def _check_capabilities(name: str, facts: ShowFacts, body: dict[str, Any]) -> No
     """400s for what the model (or herd) cannot do, in Ollama's words."""
     caps = facts.capabilities
     think = body.get("think")
+    check_think(think)
     if think not in (None, False) and "thinking" not in caps:
         raise BadRequestError(f'"{name}" does not support thinking')
     if body.get("tools") and "tools" not in caps:
@@ -76,18 +84,11 @@ def _check_capabilities(name: str, facts: ShowFacts, body: dict[str, Any]) -> No
         m.get("images") for m in body.get("messages") or [] if isinstance(m, dict))
     if images and "vision" not in caps:
         raise BadRequestError(f'"{name}" does not support vision')
-    fmt = body.get("format")
-    if fmt not in (None, "", "null"):
-        if fmt != "json" and not isinstance(fmt, dict):
-            raise BadRequestError(f"invalid format: {dumps(fmt)}; expected \"json\" or a JSON "
-                                  "schema")
-        raise NotImplementedYetError("structured outputs (format) are not supported yet")
+    check_format(body.get("format"))
     top = body.get("top_logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int)
                             or not 0 <= top <= 20):
         raise BadRequestError("top_logprobs must be between 0 and 20")
-    if body.get("logprobs"):
-        log.warning("logprobs are not supported yet; answering without them")
 
 
 class OllamaAPI:
@@ -163,12 +164,17 @@ class OllamaAPI:
             payload = {"messages": messages, "context": context, "template": template,
                        "want_context": True}
         payload.update(shift=body.get("shift", True) is not False,
-                       truncate=body.get("truncate", True) is not False)
+                       truncate=body.get("truncate", True) is not False, **logprob_fields(body),
+                       **fields(body, facts, tools=False))
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
-            out = {"model": name, "created_at": now_utc(), "response": msg.get("text", ""),
-                   "done": bool(msg.get("done"))}
+            out = {"model": name, "created_at": now_utc(), "response": msg.get("text", "")}
+            if msg.get("thinking"):
+                out["thinking"] = msg["thinking"]
+            out["done"] = bool(msg.get("done"))
+            if msg.get("logprobs"):
+                out["logprobs"] = msg["logprobs"]
             if msg.get("done"):
                 out["done_reason"] = msg.get("done_reason", "stop")
                 if "context" in msg:
@@ -191,13 +197,15 @@ class OllamaAPI:
             msgs.insert(0, {"role": "system", "content": ref.system})
         payload = {"messages": list(ref.messages) + msgs,
                    "shift": body.get("shift", True) is not False,
-                   "truncate": body.get("truncate", True) is not False}
+                   "truncate": body.get("truncate", True) is not False, **logprob_fields(body),
+                   **fields(body, facts)}
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
-            out = {"model": name, "created_at": now_utc(),
-                   "message": {"role": "assistant", "content": msg.get("text", "")},
+            out = {"model": name, "created_at": now_utc(), "message": ollama_message(msg),
                    "done": bool(msg.get("done"))}
+            if msg.get("logprobs"):
+                out["logprobs"] = msg["logprobs"]
             if msg.get("done"):
                 out["done_reason"] = msg.get("done_reason", "stop")
                 out.update((k, msg.get(k, 0)) for k in COUNTERS)
@@ -210,12 +218,14 @@ class OllamaAPI:
         first = await first_item(request, events)
         if body.get("stream", True) is not False:
             return _ndjson_skip_empty(first, events, shape)
-        parts: list[str] = []
+        joined = Joined()
+        logprobs: list[dict[str, Any]] = []
 
         async def collect() -> dict[str, Any]:
             item = first
             while True:
-                parts.append(item.get("text", ""))
+                joined.add(item)
+                logprobs.extend(item.get("logprobs") or ())
                 if item.get("done"):
                     return item
                 item = await anext(events)
@@ -224,10 +234,15 @@ class OllamaAPI:
             final = shape(await watch(request, collect()))
         finally:
             await close(events)
+        whole = joined.piece()
         if key == "message":
-            final["message"]["content"] = "".join(parts)
+            final["message"] = ollama_message(whole)
         else:
-            final["response"] = "".join(parts)
+            final["response"] = whole["text"]
+            if whole.get("thinking"):
+                final["thinking"] = whole["thinking"]
+        if logprobs:
+            final["logprobs"] = logprobs
         return JSON(final)
 
     # ---- embeddings
@@ -325,54 +340,14 @@ class OllamaAPI:
         return Response(status_code=200)
 
     async def pull(self, request: Request) -> Response:
-        body = await read_json(request)
-        name = _name(body)
-        if not isinstance(name, str) or not name:
-            raise BadRequestError("model is required")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        def progress(status: str, digest: str | None, total: int | None,
-                     completed: int | None) -> None:
-            item: dict[str, Any] = {"status": status}
-            if digest:
-                item["digest"] = digest
-            if total:
-                item.update(total=total, completed=completed or 0)
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        registry = _registry_puller(bool(body.get("insecure")))
-
-        def work() -> None:
-            try:
-                pull(name, store=self.service.store, progress=progress, registry=registry)
-            except BaseException as e:
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        loop.run_in_executor(None, work)
-
-        async def items() -> Any:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item if isinstance(item, HerdError) else DownloadError(str(item))
-                yield item
-
-        progress_items = items()
-        if body.get("stream", True) is not False:
-            first = await first_item(request, progress_items)
-            return ndjson(first, progress_items, lambda x: x)
-        last: dict[str, Any] = {}
-        async for item in progress_items:
-            last = item
-        return JSON({"status": last.get("status", "success")})
+        return await store_api.pull_model(request, await read_json(request), self.service.store)
 
     async def push(self, request: Request) -> Response:
-        raise NotImplementedYetError("push is not supported yet: herd has no registry client")
+        return await store_api.push_model(request, await read_json(request), self.service.store)
 
     async def create(self, request: Request) -> Response:
-        raise NotImplementedYetError("create is not supported yet: herd cannot build models "
-                                     "from a Modelfile yet")
+        body = await read_json(request)
+        return await store_api.create_model(request, body, self.service.store)
 
     async def blob(self, request: Request) -> Response:
         digest = request.path_params["digest"]
@@ -397,21 +372,20 @@ class OllamaAPI:
         return Response(status_code=201)
 
 
-def _registry_puller(insecure: bool) -> Any:
-    """The OCI registry client for names outside the built-in catalog, when installed."""
-    try:
-        from herd.registry import Options, registry_puller
-    except ImportError:
-        return None
-    return registry_puller(Options(insecure=insecure))
-
-
 def _ndjson_skip_empty(first: dict[str, Any], events: Any, shape: Any) -> Response:
     # the runner may send empty text pieces; Ollama never streams an empty non-final line
     def shaped(msg: dict[str, Any]) -> dict[str, Any] | None:
-        return shape(msg) if msg.get("done") or msg.get("text") else None
+        return shape(msg) if has_output(msg) else None
 
     return ndjson(first, events, shaped)
+
+
+def logprob_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The runner's logprobs request (validated by _check_capabilities): token
+    log-probabilities, computed over the raw logits, with `top_logprobs` alternatives."""
+    if not body.get("logprobs"):
+        return {}
+    return {"logprobs": True, "top_logprobs": int(body.get("top_logprobs") or 0)}
 
 
 def _message(m: Any) -> dict[str, Any]:

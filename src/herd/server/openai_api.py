@@ -22,7 +22,16 @@ from herd.server.http import (
     sse,
     watch,
 )
-from herd.server.ollama_api import normalize
+from herd.server.ollama_api import _check_capabilities, normalize
+from herd.server.outputs import (
+    Joined,
+    fields,
+    finish_reason,
+    from_openai_messages,
+    has_output,
+    openai_fields,
+    openai_message,
+)
 from herd.server.service import Completion, Service
 from herd.store import names
 
@@ -47,13 +56,6 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _check_format(body: dict[str, Any]) -> None:
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise NotImplementedYetError("structured outputs (response_format) are not supported "
-                                     "yet")
-
-
 def _text(content: Any) -> str:
     """A message's content: a string, or parts of which herd reads the text ones."""
     if content is None or isinstance(content, str):
@@ -70,6 +72,27 @@ def _text(content: Any) -> str:
         else:
             raise BadRequestError(f"invalid message content part: {kind!r}")
     return "".join(out)
+
+
+def _logprobs(body: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
+    """OpenAI's logprobs request as the runner's: chat takes `logprobs` (bool) and
+    `top_logprobs`; /v1/completions takes `logprobs` as the number of alternatives."""
+    value = body.get("logprobs")
+    if legacy:
+        if value is None or isinstance(value, bool) or not isinstance(value, int):
+            return {}
+        top = value
+    else:
+        if not value:
+            return {}
+        top = body.get("top_logprobs") or 0
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+        raise BadRequestError("top_logprobs must be between 0 and 20")
+    return {"logprobs": True, "top_logprobs": top}
+
+
+def _choice_logprobs(msg: dict[str, Any]) -> dict[str, Any] | None:
+    return {"content": msg["logprobs"]} if msg.get("logprobs") else None
 
 
 def _usage(final: dict[str, Any]) -> dict[str, int]:
@@ -93,9 +116,11 @@ class OpenAIAPI:
 
     async def _completion(self, body: dict[str, Any], payload: dict[str, Any]) -> Any:
         ref = self.service.model(body.get("model"))
-        if body.get("tools"):
-            raise BadRequestError(f'"{body["model"]}" does not support tools')
-        _check_format(body)
+        # tools, reasoning effort and response_format as Ollama's tools, think and format
+        asked = {**openai_fields(body), "tools": body.get("tools")}
+        facts = await self.service.facts(ref)
+        _check_capabilities(body["model"], facts, asked)
+        payload = {**payload, **fields(asked, facts)}
         spec = await self.service.load_spec(ref, _options(body))
         return self.service.completion(Completion(spec, None, payload))
 
@@ -111,10 +136,12 @@ class OpenAIAPI:
             msg = {k: v for k, v in m.items() if k not in ("content", "name") and v is not None}
             msg.update(role=m["role"].lower(), content=_text(m.get("content")))
             msgs.append(msg)
+        msgs = from_openai_messages(msgs)
         ref = self.service.model(body.get("model"))
         if ref.system and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": ref.system})
-        events = await self._completion(body, {"messages": list(ref.messages) + msgs})
+        events = await self._completion(body, {"messages": list(ref.messages) + msgs,
+                                               **_logprobs(body)})
         model, cid, created = body["model"], f"chatcmpl-{secrets.randbelow(1000)}", int(time.time())
         base = {"id": cid, "object": "chat.completion.chunk", "created": created,
                 "model": model, "system_fingerprint": "fp_ollama"}
@@ -122,14 +149,18 @@ class OpenAIAPI:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         if body.get("stream"):
+            called = []  # whether a tool call went out: the finish reason says so
+
             def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
                 done = bool(msg.get("done"))
-                if not done and not msg.get("text"):
+                if not has_output(msg):
                     return []
-                choice = {"index": 0, "delta": {"role": "assistant",
-                                                "content": msg.get("text", "")},
-                          "finish_reason": FINISH.get(msg.get("done_reason", ""), "stop")
-                          if done else None}
+                called.append(bool(msg.get("tool_calls")))
+                choice = {"index": 0, "delta": openai_message(msg),
+                          "finish_reason": finish_reason(msg.get("done_reason", ""),
+                                                         any(called)) if done else None}
+                if msg.get("logprobs"):
+                    choice["logprobs"] = _choice_logprobs(msg)
                 out = [{**base, "choices": [choice]}]
                 if done and include_usage:
                     out.append({**base, "choices": [], "usage": _usage(msg)})
@@ -138,8 +169,10 @@ class OpenAIAPI:
             return sse(first, events, chunks)
         text, final = await self._collect(request, first, events)
         return JSON({**base, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "finish_reason": FINISH.get(final.get("done_reason", ""), "stop")}],
+            "index": 0, "message": openai_message(final),
+            "finish_reason": finish_reason(final.get("done_reason", ""),
+                                           bool(final.get("tool_calls"))),
+            "logprobs": _choice_logprobs(final)}],
             "usage": _usage(final)})
 
     async def completions(self, request: Request) -> Response:
@@ -154,7 +187,8 @@ class OpenAIAPI:
         ref = self.service.model(body.get("model"))
         messages = [{"role": "system", "content": ref.system}] if ref.system else []
         messages.append({"role": "user", "content": prompt})
-        events = await self._completion(body, {"messages": messages})
+        events = await self._completion(body, {"messages": messages,
+                                               **_logprobs(body, legacy=True)})
         model, cid, created = body["model"], f"cmpl-{secrets.randbelow(1000)}", int(time.time())
         base = {"id": cid, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": "fp_ollama"}
@@ -163,9 +197,10 @@ class OpenAIAPI:
         if body.get("stream"):
             def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
                 done = bool(msg.get("done"))
-                if not done and not msg.get("text"):
+                if not done and not msg.get("text") and not msg.get("logprobs"):
                     return []
-                choice = {"text": msg.get("text", ""), "index": 0, "logprobs": None,
+                choice = {"text": msg.get("text", ""), "index": 0,
+                          "logprobs": _choice_logprobs(msg),
                           "finish_reason": FINISH.get(msg.get("done_reason", ""), "stop")
                           if done else None}
                 out = [{**base, "choices": [choice]}]
@@ -176,18 +211,20 @@ class OpenAIAPI:
             return sse(first, events, chunks)
         text, final = await self._collect(request, first, events)
         return JSON({**base, "choices": [{
-            "text": text, "index": 0, "logprobs": None,
+            "text": text, "index": 0, "logprobs": _choice_logprobs(final),
             "finish_reason": FINISH.get(final.get("done_reason", ""), "stop")}],
             "usage": _usage(final)})
 
     async def _collect(self, request: Request, first: dict[str, Any],
                        events: Any) -> tuple[str, dict[str, Any]]:
-        parts: list[str] = []
+        joined = Joined()
+        logprobs: list[dict[str, Any]] = []
 
         async def run() -> dict[str, Any]:
             item = first
             while True:
-                parts.append(item.get("text", ""))
+                joined.add(item)
+                logprobs.extend(item.get("logprobs") or ())
                 if item.get("done"):
                     return item
                 item = await anext(events)
@@ -196,7 +233,10 @@ class OpenAIAPI:
             final = await watch(request, run())
         finally:
             await close(events)
-        return "".join(parts), final
+        if logprobs:  # the final message's own: every token's, in order
+            final = {**final, "logprobs": logprobs}
+        whole = joined.piece()  # text, thinking and tool calls of the whole answer
+        return whole["text"], {**final, **whole}
 
     async def embeddings(self, request: Request) -> Response:
         body = await read_json(request)

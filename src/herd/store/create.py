@@ -1,15 +1,19 @@
 """`create`: build a model in the store from a Modelfile, the way Ollama's create does.
 
-Layers, in Ollama's order: the model (a GGUF copied in, quantized if asked, or the layers
-of an existing model), adapters, then template, system, licenses, params and messages;
-then the config blob and, last, the manifest. Every blob goes in through a temp file and
-a rename, so a failure leaves no half-written blob and no manifest.
+Layers, in Ollama's order: the model (a GGUF copied in, a Hugging Face folder converted
+to an F16 GGUF, quantized if asked, or the layers of an existing model), adapters, then
+template, system, licenses, params and messages; then the config blob and, last, the
+manifest. Every blob goes in through a temp file and a rename, so a failure leaves no
+half-written blob and no manifest. A GGUF that already is a blob of the store (the server
+stages uploaded files as links to their blobs) is used in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,8 @@ from herd.store.wheels import Progress
 Puller = Callable[[Store, names.Name, Progress], ModelRef]
 
 _COPY_CHUNK = 1 << 22
+_BLOB_NAME = re.compile(r"sha256-[0-9a-f]{64}")
+_HF_WEIGHTS = (".safetensors", ".bin", ".pth")
 
 
 def create(store: Store, name: str, modelfile: Modelfile, *, base_dir: str | Path = ".",
@@ -65,6 +71,10 @@ def _create(store: Store, target: names.Name, modelfile: Modelfile, base: Path,
             quantize_to: str | None, report: Progress, pull: Puller | None) -> ModelRef:
     if quantize_to is not None:
         quantize_to = quantize.parse_file_type(quantize_to)
+    if modelfile.template is not None:
+        from herd.template import parse_template
+
+        parse_template(modelfile.template)  # TemplateError before anything is written
     try:
         old = store.read_manifest(target)[0]
     except (ModelNotFoundError, HerdError):
@@ -74,7 +84,9 @@ def _create(store: Store, target: names.Name, modelfile: Modelfile, base: Path,
     config = ConfigV2(model_format="", renderer=modelfile.renderer or "",
                       parser=modelfile.parser or "", requires=modelfile.requires or "")
     source = resolve_source(modelfile.from_, base, modelfile.path)
-    if isinstance(source, Path):
+    if isinstance(source, Path) and _is_hf_folder(source):
+        layers = [_converted_layer(store, source, report)]
+    elif isinstance(source, Path):
         layers = [_gguf_layer(store, _gguf_in(source, modelfile.from_, modelfile.path),
                               MEDIA_MODEL, source.name, report)]
     else:
@@ -141,15 +153,36 @@ def _gguf_in(path: Path, cmd: Command, where: str) -> Path:
         return files[0]
     if hf and not files:
         raise ModelfileError(
-            f"{cmd.args} is a Hugging Face model folder ({', '.join(sorted(hf)[:3])}); "
-            "converting safetensors/PyTorch weights is not supported yet: convert it to GGUF "
-            "first", cmd.line, cmd.column, where)
+            f"{cmd.args} is a Hugging Face folder ({', '.join(sorted(hf)[:3])}); herd "
+            "converts those in FROM, not in ADAPTER: convert the adapter to GGUF first",
+            cmd.line, cmd.column, where)
     if len(files) > 1:
         raise ModelfileError(f"{cmd.args} holds several GGUF files "
                              f"({', '.join(p.name for p in files)}); name one",
                              cmd.line, cmd.column, where)
     raise ModelfileError(f"{cmd.args}: no model files (*.gguf) in this folder", cmd.line,
                          cmd.column, where)
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """A folder of Hugging Face weights (and no GGUF): FROM converts it."""
+    if not path.is_dir() or any(path.glob("*.gguf")):
+        return False
+    return any(p.suffix in _HF_WEIGHTS for p in path.iterdir())
+
+
+def _converted_layer(store: Store, src: Path, report: Progress) -> Layer:
+    """Convert a Hugging Face folder to an F16 GGUF (in a temp folder in the store, on
+    the same disk as the blobs) and store it as the model layer."""
+    from herd.convert import convert
+
+    status = "converting model"
+    report(status, None, None, None)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".herd-convert-", dir=store.root) as tmp:
+        out = convert(src, Path(tmp) / "model.gguf", "f16", name=src.name,
+                      progress=lambda i, n, *_: report(status, None, n, i))
+        return _gguf_layer(store, out, MEDIA_MODEL, src.name, report)
 
 
 def _check_gguf(path: Path) -> GGUFFile:
@@ -167,6 +200,11 @@ def _gguf_layer(store: Store, path: Path, media_type: str, from_: str,
         media_type = MEDIA_ADAPTER
     elif media_type == MEDIA_MODEL and g.kv.get("general.type") in ("projector", "mmproj"):
         media_type = MEDIA_PROJECTOR
+    blob = path.resolve()
+    if blob.parent == store.blobs_dir.resolve() and _BLOB_NAME.fullmatch(blob.name):
+        digest = "sha256:" + blob.name.removeprefix("sha256-")
+        report(f"using existing layer {digest}", None, None, None)
+        return Layer(media_type, digest, blob.stat().st_size, from_)
     size = path.stat().st_size
     with store.blob_writer() as w, open(path, "rb") as f:
         status = f"copying file {path.name}"

@@ -161,12 +161,14 @@ class JinjaTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
         bos_token: str = "",
         eos_token: str = "",
         **extra: Any,
     ) -> str:
         """The prompt text for `messages` (dicts with `role`, `content`, ...). `extra` reaches
-        the template as variables (e.g. `enable_thinking`, `documents`)."""
+        the template as variables (e.g. `documents`). `think` (Ollama's) reaches it as the
+        de-facto variables `enable_thinking` and, for a level, `reasoning_effort`."""
         context: dict[str, Any] = {
             # transformers drops None-valued keys: templates test for a key's presence.
             "messages": [{k: v for k, v in m.items() if v is not None} for m in messages],
@@ -178,6 +180,10 @@ class JinjaTemplate:
             "range": _RangeBudget(MAX_RANGE_TOTAL),
             **extra,
         }
+        if think is not None:
+            context.setdefault("enable_thinking", think is not False)
+            if isinstance(think, str):
+                context.setdefault("reasoning_effort", think)
         try:
             return self._collect(self._template.generate(context))
         except TemplateError:

@@ -18,8 +18,10 @@ import secrets
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+from herd.errors import TemplateError
 from herd.template.gotemplate.nodes import (
     ActionNode,
     BranchNode,
@@ -122,6 +124,27 @@ def _first_text(nodes: list[Node]) -> str | None:
         elif isinstance(n, ActionNode):
             return None
     return None
+
+
+@lru_cache(maxsize=64)
+def template_capabilities(text: str) -> tuple[str, ...]:
+    """Ollama's template-given capabilities of a template text: "tools" when it renders
+    tools, "thinking" when thinking tags can be inferred from it."""
+    from herd.template.select import parse_template
+
+    try:
+        template = parse_template(text)
+    except TemplateError:
+        return ()
+    caps = ("tools",) if supports_tools(template) else ()
+    return caps + (("thinking",) if all(infer_thinking_tags(template)) else ())
+
+
+def supports_tools(template: Any) -> bool:
+    """Ollama's `tools` capability: the template renders `.Tools` (Jinja: `tools`)."""
+    if isinstance(template, Template):
+        return template.uses("tools")
+    return bool(re.search(r"\btools\b", getattr(template, "source", "") or ""))
 
 
 def infer_tool_format(template: Any) -> str:

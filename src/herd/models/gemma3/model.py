@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal, Wrapper
 from herd.ml import Backend, Context, DType, RopeOptions, Tensor
-from herd.models.base import Batch
+from herd.models.base import Batch, batch_inputs
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
 
@@ -142,13 +142,13 @@ class Model:
 
     def forward(self, ctx: Context, batch: Batch) -> Tensor:
         self.cache.start_forward(ctx, batch)
-        pos = ctx.input(batch.positions, DType.I32)
-        h = self.token_embd.forward(ctx.input(batch.tokens, DType.I32))  # (T, D)
+        tokens, pos, outputs = batch_inputs(ctx, batch)
+        h = self.token_embd.forward(tokens)  # (T, D)
         h = h.scale(math.sqrt(self.cfg.n_embd))
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
             h = block.forward(h, pos, self.cache)
-        h = h.get_rows(ctx.input(batch.outputs, DType.I32))  # (N, D)
+        h = h.get_rows(outputs)  # (N, D)
         logits = self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
         cap = self.cfg.final_softcap
         return logits.scale(1.0 / cap).tanh().scale(cap) if cap else logits

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal
 from herd.ml import Backend, Context, DType, RopeOptions, Tensor
-from herd.models.base import Batch
+from herd.models.base import Batch, batch_inputs
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
 
@@ -124,12 +124,12 @@ class Model:
 
     def forward(self, ctx: Context, batch: Batch) -> Tensor:
         self.cache.start_forward(ctx, batch)
-        pos = ctx.input(batch.positions, DType.I32)
-        h = self.token_embd.forward(ctx.input(batch.tokens, DType.I32))  # (T, D)
+        tokens, pos, outputs = batch_inputs(ctx, batch)
+        h = self.token_embd.forward(tokens)  # (T, D)
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
             h = block.forward(h, pos, self.cache, self.rope_freqs)
-        h = h.get_rows(ctx.input(batch.outputs, DType.I32))  # (N, D)
+        h = h.get_rows(outputs)  # (N, D)
         return self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
 
     def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:

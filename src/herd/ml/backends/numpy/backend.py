@@ -295,7 +295,7 @@ class NumpyBackend:
                 "which the numpy backend cannot dequantize"
             ) from None
 
-    def alloc(self, shape: tuple[int, ...], dtype: DType) -> NumpyTensor:
+    def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> NumpyTensor:
         # fp32 whatever was asked: this backend is the exact reference
         return NumpyTensor(np.zeros(shape, dtype=np.float32), None)
 

@@ -1,0 +1,249 @@
+"""Where a model's layers go, and whether it fits: pure functions over byte counts.
+
+Ollama's rules (reference §3.5, §8): the input embeddings stay on the CPU; `blk.N.*` live
+on layer N's device; the output layer (`output`, `output_norm`, ...) is layer
+`n_layers` and counts as a layer for `num_gpu`. Layers are packed onto GPUs from the
+output layer backwards, most free memory first. Nothing here touches a device: backends
+measure, these functions decide, and the fit check runs before any allocation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from herd.errors import OutOfMemoryError
+from herd.gguf import Config, GGUFFile
+from herd.ml.base import BackendOptions, DeviceInfo
+
+INPUT_TENSORS = ("token_embd.", "position_embd.", "token_norm_embd.", "token_types.")
+OUTPUT_TENSORS = ("output.", "output_norm.", "cls.", "altup_", "per_layer_", "v.", "mm.", "s.")
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+def tensor_layer(name: str, n_layers: int) -> int | None:
+    """The layer a GGUF tensor belongs to: N for `blk.N.*`, `n_layers` for the output
+    layer's tensors, None for the input embeddings and anything else (kept on the CPU)."""
+    if m := _BLOCK.match(name):
+        return int(m.group(1))
+    if name.startswith(OUTPUT_TENSORS):
+        return n_layers
+    return None
+
+
+def layout(
+    n_layers: int, layer_bytes: Sequence[int], free: Sequence[int], num_gpu: int
+) -> list[int | None]:
+    """The GPU (index into `free`) of each layer 0..n_layers, or None for the CPU.
+
+    `layer_bytes[i]`: what layer i needs on its device (weights + KV cache); the last
+    entry is the output layer. `free[g]`: what GPU g can give to layers (its compute
+    buffer already set aside). `num_gpu`: -1 = as many layers as fit, 0 = none, N = the
+    last N layers, placed even where they do not fit (the fit check then says so).
+    With -1, when not every layer fits, the output layer is also tried on the CPU and
+    whichever choice offloads more repeating layers wins (as Ollama does).
+    """
+    assert len(layer_bytes) == n_layers + 1, f"{len(layer_bytes)} sizes for {n_layers} + 1"
+    if num_gpu == 0 or not free:
+        return [None] * (n_layers + 1)
+    everything = list(range(n_layers, -1, -1))  # the output layer first
+    if num_gpu > 0:
+        return _pack(everything[:num_gpu], layer_bytes, free, force=True)
+    with_output = _pack(everything, layer_bytes, free, force=False)
+    if None not in with_output:
+        return with_output
+    without = _pack(everything[1:], layer_bytes, free, force=False)
+    offloaded = [sum(d is not None for d in p[:n_layers]) for p in (with_output, without)]
+    return without if offloaded[1] > offloaded[0] else with_output
+
+
+def _pack(
+    layers: list[int], sizes: Sequence[int], free: Sequence[int], force: bool
+) -> list[int | None]:
+    """Fill the GPUs, most free memory first, with `layers` in order until one does not
+    fit (`force`: put the rest where the most is left anyway)."""
+    order = sorted(range(len(free)), key=lambda d: -free[d])
+    placed: list[int | None] = [None] * len(sizes)
+    left, g = list(free), 0
+    for i in layers:
+        while g < len(order) and sizes[i] > left[order[g]]:
+            g += 1
+        if g == len(order):
+            if not force:
+                break
+            dev = max(order, key=lambda d: left[d])  # overflow where the most is left
+        else:
+            dev = order[g]
+        placed[i] = dev
+        left[dev] -= sizes[i]
+    return placed
+
+
+@dataclass
+class DeviceNeed:
+    """What one device must hold, in bytes."""
+
+    name: str
+    free: int
+    gpu: bool = False
+    weights: int = 0
+    cache: int = 0
+    graph: int = 0
+    layers: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.graph
+
+
+def check_fit(needs: Sequence[DeviceNeed], num_gpu: int) -> None:
+    """Raise OutOfMemoryError naming the sizes when a device cannot hold its part."""
+    for d in needs:
+        if d.total <= d.free:
+            continue
+        hint = ""
+        if d.gpu and num_gpu > 0:
+            hint = f" with num_gpu = {num_gpu}; lower num_gpu (-1 picks what fits)"
+        elif d.cache > d.weights:
+            hint = "; lower num_ctx"
+        raise OutOfMemoryError(
+            f"model requires more {'memory on ' + d.name if d.gpu else 'system memory'} "
+            f"({size(d.total)}: weights {size(d.weights)}, KV cache {size(d.cache)}, compute "
+            f"{size(d.graph)}) than is available ({size(d.free)}){hint}"
+        )
+
+
+def kv_bytes(heads: Sequence[int], k_dim: int, v_dim: int, n_ctx: int, per: float) -> list[int]:
+    """KV cache bytes per layer for n_ctx cells, `heads` KV heads per layer, `per` bytes
+    per element (Ollama's estimate: f16 2, q8_0 1, q4_0 0.5; here with block scales)."""
+    return [int(n_ctx * h * (k_dim + v_dim) * per) for h in heads]
+
+
+def graph_bytes(n_batch: int, n_ctx: int, n_embd: int, n_ff: int, n_head: int, n_vocab: int) -> int:
+    """Estimated compute buffer of one forward pass of n_batch tokens: the logits, the
+    attention scores of one layer (composed attention), and a few activations (F32)."""
+    return 4 * n_batch * (n_vocab + n_head * n_ctx + 4 * n_embd + 2 * n_ff)
+
+
+GPU_OVERHEAD = 256 << 20  # per GPU in use: driver context, kernels, allocator slack
+KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
+
+
+@dataclass
+class Plan:
+    """Where a model's tensors go and what each device will hold (CPU need last)."""
+
+    n_layers: int
+    layers: list[int | None]  # device of layer 0..n_layers (index into the GPUs, or None)
+    gpus: list[int]  # the GPUs in use
+    tensors: dict[str, int | None]  # device of each GGUF tensor
+    alias_output: bool  # tied embeddings: token_embd copied as output.weight to the GPU
+    needs: list[DeviceNeed]
+    graph: int  # compute buffer estimate per device that computes
+
+    def device_of(self, layer: int | None) -> int | None:
+        return self.layers[layer] if layer is not None and 0 <= layer < len(self.layers) else None
+
+
+def plan(
+    gguf: GGUFFile,
+    options: BackendOptions,
+    gpus: Sequence[DeviceInfo],
+    cpu: DeviceInfo,
+    others_on_gpu: bool = False,
+) -> Plan:
+    """Lay the model out over `gpus` (free memory as probed) and the CPU, and check it
+    fits: OutOfMemoryError naming the sizes, before anything is allocated.
+
+    `others_on_gpu`: tensors of no layer (besides the input embeddings) go to the first
+    GPU in use instead of the CPU (op tests on a device).
+    """
+    cfg = Config(gguf.kv, str(gguf.kv.get("general.architecture", "")))
+    blocks = [int(m.group(1)) for n in gguf.tensors if (m := _BLOCK.match(n))]
+    n_layers = max(cfg.int("block_count", 0), max(blocks, default=-1) + 1)
+    where = {name: tensor_layer(name, n_layers) for name in gguf.tensors}
+    weights = [0] * (n_layers + 1)
+    for name, layer in where.items():
+        if layer is not None:
+            weights[layer] += gguf.tensors[name].nbytes
+    embd = gguf.tensors.get("token_embd.weight")
+    tied = "output.weight" not in gguf.tensors and embd is not None
+    if tied and embd is not None:
+        weights[n_layers] += embd.nbytes
+    n_ctx = min(options.num_ctx, cfg.int("context_length", options.num_ctx))
+    cache = _kv_estimate(cfg, n_layers, n_ctx, options) + [0]
+    graph = _graph_estimate(cfg, embd.shape[0] if embd else 0, n_ctx, options)
+    free = [max(0, g.free_memory - graph - GPU_OVERHEAD) for g in gpus]
+    need = [w + c for w, c in zip(weights, cache, strict=True)]
+    layers = layout(n_layers, need, free, options.num_gpu)
+
+    # a GPU is in use when it holds something (an empty output layer does not count)
+    used = sorted({d for d, n in zip(layers, need, strict=True) if d is not None and n})
+    if others_on_gpu and not used and gpus and options.num_gpu != 0:
+        used = [0]
+    layers = [d if d in used else None for d in layers]
+    rest = used[0] if used and others_on_gpu else None  # where tensors of no layer go
+    tensors: dict[str, int | None] = {}
+    for name, layer in where.items():
+        if layer is not None:
+            tensors[name] = layers[layer]
+        else:
+            tensors[name] = None if name.startswith(INPUT_TENSORS) else rest
+    needs = [
+        DeviceNeed(gpus[g].name, gpus[g].free_memory, True, graph=graph + GPU_OVERHEAD)
+        for g in used
+    ]
+    by_gpu = dict(zip(used, needs, strict=True))
+    cpu_need = DeviceNeed(cpu.name, cpu.free_memory, graph=graph)
+    for name, dev in tensors.items():
+        (by_gpu[dev] if dev is not None else cpu_need).weights += gguf.tensors[name].nbytes
+    alias = tied and layers[n_layers] is not None
+    if alias and embd is not None:
+        by_gpu[layers[n_layers]].weights += embd.nbytes
+    for i, dev in enumerate(layers):
+        d = by_gpu[dev] if dev is not None else cpu_need
+        d.cache += cache[i]
+        d.layers.append(i)
+    needs.append(cpu_need)
+    check_fit(needs, options.num_gpu)
+    return Plan(n_layers, layers, used, tensors, alias, needs, graph)
+
+
+def _largest(cfg: Config, name: str) -> int:
+    """A metadata number that may also be stored per layer (the largest then); 0 if absent."""
+    value = cfg.get(name, 0)
+    return max((int(v) for v in value), default=0) if isinstance(value, list) else int(value)
+
+
+def _kv_estimate(cfg: Config, n_layers: int, n_ctx: int, options: BackendOptions) -> list[int]:
+    n_head = _largest(cfg, "attention.head_count")
+    if not n_ctx or not n_head or not n_layers:
+        return [0] * n_layers
+    n_embd = cfg.int("embedding_length", 0)
+    kv = cfg.get("attention.head_count_kv", n_head)
+    heads = [int(h) for h in kv] if isinstance(kv, list) else [int(kv)] * n_layers
+    heads += [heads[-1] if heads else n_head] * (n_layers - len(heads))
+    k_dim = cfg.int("attention.key_length", n_embd // n_head)
+    v_dim = cfg.int("attention.value_length", n_embd // n_head)
+    per = KV_ELEMENT_BYTES.get(str(options.extra.get("kv_cache_type", "f16")), 2.0)
+    return kv_bytes(heads[:n_layers], k_dim, v_dim, n_ctx, per)
+
+
+def _graph_estimate(cfg: Config, n_vocab: int, n_ctx: int, options: BackendOptions) -> int:
+    return graph_bytes(
+        min(options.num_batch, n_ctx) if n_ctx else options.num_batch,
+        n_ctx,
+        cfg.int("embedding_length", 0),
+        _largest(cfg, "feed_forward_length"),
+        _largest(cfg, "attention.head_count"),
+        n_vocab,
+    )
+
+
+def size(n: int) -> str:
+    """Bytes for people: 1.5 GiB, 320.0 MiB, 12.0 KiB."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,502 @@
+"""Every op of the ml contract on every installed backend, against the NumPy oracle.
+
+Weights come from a real GGUF written to a temporary directory, so quantized types go
+through each backend's own loading path (the ggml backend maps the file). Accuracy is the
+normalized mean squared error mse(got, want) / mean(want²); exact ops must match exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+from gguf.quants import quantize as gguf_quantize
+from gpu import NUM_GPU, ggml_gpus
+
+from herd.errors import BackendError, GGUFError
+from herd.gguf import GGUFFile
+from herd.gguf.reader import open_gguf
+from herd.ml import (
+    BackendOptions,
+    DeviceInfo,
+    DType,
+    RopeOptions,
+    Tensor,
+    available_backends,
+    open_backend,
+)
+from herd.ml.backends.numpy import NumpyBackend
+from herd.nn.attention import attention
+
+BACKENDS = [name for name in available_backends() if name != "numpy"]
+if not BACKENDS:
+    pytest.skip(
+        "ggml-python not installed (pip install ggml-python==0.0.45)", allow_module_level=True
+    )
+
+EXACT = 0.0
+QUANT_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K]
+F32 = np.float32
+
+
+def rand(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(F32)
+
+
+def quantized(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """GGUF bytes of w in qtype: the gguf package's quantizer, else ggml's own."""
+    try:
+        return gguf_quantize(w, qtype)
+    except NotImplementedError:
+        from herd.ml.backends.ggml.backend import quantize
+
+        return quantize(w, qtype)
+
+
+def write_weights(path: Path, tensors: dict[str, tuple[np.ndarray, Q]]) -> Path:
+    writer = GGUFWriter(str(path), "test")
+    for name, (w, qtype) in tensors.items():
+        if qtype == Q.F32:
+            writer.add_tensor(name, w)
+        elif qtype == Q.F16:
+            writer.add_tensor(name, w.astype(np.float16))
+        else:
+            raw = quantized(w, qtype)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+WEIGHTS: dict[str, tuple[np.ndarray, Q]] = {
+    "w.F32": (rand(48, 64, seed=1), Q.F32),
+    "w.F16": (rand(48, 64, seed=2), Q.F16),
+    "w.BF16": (rand(48, 64, seed=3), Q.BF16),
+    **{f"w.{q.name}": (rand(40, 256, seed=10 + i), q) for i, q in enumerate(QUANT_TYPES)},
+    "emb.F32": (rand(20, 64, seed=4), Q.F32),
+    "emb.F16": (rand(20, 64, seed=5), Q.F16),
+    "emb.Q8_0": (rand(20, 64, seed=6), Q.Q8_0),
+    "emb.Q4_K": (rand(20, 256, seed=7), Q.Q4_K),
+    "rope_freqs": (np.linspace(1.0, 8.0, 16, dtype=F32), Q.F32),
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> GGUFFile:
+    return open_gguf(write_weights(tmp_path_factory.mktemp("ops") / "w.gguf", WEIGHTS))
+
+
+# every installed backend (one thread: tiny ops, shared CI cores); ggml also with repacked
+# weights on two threads, with flash attention, through the scheduler onto a stand-in GPU
+# (a second CPU backend), and on each real GPU unless HERD_TEST_NUM_GPU=0
+VARIANTS: list[tuple[str, int, dict[str, Any]]] = [(name, 1, {}) for name in BACKENDS]
+if "ggml" in BACKENDS:
+    VARIANTS += [("ggml", 2, {"repack": True}), ("ggml", 1, {"flash_attn": True})]
+    VARIANTS += [("ggml", 1, {"gpu_ops": True, "stand_in_gpu": True})]
+    if NUM_GPU != 0 and ggml_gpus():
+        VARIANTS += [("ggml", 1, {"gpu_ops": True, "flash_attn": fa}) for fa in (False, True)]
+
+
+@pytest.fixture(
+    scope="module",
+    params=VARIANTS,
+    ids=[name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, _, extra in VARIANTS],
+)
+def backends(request: pytest.FixtureRequest, gguf_file: GGUFFile) -> Any:
+    name, threads, extra = request.param
+    extra, num_gpu = dict(extra), NUM_GPU
+    if extra.pop("stand_in_gpu", False):
+        extra["device_probe"], num_gpu = stand_in_gpu, -1
+    options = BackendOptions(num_thread=threads, num_gpu=num_gpu, extra=extra)
+    backend = open_backend(name, gguf_file, options)
+    assert not extra.get("gpu_ops") or backend.gpus, "gpu_ops: no GPU in use"
+    yield backend, NumpyBackend(gguf_file)
+    backend.close()
+
+
+def stand_in_gpu() -> list[Any]:
+    """ggml's CPU as a "GPU" next to itself: the scheduler splits graphs between them."""
+    from herd.ml.backends.ggml.backend import Device, probe_devices
+
+    cpu = next(d for d in probe_devices() if d.info.kind == "cpu")
+    return [Device(DeviceInfo("stand-in GPU", "gpu", 1 << 30, 1 << 30), cpu.handle), cpu]
+
+
+def nmse(got: np.ndarray, want: np.ndarray) -> float:
+    want = want.astype(np.float64)
+    return float(np.mean((got - want) ** 2) / max(np.mean(want**2), 1e-30))
+
+
+def run(backend: Any, build: Callable[..., Any], inputs: list[Any]) -> list[np.ndarray]:
+    """Build `build(ctx, backend, *input tensors)` and compute its output(s)."""
+    with backend.new_context() as ctx:
+        args = [ctx.input(a, DType.I32 if a.dtype.kind in "iu" else DType.F32) for a in inputs]
+        out = build(ctx, backend, *args)
+        return ctx.compute(*(out if isinstance(out, tuple) else (out,)))
+
+
+def check(backends: Any, build: Callable[..., Any], inputs: list[Any], limit: float) -> None:
+    backend, oracle = backends
+    got, want = run(backend, build, inputs), run(oracle, build, inputs)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        if limit == EXACT:
+            np.testing.assert_array_equal(g, w)
+        else:
+            assert g.dtype == np.float32
+            assert nmse(g, w) < limit, f"nmse {nmse(g, w):.3g} >= {limit:g}"
+
+
+X = rand(3, 5, 64)  # (B, T, D)
+POS = rand(3, 5, 64, seed=9) ** 2 + 0.5
+
+
+def causal(t: int, s: int) -> np.ndarray:
+    return np.where(np.arange(s)[None, :] <= np.arange(t)[:, None] + s - t, 0, -np.inf).astype(F32)
+
+
+def _permuted(x: Any) -> Any:
+    """A non-contiguous view with the same shape as x (3, 5, 64)."""
+    return x.reshape(5, 3, 64).permute(1, 0, 2)
+
+
+# (id, build, inputs, nmse limit)
+OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
+    ("add", lambda c, b, x, y: x.add(y), [X, rand(3, 5, 64, seed=1)], 1e-12),
+    ("add_bcast_row", lambda c, b, x, y: x.add(y), [X, rand(64, seed=1)], 1e-12),
+    ("add_bcast_mid", lambda c, b, x, y: x.add(y), [X, rand(3, 1, 64, seed=1)], 1e-12),
+    ("sub", lambda c, b, x, y: x.sub(y), [X, rand(5, 64, seed=1)], 1e-12),
+    ("mul", lambda c, b, x, y: x.mul(y), [X, rand(1, 5, 1, seed=1)], 1e-12),
+    ("div", lambda c, b, x, y: x.div(y), [X, POS], 1e-12),
+    ("add_strided", lambda c, b, x, y: _permuted(x).add(_permuted(y)), [X, POS], 1e-12),
+    ("scale", lambda c, b, x: x.scale(0.37), [X], 1e-12),
+    ("neg", lambda c, b, x: x.neg(), [X], EXACT),
+    ("exp", lambda c, b, x: x.exp(), [X], 1e-10),
+    ("sqrt", lambda c, b, x: x.sqrt(), [POS], 1e-12),
+    ("tanh", lambda c, b, x: x.tanh(), [X], 1e-10),
+    ("sigmoid", lambda c, b, x: x.sigmoid(), [X], 1e-10),
+    ("silu", lambda c, b, x: x.silu(), [X], 1e-10),
+    ("silu_strided", lambda c, b, x: _permuted(x).silu(), [X], 1e-10),
+    ("gelu", lambda c, b, x: x.gelu(), [X], 1e-6),
+    ("gelu_erf", lambda c, b, x: x.gelu_erf(), [X], 1e-10),
+    ("relu", lambda c, b, x: x.relu(), [X], EXACT),
+    ("clamp", lambda c, b, x: x.clamp(-0.5, 0.75), [X], EXACT),
+    ("swiglu", lambda c, b, x, y: x.swiglu(y), [X, rand(3, 5, 64, seed=1)], 1e-10),
+    ("swiglu_strided", lambda c, b, x, y: _permuted(x).swiglu(y), [X, POS], 1e-10),
+    ("geglu", lambda c, b, x, y: x.geglu(y), [X, rand(3, 5, 64, seed=1)], 1e-6),
+    ("softmax", lambda c, b, x: x.softmax(), [X], 1e-10),
+    (
+        "softmax_mask_scale",
+        lambda c, b, x, m: x.softmax(m, 0.125),
+        [rand(4, 5, 9), causal(5, 9)],
+        1e-10,
+    ),
+    ("softmax_mask_4d", lambda c, b, x, m: x.softmax(m), [rand(2, 4, 5, 9), causal(5, 9)], 1e-10),
+    ("softmax_mask_row", lambda c, b, x, m: x.softmax(m), [rand(4, 5, 9), rand(9, seed=1)], 1e-10),
+    ("softmax_strided", lambda c, b, x: _permuted(x).softmax(), [X], 1e-10),
+    ("sum", lambda c, b, x: x.sum(), [X], 1e-12),
+    ("mean", lambda c, b, x: x.mean(), [X], 1e-12),
+    ("rms_norm", lambda c, b, x: x.rms_norm(1e-6), [X], 1e-12),
+    ("rms_norm_strided", lambda c, b, x: _permuted(x).rms_norm(1e-6), [X], 1e-12),
+    ("layer_norm", lambda c, b, x: x.layer_norm(1e-5), [X], 1e-12),
+    ("l2_norm", lambda c, b, x: x.l2_norm(1e-6), [X], 1e-12),
+    ("matmul_t", lambda c, b, x, y: x.matmul_t(y), [rand(4, 5, 32), rand(4, 7, 32, seed=1)], 1e-12),
+    (
+        "matmul_t_gqa",
+        lambda c, b, x, y: x.matmul_t(y),
+        [rand(6, 5, 32), rand(2, 7, 32, seed=1)],
+        1e-12,
+    ),
+    (
+        "matmul_t_f16",
+        lambda c, b, x, y: x.matmul_t(y.cast(DType.F16)),
+        [rand(4, 5, 32), rand(2, 7, 32, seed=1)],
+        1e-6,
+    ),
+    (
+        "matmul_t_strided",
+        lambda c, b, x, y: x.permute(1, 0, 2).matmul_t(y.permute(1, 0, 2)),
+        [rand(5, 4, 32), rand(7, 2, 32, seed=1)],
+        1e-12,
+    ),
+    (
+        "attention",
+        lambda c, b, q, k, v, m: attention(q, k, v, 0.25, None, m),
+        [rand(5, 4, 16), rand(5, 2, 16, seed=1), rand(5, 2, 8, seed=2), causal(5, 5)],
+        1e-10,
+    ),
+    (
+        "attention_no_mask",
+        lambda c, b, q, k, v: attention(q, k, v, 0.25, None, None),
+        [rand(5, 4, 16), rand(5, 2, 16, seed=1), rand(5, 2, 8, seed=2)],
+        1e-10,
+    ),
+    *[
+        (
+            f"attention_cache_{dt.name}",
+            lambda c, b, q, k, v, m, dt=dt: attention(q, k.cast(dt), v.cast(dt), 0.125, None, m),
+            [rand(7, 8, 64), rand(20, 2, 64, seed=1), rand(20, 2, 64, seed=2), causal(7, 20)],
+            limit,
+        )
+        for dt, limit in ((DType.F16, 2e-6), (DType.Q8_0, 2e-4))
+    ],
+    ("reshape", lambda c, b, x: x.reshape(15, 8, 8), [X], EXACT),
+    ("reshape_infer", lambda c, b, x: x.reshape(-1, 64), [X], EXACT),
+    ("reshape_strided", lambda c, b, x: x.permute(2, 0, 1).reshape(64, 15), [X], EXACT),
+    ("slice_last", lambda c, b, x: x.slice(-1, 8, 40), [X], EXACT),
+    ("slice_mid", lambda c, b, x: x.slice(1, 1, 4), [X], EXACT),
+    ("slice_first", lambda c, b, x: x.slice(0, 1, 3), [X], EXACT),
+    ("slice_then_op", lambda c, b, x: x.slice(2, 16, 48).silu(), [X], 1e-10),
+    ("permute_3d", lambda c, b, x: x.permute(2, 0, 1), [X], EXACT),
+    ("permute_4d", lambda c, b, x: x.reshape(3, 5, 8, 8).permute(1, 3, 0, 2), [X], EXACT),
+    ("contiguous", lambda c, b, x: x.permute(1, 2, 0).contiguous(), [X], EXACT),
+    ("concat_last", lambda c, b, x, y: x.concat(y, -1), [X, rand(3, 5, 16, seed=1)], EXACT),
+    ("concat_first", lambda c, b, x, y: x.concat(y, 0), [X, rand(2, 5, 64, seed=1)], EXACT),
+    (
+        "concat_strided",
+        lambda c, b, x, y: x.permute(1, 0, 2).concat(y, 1),
+        [X, rand(5, 2, 64, seed=1)],
+        EXACT,
+    ),
+    ("repeat", lambda c, b, x: x.repeat(6, 5, 128), [X], EXACT),
+    ("cast_f16", lambda c, b, x: x.cast(DType.F16), [X], 1e-6),
+    ("cast_f16_f32", lambda c, b, x: x.cast(DType.F16).cast(DType.F32).scale(2.0), [X], 1e-6),
+    ("cast_i32", lambda c, b, x: x.scale(10.0).cast(DType.I32), [np.round(X * 10) / 10], EXACT),
+    ("cast_i32_f32", lambda c, b, i: i.cast(DType.F32), [np.arange(12, dtype=np.int32)], EXACT),
+    ("cast_weight", lambda c, b: c.attach(b.weight("w.Q8_0")).cast(DType.F32), [], EXACT),
+    *[
+        (
+            f"get_rows_{table}",
+            lambda c, b, i, table=table: b.weight(f"emb.{table}").get_rows(i),
+            [np.array([3, 0, 19, 3], np.int32)],
+            EXACT,
+        )
+        for table in ("F32", "F16", "Q8_0", "Q4_K")
+    ],
+    (
+        "get_rows_2d_ids",
+        lambda c, b, i: b.weight("emb.F32").get_rows(i),
+        [np.array([[3, 0], [19, 3]], np.int32)],
+        EXACT,
+    ),
+    (
+        "get_rows_3d_table",
+        lambda c, b, x, i: x.get_rows(i),
+        [rand(6, 2, 8), np.array([5, 1, 1], np.int32)],
+        EXACT,
+    ),
+    (
+        "rope_normal",
+        lambda c, b, x, p: x.rope(p, RopeOptions(dims=64)),
+        [X.reshape(5, 3, 64), np.array([0, 1, 2, 7, 100], np.int32)],
+        1e-10,
+    ),
+    (
+        "rope_neox",
+        lambda c, b, x, p: x.rope(p, RopeOptions(dims=64, neox=True, base=5e5)),
+        [X.reshape(5, 3, 64), np.array([0, 1, 2, 7, 100], np.int32)],
+        1e-10,
+    ),
+    (
+        "rope_partial",
+        lambda c, b, x, p: x.rope(p, RopeOptions(dims=32, neox=True)),
+        [X.reshape(5, 3, 64), np.array([3, 4, 5, 6, 7], np.int32)],
+        1e-10,
+    ),
+    (
+        "rope_freq_factors",
+        lambda c, b, x, p: x.rope(p, RopeOptions(dims=32), c.attach(b.weight("rope_freqs"))),
+        [X.reshape(5, 3, 64), np.array([0, 1, 2, 300, 4000], np.int32)],
+        1e-10,
+    ),
+    (
+        "rope_yarn",
+        lambda c, b, x, p: x.rope(
+            p, RopeOptions(dims=64, neox=True, freq_scale=0.25, ext_factor=1.0, orig_ctx=64)
+        ),
+        [X.reshape(5, 3, 64), np.array([0, 1, 60, 130, 250], np.int32)],
+        1e-10,
+    ),
+    (
+        "rope_strided",
+        lambda c, b, x, p: x.slice(2, 0, 32).rope(p, RopeOptions(dims=32)),
+        [X.reshape(5, 3, 64), np.array([0, 1, 2, 3, 4], np.int32)],
+        1e-10,
+    ),
+    # quantized weights: ggml also quantizes the activations (to Q8_0/Q8_1/Q8_K), ~3e-5
+    *[
+        (
+            f"linear_{q.name}",
+            lambda c, b, x, q=q: x.linear(b.weight(f"w.{q.name}")),
+            [rand(2, 3, 256, seed=5)],
+            2e-4,
+        )
+        for q in QUANT_TYPES
+    ],
+    ("linear_one_row", lambda c, b, x: x.linear(b.weight("w.Q4_K")), [rand(1, 256, seed=5)], 2e-4),
+    ("linear_F32", lambda c, b, x: x.linear(b.weight("w.F32")), [rand(7, 64, seed=5)], 1e-12),
+    ("linear_F16", lambda c, b, x: x.linear(b.weight("w.F16")), [rand(7, 64, seed=5)], 1e-6),
+    ("linear_BF16", lambda c, b, x: x.linear(b.weight("w.BF16")), [rand(7, 64, seed=5)], 2e-5),
+    (
+        "linear_strided",
+        lambda c, b, x: x.permute(1, 0, 2).linear(b.weight("w.Q4_0")),
+        [rand(3, 2, 256, seed=5)],
+        2e-4,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "inputs", "limit"), [op[1:] for op in OPS], ids=[op[0] for op in OPS]
+)
+def test_op_matches_numpy(
+    backends: Any, build: Callable[..., Any], inputs: list[np.ndarray], limit: float
+) -> None:
+    check(backends, build, inputs, limit)
+
+
+def test_table_covers_the_contract() -> None:
+    ops = {
+        name for name, value in vars(Tensor).items() if callable(value) and not name.startswith("_")
+    }
+    tested = {op[0].split("_")[0] for op in OPS} | {
+        "get_rows",
+        "set_rows",
+        "gelu_erf",
+        "rms_norm",
+        "layer_norm",
+        "l2_norm",
+        "matmul_t",
+    }
+    assert ops - tested == set()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "limit"),
+    [(DType.F32, EXACT), (DType.F16, 1e-6), (DType.Q8_0, 1e-4), (DType.Q4_0, 1e-2)],
+    ids=lambda v: v.name if isinstance(v, DType) else "",
+)
+def test_set_rows_into_persistent_tensor(backends: Any, dtype: DType, limit: float) -> None:
+    """Two passes write rows of a (10, 2, 32) cache; a third reads them back."""
+    outs = []
+    for b in backends:
+        cache = b.alloc((10, 2, 32), dtype)
+        for ids, seed in (([3, 7, 1], 1), ([0, 7], 2)):
+            with b.new_context() as ctx:
+                src = ctx.input(rand(len(ids), 64, seed=seed))
+                ctx.forward(cache.set_rows(ctx.input(np.array(ids, np.int32), DType.I32), src))
+                ctx.compute()
+        with b.new_context() as ctx:
+            view = ctx.attach(cache)
+            outs.append(ctx.compute(view, view.slice(0, 2, 8).permute(1, 2, 0)))
+    for got, want in zip(*outs, strict=True):
+        if limit == EXACT:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert nmse(got, want) < limit
+
+
+def test_cache_write_then_read_in_one_pass(backends: Any) -> None:
+    """A forward()ed write is visible to reads of the cache later in the same graph."""
+    outs = []
+    for b in backends:
+        cache = b.alloc((6, 8), DType.F16)
+        with b.new_context() as ctx:
+            ctx.forward(
+                cache.set_rows(
+                    ctx.input(np.array([4, 1], np.int32), DType.I32), ctx.input(rand(2, 8))
+                )
+            )
+            outs.append(ctx.compute(ctx.attach(cache).slice(0, 0, 5).scale(2.0))[0])
+    assert nmse(outs[0], outs[1]) < 1e-6
+
+
+def test_rerun_reuses_the_graph(backends: Any) -> None:
+    """New input values through the graph of the last compute, also after other graphs
+    (a bigger one in between makes the shared allocator move its buffer)."""
+    backend, oracle = backends
+    build = lambda c, b, x, i: x.linear(b.weight("w.Q8_0")).add(  # noqa: E731
+        b.weight("emb.F32").get_rows(i).slice(1, 0, 40)
+    )
+    steps = [[rand(2, 256, seed=s), np.array([s, 2 * s], np.int32)] for s in range(1, 5)]
+    with backend.new_context() as ctx:
+        if not hasattr(ctx, "rerun"):
+            pytest.skip(f"{backend.name} has no graph reuse")
+        x, i = steps[0]
+        got = [ctx.compute(build(ctx, backend, ctx.input(x), ctx.input(i, DType.I32)))[0]]
+        got.append(ctx.rerun(*steps[1])[0])
+        run(backend, lambda c, b, y: y.linear(b.weight("w.F32")).softmax(), [rand(300, 64)])
+        got += [ctx.rerun(*steps[2])[0], ctx.rerun(*steps[3])[0]]
+    for g, inputs in zip(got, steps, strict=True):
+        assert nmse(g, run(oracle, build, inputs)[0]) < 2e-4
+
+
+def test_compute_twice_in_one_context(backends: Any) -> None:
+    backend, _ = backends
+    with backend.new_context() as ctx:
+        x = ctx.input(rand(4, 64))
+        y = x.silu()
+        first = ctx.compute(y)[0]
+        run(backend, lambda c, b, z: z.scale(2.0), [rand(500, 64)])
+        again, z = ctx.compute(y, y.scale(3.0))
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(z, 3 * first, rtol=1e-6)
+
+
+@pytest.mark.skipif("ggml" not in BACKENDS, reason="ggml-python not installed")
+def test_repack_copies_only_what_linear_uses(gguf_file: GGUFFile) -> None:
+    backend = open_backend("ggml", gguf_file, BackendOptions(num_thread=1, extra={"repack": True}))
+    run(backend, lambda c, b, x: x.linear(b.weight("w.Q4_0")), [rand(2, 256)])
+    q4 = backend.weight("w.Q4_0").p
+    assert backend.packed[q4] != 0  # decided on first use (a copy where the CPU has a layout)
+    run(backend, lambda c, b, i: b.weight("emb.Q8_0").get_rows(i), [np.array([1], np.int32)])
+    assert backend.packed[backend.weight("emb.Q8_0").p] == 0  # only gathered: not copied
+    backend.close()
+
+
+def test_weights_keep_their_types(backends: Any) -> None:
+    backend, _ = backends
+    assert backend.weight("w.Q8_0").dtype == DType.Q8_0
+    assert backend.weight("w.F16").dtype == DType.F16
+    assert backend.weight("w.Q4_K").dtype == DType.OTHER
+    assert backend.weight("w.Q4_K").shape == (40, 256)
+    assert "cpu" in [d.kind for d in backend.devices()]
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = write_weights(tmp_path / "t.gguf", {"w": (rand(32, 64), Q.F32)})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(GGUFError, match="runs past the end of the file"):
+        open_gguf(path)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_backend_refuses_tensor_past_the_end(tmp_path: Path, backend_name: str) -> None:
+    """Even if a reader let it through, the backend never maps bytes past the file."""
+    g = open_gguf(write_weights(tmp_path / "t.gguf", {"w": (rand(32, 64), Q.F32)}))
+    info = g.tensors["w"]
+    bad = dataclasses.replace(g, tensors={"w": dataclasses.replace(info, offset=g.file_size - 64)})
+    with pytest.raises(GGUFError, match="runs past the end of the file"):
+        open_backend(backend_name, bad).weight("w")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_unsupported_type_is_refused(tmp_path: Path, backend_name: str) -> None:
+    """Q8_K is a valid GGUF type that ggml uses only for activations: no kernel reads it."""
+    raw = np.zeros((4, 292), np.uint8)
+    writer = GGUFWriter(str(tmp_path / "q.gguf"), "test")
+    writer.add_tensor("w", raw, raw_shape=raw.shape, raw_dtype=Q.Q8_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises((GGUFError, BackendError), match="Q8_K"):
+        open_backend(backend_name, open_gguf(tmp_path / "q.gguf")).weight("w")
