@@ -20,11 +20,18 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# Built here, never taken from pip's wheel cache: a cached wheel may have been built with
+# other flags (and herd's ggml results are bit-identical to llama.cpp's only with these).
+GGML_INSTALL = $(BIN)/python -c "import ggml" 2>/dev/null || \
+	CMAKE_ARGS="$(GGML_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir ggml-python==0.0.45
+
 install: $(BIN)/python
-	CMAKE_ARGS="$(GGML_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[ggml]"
+	$(BIN)/python -m pip install -q -e .
+	$(GGML_INSTALL)
 
 install-test: $(BIN)/python
-	CMAKE_ARGS="$(GGML_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[ggml,test]"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(GGML_INSTALL)
 
 run: install
 	$(BIN)/herd run $(MODEL) "$(PROMPT)"

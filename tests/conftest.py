@@ -44,8 +44,22 @@ def gemma3_path(test_store) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_store(tmp_path, monkeypatch):
-    """No test writes to the user's store by accident."""
+    """No test writes to the user's store, or talks to a `herd serve` the user started
+    (the CLI uses a running server when one answers at HERD_HOST)."""
     monkeypatch.setenv("HERD_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("HERD_HOST", f"127.0.0.1:{_UNUSED_PORT}")
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+
+
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+_UNUSED_PORT = _unused_port()
 
 
 @pytest.fixture(scope="session")
