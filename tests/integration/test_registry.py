@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -524,3 +525,23 @@ def test_cli_pull_push(registry: str, tmp_path: Path, monkeypatch: pytest.Monkey
     assert r.stderr.strip().splitlines()[-1] == (
         f"Error: model '{registry}/me/none:1' not found in registry {registry}"
     )
+
+
+def test_disk_full_during_pull_is_a_clear_error(proxy: Proxy, tmp_path: Path) -> None:
+    """A store on a 1 MiB filesystem: the 3 MB blob does not fit; nothing enters the store."""
+    name, _, _, model = _pushed(proxy, tmp_path, "full", size=3_000_000)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs for the full disk")
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        tiny = Store(small / "models")
+        with pytest.raises(DownloadError, match="disk full"):
+            pull(tiny, name, Options(**FAST))
+        assert tiny.names() == [] and not tiny.has_blob(model)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
