@@ -93,8 +93,11 @@ class LLM:
     # ---- compute ------------------------------------------------------------------------
     def runner(self, options: Options) -> Runner:
         if self._runner is None or self._runner_key != options.load_key():
+            from herd import envconfig
+
             self._runner = Runner(
-                self.model, self.backend, self.tokenizer, options, self.model.context_length
+                self.model, self.backend, self.tokenizer, options, self.model.context_length,
+                cache_type=envconfig.kv_cache_type(),
             )
             self._runner_key = options.load_key()
         return self._runner

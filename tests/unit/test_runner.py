@@ -164,3 +164,32 @@ def test_reused_decode_graphs_cross_the_padding_boundary(tiny_llama_path):
         )
         results.append(run(runner, PROMPTS[0], Options(temperature=0, num_predict=70))[0])
     assert results[0].tokens == results[1].tokens and len(results[0].tokens) == 70
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0", "q4_0"])
+def test_kv_cache_types(tiny_llama_path, cache_type):
+    """HERD_KV_CACHE_TYPE's values; quantized caches need a backend that stores them."""
+    from herd.ml import available_backends
+
+    backend_name = "ggml" if "ggml" in available_backends() else "numpy"
+    g = open_gguf(tiny_llama_path)
+    backend = open_backend(backend_name, g)
+    model = load_model(g.config(), backend)
+    runner = Runner(
+        model,
+        backend,
+        LetterTokenizer(),
+        Options(num_ctx=64),
+        model.context_length,
+        cache_type=cache_type,
+    )
+    final, _ = run(runner, PROMPTS[0], Options(temperature=0, num_predict=8))
+    assert final.eval_count == 8
+
+
+def test_unknown_kv_cache_type_is_a_clear_error(tiny_llama_path):
+    g = open_gguf(tiny_llama_path)
+    backend = open_backend("numpy", g)
+    model = load_model(g.config(), backend)
+    with pytest.raises(HerdError, match="unknown KV cache type 'q9'"):
+        Runner(model, backend, LetterTokenizer(), Options(), model.context_length, cache_type="q9")

@@ -75,6 +75,9 @@ class Sequence:
     done: bool = False
 
 
+_CACHE_TYPES = {"f16": DType.F16, "q8_0": DType.Q8_0, "q4_0": DType.Q4_0}
+
+
 class Runner:
     def __init__(
         self,
@@ -85,18 +88,19 @@ class Runner:
         context_length: int,
         parallel: int = 1,
         reuse_graphs: bool = True,
+        cache_type: str | None = None,
     ) -> None:
+        """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
+        OLLAMA_KV_CACHE_TYPE values); None: the model's default."""
         self.model, self.backend, self.tokenizer = model, backend, tokenizer
         self.num_ctx = max(8, min(options.num_ctx, context_length))
         self.num_batch = max(1, min(options.num_batch, self.num_ctx))
         self.cache = model.cache  # type: ignore[attr-defined]
-        self.cache.init(
-            backend,
-            getattr(model, "cache_dtype", DType.F16),
-            parallel,
-            self.num_ctx,
-            self.num_batch,
-        )
+        if cache_type is not None and cache_type not in _CACHE_TYPES:
+            raise HerdError(f"unknown KV cache type {cache_type!r}; choose one of: "
+                            + ", ".join(_CACHE_TYPES))
+        dtype = _CACHE_TYPES[cache_type] if cache_type else getattr(model, "cache_dtype", DType.F16)
+        self.cache.init(backend, dtype, parallel, self.num_ctx, self.num_batch)
         self.slots = [Slot(i) for i in range(parallel)]
         self.active: list[Sequence] = []
         self.incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()

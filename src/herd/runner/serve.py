@@ -96,8 +96,11 @@ class BatchEngine:
         from herd.runner.engine import Runner
 
         self.parallel = max(1, parallel)
+        from herd import envconfig
+
         self.runner = Runner(llm.model, llm.backend, llm.tokenizer, llm.defaults,
-                             llm.model.context_length, parallel=self.parallel)
+                             llm.model.context_length, parallel=self.parallel,
+                             cache_type=envconfig.kv_cache_type())
         self.num_ctx = self.runner.num_ctx
         # a slot frees one step after its sequence ends or is cancelled: wait for it here
         # rather than letting a request that arrives in between fail to claim one
