@@ -51,6 +51,7 @@ _NUMPY = {
     12: np.float64,
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,27 @@ class _Cursor:
         raw = bytes(self.take(n))
         return raw.decode("utf-8", errors="replace")
 
+    def strings(self, n: int) -> list[str]:
+        """n length-prefixed strings; one tight loop, since vocabularies hold 10^5 of them."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        length = _U64.unpack_from
+        out = []
+        try:
+            for _ in range(n):
+                (size,) = length(buf, pos)
+                pos += 8
+                if pos + size > end:
+                    raise struct.error
+                out.append(str(buf[pos : pos + size], "utf-8", "replace"))
+                pos += size
+        except struct.error:
+            raise GGUFError(
+                f"{self.path}: truncated GGUF header (a string array runs past "
+                f"the end of the file at byte {pos})"
+            ) from None
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[vtype])
@@ -102,7 +124,7 @@ class _Cursor:
                 dt = np.dtype(_NUMPY[etype]).newbyteorder("<")
                 return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).tolist()
             if etype == _STRING:
-                return [self.string() for _ in range(n)]
+                return self.strings(n)
             return [self.value(etype) for _ in range(n)]
         raise GGUFError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
