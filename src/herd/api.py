@@ -266,21 +266,15 @@ class LLM:
             yield out
 
     def info(self) -> dict[str, Any]:
-        cfg = self.gguf.config()
-        from gguf import LlamaFileType
+        from herd.store.ggufinfo import describe
 
-        file_type = self.gguf.kv.get("general.file_type")
-        try:
-            quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type else ""
-        except ValueError:
-            quant = str(file_type)
-        n_params = sum(t.n_elements for t in self.gguf.tensors.values())
+        facts = describe(self.gguf)
         return {
-            "architecture": cfg.arch,
-            "parameters": n_params,
-            "context_length": cfg.int("context_length", 0),
-            "embedding_length": cfg.int("embedding_length", 0),
-            "quantization": quant,
+            "architecture": facts.architecture,
+            "parameters": facts.parameter_count,
+            "context_length": facts.context_length or 0,
+            "embedding_length": facts.embedding_length or 0,
+            "quantization": facts.file_type,
             "backend": self.backend.name,
             "template": self.template.source if self.template is not None else None,
         }
