@@ -28,7 +28,13 @@ from herd.ml import available_backends  # noqa: E402
 from herd.models import Batch, supported_architectures  # noqa: E402
 
 ENCODERS = {"bert"}  # no cache, no decode: covered by tests/convert (embeddings)
-TOL = {"numpy": 1e-4, "ggml": 5e-3}
+TOL = {"numpy": 1e-4, "ggml": 1e-3}
+# Gemma 3 on ggml measures ~3e-3: its 256-wide heads go through ggml's F16 matmul paths
+GEMMA_GGML_TOL = 4e-3
+
+
+def tol(path, backend: str) -> float:
+    return GEMMA_GGML_TOL if backend == "ggml" and "gemma3" in str(path) else TOL[backend]
 DECODER_CASES = [name for name, c in CASES.items() if c.arch not in ENCODERS]
 
 
@@ -54,7 +60,7 @@ def backend(request):
 def test_logits_match_transformers(case, backend):
     model, path, ids = case
     ours = Engine(path, backend).forward(Batch.single(ids, outputs="all"))
-    assert rel_err(ours, hf_logits(model, ids)) < TOL[backend]
+    assert rel_err(ours, hf_logits(model, ids)) < tol(path, backend)
 
 
 def test_cached_decode_equals_recompute(case, backend):
@@ -64,7 +70,7 @@ def test_cached_decode_equals_recompute(case, backend):
     half = len(ids) // 2
     rows = [engine.forward(Batch.single(ids[:half], 0))[0]]
     rows += [engine.forward(Batch.single([ids[i]], i))[0] for i in range(half, len(ids))]
-    assert rel_err(np.stack(rows), full[half - 1 :]) < TOL[backend]
+    assert rel_err(np.stack(rows), full[half - 1 :]) < tol(path, backend)
 
 
 def test_batch_of_two_equals_two_singles(case, backend):
@@ -78,5 +84,5 @@ def test_batch_of_two_equals_two_singles(case, backend):
         np.arange(len(a) + len(b), dtype=np.int32),
     )
     out = Engine(path, backend).forward(both)
-    assert rel_err(out[: len(a)], alone[0]) < TOL[backend]
-    assert rel_err(out[len(a) :], alone[1]) < TOL[backend]
+    assert rel_err(out[: len(a)], alone[0]) < tol(path, backend)
+    assert rel_err(out[len(a) :], alone[1]) < tol(path, backend)
