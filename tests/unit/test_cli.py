@@ -548,3 +548,15 @@ def test_human_bytes(n: int, text: str) -> None:
 )
 def test_human_duration(seconds: float, text: str) -> None:
     assert human_duration(seconds) == text
+
+
+@pytest.mark.parametrize("choice", ["numpy", "nosuch"])
+def test_show_says_which_backend_runs_the_model(
+    models: Store, monkeypatch: pytest.MonkeyPatch, choice: str
+) -> None:
+    monkeypatch.setenv("HERD_BACKEND", choice)
+    r = invoke(["show", "tiny:1"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("backend"))
+    expected = "numpy" if choice == "numpy" else "none (unknown backend 'nosuch'"
+    assert line.split(None, 1)[1].startswith(expected), line

@@ -79,6 +79,18 @@ def _head(text: str, n: int = 2) -> list[list[str]]:
     return rows + [["..."]] if len(lines) > n else rows
 
 
+def _backend() -> str:
+    """The compute backend HERD_BACKEND (default auto) resolves to on this machine."""
+    from herd import envconfig
+    from herd.errors import BackendError
+    from herd.ml import resolve_backend_name
+
+    try:
+        return resolve_backend_name(envconfig.backend())
+    except BackendError as e:
+        return f"none ({e})"
+
+
 def render_info(f: ShowFacts, verbose: bool = False) -> str:
     g = f.gguf
     model_rows = [["architecture", g.architecture], ["parameters", g.parameter_size]]
@@ -87,6 +99,7 @@ def render_info(f: ShowFacts, verbose: bool = False) -> str:
     if g.embedding_length is not None:
         model_rows.append(["embedding length", str(g.embedding_length)])
     model_rows.append(["quantization", g.file_type])
+    model_rows.append(["backend", _backend()])  # herd's own: which engine would run it
     out = [_section("Model", model_rows), _section("Capabilities", [[c] for c in f.capabilities])]
     if f.params:
         out.append(_section("Parameters", [line.split(None, 1) for line in
