@@ -20,7 +20,6 @@ from herd.server import store_api
 from herd.server.errors import BadRequestError
 from herd.server.http import (
     JSON,
-    close,
     field_of,
     first_item,
     handles_errors,
@@ -32,11 +31,11 @@ from herd.server.http import (
     watch,
 )
 from herd.server.outputs import (
-    Joined,
     check_format,
     check_think,
     fields,
     has_output,
+    join_answer,
     ollama_message,
 )
 from herd.server.scheduler import FOREVER_S, Runner
@@ -218,23 +217,8 @@ class OllamaAPI:
         first = await first_item(request, events)
         if body.get("stream", True) is not False:
             return _ndjson_skip_empty(first, events, shape)
-        joined = Joined()
-        logprobs: list[dict[str, Any]] = []
-
-        async def collect() -> dict[str, Any]:
-            item = first
-            while True:
-                joined.add(item)
-                logprobs.extend(item.get("logprobs") or ())
-                if item.get("done"):
-                    return item
-                item = await anext(events)
-
-        try:
-            final = shape(await watch(request, collect()))
-        finally:
-            await close(events)
-        whole = joined.piece()
+        last, whole, logprobs = await join_answer(request, first, events)
+        final = shape(last)
         if key == "message":
             final["message"] = ollama_message(whole)
         else:

@@ -15,7 +15,6 @@ from herd.errors import ModelNotFoundError
 from herd.server.errors import BadRequestError, NotImplementedYetError
 from herd.server.http import (
     JSON,
-    close,
     first_item,
     handles_errors,
     read_json,
@@ -24,11 +23,11 @@ from herd.server.http import (
 )
 from herd.server.ollama_api import _check_capabilities, normalize
 from herd.server.outputs import (
-    Joined,
     fields,
     finish_reason,
     from_openai_messages,
     has_output,
+    join_answer,
     openai_fields,
     openai_message,
 )
@@ -217,25 +216,10 @@ class OpenAIAPI:
 
     async def _collect(self, request: Request, first: dict[str, Any],
                        events: Any) -> tuple[str, dict[str, Any]]:
-        joined = Joined()
-        logprobs: list[dict[str, Any]] = []
-
-        async def run() -> dict[str, Any]:
-            item = first
-            while True:
-                joined.add(item)
-                logprobs.extend(item.get("logprobs") or ())
-                if item.get("done"):
-                    return item
-                item = await anext(events)
-
-        try:
-            final = await watch(request, run())
-        finally:
-            await close(events)
+        final, whole, logprobs = await join_answer(request, first, events)
         if logprobs:  # the final message's own: every token's, in order
             final = {**final, "logprobs": logprobs}
-        whole = joined.piece()  # text, thinking and tool calls of the whole answer
+        # whole: text, thinking and tool calls of the whole answer
         return whole["text"], {**final, **whole}
 
     async def embeddings(self, request: Request) -> Response:

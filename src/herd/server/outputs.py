@@ -10,12 +10,16 @@ become Ollama's `message.thinking` / `thinking` and `message.tool_calls`, or Ope
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from starlette.requests import Request
 
 from herd.cli.show import ShowFacts
 from herd.sample.grammar import format_grammar
 from herd.server.errors import BadRequestError
+from herd.server.http import close, watch
 from herd.template.ollama import THINK_LEVELS
 
 
@@ -94,6 +98,31 @@ class Joined:
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
         return out
+
+
+async def join_answer(
+    request: Request, first: dict[str, Any], events: AsyncIterator[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """A non-streamed answer: drain the runner's pieces (the first already read) into the
+    final piece, the whole answer as one piece, and every token's logprobs in order.
+    Stops when the client goes away; always closes the stream."""
+    joined = Joined()
+    logprobs: list[dict[str, Any]] = []
+
+    async def drain() -> dict[str, Any]:
+        item = first
+        while True:
+            joined.add(item)
+            logprobs.extend(item.get("logprobs") or ())
+            if item.get("done"):
+                return item
+            item = await anext(events)
+
+    try:
+        final = await watch(request, drain())
+    finally:
+        await close(events)
+    return final, joined.piece(), logprobs
 
 
 # ---- OpenAI --------------------------------------------------------------------------------
