@@ -6,13 +6,13 @@ MODEL ?= smollm2:135m
 PROMPT ?= Why is the sky blue? Answer in two sentences.
 
 # ggml-python builds ggml from source: with llamafile's matmul kernels (off in its default
-# build; prompts are ~1.3x slower without them) for this machine's CPU.
-GGML_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON
-# llama-cpp-python (benchmark peer and goldens): a native build enables AMX kernels that
-# crash on VMs whose CPUs report AMX; name the vector extensions instead.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-	-DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON \
-	-DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_BMI2=ON
+# build; prompts are ~1.3x slower without them) and the vector extensions this CPU has,
+# named one by one (scripts/cpu_cmake_args.py says why not -march=native: slower decode,
+# and AMX kernels that crash on VMs). llama-cpp-python (benchmark peer, goldens) gets the
+# same flags, so both run the same kernels.
+CPU_CMAKE_ARGS := $(shell $(PY) scripts/cpu_cmake_args.py)
+GGML_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS) -DGGML_LLAMAFILE=ON
+LLAMA_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS)
 
 .PHONY: run test install install-test lint bench
 
