@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 MODEL ?= smollm2:135m
 PROMPT ?= Why is the sky blue? Answer in two sentences.
 
-# ggml-python builds ggml from source: with llamafile's matmul kernels (off in its default
-# build; prompts are ~1.3x slower without them) and the vector extensions this CPU has,
-# named one by one (scripts/cpu_cmake_args.py says why not -march=native: slower decode,
-# and AMX kernels that crash on VMs). llama-cpp-python (benchmark peer, goldens) gets the
-# same flags, so both run the same kernels.
+# ggml-python builds ggml from source, here with the ggml that llama.cpp ships (the one
+# llama-cpp-python 0.3.36 vendors: same kernels as the benchmark peer and the goldens;
+# scripts/build_ggml.py says why), llamafile's matmul kernels, and the vector extensions
+# this CPU has, named one by one (scripts/cpu_cmake_args.py says why not -march=native:
+# slower decode, and AMX kernels that crash on VMs). llama-cpp-python gets the same flags.
 CPU_CMAKE_ARGS := $(shell $(PY) scripts/cpu_cmake_args.py)
 GGML_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS) -DGGML_LLAMAFILE=ON
 LLAMA_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS)
@@ -20,10 +20,8 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Built here, never taken from pip's wheel cache: a cached wheel may have been built with
-# other flags (and herd's ggml results are bit-identical to llama.cpp's only with these).
-GGML_INSTALL = $(BIN)/python -c "import ggml" 2>/dev/null || \
-	CMAKE_ARGS="$(GGML_CMAKE_ARGS)" $(BIN)/python -m pip install -q --no-cache-dir ggml-python==0.0.45
+# Built here (cached in ~/.cache/herd by version and flags), never from pip's wheel cache.
+GGML_INSTALL = $(BIN)/python scripts/build_ggml.py --cmake-args "$(GGML_CMAKE_ARGS)"
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q -e .

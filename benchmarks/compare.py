@@ -1,13 +1,16 @@
 """herd against its peers on the same model, machine and threads, in one run.
 
     python -m benchmarks.compare [--model smollm2:135m] [--threads 2] [--engines ...]
-                                 [--num-gpu N]
+                                 [--rounds 3] [--num-gpu N]
 
 Each engine runs in its own child process (so peak resident memory and cold load are its
 own) and reports: cold load to first token, prefill tokens/s on a 256-token prompt,
 decode tokens/s over 128 generated tokens (median of --runs after a warm-up), and peak
-RSS. The table prints herd/peer ratios. Engines that are not installed are skipped with
-the reason.
+RSS. The engines take turns, --rounds times (A B C, A B C, ...), each round a fresh child,
+and every figure is the median over the rounds: on a shared machine, load drifts over
+minutes, and running one engine's rounds back to back would hand that drift to the ratio.
+The table prints herd/peer ratios. Engines that are not installed are skipped with the
+reason.
 """
 
 from __future__ import annotations
@@ -197,6 +200,14 @@ def run_engine(name: str, path: str, threads: int, runs: int, num_gpu: int = 0) 
     return queue.get() if not queue.empty() else {"skipped": f"crashed (exit {proc.exitcode})"}
 
 
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over an engine's rounds (skipped if any round was)."""
+    for r in rounds:
+        if "skipped" in r:
+            return r
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
 def gpu_name() -> str:
     """The GPU the offloaded layers run on, as ggml names it."""
     try:
@@ -252,7 +263,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2:135m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per round (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument(
@@ -263,10 +275,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     path = model_path(args.model)
-    results = {}
-    for name in args.engines.split(","):
-        print(f"running {name}...", file=sys.stderr, flush=True)
-        results[name] = run_engine(name, path, args.threads, args.runs, args.num_gpu)
+    rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in args.engines.split(",")}
+    for i in range(args.rounds):
+        for name, done in rounds.items():
+            if done and "skipped" in done[-1]:
+                continue
+            print(f"round {i + 1}: {name}...", file=sys.stderr, flush=True)
+            done.append(run_engine(name, path, args.threads, args.runs, args.num_gpu))
+    results = {name: combine(done) for name, done in rounds.items()}
     print(table(args.model, results, args.threads, args.num_gpu))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

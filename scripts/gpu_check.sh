@@ -76,10 +76,10 @@ if [ "$DRY" = 1 ]; then
 else
     CUDA_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90"
 fi
-GGML_ARGS="$CUDA_ARGS -DGGML_LLAMAFILE=ON -DGGML_NATIVE=ON ${GGML_EXTRA_ARGS:-}"
+GGML_ARGS="$CUDA_ARGS -DGGML_LLAMAFILE=ON $($PY scripts/cpu_cmake_args.py) ${GGML_EXTRA_ARGS:-}"
 # llama.cpp without its flash-attention CUDA kernels: half the build time, which a 15-minute
 # device lease needs; the benchmark then runs llama.cpp with flash_attn=False
-LLAMA_ARGS="$CUDA_ARGS -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DGGML_CUDA_FA=OFF"
+LLAMA_ARGS="$CUDA_ARGS $($PY scripts/cpu_cmake_args.py) -DLLAVA_BUILD=OFF -DGGML_CUDA_FA=OFF"
 export BENCH_LLAMA_FLASH_ATTN=0
 export CMAKE_BUILD_PARALLEL_LEVEL=$JOBS MAKEFLAGS=-j$JOBS
 if command -v nvcc >/dev/null && [ "$DRY" != 1 ]; then
@@ -152,6 +152,14 @@ build() {
     [ -f "$sdist" ] || { echo "$name: $sdist missing"; return 1; }
     src=$W/src/$(basename "$sdist" .tar.gz)
     [ -d "$src" ] || { mkdir -p "$W/src" && tar -xzf "$sdist" -C "$W/src"; }
+    if [ "$name" = ggml ] && [ ! -f "$src/vendor/ggml.llama" ]; then
+        # as scripts/build_ggml.py: ggml-python with the ggml llama.cpp ships
+        tar -xzf .whl/llama_cpp_python-0.3.36.tar.gz -C "$W/src" \
+            llama_cpp_python-0.3.36/vendor/llama.cpp/ggml &&
+            rm -rf "$src/vendor/ggml" &&
+            mv "$W/src/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml" "$src/vendor/ggml" &&
+            touch "$src/vendor/ggml.llama"
+    fi
     rm -rf "${W:?}/$name"
     # resume only a build made with the same flags (CMake keeps cached options)
     [ "$(cat "$W/$name.args" 2>/dev/null)" = "$args" ] || rm -rf "${W:?}/$name-build"

@@ -88,9 +88,11 @@ class Attention:
         q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
         k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
         v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
-        q = self.attn_q_norm.forward(q).rope(pos, self.rope)
+        # Q is scaled before attention, not the scores: the same value, but ggml rounds Q
+        # to F16 for the product with an F16 cache, and llama.cpp rounds the scaled Q
+        q = self.attn_q_norm.forward(q).rope(pos, self.rope).scale(cfg.attn_scale)
         k = self.attn_k_norm.forward(k).rope(pos, self.rope)
-        return self.attn_output.forward(attention(q, k, v, cfg.attn_scale, cache))
+        return self.attn_output.forward(attention(q, k, v, 1.0, cache))
 
 
 class MLP:

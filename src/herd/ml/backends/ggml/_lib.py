@@ -66,9 +66,9 @@ class TypeTraitsCPU(ctypes.Structure):
     _fields_ = [("from_float", P), ("vec_dot", P), ("vec_dot_type", I), ("nrows", I64)]
 
 
-# struct ggml_tensor field offsets, from ggml-python's mirror of the struct
-# struct ggml_tensor of the bundled ggml (0.15.3): type, buffer, ne[4], nb[4], op,
-# op_params[16], flags, src[10], view_src, view_offs, data, name[64], extra, padding[8]
+# struct ggml_tensor field offsets, the same in the ggml ggml-python 0.0.45 vendors (0.15.3)
+# and in llama.cpp's (0.25.3, what scripts/build_ggml.py builds it with): type, buffer,
+# ne[4], nb[4], op, op_params[16], flags, src[10], view_src, view_offs, data, name[64], ...
 TENSOR_BUFFER_OFFSET = 8
 TENSOR_NB_OFFSET = 48
 TENSOR_VIEW_SRC_OFFSET = 232
@@ -78,7 +78,7 @@ NE4 = ctypes.c_int64 * 4
 
 TYPE_F32, TYPE_F16, TYPE_Q4_0, TYPE_Q8_0 = 0, 1, 2, 8
 TYPE_I32, TYPE_BF16 = 26, 30
-TYPE_COUNT = 42  # GGML_TYPE_COUNT of ggml 0.15.3
+TYPE_COUNT = 42  # types 0..41 exist in both ggml versions (0.25.3 adds Q2_0 as 42)
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 BUFFER_USAGE_WEIGHTS = 1
 PREC_F32 = 10
@@ -112,6 +112,11 @@ ggml_type_name = _f("ggml_type_name", S, I)
 ggml_get_type_traits = _f("ggml_get_type_traits", ctypes.POINTER(TypeTraits), I)
 ggml_get_type_traits_cpu = _f("ggml_get_type_traits_cpu", ctypes.POINTER(TypeTraitsCPU), I)
 ggml_status_to_string = _f("ggml_status_to_string", S, I)
+ggml_version = _f("ggml_version", S)
+# void (*)(enum ggml_log_level, const char * text, void * user_data)
+LOG_CALLBACK = ctypes.CFUNCTYPE(None, I, S, P)
+LOG_WARN, LOG_ERROR = 3, 4
+ggml_log_set = _f("ggml_log_set", None, LOG_CALLBACK, P)
 ggml_cpu_has_llamafile = _f("ggml_cpu_has_llamafile", I)
 ggml_quantize_chunk = _f("ggml_quantize_chunk", Z, I, P, P, I64, I64, I64, P)
 ggml_quantize_requires_imatrix = _f("ggml_quantize_requires_imatrix", B, I)

@@ -57,6 +57,19 @@ from herd.ml.layout import Plan, plan, size
 
 log = logging.getLogger(__name__)
 
+
+@L.LOG_CALLBACK
+def _ggml_log(level: int, text: bytes | None, _user: int | None) -> None:
+    """ggml's messages (it prints them to stderr by default) go to herd's log instead:
+    warnings and errors as such, its progress notes (repacking, buffers) at debug."""
+    msg = (text or b"").decode(errors="replace").rstrip()
+    if msg:
+        py_level = logging.DEBUG if level < L.LOG_WARN else logging.WARNING
+        log.log(logging.ERROR if level == L.LOG_ERROR else py_level, "ggml: %s", msg)
+
+
+L.ggml_log_set(_ggml_log, None)
+
 _GTYPE = {
     DType.F32: TYPE_F32,
     DType.F16: TYPE_F16,
@@ -819,9 +832,11 @@ class GGMLBackend:
     persistent tensors, the CPU backend and, with GPUs in use, the scheduler.
 
     `options.extra`: `flash_attn` (default: on when layers run on a GPU), `max_nodes`,
-    `repack` (CPU weight layouts), `gpu_ops` (tests: every weight of no layer, persistent
-    tensor and supported op on the first GPU in use), `device_probe` (tests: a callable
-    returning the `Device`s to lay the model out on, instead of ggml's).
+    `repack` (CPU weights in ggml's repacked layouts where its kernels have one; default
+    on, as llama.cpp's CPU_REPACK buffers: prompts run faster and logits match its own),
+    `gpu_ops` (tests: every weight of no layer, persistent tensor and supported op on the
+    first GPU in use), `device_probe` (tests: a callable returning the `Device`s to lay
+    the model out on, instead of ggml's).
     """
 
     name = "ggml"
@@ -856,15 +871,15 @@ class GGMLBackend:
                 for b in L.extra_buffer_types(self.dev)
                 if L.ggml_backend_buft_name(b) != b"AMX" or options.extra.get("repack") == "amx"
             ]
-            if options.extra.get("repack")
+            if options.extra.get("repack", True)
             else []
         )
         if not L.ggml_cpu_has_llamafile():
             log.warning(
                 "ggml-python was built without GGML_LLAMAFILE: prompts and F16 "
-                "attention run several times slower; reinstall with CMAKE_ARGS="
-                '"-DGGML_NATIVE=ON -DGGML_LLAMAFILE=ON" pip install --force-reinstall '
-                "--no-cache-dir ggml-python==0.0.45"
+                "attention run several times slower; reinstall with `make install` (or "
+                'CMAKE_ARGS="-DGGML_LLAMAFILE=ON" pip install --force-reinstall '
+                "--no-cache-dir ggml-python==0.0.45)"
             )
         infos = list(gguf.tensors.values())
         self._file = np.frombuffer(gguf.buffer(), dtype=np.uint8)

@@ -1,0 +1,105 @@
+"""Build and install ggml-python with the ggml that llama.cpp ships, for herd's ggml backend.
+
+    python scripts/build_ggml.py [--cmake-args "..."] [--force]
+
+herd binds to the ggml libraries ggml-python builds (its Python module is not used). The
+ggml that ggml-python 0.0.45 vendors is older than llama.cpp's: the same API and structs,
+but its K-quant matmuls round differently (Gemma 3 logits 0.974 top-1 / 0.032 mean
+|Δ log p| against llama.cpp, bit-identical with the newer source) and it lacks the tiled
+prompt matmuls. So this builds ggml-python 0.0.45 with its `vendor/ggml` replaced by the
+ggml of llama-cpp-python 0.3.36 (the benchmark peer and goldens maker): herd and
+llama.cpp then run the very same kernels.
+
+Both sources are PyPI sdists, downloaded once into ~/.cache/herd/sdist; the wheel is kept
+in ~/.cache/herd/wheels-built under a key of versions and CMake options (never taken from
+pip's own cache, which cannot tell builds with other flags apart). Installs into the
+running Python, and does nothing when that Python already has this very build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+GGML_PYTHON = "0.0.45"
+LLAMA_CPP_PYTHON = "0.3.36"
+CACHE = Path(os.environ.get("HERD_CACHE", Path.home() / ".cache" / "herd"))
+MARKER = Path(sys.prefix) / "herd-ggml-build"  # which build this environment has
+
+
+def default_cmake_args() -> str:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cpu_cmake_args import _cpu_flags, cmake_args
+
+    return cmake_args(platform.machine(), _cpu_flags()) + " -DGGML_LLAMAFILE=ON"
+
+
+def sdist(project: str, version: str) -> Path:
+    """The project's sdist from PyPI (pip's normal client), cached."""
+    dest = CACHE / "sdist"
+    stem = f"{project.replace('-', '_')}-{version}"
+    found = sorted(dest.glob(f"{stem}.tar.gz"))
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+    subprocess.run([*cmd, "-d", str(dest), f"{project}=={version}"], check=True)
+    return next(dest.glob(f"{stem}.tar.gz"))
+
+
+def _extract(archive: Path, into: Path, member_prefix: str | None = None) -> None:
+    with tarfile.open(archive) as tar:
+        members = [
+            m for m in tar.getmembers() if member_prefix is None or m.name.startswith(member_prefix)
+        ]
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(into, members=members, **safe)
+
+
+def build(cmake_args: str, out: Path) -> Path:
+    with tempfile.TemporaryDirectory(prefix="herd-ggml-") as tmp:
+        work = Path(tmp)
+        _extract(sdist("ggml-python", GGML_PYTHON), work)
+        llama_ggml = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/ggml"
+        _extract(sdist("llama-cpp-python", LLAMA_CPP_PYTHON), work, llama_ggml)
+        src = work / f"ggml_python-{GGML_PYTHON}"
+        shutil.rmtree(src / "vendor" / "ggml")
+        shutil.move(str(work / llama_ggml), src / "vendor" / "ggml")
+        env = {**os.environ, "CMAKE_ARGS": cmake_args}
+        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir"]
+        subprocess.run([*cmd, "-w", str(work / "dist"), str(src)], check=True, env=env)
+        wheel = next((work / "dist").glob("ggml_python-*.whl"))
+        out.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy2(wheel, out / wheel.name))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cmake-args", default=None, help="default: this CPU's, with llamafile")
+    ap.add_argument("--force", action="store_true", help="rebuild even if cached")
+    args = ap.parse_args()
+    cmake_args = args.cmake_args if args.cmake_args is not None else default_cmake_args()
+    ident = f"ggml-python {GGML_PYTHON} | llama.cpp ggml of {LLAMA_CPP_PYTHON} | {cmake_args}"
+    key = hashlib.sha256(f"{ident} | {platform.machine()}".encode()).hexdigest()[:16]
+    if not args.force and MARKER.exists() and MARKER.read_text().strip() == key:
+        return
+    out = CACHE / "wheels-built" / f"ggml-{key}"
+    wheels = sorted(out.glob("ggml_python-*.whl"))
+    if args.force or not wheels:
+        print(f"building {ident} (about a minute)", file=sys.stderr, flush=True)
+        wheels = [build(cmake_args, out)]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps"]
+    subprocess.run([*pip, str(wheels[0])], check=True)
+    MARKER.write_text(key + "\n")
+
+
+if __name__ == "__main__":
+    main()
