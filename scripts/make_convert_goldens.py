@@ -118,13 +118,18 @@ def rounded(rows: Any) -> list[list[float]]:
     return np.round(np.asarray(rows, dtype=np.float64), DIGITS).tolist()
 
 
-def tiny_goldens(python: str, tmp: Path) -> None:
+def tiny_goldens(python: str, tmp: Path, only: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from convert.tiny import CASES, CORPUS, build, input_ids
 
     from herd.convert import convert
 
+    unknown = set(only or []) - set(CASES)
+    if unknown:
+        raise SystemExit(f"unknown cases {sorted(unknown)}; the cases are {list(CASES)}")
     for i, (name, case) in enumerate(CASES.items()):
+        if only and name not in only:
+            continue
         src, model = build(name, tmp / name)
         tensors = {}
         for outtype in ("f32", "f16", "q8_0") if i == 0 else ("f32",):
@@ -202,9 +207,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-python", required=True, help="a Python with llama-cpp-python")
     ap.add_argument("--minilm", type=Path, help="the all-MiniLM-L6-v2 Hugging Face directory")
+    ap.add_argument("--case", action="append", help="only this tiny case (repeatable)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        tiny_goldens(args.llama_python, Path(tmp))
+        tiny_goldens(args.llama_python, Path(tmp), args.case)
         if args.minilm is not None:
             minilm_goldens(args.llama_python, args.minilm, Path(tmp))
 

@@ -24,8 +24,10 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("sentencepiece")
 
 import herd  # noqa: E402
-from herd.convert import convert  # noqa: E402
+from herd.convert import ConvertError, convert  # noqa: E402
+from herd.errors import UnsupportedModelError  # noqa: E402
 from herd.gguf import open_gguf  # noqa: E402
+from herd.ml import available_backends  # noqa: E402
 from herd.tokenizer import from_gguf  # noqa: E402
 
 from .tiny import CASES, CORPUS, GOLDENS, build, hf_logits, input_ids  # noqa: E402
@@ -249,5 +251,105 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path) -> None:
     doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
     (src / "tokenizer.json").write_text(json.dumps(doc))
     with pytest.raises(ConvertError, match=r"BPE pre-tokenizer was not recognized \(chkhsh "):
+        convert(src, tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# --- qwen3moe: both checkpoint layouts, quantized experts, what is refused ----------------
+
+MOE = "qwen3moe-top2"
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory) -> tuple[Path, Any]:
+    """The MoE case as save_pretrained writes it (one matrix per expert), and its model."""
+    return build(MOE, tmp_path_factory.mktemp(MOE) / "hf")
+
+
+def _copy(src: Path, dest: Path, **config: Any) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**cfg, **config}))
+    return dest
+
+
+def _resave(src: Path, state: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, src / "model.safetensors")
+
+
+def test_moe_fused_checkpoint_converts_like_per_expert(moe_dir, tmp_path) -> None:
+    """transformers 5's own layout (`experts.gate_up_proj` (E, 2F, D), `experts.down_proj`
+    (E, D, F)) gives the very tensors of the per-expert layout."""
+    src, model = moe_dir
+    fused = _copy(src, tmp_path / "fused")
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    _resave(fused, state)
+    path = convert(fused, tmp_path / "fused.gguf", "f32")
+    assert tensor_sha256(path) == golden(MOE)["tensors"]["f32"]
+
+
+def test_moe_q8_0_keeps_the_router_f32(moe_dir, tmp_path) -> None:
+    """As llama.cpp: the router stays F32; quantized experts run on every backend (ggml's
+    mul_mat_id takes them as they are) close to the F32 reference."""
+    src, model = moe_dir
+    path = convert(src, tmp_path / "q8_0.gguf", "q8_0")
+    types = {n: t.type.name for n, t in open_gguf(path).tensors.items()}
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert {types[f"blk.1.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")} == {"Q8_0"}
+    ids = input_ids(MOE, model.config.vocab_size)
+    ref = hf_logits(model, ids)
+    for backend in available_backends():
+        assert rel_err(herd.load(path, backend=backend).logits(ids), ref) < 0.05, backend
+
+
+def _without_expert(src: Path) -> None:
+    from safetensors.numpy import load_file
+
+    state = load_file(src / "model.safetensors")
+    del state["model.layers.1.mlp.experts.3.up_proj.weight"]
+    _resave(src, state)
+
+
+MOE_REFUSED: dict[str, tuple[dict[str, Any], Any, type[Exception], str]] = {
+    "norm_topk_prob-false": (
+        {"norm_topk_prob": False},
+        None,
+        UnsupportedModelError,
+        r"norm_topk_prob false is not supported: llama\.cpp's qwen3moe always renormalizes",
+    ),
+    "dense-every-other-layer": (
+        {"decoder_sparse_step": 2},
+        None,
+        UnsupportedModelError,
+        r"layers \[0\] have a dense MLP",
+    ),
+    "mlp_only_layers": (
+        {"mlp_only_layers": [1]},
+        None,
+        UnsupportedModelError,
+        r"layers \[1\] have a dense MLP",
+    ),
+    "missing-expert": (
+        {},
+        _without_expert,
+        ConvertError,
+        r"model\.layers\.1\.mlp\.experts\.up_proj: 4 experts in config\.json, but the "
+        r"checkpoint lacks experts \[3\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MOE_REFUSED), ids=list(MOE_REFUSED))
+def test_moe_refused(case, moe_dir, tmp_path) -> None:
+    config, damage, error, message = MOE_REFUSED[case]
+    src = _copy(moe_dir[0], tmp_path / "hf", **config)
+    if damage is not None:
+        damage(src)
+    with pytest.raises(error, match=message):
         convert(src, tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()

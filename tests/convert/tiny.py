@@ -123,6 +123,24 @@ CASES: dict[str, Case] = {
         "QK-norm, head_dim != hidden/heads, GQA, untied",
         5,
     ),
+    "qwen3moe-top2": Case(
+        "qwen3moe",
+        "Qwen3MoeForCausalLM",
+        dict(
+            _DIMS,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+        ),
+        "qwen2-bpe",
+        "sparse MoE (4 experts, top-2, renormalized), per-expert checkpoint, QK-norm, GQA",
+        12,  # a seed whose routers never nearly tie (2nd vs 3rd expert >= 0.01 on the inputs)
+    ),
     "gemma3-swa": Case(
         "gemma3",
         "Gemma3ForCausalLM",

@@ -86,6 +86,10 @@ WEIGHTS: dict[str, tuple[np.ndarray, Q]] = {
     "emb.Q8_0": (rand(20, 64, seed=6), Q.Q8_0),
     "emb.Q4_K": (rand(20, 256, seed=7), Q.Q4_K),
     "rope_freqs": (np.linspace(1.0, 8.0, 16, dtype=F32), Q.F32),
+    # stacked expert weights (E, O, I) for mul_mat_id
+    "exps.F32": (rand(4, 24, 64, seed=20), Q.F32),
+    "exps.F16": (rand(4, 24, 64, seed=21), Q.F16),
+    **{f"exps.{q.name}": (rand(4, 40, 256, seed=30 + i), q) for i, q in enumerate(QUANT_TYPES)},
 }
 
 
@@ -166,6 +170,11 @@ def causal(t: int, s: int) -> np.ndarray:
 def _permuted(x: Any) -> Any:
     """A non-contiguous view with the same shape as x (3, 5, 64)."""
     return x.reshape(5, 3, 64).permute(1, 0, 2)
+
+
+# expert routing: 6 tokens, 8 or 4 experts (the rows of a random matrix have no ties)
+ROUTER = rand(6, 8, seed=40)
+EXPERT_IDS = np.array([[0, 3], [2, 2], [3, 1], [1, 0], [0, 1], [3, 3]], np.int32)  # (T, K)
 
 
 # (id, build, inputs, nmse limit)
@@ -342,6 +351,51 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
         for q in QUANT_TYPES
     ],
     ("linear_one_row", lambda c, b, x: x.linear(b.weight("w.Q4_K")), [rand(1, 256, seed=5)], 2e-4),
+    ("top_k", lambda c, b, x: x.top_k(3), [ROUTER], EXACT),
+    ("top_k_all", lambda c, b, x: x.top_k(8), [ROUTER], EXACT),
+    ("top_k_one_row_3d", lambda c, b, x: x.top_k(2), [ROUTER[:1].reshape(1, 1, 8)], EXACT),
+    ("top_k_strided", lambda c, b, x: x.permute(1, 0).top_k(2), [ROUTER], EXACT),
+    ("take_along", lambda c, b, x, i: x.take_along(i), [ROUTER, EXPERT_IDS], EXACT),
+    (
+        "take_along_3d",
+        lambda c, b, x, i: x.take_along(i),
+        [ROUTER.reshape(2, 3, 8), EXPERT_IDS.reshape(2, 3, 2)],
+        EXACT,
+    ),
+    ("take_along_top_k", lambda c, b, x: x.take_along(x.softmax().top_k(3)), [ROUTER], EXACT),
+    *[
+        (
+            f"mul_mat_id_{w}",
+            lambda c, b, x, i, w=w: x.mul_mat_id(b.weight(f"exps.{w}"), i),
+            [rand(6, 1, 64, seed=41), EXPERT_IDS],
+            limit,
+        )
+        for w, limit in (("F32", 1e-12), ("F16", 1e-6))
+    ],
+    (
+        "mul_mat_id_per_expert_rows",
+        lambda c, b, x, i: x.mul_mat_id(b.weight("exps.F32"), i),
+        [rand(6, 2, 64, seed=42), EXPERT_IDS],
+        1e-12,
+    ),
+    # quantized experts go to ggml's kernels as they are, like linear's weights
+    *[
+        (
+            f"mul_mat_id_{q.name}",
+            lambda c, b, x, i, q=q: x.mul_mat_id(b.weight(f"exps.{q.name}"), i),
+            [rand(6, 2, 256, seed=43), EXPERT_IDS],
+            2e-4,
+        )
+        for q in QUANT_TYPES
+    ],
+    (
+        "mul_mat_id_routed",  # the MoE pattern: router top-k picks, then one row per token
+        lambda c, b, x, r: x.reshape(6, 1, 256).mul_mat_id(
+            b.weight("exps.Q4_K"), r.slice(1, 0, 4).softmax().top_k(2)
+        ),
+        [rand(6, 256, seed=44), ROUTER],
+        2e-4,
+    ),
     ("linear_F32", lambda c, b, x: x.linear(b.weight("w.F32")), [rand(7, 64, seed=5)], 1e-12),
     ("linear_F16", lambda c, b, x: x.linear(b.weight("w.F16")), [rand(7, 64, seed=5)], 1e-6),
     ("linear_BF16", lambda c, b, x: x.linear(b.weight("w.BF16")), [rand(7, 64, seed=5)], 2e-5),
@@ -369,7 +423,11 @@ def test_table_covers_the_contract() -> None:
     }
     tested = {op[0].split("_")[0] for op in OPS} | {
         "get_rows",
+        "top_k",
+        "take_along",
+        "mul_mat_id",
         "set_rows",
+        "set_columns",
         "gelu_erf",
         "rms_norm",
         "layer_norm",
@@ -397,6 +455,34 @@ def test_set_rows_into_persistent_tensor(backends: Any, dtype: DType, limit: flo
         with b.new_context() as ctx:
             view = ctx.attach(cache)
             outs.append(ctx.compute(view, view.slice(0, 2, 8).permute(1, 2, 0)))
+    for got, want in zip(*outs, strict=True):
+        if limit == EXACT:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert nmse(got, want) < limit
+
+
+@pytest.mark.parametrize(
+    ("dtype", "limit"),
+    [(DType.F32, EXACT), (DType.F16, 1e-6)],
+    ids=lambda v: getattr(v, "name", ""),
+)
+def test_set_columns_into_persistent_tensor(backends: Any, dtype: DType, limit: float) -> None:
+    """A transposed cache (2, 32, 10): two passes write columns from (T, 2, 32) values
+    given as a permuted view; the read back is a view whose rows are contiguous again."""
+    outs = []
+    for b in backends:
+        cache = b.alloc((2, 32, 10), dtype)
+        for ids, seed in (([3, 7, 1], 1), ([0, 7], 2)):
+            with b.new_context() as ctx:
+                src = ctx.input(rand(len(ids), 2, 32, seed=seed)).permute(1, 2, 0)
+                ctx.forward(cache.set_columns(ctx.input(np.array(ids, np.int32), DType.I32), src))
+                ctx.compute()
+        with b.new_context() as ctx:
+            view = ctx.attach(cache).slice(2, 1, 8)  # cells 1..7 as (S, 2, 32), then back
+            x = ctx.input(rand(2, 4, 7, seed=3))
+            mixed = x.matmul_t(view.permute(2, 0, 1).permute(1, 2, 0))
+            outs.append(ctx.compute(ctx.attach(cache), mixed))
     for got, want in zip(*outs, strict=True):
         if limit == EXACT:
             np.testing.assert_array_equal(got, want)

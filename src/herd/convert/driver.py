@@ -10,6 +10,8 @@ in its `herd/models/<arch>/convert.py`, which provides:
     gguf_name(cfg, hf_name) -> str | None     the GGUF name, None to drop, KeyError if unknown
     tensor(cfg, hf_name, array) -> (name, array) | None   renaming plus fix-ups (permutations,
                                               folded norms); fix-ups never change the shape
+    tensor_refs(cfg, refs) -> refs            optional: regroup the checkpoint's tensors before
+                                              naming (stack per-expert matrices, split fused ones)
     extra_tensors(cfg) -> [(name, array)]     optional: tensors made from the config
     dir_kv(cfg, src) -> dict                  optional: metadata from other files of the dir
     tokenizer_kv(cfg, kv) -> dict             optional: adjust the `tokenizer.*` metadata
@@ -51,8 +53,9 @@ OUTTYPES: dict[str, tuple[LlamaFileType, GGMLQuantizationType]] = {
     "bf16": (LlamaFileType.MOSTLY_BF16, Q.BF16),
     "q8_0": (LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
 }
-# These stay F32 whatever the outtype, as in llama.cpp's converter.
+# These stay F32 whatever the outtype, as in llama.cpp's converter (the MoE router too).
 _F32_PREFIXES = ("position_embd.", "token_types.", "rope_freqs.")
+_F32_SUFFIXES = (".ffn_gate_inp.weight",)
 
 # progress(index from 1, total, gguf name, tensor type name, shape)
 Progress = Callable[[int, int, str, str, tuple[int, ...]], None]
@@ -127,7 +130,7 @@ def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -
     """llama.cpp's rule: vectors, norms, biases and position tables stay F32."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return Q.F32
-    if name.startswith(_F32_PREFIXES):
+    if name.startswith(_F32_PREFIXES) or name.endswith(_F32_SUFFIXES):
         return Q.F32
     if main == Q.Q8_0 and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16  # rows that do not split into Q8_0 blocks (llama.cpp falls back too)
@@ -208,6 +211,8 @@ def convert(
     cfg = read_config(src)
     conv = converter_for(cfg)
     refs = read_tensors(src)
+    if hasattr(conv, "tensor_refs"):
+        refs = conv.tensor_refs(cfg, refs)
     items = _plan(conv, cfg, refs, main)
     kv: dict[str, Any] = {
         "general.type": "model",

@@ -120,13 +120,34 @@ class Tensor(Protocol):
         share one `other` batch (grouped-query attention without copying K/V).
         """
 
+    def mul_mat_id(self, w: Tensor, ids: Tensor) -> Tensor:
+        """Expert matmul: self (T, K or 1, I) with stacked weights w (E, O, I), possibly
+        quantized, and int ids (T, K) -> (T, K, O), row [t, k] = w[ids[t, k]] @ self[t, k].
+
+        A middle dim of 1 feeds the same row to all K experts of its token.
+        """
+
     def get_rows(self, ids: Tensor) -> Tensor:
         """Rows of a 2-D tensor (N, D) at int ids (T,) -> (T, D), as float32."""
+
+    def top_k(self, k: int) -> Tensor:
+        """Int indices of the k largest values of each row: (..., N) -> (..., k), largest
+        first; equal values in no promised order."""
+
+    def take_along(self, ids: Tensor) -> Tensor:
+        """Per-row gather: self (..., N) at int ids (..., K) -> (..., K), as float32
+        (NumPy's take_along_axis on the last axis)."""
 
     def set_rows(self, ids: Tensor, src: Tensor) -> Tensor:
         """Write src (T, ...) into rows ids (T,) of this persistent tensor (N, ...).
 
         Returns a tensor that must be passed to `ctx.forward` so the write happens.
+        """
+
+    def set_columns(self, ids: Tensor, src: Tensor) -> Tensor:
+        """Write src (..., T) into columns ids (T,) of this persistent tensor (..., N):
+        `self[..., ids] = src`. How a cache keeps values transposed (llama.cpp's V
+        layout), so attention reads them with no copy. Pass the result to `ctx.forward`.
         """
 
     # shape ops

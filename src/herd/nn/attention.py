@@ -29,7 +29,7 @@ def attention(
     t, hq, d = q.shape
     qh = q.permute(1, 0, 2)  # (Hq, T, D)
     kh = k.permute(1, 0, 2)  # (Hkv, S, D)
-    vh = v.permute(1, 2, 0).contiguous()  # (Hkv, Dv, S)
+    vh = v.permute(1, 2, 0)  # (Hkv, Dv, S): matmul_t makes it contiguous if it must
     probs = qh.matmul_t(kh).softmax(mask, scale)  # (Hq, T, S)
     out = probs.matmul_t(vh)  # (Hq, T, Dv)
     return out.permute(1, 0, 2).contiguous().reshape(t, hq * vh.shape[1])

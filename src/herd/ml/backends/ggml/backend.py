@@ -355,6 +355,48 @@ class GGMLTensor:
         # ggml_mul_mat(other, self) broadcasts other's batches over consecutive groups
         return self._out(c, ggml_mul_mat(c.g, other._src0(c), self._f32(c)), (a[0], a[1], b[1]))
 
+    def mul_mat_id(self, w: GGMLTensor, ids: GGMLTensor) -> GGMLTensor:
+        c = self._c(ids)
+        xs, ws, its = self.shape, w.shape, ids.shape
+        assert (
+            len(xs) == 3
+            and len(ws) == 3
+            and len(its) == 2
+            and xs[0] == its[0]
+            and xs[1] in (1, its[1])
+            and xs[2] == ws[2]
+        ), f"mul_mat_id: x {xs} with w {ws} and ids {its}"
+        # ggml: as [I, O, E] (any weight type) x b [I, K or 1, T] by ids [K, T] -> [O, K, T]
+        p = L.ggml_mul_mat_id(c.g, w._src0(c), self._f32(c), ids._i32(c))
+        return self._out(c, p, (xs[0], its[1], ws[1]))
+
+    def top_k(self, k: int) -> GGMLTensor:
+        c = self._c()
+        s = self.shape
+        assert 0 < k <= s[-1], f"top_k: k={k} of {s}"
+        # argsort reads each row at i * nb1, so it needs the whole tensor contiguous
+        p = L.ggml_argsort_top_k(c.g, self._f32(c, CONT), k)
+        c.n += 1  # the argsort beneath the view
+        t = self._out(c, p, s[:-1] + (k,), TYPE_I32)
+        if not ggml_is_contiguous(p):
+            t.lay = ROWS  # the first k columns of each sorted row
+        return t
+
+    def take_along(self, ids: GGMLTensor) -> GGMLTensor:
+        c = self._c(ids)
+        s, its = self.shape, ids.shape
+        assert len(s) >= 1 and s[:-1] == its[:-1], f"take_along: ids {its} for rows of {s}"
+        rows, n, k = math.prod(s[:-1]), s[-1], its[-1]
+        # ggml_get_rows picks rows of ne[1] per ne[2]: values as (rows, N, 1), ids (rows, K)
+        a = L.ggml_reshape_3d(c.g, self._f32(c, CONT), 1, n, rows)
+        b = ids._i32(c)
+        c.n += 1
+        if len(its) != 2:
+            b = ggml_reshape_2d(c.g, b, k, rows)
+            c.n += 1
+        out = self._out(c, L.ggml_get_rows(c.g, a, b), (rows, k, 1))
+        return out.reshape(*its)
+
     def get_rows(self, ids: GGMLTensor) -> GGMLTensor:
         c = self._c(ids)
         s, n = self.shape, math.prod(ids.shape)
@@ -405,6 +447,22 @@ class GGMLTensor:
             out = out._out(c, _RESHAPE[len(s)](c.g, out.p, *_ne(s)[: len(s)]), s, self.gtype)
         return out
 
+    def set_columns(self, ids: GGMLTensor, src: GGMLTensor) -> GGMLTensor:
+        c = self._c(ids) if ids.ctx is not None else src._c()
+        s, t = self.shape, ids.shape[0]
+        assert self.lay == CONT, f"set_columns into a non-contiguous view {s}"
+        assert len(ids.shape) == 1 and src.shape == s[:-1] + (t,), (
+            f"set_columns: src {src.shape}, ids {ids.shape} into {s}"
+        )
+        # every element its own row of one (ne0 = 1): rows are the N cells, ids broadcast
+        # over ne2 (the leading axes), as llama.cpp writes its transposed V cache
+        lead = math.prod(s[:-1])
+        dst = ggml_reshape_3d(c.g, self.p, 1, s[-1], lead)
+        b = ggml_reshape_3d(c.g, src._f32(c, CONT), 1, t, lead)
+        c.n += 2
+        out = self._out(c, L.ggml_set_rows(c.g, dst, b, ids._i32(c)), (lead, s[-1], 1), self.gtype)
+        return out._out(c, _RESHAPE[len(s)](c.g, out.p, *_ne(s)[: len(s)]), s, self.gtype)
+
     def scaled_dot_product_attention(
         self, k: GGMLTensor, v: GGMLTensor, mask: GGMLTensor | None, scale: float
     ) -> GGMLTensor:
@@ -425,7 +483,9 @@ class GGMLTensor:
         kh, vh = k.permute(1, 0, 2), v.permute(1, 0, 2)  # (Hkv, S, D), (Hkv, S, Dv)
         if not c.backend.flash_attn:
             probs = q.matmul_t(kh).softmax(mask, scale)  # (Hq, T, S)
-            out = probs.matmul_t(vh.permute(0, 2, 1).contiguous())  # (Hq, T, Dv)
+            # matmul_t copies V only when its rows are not contiguous (a transposed cache
+            # hands them over as they are)
+            out = probs.matmul_t(vh.permute(0, 2, 1))  # (Hq, T, Dv)
             return out.permute(1, 0, 2).contiguous().reshape(t, hq * dv)
         m = c.f16(mask) if mask is not None else None
         p = L.ggml_flash_attn_ext(c.g, q._f32(c), kh._src0(c), vh._src0(c), m, scale, 0.0, 0.0)
@@ -487,7 +547,9 @@ class GGMLTensor:
         s = src.shape
         t = src._out(c, ggml_permute(c.g, src.p, *perm), tuple(s[a] for a in axes), src.gtype)
         if not ggml_is_contiguous(t.p):
-            t.lay = ROWS if keeps_rows and src.lay >= ROWS else STRIDED
+            # by the strides, not the axes: permuting a permuted view back (a transposed
+            # V cache) gives rows that are contiguous again
+            t.lay = ROWS if L.tensor_nb(t.p)[0] == _TYPE_SIZE[src.gtype] else STRIDED
         return t
 
     def contiguous(self) -> GGMLTensor:

@@ -193,11 +193,49 @@ class NumpyTensor:
         out = np.matmul(ag, b.transpose(0, 2, 1))
         return self._new(out.reshape(a.shape[0], a.shape[1], b.shape[1]), other)
 
+    def mul_mat_id(self, w: NumpyTensor, ids: NumpyTensor) -> NumpyTensor:
+        x, wa, ia = self.a, w.a, ids.a
+        assert (
+            x.ndim == 3
+            and wa.ndim == 3
+            and ia.ndim == 2
+            and x.shape[0] == ia.shape[0]
+            and x.shape[1] in (1, ia.shape[1])
+            and x.shape[2] == wa.shape[2]
+        ), f"mul_mat_id: x {x.shape} with w {wa.shape} and ids {ia.shape}"
+        assert ia.size == 0 or 0 <= ia.min() <= ia.max() < wa.shape[0], (
+            f"mul_mat_id: ids outside [0, {wa.shape[0]})"
+        )
+        xs = np.broadcast_to(x, ia.shape + x.shape[2:])  # (T, K, I)
+        out = np.empty(ia.shape + wa.shape[1:2], dtype=np.float32)  # (T, K, O)
+        # one matmul per expert over the rows routed to it, not a (T, K, O, I) gather
+        for e in np.unique(ia):
+            t, k = np.nonzero(ia == e)
+            out[t, k] = xs[t, k] @ wa[e].T
+        return self._new(out, w, ids)
+
     def get_rows(self, ids: NumpyTensor) -> NumpyTensor:
         return self._new(self.a[ids.a].astype(np.float32, copy=False), ids)
 
+    def top_k(self, k: int) -> NumpyTensor:
+        assert 0 < k <= self.a.shape[-1], f"top_k: k={k} of {self.a.shape}"
+        # stable sort of the negated values: largest first, equal values by index
+        order = np.argsort(-self.a, axis=-1, kind="stable")[..., :k]
+        return self._new(order.astype(np.int32))
+
+    def take_along(self, ids: NumpyTensor) -> NumpyTensor:
+        assert self.a.shape[:-1] == ids.a.shape[:-1], (
+            f"take_along: ids {ids.a.shape} for rows of {self.a.shape}"
+        )
+        out = np.take_along_axis(self.a, ids.a.astype(np.intp), axis=-1)
+        return self._new(out.astype(np.float32, copy=False), ids)
+
     def set_rows(self, ids: NumpyTensor, src: NumpyTensor) -> NumpyTensor:
         self.a[ids.a] = src.a.reshape((len(ids.a),) + self.a.shape[1:])
+        return NumpyTensor(self.a, context_of(ids, src))
+
+    def set_columns(self, ids: NumpyTensor, src: NumpyTensor) -> NumpyTensor:
+        self.a[..., ids.a] = src.a.reshape(self.a.shape[:-1] + (len(ids.a),))
         return NumpyTensor(self.a, context_of(ids, src))
 
     # shapes

@@ -1,0 +1,163 @@
+"""Qwen3 MoE: the qwen3 decoder (QK-norm, no attention biases, NeoX-style RoPE) whose
+feed-forward is a sparse mixture of experts: a router picks `expert_used_count` of
+`expert_count` SwiGLU experts for each token and mixes their outputs by its softmax
+weights, renormalized to sum to 1 over the chosen experts (as llama.cpp always does)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from herd.errors import GGUFError
+from herd.gguf import Config as GGUFConfig
+from herd.kvcache import Causal
+from herd.ml import Backend, Context, DType, RopeOptions, Tensor
+from herd.models.base import Batch, batch_inputs
+from herd.models.registry import register
+from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
+
+
+@dataclass(frozen=True)
+class Config:
+    n_layer: int
+    n_embd: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    rope: RopeOptions
+    context_length: int
+
+    @classmethod
+    def read(cls, c: GGUFConfig) -> Config:
+        n_embd, n_head = c.int("embedding_length"), c.int("attention.head_count")
+        head_dim = c.int("attention.key_length", n_embd // n_head)
+        n_expert, n_used = c.int("expert_count", 0), c.int("expert_used_count", 0)
+        if not 0 < n_used <= n_expert:
+            raise GGUFError(
+                f"qwen3moe: expert_used_count {n_used} of expert_count {n_expert} "
+                "(both must be set, the first at most the second)"
+            )
+        # llama.cpp's fallback for files without the expert width
+        n_ff_exp = c.int("expert_feed_forward_length", 0) or c.int("feed_forward_length") // n_used
+        scaling = c.str("rope.scaling.type", "none")
+        factor = c.float("rope.scaling.factor", 1.0)
+        rope = RopeOptions(
+            dims=c.int("rope.dimension_count", head_dim),
+            base=c.float("rope.freq_base", 1e6),
+            neox=True,
+            freq_scale=1.0 / factor if scaling in ("linear", "yarn") and factor else 1.0,
+            ext_factor=1.0 if scaling == "yarn" else 0.0,
+            orig_ctx=c.int("rope.scaling.original_context_length", c.int("context_length", 0)),
+        )
+        return cls(
+            c.int("block_count"),
+            n_embd,
+            n_expert,
+            n_used,
+            n_ff_exp,
+            n_head,
+            c.int("attention.head_count_kv", n_head),
+            head_dim,
+            c.float("attention.layer_norm_rms_epsilon", 1e-6),
+            rope,
+            c.int("context_length", 32768),
+        )
+
+
+class Attention:
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        d, hd = cfg.n_embd, cfg.head_dim
+        self.attn_q = Linear.bind(w, "attn_q", cfg.n_head * hd, d)
+        self.attn_k = Linear.bind(w, "attn_k", cfg.n_head_kv * hd, d)
+        self.attn_v = Linear.bind(w, "attn_v", cfg.n_head_kv * hd, d)
+        self.attn_output = Linear.bind(w, "attn_output", d, cfg.n_head * hd)
+        self.attn_q_norm = RMSNorm.bind(w, "attn_q_norm", hd, cfg.eps)
+        self.attn_k_norm = RMSNorm.bind(w, "attn_k_norm", hd, cfg.eps)
+        self.cfg = cfg
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Causal) -> Tensor:
+        cfg, t = self.cfg, x.shape[0]
+        q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
+        k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
+        q = self.attn_q_norm.forward(q).rope(pos, cfg.rope)
+        k = self.attn_k_norm.forward(k).rope(pos, cfg.rope)
+        out = attention(q, k, v, 1.0 / math.sqrt(cfg.head_dim), cache)
+        return self.attn_output.forward(out)
+
+
+class MoE:
+    """Router `ffn_gate_inp` (E, D); experts stacked as `ffn_{gate,up}_exps` (E, F, D)
+    and `ffn_down_exps` (E, D, F)."""
+
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        e, f, d = cfg.n_expert, cfg.n_ff_exp, cfg.n_embd
+        self.ffn_gate_inp = Linear.bind(w, "ffn_gate_inp", e, d)
+        self.ffn_gate_exps = w.get("ffn_gate_exps.weight", (e, f, d))
+        self.ffn_up_exps = w.get("ffn_up_exps.weight", (e, f, d))
+        self.ffn_down_exps = w.get("ffn_down_exps.weight", (e, d, f))
+        self.k = cfg.n_expert_used
+
+    def forward(self, x: Tensor) -> Tensor:
+        t, d = x.shape
+        probs = self.ffn_gate_inp.forward(x).softmax()  # (T, E)
+        experts = probs.top_k(self.k)  # (T, K) int
+        weights = probs.take_along(experts)  # (T, K)
+        weights = weights.div(weights.sum()).reshape(t, self.k, 1)  # sum to 1 per token
+        x = x.reshape(t, 1, d)  # (T, 1, D): one row read by each of the token's experts
+        gate = x.mul_mat_id(self.ffn_gate_exps, experts)  # (T, K, F)
+        h = gate.swiglu(x.mul_mat_id(self.ffn_up_exps, experts))
+        y = h.mul_mat_id(self.ffn_down_exps, experts).mul(weights)  # (T, K, D)
+        out = y.slice(1, 0, 1)  # (T, 1, D)
+        for i in range(1, self.k):
+            out = out.add(y.slice(1, i, i + 1))
+        return out.reshape(t, d)
+
+
+class Block:
+    def __init__(self, w: Weights, cfg: Config) -> None:
+        self.attn_norm = RMSNorm.bind(w, "attn_norm", cfg.n_embd, cfg.eps)
+        self.attn = Attention(w, cfg)
+        self.ffn_norm = RMSNorm.bind(w, "ffn_norm", cfg.n_embd, cfg.eps)
+        self.moe = MoE(w, cfg)
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Causal) -> Tensor:
+        x = x.add(self.attn.forward(self.attn_norm.forward(x), pos, cache))
+        return x.add(self.moe.forward(self.ffn_norm.forward(x)))
+
+
+@register("qwen3moe")
+class Model:
+    def __init__(self, config: GGUFConfig, backend: Backend) -> None:
+        w = Weights(backend)
+        cfg = Config.read(config)
+        n_vocab = backend.weight("token_embd.weight").shape[0]
+        self.config, self.backend, self.cfg = config, backend, cfg
+        self.n_vocab, self.context_length = n_vocab, cfg.context_length
+        self.token_embd = Embedding.bind(w, "token_embd", n_vocab, cfg.n_embd)
+        self.blk = [Block(w.scope(f"blk.{i}"), cfg) for i in range(cfg.n_layer)]
+        self.output_norm = RMSNorm.bind(w, "output_norm", cfg.n_embd, cfg.eps)
+        self.output = Linear.bind(w, "output", n_vocab, cfg.n_embd, fallback="token_embd.weight")
+        self.cache = Causal(self.shift)
+        self.cache_dtype = DType.F16
+
+    @classmethod
+    def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
+        return cls(config, backend)
+
+    def forward(self, ctx: Context, batch: Batch) -> Tensor:
+        self.cache.start_forward(ctx, batch)
+        tokens, pos, outputs = batch_inputs(ctx, batch)
+        h = self.token_embd.forward(tokens)  # (T, D)
+        for i, block in enumerate(self.blk):
+            self.cache.set_layer(i)
+            h = block.forward(h, pos, self.cache)
+        h = h.get_rows(outputs)  # (N, D)
+        return self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
+
+    def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
+        return key.rope(delta, self.cfg.rope)
