@@ -114,8 +114,16 @@ class Block:
         self.mlp = MLP(w, cfg)
         self.post_ffw_norm = RMSNorm.bind(w, "post_ffw_norm", cfg.n_embd, cfg.eps)
 
-    def forward(self, x: Tensor, pos: Tensor, cache: Wrapper) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        cache: Wrapper,
+        outputs: Tensor | None = None,
+    ) -> Tensor:
         h = self.attn.forward(self.attn_norm.forward(x), pos, cache)
+        if outputs is not None:  # last layer: only the rows whose logits are wanted go on
+            h, x = h.get_rows(outputs), x.get_rows(outputs)
         x = x.add(self.post_attention_norm.forward(h))
         h = self.mlp.forward(self.ffn_norm.forward(x))
         return x.add(self.post_ffw_norm.forward(h))
@@ -147,10 +155,10 @@ class Model:
         tokens, pos, outputs = batch_inputs(ctx, batch)
         h = self.token_embd.forward(tokens)  # (T, D)
         h = h.scale(math.sqrt(self.cfg.n_embd))
+        last = len(self.blk) - 1  # the last block keeps only the rows of `outputs`
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
-            h = block.forward(h, pos, self.cache)
-        h = h.get_rows(outputs)  # (N, D)
+            h = block.forward(h, pos, self.cache, outputs if i == last else None)
         logits = self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
         cap = self.cfg.final_softcap
         return logits.scale(1.0 / cap).tanh().scale(cap) if cap else logits

@@ -92,8 +92,18 @@ class Block:
         self.ffn_norm = RMSNorm.bind(w, "ffn_norm", cfg.n_embd, cfg.eps)
         self.mlp = MLP(w, cfg)
 
-    def forward(self, x: Tensor, pos: Tensor, cache: Causal, freqs: Tensor | None) -> Tensor:
-        x = x.add(self.attn.forward(self.attn_norm.forward(x), pos, cache, freqs))
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        cache: Causal,
+        freqs: Tensor | None,
+        outputs: Tensor | None = None,
+    ) -> Tensor:
+        h = self.attn.forward(self.attn_norm.forward(x), pos, cache, freqs)
+        if outputs is not None:  # last layer: only the rows whose logits are wanted go on
+            h, x = h.get_rows(outputs), x.get_rows(outputs)
+        x = x.add(h)
         return x.add(self.mlp.forward(self.ffn_norm.forward(x)))
 
 
@@ -126,10 +136,10 @@ class Model:
         self.cache.start_forward(ctx, batch)
         tokens, pos, outputs = batch_inputs(ctx, batch)
         h = self.token_embd.forward(tokens)  # (T, D)
+        last = len(self.blk) - 1  # the last block keeps only the rows of `outputs`
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
-            h = block.forward(h, pos, self.cache, self.rope_freqs)
-        h = h.get_rows(outputs)  # (N, D)
+            h = block.forward(h, pos, self.cache, self.rope_freqs, outputs if i == last else None)
         return self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
 
     def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
