@@ -158,6 +158,15 @@ class GGUFFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(self._map)
 
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop this process's pages of a byte range of the mapping (they stay in the page
+        cache and come back on the next read): for weights copied elsewhere, so they do
+        not count twice in resident memory."""
+        page = mmap.PAGESIZE
+        start, end = -(-offset // page) * page, (offset + nbytes) // page * page
+        if self._map is not None and end > start and hasattr(self._map, "madvise"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a uint8 array over the mapping (no copy)."""
         info = self.tensors[name]

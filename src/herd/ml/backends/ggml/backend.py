@@ -1101,6 +1101,7 @@ class GGMLBackend:
                     L.ggml_free(ctx)
                     break
                 L.ggml_backend_tensor_set(q, L.tensor_data(w.p), 0, L.ggml_nbytes(w.p))
+                self.gguf.release(L.tensor_data(w.p) - self._file.ctypes.data, L.ggml_nbytes(w.p))
                 self._persistent.append((ctx, buf))
                 self.packed[w.p] = q
                 return q  # type: ignore[no-any-return]
