@@ -33,10 +33,18 @@ def hf_to_gguf(hf_model: Any, arch: str, path: Path) -> Path:
 class Engine:
     """A converted model on one backend, driven batch by batch."""
 
-    def __init__(self, path: Path, backend: str, capacity: int = 256, sequences: int = 2):
+    def __init__(
+        self,
+        path: Path,
+        backend: str,
+        capacity: int = 256,
+        sequences: int = 2,
+        extra: dict | None = None,
+    ):
         self.gguf = open_gguf(path)
         # HERD_TEST_NUM_GPU: offloaded layers on backends that have devices (default -1)
-        self.backend = open_backend(backend, self.gguf, BackendOptions(num_gpu=NUM_GPU))
+        options = BackendOptions(num_gpu=NUM_GPU, extra=dict(extra or {}))
+        self.backend = open_backend(backend, self.gguf, options)
         self.model = load_model(self.gguf.config(), self.backend)
         self.model.cache.init(self.backend, DType.F32, sequences, capacity, capacity)
 

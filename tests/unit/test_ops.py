@@ -99,11 +99,13 @@ def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> GGUFFile:
 
 
 # every installed backend (one thread: tiny ops, shared CI cores); ggml also without repacked
-# weights on two threads, with flash attention, through the scheduler onto a stand-in GPU
-# (a second CPU backend), and on each real GPU unless HERD_TEST_NUM_GPU=0
+# weights and with the composed (exact) GELU on two threads, with flash attention, through
+# the scheduler onto a stand-in GPU (a second CPU backend), and on each real GPU unless
+# HERD_TEST_NUM_GPU=0
 VARIANTS: list[tuple[str, int, dict[str, Any]]] = [(name, 1, {}) for name in BACKENDS]
 if "ggml" in BACKENDS:
-    VARIANTS += [("ggml", 2, {"repack": False}), ("ggml", 1, {"flash_attn": True})]
+    VARIANTS += [("ggml", 2, {"repack": False, "exact_gelu": True})]
+    VARIANTS += [("ggml", 1, {"flash_attn": True})]
     VARIANTS += [("ggml", 1, {"gpu_ops": True, "stand_in_gpu": True})]
     if NUM_GPU != 0 and ggml_gpus():
         VARIANTS += [("ggml", 1, {"gpu_ops": True, "flash_attn": fa}) for fa in (False, True)]

@@ -265,7 +265,13 @@ class GGMLTensor:
         return self._unary(L.ggml_silu)
 
     def gelu(self) -> GGMLTensor:
-        return self._unary(L.ggml_gelu)
+        c = self._c()
+        if not c.backend.exact_gelu:
+            return self._unary(L.ggml_gelu)
+        # tanh GELU from F32 ops: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = self.mul(self).mul(self).scale(0.044715)
+        inner = self.add(cube).scale(math.sqrt(2.0 / math.pi)).tanh()
+        return self.mul(inner).add(self).scale(0.5)
 
     def gelu_erf(self) -> GGMLTensor:
         return self._unary(L.ggml_gelu_erf)
@@ -285,6 +291,8 @@ class GGMLTensor:
         return self._glu(L.ggml_swiglu_split, up)
 
     def geglu(self, up: GGMLTensor) -> GGMLTensor:
+        if self._c(up).backend.exact_gelu:
+            return self.gelu().mul(up)
         return self._glu(L.ggml_geglu_split, up)
 
     # --- reductions and norms over the last axis ------------------------------------
@@ -896,6 +904,8 @@ class GGMLBackend:
     `options.extra`: `flash_attn` (default: on when layers run on a GPU), `max_nodes`,
     `repack` (CPU weights in ggml's repacked layouts where its kernels have one; default
     on, as llama.cpp's CPU_REPACK buffers: prompts run faster and logits match its own),
+    `exact_gelu` (tanh GELU composed from F32 ops instead of ggml's kernel, which reads
+    an F16 table: ~1e-3 relative, what llama.cpp runs and so the default),
     `gpu_ops` (tests: every weight of no layer, persistent tensor and supported op on the
     first GPU in use), `device_probe` (tests: a callable returning the `Device`s to lay
     the model out on, instead of ggml's).
@@ -953,6 +963,7 @@ class GGMLBackend:
         # OutOfMemoryError here, before any allocation
         self.plan: Plan = plan(gguf, options, [d.info for d in gpus], cpu_info, self.gpu_ops)
         self.flash_attn = bool(options.extra.get("flash_attn", bool(self.plan.gpus)))
+        self.exact_gelu = bool(options.extra.get("exact_gelu", False))
         try:
             self.cpu = L.ggml_backend_cpu_init()
             if not self.cpu:
