@@ -35,7 +35,9 @@ class Causal:
     """Causal (optionally sliding-window or chunked) attention cache.
 
     `padding`: the attended range is padded to a multiple of this many cells so graph
-    backends see the same shapes for many decode steps in a row.
+    backends see the same shapes for many decode steps in a row. 128: a rebuilt decode
+    graph costs ~10 ms of Python, so 32 spent ~0.3 ms a token on rebuilds (SmolLM2 decode
+    85-87 tok/s at 32, 92 at 128, 83-88 at 256 where masked cells start to cost).
     """
 
     def __init__(
@@ -44,7 +46,7 @@ class Causal:
         *,
         window: int | None = None,
         chunk: int | None = None,
-        padding: int = 32,
+        padding: int = 128,
     ) -> None:
         self.shift_fn, self.window, self.chunk, self.padding = shift, window, chunk, padding
         self.backend: Backend | None = None

@@ -663,6 +663,7 @@ class GGMLContext:
         self._outs: list[tuple[int, tuple[int, ...], Any]] = []
         self._f16: dict[int, int] = {}
         self._galloc = 0  # a private graph allocator, once `rerun` needs one
+        self._placed = False  # the graph's tensors still sit where its allocator put them
         self._epoch = -1  # the shared allocator's epoch when it last placed this graph
 
     def input(self, array: np.ndarray | Sequence[Any], dtype: DType = DType.F32) -> GGMLTensor:
@@ -703,6 +704,7 @@ class GGMLContext:
             L.unallocate(self.g)
         self._build(outputs)
         self._epoch = -1  # a new graph: no allocator has placed it yet
+        self._placed = False
         return self._run()
 
     def rerun(self, *arrays: np.ndarray | Sequence[Any]) -> list[np.ndarray]:
@@ -725,6 +727,7 @@ class GGMLContext:
             # buffer): give this graph its own, so later reruns cost no re-planning
             L.unallocate(self.g)
             self._galloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
+            self._placed = False
         return self._run()
 
     def _build(self, outputs: Sequence[GGMLTensor]) -> None:
@@ -756,9 +759,12 @@ class GGMLContext:
         b = self.backend
         if b.gpus:
             self._place_split()
-        else:
+        elif not (self._placed if self._galloc else self._epoch == b.galloc_epoch):
+            # placed again only when another graph may have taken its memory since: a
+            # rerun of an unchanged placement skips the allocator's walk over every node
             if not L.ggml_gallocr_alloc_graph(self._galloc or b.galloc, self._graph):
                 raise BackendError("ggml could not allocate the compute graph (out of memory?)")
+            self._placed = True
             if not self._galloc:
                 b.galloc_epoch += 1
                 self._epoch = b.galloc_epoch
