@@ -527,6 +527,36 @@ def test_rerun_reuses_the_graph(backends: Any) -> None:
         assert nmse(g, run(oracle, build, inputs)[0]) < 2e-4
 
 
+def test_split_graph_gets_its_sources_back(backends: Any) -> None:
+    """ggml's scheduler points a node's sources at its own copies when they live on
+    another device, and frees those on reset: before a graph is split again, its sources
+    must be its own. Simulated on any scheduled backend by re-pointing a source."""
+    import ctypes
+
+    backend, oracle = backends
+    if not getattr(backend, "gpus", None):
+        pytest.skip("no scheduler here (layers on the CPU only)")
+    from herd.ml.backends.ggml import _lib as L
+
+    build = lambda c, b, x, y: x.scale(3.0).add(y.scale(5.0))  # noqa: E731
+    first, second = (
+        [rand(2, 64, seed=1), rand(2, 64, seed=2)],
+        [rand(2, 64, seed=3), rand(2, 64, seed=4)],
+    )
+    with backend.new_context() as ctx:
+        got = [ctx.compute(build(ctx, backend, ctx.input(first[0]), ctx.input(first[1])))[0]]
+        g = ctx._graph
+        add = L.ggml_graph_node(g, L.ggml_graph_n_nodes(g) - 1)
+        srcs = bytearray(L.tensor_srcs(add))
+        srcs[0:8] = srcs[8:16]  # add(x', y') now reads add(y', y'), as a stale copy would
+        L.set_tensor_srcs(add, bytes(srcs))
+        run(backend, lambda c, b, z: z.scale(2.0), [rand(300, 64)])  # another placement
+        got.append(ctx.rerun(*second)[0])
+    for g_out, inputs in zip(got, (first, second), strict=True):
+        assert nmse(g_out, run(oracle, build, inputs)[0]) < 1e-10
+    assert ctypes.sizeof(ctypes.c_void_p) == 8  # the source bytes above are 64-bit pointers
+
+
 def test_compute_twice_in_one_context(backends: Any) -> None:
     backend, _ = backends
     with backend.new_context() as ctx:

@@ -73,6 +73,7 @@ TENSOR_BUFFER_OFFSET = 8
 TENSOR_NB_OFFSET = 48
 TENSOR_VIEW_SRC_OFFSET = 232
 TENSOR_DATA_OFFSET = 248
+TENSOR_SRC_OFFSET, TENSOR_SRC_BYTES = 152, 10 * 8  # src[GGML_MAX_SRC]
 NB4 = ctypes.c_size_t * 4
 NE4 = ctypes.c_int64 * 4
 
@@ -271,3 +272,12 @@ def unallocate(ctx: int) -> None:
         ctypes.c_void_p.from_address(t + TENSOR_BUFFER_OFFSET).value = None
         ctypes.c_void_p.from_address(t + TENSOR_DATA_OFFSET).value = None
         t = ggml_get_next_tensor(ctx, t)
+
+
+def tensor_srcs(t: int) -> bytes:
+    """The tensor's src pointers, as raw bytes (to put back with `set_tensor_srcs`)."""
+    return ctypes.string_at(t + TENSOR_SRC_OFFSET, TENSOR_SRC_BYTES)
+
+
+def set_tensor_srcs(t: int, srcs: bytes) -> None:
+    ctypes.memmove(t + TENSOR_SRC_OFFSET, srcs, TENSOR_SRC_BYTES)

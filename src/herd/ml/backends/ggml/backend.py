@@ -664,6 +664,7 @@ class GGMLContext:
         self._f16: dict[int, int] = {}
         self._galloc = 0  # a private graph allocator, once `rerun` needs one
         self._placed = False  # the graph's tensors still sit where its allocator put them
+        self._srcs: dict[int, bytes] = {}  # each node's sources before any split
         self._epoch = -1  # the shared allocator's epoch when it last placed this graph
 
     def input(self, array: np.ndarray | Sequence[Any], dtype: DType = DType.F32) -> GGMLTensor:
@@ -795,6 +796,18 @@ class GGMLContext:
             return
         L.unallocate(self.g)
         L.ggml_backend_sched_reset(sched)
+        # ggml's scheduler points the sources of nodes that read another device's tensor
+        # at copies it makes in its own context, which its reset frees: a graph split once
+        # gets its own sources back before it is split again (also a new graph over nodes
+        # of an earlier one in this context)
+        g, saved = self._graph, self._srcs
+        for i in range(L.ggml_graph_n_nodes(g)):
+            p = L.ggml_graph_node(g, i)
+            srcs = saved.get(p)
+            if srcs is None:
+                saved[p] = L.tensor_srcs(p)
+            else:
+                L.set_tensor_srcs(p, srcs)
         if b.gpu_ops:
             b.pin_to_gpu(self._graph)
         if not L.ggml_backend_sched_alloc_graph(sched, self._graph):
