@@ -545,3 +545,24 @@ def test_disk_full_during_pull_is_a_clear_error(proxy: Proxy, tmp_path: Path) ->
         assert tiny.names() == [] and not tiny.has_blob(model)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_disk_full_outside_the_part_downloads_is_a_clear_error(
+    proxy: Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the disk fills depends on timing (a part's write, its state file, the flush
+    when the blob file closes); every place gives the same clear error and an empty store."""
+    import errno
+
+    from herd.registry import transfer
+
+    name, _, _, model = _pushed(proxy, tmp_path, "fullstate", size=300_000)
+
+    def no_space(*_: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transfer, "_write_part", no_space)
+    store = Store(tmp_path / "store")
+    with pytest.raises(DownloadError, match="disk full"):
+        pull(store, name, Options(**FAST))
+    assert store.names() == [] and not store.has_blob(model)

@@ -138,6 +138,18 @@ def _remove_partial(partial: Path) -> None:
 
 def download_blob(client: Client, store: Store, layer: Layer, report: Progress) -> bool:
     """Bring one blob into the store; True when it was already there (not re-verified)."""
+    try:
+        return _download_blob(client, store, layer, report)
+    except OSError as e:
+        # the disk can fill anywhere: part files, preallocation, the flush on close
+        if e.errno != errno.ENOSPC:
+            raise
+        raise DownloadError(f"disk full while pulling blob {layer.digest} into "
+                            f"{store.blobs_dir}; free some space and pull again (it resumes)"
+                            ) from e
+
+
+def _download_blob(client: Client, store: Store, layer: Layer, report: Progress) -> bool:
     digest = layer.digest
     hexdigest = parse_digest(digest)
     status = f"pulling {hexdigest[:12]}"
