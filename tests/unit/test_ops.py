@@ -117,15 +117,31 @@ if "ggml" in BACKENDS:
     ids=[name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, _, extra in VARIANTS],
 )
 def backends(request: pytest.FixtureRequest, gguf_file: GGUFFile) -> Any:
-    name, threads, extra = request.param
+    backend = _open(request.param, gguf_file)
+    yield backend, NumpyBackend(gguf_file)
+    backend.close()
+
+
+# the variants whose graphs go through ggml's scheduler (stand-in or real GPUs)
+SCHEDULED = [v for v in VARIANTS if v[2].get("gpu_ops")]
+
+
+@pytest.fixture(scope="module", params=SCHEDULED, ids=[str(v[2]) for v in SCHEDULED])
+def scheduled(request: pytest.FixtureRequest, gguf_file: GGUFFile) -> Any:
+    backend = _open(request.param, gguf_file)
+    yield backend, NumpyBackend(gguf_file)
+    backend.close()
+
+
+def _open(variant: tuple[str, int, dict[str, Any]], gguf_file: GGUFFile) -> Any:
+    name, threads, extra = variant
     extra, num_gpu = dict(extra), NUM_GPU
     if extra.pop("stand_in_gpu", False):
         extra["device_probe"], num_gpu = stand_in_gpu, -1
     options = BackendOptions(num_thread=threads, num_gpu=num_gpu, extra=extra)
     backend = open_backend(name, gguf_file, options)
     assert not extra.get("gpu_ops") or backend.gpus, "gpu_ops: no GPU in use"
-    yield backend, NumpyBackend(gguf_file)
-    backend.close()
+    return backend
 
 
 def stand_in_gpu() -> list[Any]:
@@ -527,15 +543,13 @@ def test_rerun_reuses_the_graph(backends: Any) -> None:
         assert nmse(g, run(oracle, build, inputs)[0]) < 2e-4
 
 
-def test_split_graph_gets_its_sources_back(backends: Any) -> None:
+def test_split_graph_gets_its_sources_back(scheduled: Any) -> None:
     """ggml's scheduler points a node's sources at its own copies when they live on
     another device, and frees those on reset: before a graph is split again, its sources
     must be its own. Simulated on any scheduled backend by re-pointing a source."""
     import ctypes
 
-    backend, oracle = backends
-    if not getattr(backend, "gpus", None):
-        pytest.skip("no scheduler here (layers on the CPU only)")
+    backend, oracle = scheduled
     from herd.ml.backends.ggml import _lib as L
 
     build = lambda c, b, x, y: x.scale(3.0).add(y.scale(5.0))  # noqa: E731
