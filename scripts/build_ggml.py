@@ -37,9 +37,9 @@ MARKER = Path(sys.prefix) / "herd-ggml-build"  # which build this environment ha
 
 def default_cmake_args() -> str:
     sys.path.insert(0, str(Path(__file__).parent))
-    from cpu_cmake_args import _cpu_flags, cmake_args
+    from cpu_cmake_args import cmake_args, cpu_flags
 
-    return cmake_args(platform.machine(), _cpu_flags()) + " -DGGML_LLAMAFILE=ON"
+    return cmake_args(platform.machine(), cpu_flags()) + " -DGGML_LLAMAFILE=ON"
 
 
 def sdist(project: str, version: str) -> Path:

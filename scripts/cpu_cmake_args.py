@@ -29,14 +29,14 @@ X86_OPTIONS = [
 ]
 
 
-def cmake_args(machine: str, cpu_flags: set[str]) -> str:
-    if machine not in ("x86_64", "AMD64") or not cpu_flags:
+def cmake_args(machine: str, flags: set[str]) -> str:
+    if machine not in ("x86_64", "AMD64") or not flags:
         return "-DGGML_NATIVE=ON"
-    on = [f"-D{opt}=ON" for flag, opt in X86_OPTIONS if flag in cpu_flags]
+    on = [f"-D{opt}=ON" for flag, opt in X86_OPTIONS if flag in flags]
     return " ".join(["-DGGML_NATIVE=OFF", *on])
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -48,4 +48,4 @@ def _cpu_flags() -> set[str]:
 
 
 if __name__ == "__main__":
-    print(cmake_args(platform.machine(), _cpu_flags()))
+    print(cmake_args(platform.machine(), cpu_flags()))

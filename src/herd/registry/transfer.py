@@ -207,10 +207,7 @@ def _download_blob(client: Client, store: Store, layer: Layer, report: Progress)
     if errors:
         disk_full = next((e for e in errors if isinstance(e, OSError)
                           and e.errno == errno.ENOSPC), None)
-        if disk_full is not None:
-            raise DownloadError(f"disk full while pulling {what} into {store.blobs_dir}; "
-                                "free some space and pull again (it resumes)") from disk_full
-        raise errors[0]
+        raise disk_full or errors[0]  # a full disk first: download_blob names it
 
     # every byte is here: check it before it may become a blob
     h = hashlib.sha256()
