@@ -102,4 +102,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as e:  # pip said why above; one line, no traceback
+        sys.exit(f"build_ggml: `{' '.join(map(str, e.cmd[:5]))} ...` failed (exit {e.returncode})")
