@@ -9,8 +9,9 @@ decode tokens/s over 128 generated tokens (median of --runs after a warm-up), an
 RSS. The engines take turns, --rounds times (A B C, A B C, ...), each round a fresh child,
 and every figure is the median over the rounds: on a shared machine, load drifts over
 minutes, and running one engine's rounds back to back would hand that drift to the ratio.
-The table prints herd/peer ratios. Engines that are not installed are skipped with the
-reason.
+The table prints herd/peer ratios of the medians; below it, herd/llama.cpp taken round by
+round (median and range), which drift on the machine cannot skew. Engines that are not
+installed are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -259,6 +260,31 @@ def table(model: str, results: dict[str, dict[str, Any]], threads: int, num_gpu:
     return "\n".join(lines)
 
 
+def paired(rounds: dict[str, list[dict[str, Any]]]) -> str:
+    """Each herd engine over llama.cpp round by round (the two ran minutes apart at most, so
+    the machine's drift cancels): the median ratio and its range, per figure."""
+    peer = rounds.get("llama.cpp", [])
+    if not peer or any("skipped" in r for r in peer):
+        return ""
+    lines = []
+    for name, done in rounds.items():
+        if not name.startswith("herd") or any("skipped" in r for r in done):
+            continue
+        cells = []
+        for key, label in (
+            ("prefill_tps", "prefill"),
+            ("decode_tps", "decode"),
+            ("cold_s", "cold load"),
+            ("peak_rss_mb", "peak RSS"),
+        ):
+            ratios = sorted(h[key] / p[key] for h, p in zip(done, peer, strict=False))
+            cells.append(
+                f"{label} {statistics.median(ratios):.3f}x ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+            )
+        lines.append(f"{name}/llama.cpp per round ({len(peer)} rounds): " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2:135m")
@@ -284,6 +310,8 @@ def main() -> None:
             done.append(run_engine(name, path, args.threads, args.runs, args.num_gpu))
     results = {name: combine(done) for name, done in rounds.items()}
     print(table(args.model, results, args.threads, args.num_gpu))
+    if args.rounds > 1 and (pairs := paired(rounds)):
+        print("\n" + pairs)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -544,6 +544,31 @@ def test_rerun_reuses_the_graph(backends: Any) -> None:
         assert nmse(g, run(oracle, build, inputs)[0]) < 2e-4
 
 
+def test_rerun_without_copy_gives_views_until_the_next_run(backends: Any) -> None:
+    """`copy=False` (the runner's decode step): the outputs are read-only views of the
+    graph's own output, equal to the copied result, overwritten by the next run. Graphs
+    the scheduler splits over devices give copies (their output may sit on a GPU)."""
+    backend, oracle = backends
+    build = lambda c, b, x: x.linear(b.weight("w.Q8_0")).scale(0.5)  # noqa: E731
+    steps = [rand(2, 256, seed=s) for s in range(3)]
+    with backend.new_context() as ctx:
+        if not hasattr(ctx, "rerun"):
+            pytest.skip(f"{backend.name} has no graph reuse")
+        ctx.compute(build(ctx, backend, ctx.input(steps[0])))
+        view = ctx.rerun(steps[1], copy=False)[0]
+        want = run(oracle, build, [steps[1]])[0]
+        assert nmse(view, want) < 2e-4
+        host = not backend.gpus
+        assert view.flags.writeable is not host
+        kept = view.copy()
+        copied = ctx.rerun(steps[2])[0]
+        assert nmse(copied, run(oracle, build, [steps[2]])[0]) < 2e-4
+        if host:  # the same memory, now holding the later run's output
+            assert nmse(view, copied) < 1e-12 and nmse(view, kept) > 1e-3
+        else:
+            assert np.array_equal(view, kept)
+
+
 def test_split_graph_gets_its_sources_back(scheduled: Any) -> None:
     """ggml's scheduler points a node's sources at its own copies when they live on
     another device, and frees those on reset: before a graph is split again, its sources

@@ -102,8 +102,15 @@ class Causal:
         locs = free[:n]
         self.pos[locs] = batch.positions
         self.member[locs] = False
-        self.member[locs, batch.sequences] = True
-        in_use = np.flatnonzero(self.member[:, np.unique(batch.sequences)].any(axis=1))
+        seqs = batch.sequences
+        self.member[locs, seqs] = True
+        # the cells of the batch's sequences (one column in the usual one-sequence batch:
+        # this runs every decode step, where each NumPy call counts)
+        first = int(seqs[0])
+        if n == 1 or (seqs == first).all():
+            in_use = np.flatnonzero(self.member[:, first])
+        else:
+            in_use = np.flatnonzero(self.member[:, np.unique(seqs)].any(axis=1))
         lo, hi = int(in_use[0]), int(in_use[-1]) + 1
         lo = lo // self.padding * self.padding
         hi = min(self.size, -(-hi // self.padding) * self.padding)
@@ -112,15 +119,14 @@ class Causal:
         self._mask_array = self._mask(batch, lo, hi)
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
-        cell_pos = self.pos[lo:hi].astype(np.int64)
-        member = self.member[lo:hi, batch.sequences].T  # (T, S)
-        tok_pos = batch.positions.astype(np.int64)[:, None]
-        ok = member & (cell_pos[None, :] >= 0) & (cell_pos[None, :] <= tok_pos)
+        cell_pos = self.pos[lo:hi]  # (S,) int32; free cells are -1 and in no sequence
+        tok_pos = batch.positions[:, None]  # (T, 1) int32
+        ok = self.member[lo:hi, batch.sequences].T & (cell_pos <= tok_pos)  # (T, S)
         if self.window is not None:
-            ok &= tok_pos - cell_pos[None, :] < self.window
+            ok &= tok_pos - cell_pos < self.window
         if self.chunk is not None:
-            ok &= cell_pos[None, :] >= tok_pos - tok_pos % self.chunk
-        return np.where(ok, np.float32(0), NEG_INF).astype(np.float32)
+            ok &= cell_pos >= tok_pos - tok_pos % self.chunk
+        return np.where(ok, np.float32(0), NEG_INF)
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Drop seq's tokens at positions [begin, end); later ones move back and re-rope."""

@@ -97,8 +97,9 @@ class Runner:
         self.num_batch = max(1, min(options.num_batch, self.num_ctx))
         self.cache = model.cache  # type: ignore[attr-defined]
         if cache_type is not None and cache_type not in _CACHE_TYPES:
-            raise HerdError(f"unknown KV cache type {cache_type!r}; choose one of: "
-                            + ", ".join(_CACHE_TYPES))
+            raise HerdError(
+                f"unknown KV cache type {cache_type!r}; choose one of: " + ", ".join(_CACHE_TYPES)
+            )
         dtype = _CACHE_TYPES[cache_type] if cache_type else getattr(model, "cache_dtype", DType.F16)
         self.cache.init(backend, dtype, parallel, self.num_ctx, self.num_batch)
         self.slots = [Slot(i) for i in range(parallel)]
@@ -270,7 +271,8 @@ class Runner:
         padding keeps true for many steps in a row. The inputs are recorded by running
         only the input-making part of a forward pass (`cache.start_forward` and
         `batch_inputs`, which every model calls first); when their shapes and the cache
-        range match the kept graph, it is rerun and `model.forward` is skipped.
+        range match the kept graph, it is rerun and `model.forward` is skipped. Its logits
+        are then a read-only view of the graph's output: read them before the next step.
         """
         if not self._reuse or len(batch.tokens) > len(self.slots):
             with self.backend.new_context() as ctx:
@@ -281,7 +283,7 @@ class Runner:
         batch_inputs(recorder, batch)  # type: ignore[arg-type]
         key = (tuple((a.shape, a.dtype.str) for a in recorder.arrays), self.cache.view_key())
         if self._graph is not None and self._graph[0] == key:
-            return self._graph[1].rerun(*recorder.arrays)[0]  # type: ignore[no-any-return]
+            return self._graph[1].rerun(*recorder.arrays, copy=False)[0]  # type: ignore[no-any-return]
         ctx = self.backend.new_context()
         (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
         if self._graph is not None:
@@ -361,8 +363,7 @@ class Runner:
         sequence.
         """
         with self.lock:
-            seq = self._new_sequence(tokens, options, cancelled, shift, truncate, logprobs,
-                                     grammar)
+            seq = self._new_sequence(tokens, options, cancelled, shift, truncate, logprobs, grammar)
         self.incoming.put(seq)
         self._wake.set()
         try:

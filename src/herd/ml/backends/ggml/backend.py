@@ -645,6 +645,17 @@ class GGMLTensor:
         return self._out(c, p, s)
 
 
+def _host_view(p: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A read-only array over a contiguous tensor in host memory (no copy)."""
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    if not n:
+        return np.empty(shape, dtype=dtype)
+    raw = (ctypes.c_char * n).from_address(L.tensor_data(p))
+    a = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    a.flags.writeable = False
+    return a
+
+
 class GGMLContext:
     """One forward pass: a no_alloc ggml context that records ops, then `compute`."""
 
@@ -708,11 +719,14 @@ class GGMLContext:
         self._placed = False
         return self._run()
 
-    def rerun(self, *arrays: np.ndarray | Sequence[Any]) -> list[np.ndarray]:
+    def rerun(self, *arrays: np.ndarray | Sequence[Any], copy: bool = True) -> list[np.ndarray]:
         """Run the graph of the last `compute` again with new input values.
 
         One array per `input` call, in call order, each of the same shape: the decode-step
-        path that skips building the graph in Python altogether.
+        path that skips building the graph in Python altogether. `copy=False`: where the
+        outputs sit in host memory, return read-only views of them, valid until this
+        graph runs again or closes (a decode step reads its logits at once; copying them out costs
+        ~0.2 ms a token for a 262k vocabulary).
         """
         assert self._graph is not None, "rerun before compute"
         assert len(arrays) == len(self.inputs), (
@@ -729,7 +743,7 @@ class GGMLContext:
             L.unallocate(self.g)
             self._galloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
             self._placed = False
-        return self._run()
+        return self._run(copy or bool(b.gpus))
 
     def _build(self, outputs: Sequence[GGMLTensor]) -> None:
         self._free_graph()
@@ -756,7 +770,7 @@ class GGMLContext:
             expand(gf, p)
         self._outs = outs
 
-    def _run(self) -> list[np.ndarray]:
+    def _run(self, copy: bool = True) -> list[np.ndarray]:
         b = self.backend
         if b.gpus:
             self._place_split()
@@ -779,6 +793,8 @@ class GGMLContext:
             status = L.ggml_backend_graph_compute(b.cpu, self._graph)
         if status != L.STATUS_SUCCESS:
             raise BackendError(f"ggml compute failed: {L.ggml_status_to_string(status).decode()}")
+        if not copy:
+            return [_host_view(p, shape, dt) for p, shape, dt in self._outs]
         results = []
         for p, shape, dt in self._outs:
             r = np.empty(shape, dtype=dt)
