@@ -560,3 +560,14 @@ def test_show_says_which_backend_runs_the_model(
     line = next(x for x in r.stdout.splitlines() if x.strip().startswith("backend"))
     expected = "numpy" if choice == "numpy" else "none (unknown backend 'nosuch'"
     assert line.split(None, 1)[1].startswith(expected), line
+
+
+def test_the_cli_starts_without_the_engine_libraries() -> None:
+    """`herd list`, `ps`, `--help` and a `run` against a server need no NumPy or gguf:
+    importing them cost every command ~100 ms before it did anything."""
+    import subprocess
+    import sys
+
+    code = "import sys, herd.cli.main; print(sorted({'numpy', 'gguf'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from herd.cli.format import table
-from herd.gguf import TensorInfo, open_gguf
 from herd.modelfile import quote
 from herd.store import Store
-from herd.store.ggufinfo import GGUFFacts, describe
 from herd.store.layout import MEDIA_ADAPTER, go_float
+
+if TYPE_CHECKING:
+    from herd.gguf import TensorInfo
+    from herd.store.ggufinfo import GGUFFacts
 
 
 @dataclass
@@ -52,6 +54,10 @@ def is_model_path(model: str) -> bool:
 
 def load_facts(model: str, store: Store) -> ShowFacts:
     """Facts about a store model or a .gguf path; HerdError subclasses for every failure."""
+    # imported here: NumPy and gguf cost ~100 ms that other commands need not pay
+    from herd.gguf import open_gguf
+    from herd.store.ggufinfo import describe
+
     if is_model_path(model):
         path = Path(model).expanduser()
         g = open_gguf(path)

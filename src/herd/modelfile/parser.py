@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from herd.errors import ModelfileError
 
@@ -181,11 +180,25 @@ def parse_value(name: str, text: str, at: Command | None = None,
         if not math.isfinite(value):
             raise ModelfileError(f"invalid float value {shown} for parameter '{name}'", line,
                                  col, path)
-        # Ollama keeps a float32: its JSON shows the float32's shortest digits (0.7, not 0.69999)
-        return float(str(np.float32(value)))
+        return _float32(value)
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     raise ModelfileError(f"invalid bool value {shown} for parameter '{name}'", line, col, path)
+
+
+def _float32(value: float) -> float:
+    """Ollama keeps a float32, and its JSON shows the float32's shortest digits (0.7, not
+    0.699999988): the shortest decimal that reads back as the same float32. (By hand, not
+    NumPy's float32 repr: NumPy costs every CLI command ~100 ms to import.)"""
+    try:
+        f32 = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range
+        return math.copysign(math.inf, value)
+    for digits in range(1, 10):  # 9 significant digits always identify a float32
+        short = float(f"{f32:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", short))[0] == f32:
+            return short
+    return f32
 
 
 def _decode(data: bytes | str) -> str:

@@ -16,13 +16,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from herd import envconfig
 from herd.errors import HerdError, InvalidNameError, ModelNotFoundError
-from herd.gguf import open_gguf
 from herd.store import names
-from herd.store.ggufinfo import GGUFFacts, describe
 from herd.store.layout import (
     CONFIG_V1,
     MEDIA_LICENSE,
@@ -42,6 +40,9 @@ from herd.store.layout import (
     go_json,
 )
 from herd.store.names import Name
+
+if TYPE_CHECKING:
+    from herd.store.ggufinfo import GGUFFacts
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,11 @@ class Store:
         `model` must already be a blob in the store (its media type is set here).
         """
         if facts is None:
+            # imported here: the GGUF reader pulls in NumPy and gguf (~100 ms), which
+            # commands like `herd list` never need
+            from herd.gguf import open_gguf
+            from herd.store.ggufinfo import describe
+
             facts = describe(open_gguf(self.blob_path(model.digest)))
         layers = [Layer(MEDIA_MODEL, model.digest, model.size, model.from_)]
         if template is not None:
