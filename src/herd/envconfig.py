@@ -51,6 +51,16 @@ def kv_cache_type() -> str:
     return (_get("HERD_KV_CACHE_TYPE") or _get("OLLAMA_KV_CACHE_TYPE") or "f16").lower()
 
 
+def flash_attention() -> bool | None:
+    """Flash attention forced on or off (HERD_FLASH_ATTENTION, else OLLAMA_FLASH_ATTENTION);
+    None: the backend decides. Read as Go's envconfig reads a bool: 0/f/false turn it off,
+    any other value on."""
+    value = (_get("HERD_FLASH_ATTENTION") or _get("OLLAMA_FLASH_ATTENTION")).lower()
+    if not value:
+        return None
+    return value not in ("0", "f", "false")
+
+
 def nohistory() -> bool:
     return _get("HERD_NOHISTORY").lower() in ("1", "true", "yes")
 

@@ -220,6 +220,33 @@ def test_flash_attention_is_on_with_layers_on_a_gpu(tiny_llama: Path):
 
 
 @needs_ggml
+@pytest.mark.parametrize(
+    ("env", "gpu", "want"),
+    [
+        ({}, False, False),
+        ({"HERD_FLASH_ATTENTION": "1"}, False, True),
+        ({"OLLAMA_FLASH_ATTENTION": "true"}, False, True),
+        ({"HERD_FLASH_ATTENTION": "0"}, True, False),
+        ({"HERD_FLASH_ATTENTION": "false", "OLLAMA_FLASH_ATTENTION": "1"}, False, False),
+    ],
+)
+def test_flash_attention_follows_the_environment(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], gpu: bool, want: bool
+):
+    """HERD_FLASH_ATTENTION (else Ollama's OLLAMA_FLASH_ATTENTION) forces it on or off."""
+    for name in ("HERD_FLASH_ATTENTION", "OLLAMA_FLASH_ATTENTION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    probe = _probe(gpu_free=[1 << 30] if gpu else [])
+    backend = open_backend(
+        "ggml", open_gguf(tiny_llama), BackendOptions(1, -1, extra={"device_probe": probe})
+    )
+    assert backend.flash_attn is want
+    backend.close()
+
+
+@needs_ggml
 def test_model_that_does_not_fit_is_refused_before_loading(tiny_llama: Path):
     with pytest.raises(OutOfMemoryError, match=r"system memory \(.*\) than is available \(1.0 KiB"):
         _open(tiny_llama, 0, device_probe=_probe(cpu_free=1024))
