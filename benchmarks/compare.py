@@ -103,6 +103,17 @@ def _measure(
     }
 
 
+def _llama_flash_attn(num_gpu: int) -> bool:
+    """As herd: HERD_FLASH_ATTENTION when set (--flash-attn), else on where layers run on a
+    GPU, unless this llama.cpp was built without its CUDA kernels for it (gpu_check.sh)."""
+    from herd import envconfig
+
+    forced = envconfig.flash_attention()
+    if forced is not None:
+        return forced
+    return num_gpu != 0 and os.environ.get("BENCH_LLAMA_FLASH_ATTN", "1") == "1"
+
+
 def bench_llama_cpp(path: str, threads: int, runs: int, num_gpu: int = 0) -> dict[str, float]:
     from llama_cpp import Llama
 
@@ -114,9 +125,7 @@ def bench_llama_cpp(path: str, threads: int, runs: int, num_gpu: int = 0) -> dic
         n_threads=threads,
         n_threads_batch=threads,
         n_gpu_layers=num_gpu,  # -1: all, like herd's num_gpu
-        # as herd: flash attention where layers run on a GPU, unless this llama.cpp was built
-        # without its CUDA kernels (scripts/gpu_check.sh does, to build in time)
-        flash_attn=num_gpu != 0 and os.environ.get("BENCH_LLAMA_FLASH_ATTN", "1") == "1",
+        flash_attn=_llama_flash_attn(num_gpu),
         verbose=False,
     )
     tokens = llm.tokenize(TEXT.encode())[:PROMPT_TOKENS]
@@ -299,7 +308,16 @@ def main() -> None:
         default=0,
         help="layers on the GPU for herd (num_gpu) and llama.cpp (n_gpu_layers); -1: all",
     )
+    ap.add_argument(
+        "--flash-attn",
+        choices=("default", "on", "off"),
+        default="default",
+        help="fused attention for both herd and llama.cpp (default: on where layers run on a "
+        "GPU, herd's default)",
+    )
     args = ap.parse_args()
+    if args.flash_attn != "default":  # read by both engines' children
+        os.environ["HERD_FLASH_ATTENTION"] = "1" if args.flash_attn == "on" else "0"
     path = model_path(args.model)
     rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in args.engines.split(",")}
     for i in range(args.rounds):
