@@ -634,6 +634,26 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
         open_gguf(path)
 
 
+@pytest.mark.parametrize("cut", ["end", "length"])
+def test_string_array_past_the_end_is_refused(tmp_path: Path, cut: str) -> None:
+    """A vocabulary cut short by the end of the file, or one string's length corrupted
+    to 2^60: a clear error, read no further than the file."""
+    writer = GGUFWriter(str(tmp_path / "s.gguf"), "test")
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(1000)])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = bytearray((tmp_path / "s.gguf").read_bytes())
+    at = data.index(b"tok500") - 8  # its u64 length
+    if cut == "end":
+        data = data[: at + 10]
+    else:
+        data[at : at + 8] = (1 << 60).to_bytes(8, "little")
+    (tmp_path / "s.gguf").write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match="string array runs past the end of the file"):
+        open_gguf(tmp_path / "s.gguf")
+
+
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_backend_refuses_tensor_past_the_end(tmp_path: Path, backend_name: str) -> None:
     """Even if a reader let it through, the backend never maps bytes past the file."""

@@ -93,17 +93,19 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def strings(self, n: int) -> list[str]:
-        """n length-prefixed strings; one tight loop, since vocabularies hold 10^5 of them."""
-        buf, pos, end = self.buf, self.pos, len(self.buf)
+        """n length-prefixed strings; one tight loop, since vocabularies hold 10^5 of them
+        (slicing the mapping itself, not a memoryview of it: ~25% faster, ~75 ms for Gemma
+        3's 262k tokens)."""
+        raw, pos, end = self.buf.obj, self.pos, len(self.buf)
         length = _U64.unpack_from
-        out = []
+        out: list[str] = [""] * n
         try:
-            for _ in range(n):
-                (size,) = length(buf, pos)
+            for i in range(n):
+                (size,) = length(raw, pos)
                 pos += 8
-                if pos + size > end:
+                if pos + size > end:  # before slicing: a corrupt length must not copy GBs
                     raise struct.error
-                out.append(str(buf[pos : pos + size], "utf-8", "replace"))
+                out[i] = raw[pos : pos + size].decode("utf-8", "replace")
                 pos += size
         except struct.error:
             raise GGUFError(
