@@ -9,6 +9,7 @@ pieces and detokenization.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -185,8 +186,12 @@ def read_vocab(kv: dict[str, Any], defaults: dict[str, Any]) -> Vocab:
             f"tokenizer.ggml.model={model!r} but no {_KEY}tokens list in the metadata"
         )
     n = len(tokens)
-    # llama.cpp renames empty tokens so that every text maps to one id
-    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    # llama.cpp renames empty tokens so that every text maps to one id. (Here and below,
+    # loops over the vocabulary run in C where they can: Gemma 3 has 262k tokens.)
+    if "" in tokens:
+        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    else:
+        tokens = list(tokens)  # ours: the metadata's list stays as read
     scores = kv.get(_KEY + "scores")
     if scores is None:
         scores = [0.0] * n
@@ -198,8 +203,8 @@ def read_vocab(kv: dict[str, Any], defaults: dict[str, Any]) -> Vocab:
     elif len(types) < n:
         raise TokenizerError(f"{_KEY}token_type has {len(types)} entries for {n} tokens")
     else:
-        attrs = [_TYPE_ATTR.get(t, ATTR_UNDEFINED) for t in types[:n]]
-    token_to_id = {t: i for i, t in enumerate(tokens)}  # a repeated text keeps its last id
+        attrs = list(map(_TYPE_ATTR.get, types[:n], itertools.repeat(ATTR_UNDEFINED)))
+    token_to_id = dict(zip(tokens, range(n), strict=True))  # a repeated text: its last id
 
     def special(key: str, default: int | None) -> int | None:
         if default is not None and default >= n:
