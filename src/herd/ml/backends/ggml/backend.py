@@ -727,8 +727,8 @@ class GGMLContext:
         One array per `input` call, in call order, each of the same shape: the decode-step
         path that skips building the graph in Python altogether. `copy=False`: where the
         outputs sit in host memory, return read-only views of them, valid until this
-        graph runs again or closes (a decode step reads its logits at once; copying them out costs
-        ~0.2 ms a token for a 262k vocabulary).
+        graph runs again or closes (a decode step reads its logits at once; copying them
+        out costs ~0.2 ms a token for a 262k vocabulary).
         """
         assert self._graph is not None, "rerun before compute"
         assert len(arrays) == len(self.inputs), (
