@@ -103,6 +103,7 @@ def _free_port() -> int:
 # `herd run <name>` starts a background `herd serve` when none answers: give it a port of
 # its own, and stop it when this module is done
 CLI_HOST = f"127.0.0.1:{_free_port()}"
+OWN_STORE_HOST = f"127.0.0.1:{_free_port()}"  # a server over a test's own store
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,15 +114,17 @@ def _stop_background_server():
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if proc.info["cmdline"][-2:] == ["herd", "serve"] and \
-                    proc.environ().get("HERD_HOST") == CLI_HOST:
+                    proc.environ().get("HERD_HOST") in (CLI_HOST, OWN_STORE_HOST):
                 proc.terminate()
                 proc.wait(15)
         except (psutil.Error, TypeError):
             continue
 
 
-def herd_cli(*args: str, stdin: str | None = None, store: Path | None = None):
-    env = dict(os.environ, HERD_BACKEND="numpy", HERD_HOST=CLI_HOST)
+def herd_cli(
+    *args: str, stdin: str | None = None, store: Path | None = None, host: str = CLI_HOST
+):
+    env = dict(os.environ, HERD_BACKEND="numpy", HERD_HOST=host)
     if store is not None:
         env["HERD_MODELS"] = str(store)
     return subprocess.run(
@@ -140,8 +143,16 @@ def test_cli_run_answers_a_prompt(test_store, smollm2_path):
     assert r.stdout.strip()
 
 
-def test_cli_run_reads_stdin(smollm2_path):
-    r = herd_cli("run", str(smollm2_path), stdin="What is 2+2?")
+def test_cli_run_reads_stdin(smollm2_path, tmp_path):
+    """The prompt comes from stdin. The answer is bounded by the Modelfile: with Ollama's
+    defaults (num_predict -1, a random seed) a sampled answer may never end, shifting the
+    context as Ollama's does, and once ran past this test's 300 s."""
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text(f"FROM {smollm2_path}\nPARAMETER num_predict 32\nPARAMETER seed 7\n")
+    store, host = tmp_path / "models", OWN_STORE_HOST  # not the other tests' server
+    r = herd_cli("create", "bounded", "-f", str(modelfile), store=store, host=host)
+    assert r.returncode == 0, r.stderr
+    r = herd_cli("run", "bounded", stdin="What is 2+2?", store=store, host=host)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
 
