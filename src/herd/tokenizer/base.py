@@ -190,8 +190,6 @@ def read_vocab(kv: dict[str, Any], defaults: dict[str, Any]) -> Vocab:
     # loops over the vocabulary run in C where they can: Gemma 3 has 262k tokens.)
     if "" in tokens:
         tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-    else:
-        tokens = list(tokens)  # ours: the metadata's list stays as read
     scores = kv.get(_KEY + "scores")
     if scores is None:
         scores = [0.0] * n
