@@ -137,22 +137,30 @@ def herd_cli(
     )
 
 
-def test_cli_run_answers_a_prompt(test_store, smollm2_path):
-    r = herd_cli("run", "smollm2:135m", "Say hi in three words.", store=test_store.root)
+@pytest.fixture(scope="module")
+def bounded_store(smollm2_path, tmp_path_factory) -> Path:
+    """A store holding SmolLM2 with its answer bounded by the Modelfile: with Ollama's
+    defaults (num_predict -1, a random seed) a sampled answer may never end, shifting the
+    context as Ollama's does ("- A\n- B\n..." once ran past these tests' 300 s)."""
+    root = tmp_path_factory.mktemp("bounded")
+    modelfile = root / "Modelfile"
+    modelfile.write_text(f"FROM {smollm2_path}\nPARAMETER num_predict 32\nPARAMETER seed 7\n")
+    store = root / "models"
+    r = herd_cli("create", "bounded", "-f", str(modelfile), store=store, host=OWN_STORE_HOST)
+    assert r.returncode == 0, r.stderr
+    return store
+
+
+def test_cli_run_answers_a_prompt(bounded_store):
+    r = herd_cli("run", "bounded", "Say hi in three words.", store=bounded_store,
+                 host=OWN_STORE_HOST)  # a server over its own store, not the other tests'
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
 
 
-def test_cli_run_reads_stdin(smollm2_path, tmp_path):
-    """The prompt comes from stdin. The answer is bounded by the Modelfile: with Ollama's
-    defaults (num_predict -1, a random seed) a sampled answer may never end, shifting the
-    context as Ollama's does, and once ran past this test's 300 s."""
-    modelfile = tmp_path / "Modelfile"
-    modelfile.write_text(f"FROM {smollm2_path}\nPARAMETER num_predict 32\nPARAMETER seed 7\n")
-    store, host = tmp_path / "models", OWN_STORE_HOST  # not the other tests' server
-    r = herd_cli("create", "bounded", "-f", str(modelfile), store=store, host=host)
-    assert r.returncode == 0, r.stderr
-    r = herd_cli("run", "bounded", stdin="What is 2+2?", store=store, host=host)
+def test_cli_run_reads_stdin(bounded_store):
+    r = herd_cli("run", "bounded", stdin="What is 2+2?", store=bounded_store,
+                 host=OWN_STORE_HOST)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
 

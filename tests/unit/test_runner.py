@@ -103,6 +103,24 @@ def test_end_of_generation_token_stops(tiny_llama_path):
     assert final.done_reason == "stop" and final.tokens == first[:3]
 
 
+class OneTextTokenizer(LetterTokenizer):
+    """Every token reads as one letter, with a space on either side by turns."""
+
+    def piece(self, id: int, special: bool = False) -> bytes:
+        return b" z" if id % 2 else b"z "
+
+
+def test_a_model_stuck_on_one_text_is_stopped(tiny_llama_path):
+    """Ollama ends an answer at the 31st repeat of one token's text (spaces stripped),
+    without that token: 31 tokens of "z" may come, the 32nd ends the answer."""
+    runner = make_runner(tiny_llama_path, tokenizer=OneTextTokenizer())
+    final, text = run(runner, PROMPTS[0], Options(temperature=0, num_predict=31))
+    assert final.done_reason == "length" and final.eval_count == 31
+    final, text = run(runner, PROMPTS[0], Options(temperature=0, num_predict=100))
+    assert final.done_reason == "stop" and final.eval_count == 31
+    assert text.replace(" ", "") == "z" * 31
+
+
 def test_context_shift_keeps_generating(tiny_llama_path):
     runner = make_runner(tiny_llama_path, num_ctx=16)
     final, _ = run(runner, PROMPTS[0], Options(temperature=0, num_predict=40))

@@ -73,7 +73,11 @@ class Sequence:
     t_start: int = field(default_factory=time.perf_counter_ns)
     t_first: int = 0
     done: bool = False
+    last_piece: str = ""  # the last token's text, stripped, and how many times in a row
+    repeats: int = 0  # it came again (Ollama starts from "" too)
 
+
+REPEAT_LIMIT = 30  # Ollama's: the 31st repeat of one token's text ends the answer
 
 _CACHE_TYPES = {"f16": DType.F16, "q8_0": DType.Q8_0, "q4_0": DType.Q4_0}
 
@@ -305,9 +309,13 @@ class Runner:
         if self.tokenizer.is_eog(token):
             self._finish(seq, "stop")
             return
+        piece = seq.decoder.add(token)
+        if self._stuck(seq, piece):
+            self._finish(seq, "stop")
+            return
         seq.generated.append(token)
         seq.history.append(token)
-        text, stopped = seq.stops.feed(seq.decoder.add(token))
+        text, stopped = seq.stops.feed(piece)
         lp = (self._logprob(logits, token, seq.logprobs),) if seq.logprobs >= 0 else ()
         if text or lp:
             seq.events.put(Event(text=text, logprobs=lp))
@@ -317,6 +325,18 @@ class Runner:
             self._finish(seq, "length")
         else:
             seq.pending = [token]
+
+    @staticmethod
+    def _stuck(seq: Sequence, piece: str) -> bool:
+        """Ollama's guard against a model stuck on one token: the answer ends, without this
+        token, when the same text, spaces stripped, comes more than REPEAT_LIMIT times in a
+        row after itself."""
+        piece = piece.strip()
+        if piece == seq.last_piece:
+            seq.repeats += 1
+        else:
+            seq.last_piece, seq.repeats = piece, 0
+        return seq.repeats > REPEAT_LIMIT
 
     def _logprob(self, logits: np.ndarray, token: int, top_n: int) -> dict[str, Any]:
         """Ollama's api.Logprob of `token`, over the raw logits row."""
