@@ -185,6 +185,39 @@ def test_reused_decode_graphs_cross_the_padding_boundary(tiny_llama_path):
     assert results[0].tokens == results[1].tokens and len(results[0].tokens) == 70
 
 
+def test_a_prompt_of_the_same_shape_reruns_the_kept_prompt_graph(tiny_llama_path):
+    """Two prompts of one length from an empty cache: the second reruns the first one's
+    graph (llama.cpp reuses its graphs alike) and gives the tokens of a freshly built one."""
+    from herd.ml import available_backends
+
+    if "ggml" not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    g = open_gguf(tiny_llama_path)
+    backend = open_backend("ggml", g)
+    model = load_model(g.config(), backend)
+    builds = 0
+    forward = model.forward
+
+    def counted(ctx, batch):
+        nonlocal builds
+        builds += 1
+        return forward(ctx, batch)
+
+    model.forward = counted  # type: ignore[method-assign]
+    second = [40, 3, 22, 7, 11, 30]
+    results = []
+    for reuse in (True, False):
+        runner = Runner(model, backend, LetterTokenizer(), Options(num_ctx=256),
+                        model.context_length, reuse_graphs=reuse)
+        run(runner, PROMPTS[0], Options(temperature=0, num_predict=1))
+        runner.reset()
+        before = builds
+        results.append(run(runner, second, Options(temperature=0, num_predict=4))[0].tokens)
+        if reuse:  # the prompt's graph was kept, then the decode graph's
+            assert builds == before + 1
+    assert results[0] == results[1] and len(results[0]) == 4
+
+
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0", "q4_0"])
 def test_kv_cache_types(smollm2_path, monkeypatch, cache_type):
     """HERD_KV_CACHE_TYPE's values on the built-in model (quantized cache rows need head

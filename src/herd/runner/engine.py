@@ -113,10 +113,10 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        # decode-graph reuse, for backends whose contexts can rerun a built graph
+        # graph reuse, for backends whose contexts can rerun a built graph
         with backend.new_context() as probe:
             self._reuse = reuse_graphs and hasattr(probe, "rerun")
-        self._graph: tuple[object, Any] | None = None
+        self._graphs: dict[str, tuple[object, Any]] = {}  # kind -> (input key, context)
 
     # ---- sequences ----------------------------------------------------------------------
     def _truncate(self, tokens: list[int], keep: int) -> list[int]:
@@ -267,18 +267,24 @@ class Runner:
             return True
 
     def _compute(self, batch: Batch) -> np.ndarray:
-        """Logits for the batch's outputs, reusing the last decode graph when it fits.
+        """Logits for the batch's outputs, reusing a kept graph when it fits.
 
-        Graph backends (ggml) can run a built graph again with new input values. A decode
-        step differs from the last one only in its inputs (tokens, positions, cache cells,
-        mask) as long as the attended cache range stays the same, which the cache's
-        padding keeps true for many steps in a row. The inputs are recorded by running
-        only the input-making part of a forward pass (`cache.start_forward` and
-        `batch_inputs`, which every model calls first); when their shapes and the cache
-        range match the kept graph, it is rerun and `model.forward` is skipped. Its logits
-        are then a read-only view of the graph's output: read them before the next step.
+        Graph backends (ggml) can run a built graph again with new input values. A batch
+        differs from the last one of its kind (decode step or prompt) only in its inputs
+        (tokens, positions, cache cells, mask) as long as their shapes and the attended
+        cache range stay the same: for decode steps, the cache's padding keeps that true
+        for many steps in a row; for prompts, when one of the same length comes at the same
+        place (llama.cpp reuses its graphs alike). The inputs are recorded by running only
+        the input-making part of a forward pass (`cache.start_forward` and `batch_inputs`,
+        which every model calls first); when they match the kept graph, it is rerun and
+        `model.forward` is skipped. Its logits are then a read-only view of the graph's
+        output: read them before the next step.
+
+        One graph is kept per kind, the last decode graph (in a compute buffer of its own)
+        and the last prompt graph (in the backend's shared one), and a kind's old graph is
+        freed before its new one is built: memory peaks as without reuse.
         """
-        if not self._reuse or len(batch.tokens) > len(self.slots):
+        if not self._reuse:
             with self.backend.new_context() as ctx:
                 (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
             return logits  # type: ignore[no-any-return]
@@ -286,13 +292,18 @@ class Runner:
         self.cache.start_forward(recorder, batch)
         batch_inputs(recorder, batch)  # type: ignore[arg-type]
         key = (tuple((a.shape, a.dtype.str) for a in recorder.arrays), self.cache.view_key())
-        if self._graph is not None and self._graph[0] == key:
-            return self._graph[1].rerun(*recorder.arrays, copy=False)[0]  # type: ignore[no-any-return]
+        kind = "decode" if len(batch.tokens) <= len(self.slots) else "prompt"
+        kept = self._graphs.pop(kind, None)
+        if kept is not None and kept[0] == key:
+            self._graphs[kind] = kept
+            return kept[1].rerun(*recorder.arrays, copy=False)[0]  # type: ignore[no-any-return]
+        if kept is not None:
+            kept[1].close()
         ctx = self.backend.new_context()
+        if kind == "decode":  # rerun between prompts: a buffer of its own, never re-placed
+            ctx.keep()  # type: ignore[attr-defined]
         (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
-        if self._graph is not None:
-            self._graph[1].close()
-        self._graph = (key, ctx)
+        self._graphs[kind] = (key, ctx)
         return logits  # type: ignore[no-any-return]
 
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:

@@ -675,7 +675,7 @@ class GGMLContext:
         self._graph: int | None = None
         self._outs: list[tuple[int, tuple[int, ...], Any]] = []
         self._f16: dict[int, int] = {}
-        self._galloc = 0  # a private graph allocator, once `rerun` needs one
+        self._galloc = 0  # a private graph allocator, once `keep` asks for one
         self._placed = False  # the graph's tensors still sit where its allocator put them
         self._srcs: dict[int, bytes] = {}  # each node's sources before any split
         self._epoch = -1  # the shared allocator's epoch when it last placed this graph
@@ -741,11 +741,17 @@ class GGMLContext:
         b = self.backend
         if not self._galloc and self._epoch != b.galloc_epoch:
             # another graph went through the shared allocator since (and may have moved its
-            # buffer): give this graph its own, so later reruns cost no re-planning
+            # buffer): this one is placed there again, from scratch
             L.unallocate(self.g)
-            self._galloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
-            self._placed = False
         return self._run(copy or bool(b.gpus))
+
+    def keep(self) -> None:
+        """This context's graph will be rerun many times in a row, between other graphs (a
+        runner's decode step between prompts): give it a compute buffer of its own, which
+        no other graph moves, so that its reruns never place it again. Call before
+        `compute`. Graphs split over devices are placed by the scheduler instead."""
+        if not self._galloc and not self.backend.gpus:
+            self._galloc = L.ggml_gallocr_new(L.ggml_backend_cpu_buffer_type())
 
     def _build(self, outputs: Sequence[GGMLTensor]) -> None:
         self._free_graph()
