@@ -261,6 +261,13 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
         [rand(5, 4, 16), rand(5, 2, 16, seed=1), rand(5, 2, 8, seed=2), causal(5, 5)],
         1e-10,
     ),
+    (  # the last layer's: only some rows' queries attend (their mask rows with them)
+        "attention_rows",
+        lambda c, b, q, k, v, m, i: attention(q, k, v, 0.25, None, m, rows=i),
+        [rand(5, 4, 16), rand(5, 2, 16, seed=1), rand(5, 2, 8, seed=2), causal(5, 5),
+         np.array([1, 4], np.int32)],
+        1e-10,
+    ),
     (
         "attention_no_mask",
         lambda c, b, q, k, v: attention(q, k, v, 0.25, None, None),
@@ -436,6 +443,21 @@ def test_op_matches_numpy(
     check(backends, build, inputs, limit)
 
 
+def test_attention_rows_are_those_of_whole_attention(backends: Any) -> None:
+    """`rows` gives exactly the chosen rows of attention over every query."""
+    backend, _ = backends
+    inputs = [rand(6, 4, 16), rand(6, 2, 16, seed=1), rand(6, 2, 8, seed=2), causal(6, 6)]
+    (whole,) = run(backend, lambda c, b, q, k, v, m: attention(q, k, v, 0.25, None, m), inputs)
+    rows = np.array([0, 3, 5], np.int32)
+    (some,) = run(
+        backend,
+        lambda c, b, q, k, v, m, i: attention(q, k, v, 0.25, None, m, rows=i),
+        [*inputs, rows],
+    )
+    assert some.shape == (3, 4 * 8)
+    np.testing.assert_allclose(some, whole[rows], rtol=1e-5, atol=1e-6)
+
+
 def test_table_covers_the_contract() -> None:
     ops = {
         name for name, value in vars(Tensor).items() if callable(value) and not name.startswith("_")
@@ -524,9 +546,11 @@ def test_cache_write_then_read_in_one_pass(backends: Any) -> None:
     assert nmse(outs[0], outs[1]) < 1e-6
 
 
-def test_rerun_reuses_the_graph(backends: Any) -> None:
+@pytest.mark.parametrize("keep", [False, True], ids=["shared-buffer", "kept"])
+def test_rerun_reuses_the_graph(backends: Any, keep: bool) -> None:
     """New input values through the graph of the last compute, also after other graphs
-    (a bigger one in between makes the shared allocator move its buffer)."""
+    (a bigger one in between makes the shared allocator move its buffer: the graph is
+    placed again), and in a buffer of its own (`keep`, the runner's decode graphs)."""
     backend, oracle = backends
     build = lambda c, b, x, i: x.linear(b.weight("w.Q8_0")).add(  # noqa: E731
         b.weight("emb.F32").get_rows(i).slice(1, 0, 40)
@@ -535,6 +559,8 @@ def test_rerun_reuses_the_graph(backends: Any) -> None:
     with backend.new_context() as ctx:
         if not hasattr(ctx, "rerun"):
             pytest.skip(f"{backend.name} has no graph reuse")
+        if keep:
+            ctx.keep()
         x, i = steps[0]
         got = [ctx.compute(build(ctx, backend, ctx.input(x), ctx.input(i, DType.I32)))[0]]
         got.append(ctx.rerun(*steps[1])[0])

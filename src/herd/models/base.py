@@ -15,8 +15,8 @@ from herd.ml import Backend, Context, DType, Tensor
 class Batch:
     """One forward pass worth of tokens, possibly from several sequences.
 
-    `outputs`: indices into the batch of the tokens whose logits are wanted (a sequence's
-    last prompt token, every decode token, or every token for teacher forcing).
+    `outputs`: indices into the batch of the tokens whose logits are wanted, increasing (a
+    sequence's last prompt token, every decode token, or every token for teacher forcing).
     """
 
     tokens: np.ndarray  # (T,) int32
@@ -71,3 +71,9 @@ def batch_inputs(ctx: Context, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         ctx.input(batch.positions, DType.I32),
         ctx.input(batch.outputs, DType.I32),
     )
+
+
+def last_layer_rows(batch: Batch, outputs: Tensor) -> Tensor | None:
+    """The rows the last layer keeps: `outputs`, or None where they are every row of the
+    batch (a decode step, teacher forcing) and there is nothing to select."""
+    return None if len(batch.outputs) == len(batch.tokens) else outputs

@@ -13,16 +13,30 @@ class KVCache(Protocol):
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, cache: KVCache | None, mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    cache: KVCache | None,
+    mask: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
-    """q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv) -> (T, Hq * Dv).
+    """q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv) -> (T, Hq * Dv), or (N, Hq * Dv) for
+    the N batch `rows` given.
 
     With a cache, k/v are stored first and attention reads the whole history (S cells)
     with the cache's mask; without one, `mask` (T, T) or None (bidirectional) applies.
+    `rows` (I32 indices): only these tokens' queries attend. The last layer needs no more
+    than the rows whose logits are wanted, and every token's keys and values are stored
+    all the same: a prompt's last layer then attends for one token instead of all.
     """
     if cache is not None:
         cache.put(k, v)
         k, v, mask = cache.get()
+    if rows is not None:
+        t, hq, d = q.shape
+        q = q.reshape(t, hq * d).get_rows(rows).reshape(rows.shape[0], hq, d)
+        mask = mask.get_rows(rows) if mask is not None else None
     sdpa = getattr(q, "scaled_dot_product_attention", None)
     if sdpa is not None:  # fused path (flash attention) when the backend has one
         return sdpa(k, v, mask, scale)  # type: ignore[no-any-return]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal, Wrapper
 from herd.ml import Backend, Context, DType, RopeOptions, Tensor
-from herd.models.base import Batch, batch_inputs
+from herd.models.base import Batch, batch_inputs, last_layer_rows
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
 
@@ -83,7 +83,7 @@ class Attention:
         self.rope = cfg.rope_local if layer_type == LOCAL else cfg.rope_global
         self.cfg = cfg
 
-    def forward(self, x: Tensor, pos: Tensor, cache: Wrapper) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, cache: Wrapper, rows: Tensor | None = None) -> Tensor:
         cfg, t = self.cfg, x.shape[0]
         q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
         k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
@@ -92,7 +92,7 @@ class Attention:
         # to F16 for the product with an F16 cache, and llama.cpp rounds the scaled Q
         q = self.attn_q_norm.forward(q).rope(pos, self.rope).scale(cfg.attn_scale)
         k = self.attn_k_norm.forward(k).rope(pos, self.rope)
-        return self.attn_output.forward(attention(q, k, v, 1.0, cache))
+        return self.attn_output.forward(attention(q, k, v, 1.0, cache, rows=rows))
 
 
 class MLP:
@@ -121,9 +121,9 @@ class Block:
         cache: Wrapper,
         outputs: Tensor | None = None,
     ) -> Tensor:
-        h = self.attn.forward(self.attn_norm.forward(x), pos, cache)
+        h = self.attn.forward(self.attn_norm.forward(x), pos, cache, outputs)
         if outputs is not None:  # last layer: only the rows whose logits are wanted go on
-            h, x = h.get_rows(outputs), x.get_rows(outputs)
+            x = x.get_rows(outputs)  # (attention gave only theirs)
         x = x.add(self.post_attention_norm.forward(h))
         h = self.mlp.forward(self.ffn_norm.forward(x))
         return x.add(self.post_ffw_norm.forward(h))
@@ -155,10 +155,10 @@ class Model:
         tokens, pos, outputs = batch_inputs(ctx, batch)
         h = self.token_embd.forward(tokens)  # (T, D)
         h = h.scale(math.sqrt(self.cfg.n_embd))
-        last = len(self.blk) - 1  # the last block keeps only the rows of `outputs`
+        last, rows = len(self.blk) - 1, last_layer_rows(batch, outputs)  # rows: of `outputs`
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
-            h = block.forward(h, pos, self.cache, outputs if i == last else None)
+            h = block.forward(h, pos, self.cache, rows if i == last else None)
         logits = self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
         cap = self.cfg.final_softcap
         return logits.scale(1.0 / cap).tanh().scale(cap) if cap else logits

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal
 from herd.ml import Backend, Context, DType, RopeOptions, Tensor
-from herd.models.base import Batch, batch_inputs
+from herd.models.base import Batch, batch_inputs, last_layer_rows
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
 
@@ -64,14 +64,14 @@ class Attention:
         self.attn_k_norm = RMSNorm.bind(w, "attn_k_norm", hd, cfg.eps)
         self.cfg = cfg
 
-    def forward(self, x: Tensor, pos: Tensor, cache: Causal) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, cache: Causal, rows: Tensor | None = None) -> Tensor:
         cfg, t = self.cfg, x.shape[0]
         q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
         k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
         v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
         q = self.attn_q_norm.forward(q).rope(pos, cfg.rope)
         k = self.attn_k_norm.forward(k).rope(pos, cfg.rope)
-        out = attention(q, k, v, 1.0 / math.sqrt(cfg.head_dim), cache)
+        out = attention(q, k, v, 1.0 / math.sqrt(cfg.head_dim), cache, rows=rows)
         return self.attn_output.forward(out)
 
 
@@ -99,9 +99,9 @@ class Block:
         cache: Causal,
         outputs: Tensor | None = None,
     ) -> Tensor:
-        h = self.attn.forward(self.attn_norm.forward(x), pos, cache)
+        h = self.attn.forward(self.attn_norm.forward(x), pos, cache, outputs)
         if outputs is not None:  # last layer: only the rows whose logits are wanted go on
-            h, x = h.get_rows(outputs), x.get_rows(outputs)
+            x = x.get_rows(outputs)  # (attention gave only theirs)
         x = x.add(h)
         return x.add(self.mlp.forward(self.ffn_norm.forward(x)))
 
@@ -129,10 +129,10 @@ class Model:
         self.cache.start_forward(ctx, batch)
         tokens, pos, outputs = batch_inputs(ctx, batch)
         h = self.token_embd.forward(tokens)  # (T, D)
-        last = len(self.blk) - 1  # the last block keeps only the rows of `outputs`
+        last, rows = len(self.blk) - 1, last_layer_rows(batch, outputs)  # rows: of `outputs`
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
-            h = block.forward(h, pos, self.cache, outputs if i == last else None)
+            h = block.forward(h, pos, self.cache, rows if i == last else None)
         return self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
 
     def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
