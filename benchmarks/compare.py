@@ -6,7 +6,7 @@
 Each engine runs in its own child process (so peak resident memory and cold load are its
 own) and reports: cold load to first token, prefill tokens/s on a 256-token prompt,
 decode tokens/s over 128 generated tokens (median of --runs after a warm-up), and peak
-RSS. The engines take turns, --rounds times (A B C, A B C, ...), each round a fresh child,
+RSS. The engines take turns, --rounds times (A B C, C B A, ...), each round a fresh child,
 and every figure is the median over the rounds: on a shared machine, load drifts over
 minutes, and running one engine's rounds back to back would hand that drift to the ratio.
 The table prints herd/peer ratios of the medians; below it, herd/llama.cpp taken round by
@@ -321,7 +321,8 @@ def main() -> None:
     path = model_path(args.model)
     rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in args.engines.split(",")}
     for i in range(args.rounds):
-        for name, done in rounds.items():
+        # odd rounds go in reverse: no engine always runs first (or right after another)
+        for name, done in list(rounds.items())[:: 1 if i % 2 == 0 else -1]:
             if done and "skipped" in done[-1]:
                 continue
             print(f"round {i + 1}: {name}...", file=sys.stderr, flush=True)
