@@ -468,7 +468,14 @@ class GGMLTensor:
         # over ne2 (the leading axes), as llama.cpp writes its transposed V cache
         lead = math.prod(s[:-1])
         dst = ggml_reshape_3d(c.g, self.p, 1, s[-1], lead)
-        b = ggml_reshape_3d(c.g, src._f32(c, CONT), 1, t, lead)
+        ne, nb = _ne(src.shape), L.tensor_nb(src.p)
+        if src.gtype == TYPE_F32 and all(
+            nb[i + 1] == nb[i] * ne[i] for i in range(1, len(src.shape) - 1)
+        ):  # rows of one element need no copy: a view with the values' own strides (a
+            # transposed V, the usual case, has its leading axes in one stride)
+            b = L.ggml_view_4d(c.g, src.p, 1, t, lead, 1, nb[0], nb[1], nb[1] * lead, 0)
+        else:
+            b = ggml_reshape_3d(c.g, src._f32(c, CONT), 1, t, lead)
         c.n += 2
         out = self._out(c, L.ggml_set_rows(c.g, dst, b, ids._i32(c)), (lead, s[-1], 1), self.gtype)
         return out._out(c, _RESHAPE[len(s)](c.g, out.p, *_ne(s)[: len(s)]), s, self.gtype)
