@@ -64,7 +64,7 @@ def batch_inputs(ctx: Context, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
     """The batch's token ids, positions and output rows as inputs, always in this order.
 
     Every model creates its inputs through `cache.start_forward` and then this, so the
-    runner can refill a reused decode graph without running `forward` (see runner).
+    runner can refill a reused graph without running `forward` (see runner).
     """
     return (
         ctx.input(batch.tokens, DType.I32),
