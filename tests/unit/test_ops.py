@@ -290,6 +290,8 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
     ("slice_mid", lambda c, b, x: x.slice(1, 1, 4), [X], EXACT),
     ("slice_first", lambda c, b, x: x.slice(0, 1, 3), [X], EXACT),
     ("slice_then_op", lambda c, b, x: x.slice(2, 16, 48).silu(), [X], 1e-10),
+    # a permuted view's innermost stride is kept (a transposed V cache sliced by cells)
+    ("slice_permuted", lambda c, b, x: x.permute(2, 0, 1).slice(0, 8, 40), [X], EXACT),
     ("permute_3d", lambda c, b, x: x.permute(2, 0, 1), [X], EXACT),
     ("permute_4d", lambda c, b, x: x.reshape(3, 5, 8, 8).permute(1, 3, 0, 2), [X], EXACT),
     ("contiguous", lambda c, b, x: x.permute(1, 2, 0).contiguous(), [X], EXACT),

@@ -229,6 +229,11 @@ def tensor_nb(p: int) -> tuple[int, int, int, int]:
     return nb[0], nb[1], nb[2], nb[3]
 
 
+def set_tensor_nb0(p: int, nb0: int) -> None:
+    """Set a view's innermost byte stride (ggml_permute sets its strides alike)."""
+    NB4.from_address(p + TENSOR_NB_OFFSET)[0] = nb0
+
+
 def tensor_data(p: int) -> int | None:
     """A tensor's data pointer (None until allocated)."""
     return ctypes.c_void_p.from_address(p + TENSOR_DATA_OFFSET).value

@@ -546,9 +546,10 @@ class GGMLTensor:
         shape = s[:axis] + (stop - start,) + s[axis + 1 :]
         nb = L.tensor_nb(self.p)
         offset = start * nb[g] // (_BLOCK[self.gtype] if g == 0 else 1)
-        return self._view(
-            c, L.ggml_view_4d(c.g, self.p, *_ne(shape), nb[1], nb[2], nb[3], offset), shape
-        )
+        p = L.ggml_view_4d(c.g, self.p, *_ne(shape), nb[1], nb[2], nb[3], offset)
+        if nb[0] != L.tensor_nb(p)[0]:  # a permuted view: ggml_view_4d has no nb0 argument
+            L.set_tensor_nb0(p, nb[0])
+        return self._view(c, p, shape)
 
     def permute(self, *axes: int) -> GGMLTensor:
         perm = _PERMS.get(axes) or _perm(axes)
