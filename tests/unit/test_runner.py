@@ -218,6 +218,35 @@ def test_a_prompt_of_the_same_shape_reruns_the_kept_prompt_graph(tiny_llama_path
     assert results[0] == results[1] and len(results[0]) == 4
 
 
+@pytest.mark.parametrize("backend_name", ["numpy", "ggml"])
+def test_long_prompts_attend_in_blocks_with_the_same_logits(
+    tiny_llama_path, monkeypatch, backend_name
+):
+    """A prompt longer than a block attends block by block, each block of queries over
+    only the cells it may see: the logits are those of attending in one piece."""
+    import herd.kvcache.causal as causal
+    from herd.ml import available_backends
+
+    if backend_name not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    g = open_gguf(tiny_llama_path)
+    backend = open_backend(backend_name, g)
+    model = load_model(g.config(), backend)
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, 64, 150)]
+    runner = Runner(model, backend, LetterTokenizer(), Options(num_ctx=256, num_batch=150),
+                    model.context_length)
+    out = {}
+    for block in (32, 10**6):
+        monkeypatch.setattr(causal, "BLOCK", block)
+        out[block] = runner.logits(tokens)
+        if block == 32:  # 5 blocks, the first over 64 cells (its 32 rounded out to 64)
+            assert [b[:4] for b in model.cache.blocks()][:2] == [(0, 32, 0, 64), (32, 64, 0, 64)]
+            assert len(model.cache.blocks()) == 5
+        else:
+            assert model.cache.blocks() == []
+    np.testing.assert_allclose(out[32], out[10**6], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0", "q4_0"])
 def test_kv_cache_types(smollm2_path, monkeypatch, cache_type):
     """HERD_KV_CACHE_TYPE's values on the built-in model (quantized cache rows need head

@@ -21,6 +21,10 @@ from herd.ml import Backend, Context, DType, Tensor
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
 
 NEG_INF = np.float32(-np.inf)
+# A batch longer than BLOCK attends in blocks of BLOCK query rows, each over only the cells
+# its rows may see (a causal prompt's first block skips the keys after it), the extents
+# rounded out to ALIGN cells so the products keep ggml's tiled kernels
+BLOCK, ALIGN = 128, 64
 
 
 @dataclass
@@ -87,10 +91,12 @@ class Causal:
         self.ctx = ctx
         self.locs = ctx.input(self._locs, DType.I32)
         self.mask = ctx.input(self._mask_array)
+        self.block_masks = [ctx.input(m) for m in self._block_arrays]
 
-    def view_key(self) -> tuple[int, int]:
-        """The attended cell range of this pass: graphs over equal ranges are reusable."""
-        return self.lo, self.hi
+    def view_key(self) -> tuple[int, int, tuple[tuple[int, int, int, int], ...]]:
+        """The attended cell range of this pass and its blocks: graphs over equal ranges
+        are reusable."""
+        return self.lo, self.hi, tuple(self._blocks)
 
     def _plan(self, batch: BatchLayout) -> None:
         n = len(batch.positions)
@@ -117,6 +123,26 @@ class Causal:
         self.lo, self.hi = lo, hi
         self._locs = locs.astype(np.int32)
         self._mask_array = self._mask(batch, lo, hi)
+        self._blocks = self._plan_blocks(self._mask_array)
+        self._block_arrays = [
+            np.ascontiguousarray(self._mask_array[a:b, s:e]) for a, b, s, e in self._blocks
+        ]
+
+    def _plan_blocks(self, mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(first row, end row, first cell, end cell) of each block of BLOCK query rows,
+        cells relative to the attended range; none where blocks would save nothing. Fused
+        attention (flash) skips masked cells by itself."""
+        t, n = mask.shape
+        if t <= BLOCK or getattr(self.backend, "flash_attn", False):
+            return []
+        seen = mask == 0
+        blocks = []
+        for a in range(0, t, BLOCK):
+            b = min(t, a + BLOCK)
+            cols = np.flatnonzero(seen[a:b].any(axis=0))
+            first, end = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+            blocks.append((a, b, first // ALIGN * ALIGN, min(n, -(-end // ALIGN) * ALIGN)))
+        return blocks if any(e - s < n for _, _, s, e in blocks) else []
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
         cell_pos = self.pos[lo:hi]  # (S,) int32; free cells are -1 and in no sequence
@@ -194,6 +220,11 @@ class Causal:
             if self.v_trans
             else values.set_rows(self.locs, v),
         )
+
+    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]:
+        """The pass's attention blocks, (first row, end row, first cell, end cell, mask of
+        the block), cells relative to `get`'s range; empty: attend in one piece."""
+        return [(*b, m) for b, m in zip(self._blocks, self.block_masks, strict=True)]
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range."""

@@ -34,7 +34,7 @@ class Wrapper:
         for cache in self.caches:
             cache.copy_prefix(src, dst, n)
 
-    def view_key(self) -> tuple[tuple[int, int], ...]:
+    def view_key(self) -> tuple[object, ...]:
         return tuple(cache.view_key() for cache in self.caches)
 
     def can_resume(self, seq: int, pos: int) -> bool:
@@ -60,3 +60,6 @@ class Wrapper:
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.current.get()
+
+    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]:
+        return self.current.blocks()

@@ -10,6 +10,7 @@ from herd.ml import Tensor
 class KVCache(Protocol):
     def put(self, k: Tensor, v: Tensor) -> None: ...
     def get(self) -> tuple[Tensor, Tensor, Tensor]: ...
+    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]: ...
 
 
 def attention(
@@ -30,13 +31,29 @@ def attention(
     than the rows whose logits are wanted, and every token's keys and values are stored
     all the same: a prompt's last layer then attends for one token instead of all.
     """
+    blocks: list[tuple[int, int, int, int, Tensor]] = []
     if cache is not None:
         cache.put(k, v)
         k, v, mask = cache.get()
+        if rows is None:
+            blocks = cache.blocks()
     if rows is not None:
         t, hq, d = q.shape
         q = q.reshape(t, hq * d).get_rows(rows).reshape(rows.shape[0], hq, d)
         mask = mask.get_rows(rows) if mask is not None else None
+    if not blocks:
+        return _attend(q, k, v, mask, scale)
+    # each block of queries over only the cells its rows see: the causal triangle's upper
+    # half is neither multiplied nor softmaxed (the masked cells it skips weigh exactly 0)
+    out: Tensor | None = None
+    for a, b, s, e, m in blocks:
+        part = _attend(q.slice(0, a, b), k.slice(0, s, e), v.slice(0, s, e), m, scale)
+        out = part if out is None else out.concat(part, 0)
+    assert out is not None
+    return out
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     sdpa = getattr(q, "scaled_dot_product_attention", None)
     if sdpa is not None:  # fused path (flash attention) when the backend has one
         return sdpa(k, v, mask, scale)  # type: ignore[no-any-return]
