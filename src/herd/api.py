@@ -95,6 +95,8 @@ class LLM:
         if self._runner is None or self._runner_key != options.load_key():
             from herd import envconfig
 
+            if self._runner is not None:
+                self._runner.release_graphs()
             self._runner = Runner(
                 self.model, self.backend, self.tokenizer, options, self.model.context_length,
                 cache_type=envconfig.kv_cache_type(),
@@ -280,6 +282,8 @@ class LLM:
         }
 
     def close(self) -> None:
+        if self._runner is not None:
+            self._runner.release_graphs()
         self.backend.close()
 
 

@@ -218,6 +218,25 @@ def test_a_prompt_of_the_same_shape_reruns_the_kept_prompt_graph(tiny_llama_path
     assert results[0] == results[1] and len(results[0]) == 4
 
 
+def test_released_graphs_are_built_again(tiny_llama_path):
+    """release_graphs (LLM.close, a runner replaced) frees the kept graphs; the runner
+    still works after, building new ones."""
+    from herd.ml import available_backends
+
+    if "ggml" not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    g = open_gguf(tiny_llama_path)
+    backend = open_backend("ggml", g)
+    model = load_model(g.config(), backend)
+    runner = Runner(model, backend, LetterTokenizer(), Options(num_ctx=256), model.context_length)
+    first = run(runner, PROMPTS[0])[0].tokens
+    assert set(runner._graphs) == {"prompt", "decode"}
+    runner.release_graphs()
+    assert runner._graphs == {}
+    runner.reset()
+    assert run(runner, PROMPTS[0])[0].tokens == first
+
+
 @pytest.mark.parametrize("backend_name", ["numpy", "ggml"])
 def test_long_prompts_attend_in_blocks_with_the_same_logits(
     tiny_llama_path, monkeypatch, backend_name

@@ -453,6 +453,13 @@ class Runner:
                 slot.cached += chunk
             return np.concatenate(rows)
 
+    def release_graphs(self) -> None:
+        """Free the kept graphs and their compute buffers (before the backend closes)."""
+        with self.lock:
+            for _, ctx in self._graphs.values():
+                ctx.close()
+            self._graphs.clear()
+
     def reset(self) -> None:
         """Forget every cached prefix."""
         with self.lock:
