@@ -30,6 +30,8 @@ def attention(
     `rows` (I32 indices): only these tokens' queries attend. The last layer needs no more
     than the rows whose logits are wanted, and every token's keys and values are stored
     all the same: a prompt's last layer then attends for one token instead of all.
+    A cache may also hand a long batch's queries over in blocks (`blocks()`), each to
+    attend over only the cells its rows may see.
     """
     blocks: list[tuple[int, int, int, int, Tensor]] = []
     if cache is not None:
