@@ -732,8 +732,9 @@ class GGMLContext:
     def rerun(self, *arrays: np.ndarray | Sequence[Any], copy: bool = True) -> list[np.ndarray]:
         """Run the graph of the last `compute` again with new input values.
 
-        One array per `input` call, in call order, each of the same shape: the decode-step
-        path that skips building the graph in Python altogether. `copy=False`: where the
+        One array per `input` call, in call order, each of the same shape: the runner's
+        path for a decode step or a repeated prompt shape, which skips building the graph in
+        Python altogether. `copy=False`: where the
         outputs sit in host memory, return read-only views of them, valid until this
         graph runs again or closes (a decode step reads its logits at once; copying them
         out costs ~0.2 ms a token for a 262k vocabulary).
