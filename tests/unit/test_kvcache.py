@@ -135,3 +135,62 @@ def test_padding_masks_unused_cells():
     k, _, mask = m.step([0, 1, 2], [0, 0, 0])
     assert mask.shape == (3, 8)
     assert np.isinf(mask[:, 3:]).all()
+
+
+def _full_plan(cache: Causal, before: tuple[np.ndarray, np.ndarray], batch: BatchLayout):
+    """What the whole plan makes of `batch` from the cells as they were before it."""
+    ref = Causal(window=cache.window, chunk=cache.chunk, padding=cache.padding)
+    n_seq = cache.member.shape[1]
+    ref.init(cache.backend, DType.F32, n_seq, cache.size // n_seq, cache.max_batch)
+    assert ref.size == cache.size
+    ref.pos[:], ref.member[:] = before
+    ref._plan(batch)
+    return ref
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"window": 5}, {"chunk": 4}, {"window": 3, "padding": 4}, {"padding": 8}],
+    ids=["causal", "window", "chunk", "window-padded", "padded"],
+)
+def test_decode_steps_planned_from_the_last_equal_the_whole_plan(kw):
+    """A decode step is planned from the previous step's plan where it can be; whatever
+    happened in between (other sequences, prompts, removals, shared prefixes, padding
+    crossed, a window or chunk boundary), it must equal planning from scratch."""
+    rng = np.random.default_rng(3)
+    m = FakeModel(**kw)
+    cache = m.cache
+    cache.init(m.backend, DType.F32, max_sequences=2, capacity=40, max_batch=8)
+    lengths = [0, 0]
+    incremental = 0
+    for _ in range(300):
+        seq = int(rng.integers(2)) if rng.random() < 0.15 else 0
+        r = rng.random()
+        if r < 0.05 and lengths[seq] > 2:
+            cut = int(rng.integers(1, lengths[seq]))
+            cache.remove(seq, cut, None)
+            lengths[seq] = cut
+            continue
+        if r < 0.08 and lengths[0] > 2:
+            cache.copy_prefix(0, 1, lengths[0] - 1)
+            lengths[1] = lengths[0] - 1
+            continue
+        n = 1 if r < 0.9 else int(rng.integers(2, 5))
+        if cache.used_cells() + n > cache.size - 2:
+            for s in (0, 1):
+                cache.remove(s, 0, None)
+            lengths = [0, 0]
+        positions = np.arange(lengths[seq], lengths[seq] + n, dtype=np.int32)
+        batch = BatchLayout(positions, np.full(n, seq, np.int32))
+        before = (cache.pos.copy(), cache.member.copy())
+        was_step = cache._step
+        ref = _full_plan(cache, before, batch)
+        cache._plan(batch)
+        incremental += was_step is not None and cache._step is not None and n == 1
+        lengths[seq] += n
+        np.testing.assert_array_equal(cache._locs, ref._locs)
+        assert (cache.lo, cache.hi) == (ref.lo, ref.hi)
+        np.testing.assert_array_equal(cache._mask_array, ref._mask_array)
+        np.testing.assert_array_equal(cache.pos, ref.pos)
+        np.testing.assert_array_equal(cache.member, ref.member)
+    assert incremental > 100  # the short path was taken, not only the whole plan

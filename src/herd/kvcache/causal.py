@@ -68,6 +68,7 @@ class Causal:
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.layer = 0
+        self._step: tuple[int, int, int] | None = None  # see _next_step
         # values kept transposed, (Hkv, Dv, cells), as llama.cpp does without flash
         # attention: attention's V operand is then a plain view instead of a copy of the
         # whole attended range per layer and step (~1.4 ms a token on SmolLM2). Not for
@@ -100,6 +101,9 @@ class Causal:
 
     def _plan(self, batch: BatchLayout) -> None:
         n = len(batch.positions)
+        if n == 1 and self._step is not None and self._next_step(batch):
+            return
+        self._step = None
         free = np.flatnonzero(self.pos < 0)
         if len(free) < n:
             raise CacheFullError(
@@ -127,6 +131,45 @@ class Causal:
         self._block_arrays = [
             np.ascontiguousarray(self._mask_array[a:b, s:e]) for a, b, s, e in self._blocks
         ]
+        if n == 1:
+            self._step = (int(seqs[0]), int(batch.positions[0]), int(locs[0]))
+
+    def _next_step(self, batch: BatchLayout) -> bool:
+        """Plan a decode step from the last one, when it is that step's successor: the same
+        sequence, one position on, nothing else changed in the cache since (any other plan,
+        removal or copy forgets `_step`). The new token takes the cell after the last one
+        when that is free: every cell before it is taken, so it is also the lowest free
+        cell the full plan would choose. The attended range stays unless the new cell
+        falls past it, and the mask changes only in the columns of the cells whose
+        visibility moves with the position: those at the new position (the new token's
+        own cell) and, with a window, those at the position that leaves it. A plan that
+        runs every token on a cold CPU cache, so a handful of NumPy calls instead of the
+        full plan's ~25 (Gemma 3: two caches, ~0.1 ms a token)."""
+        assert self._step is not None
+        seq, last, loc = self._step
+        position, loc = int(batch.positions[0]), loc + 1
+        if (
+            int(batch.sequences[0]) != seq
+            or position != last + 1
+            or loc >= self.hi
+            or self.pos[loc] >= 0
+            or (self.chunk is not None and position % self.chunk == 0)
+        ):
+            return False
+        self.pos[loc] = position
+        self.member[loc] = False
+        self.member[loc, seq] = True
+        lo, hi = self.lo, self.hi
+        cell_pos = self.pos[lo:hi]
+        mask = self._mask_array.copy()  # the last step's graph may still read its own
+        mine = self.member[lo:hi, seq]
+        mask[0, np.flatnonzero((cell_pos == position) & mine)] = 0
+        if self.window is not None:
+            mask[0, np.flatnonzero(cell_pos == position - self.window)] = NEG_INF
+        self._locs = np.array([loc], dtype=np.int32)
+        self._mask_array = mask
+        self._step = (seq, position, loc)
+        return True
 
     def _plan_blocks(self, mask: np.ndarray) -> list[tuple[int, int, int, int]]:
         """(first row, end row, first cell, end cell) of each block of BLOCK query rows,
@@ -156,6 +199,7 @@ class Causal:
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Drop seq's tokens at positions [begin, end); later ones move back and re-rope."""
+        self._step = None
         mine = self.member[:, seq]
         drop = mine & (self.pos >= begin)
         if end is not None:
@@ -188,6 +232,7 @@ class Causal:
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Let dst share src's cells for positions < n (no K/V copied)."""
+        self._step = None
         self.remove(dst, 0, None)
         self.member[self.member[:, src] & (self.pos < n), dst] = True
 

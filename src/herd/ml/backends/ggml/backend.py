@@ -655,14 +655,14 @@ class GGMLTensor:
         return self._out(c, p, s)
 
 
-def _host_view(p: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A read-only array over a contiguous tensor in host memory (no copy)."""
+def _host_view(p: int, shape: tuple[int, ...], dtype: Any, writeable: bool = False) -> np.ndarray:
+    """An array over a contiguous tensor in host memory (no copy), read-only unless asked."""
     n = math.prod(shape) * np.dtype(dtype).itemsize
     if not n:
         return np.empty(shape, dtype=dtype)
     raw = (ctypes.c_char * n).from_address(L.tensor_data(p))
     a = np.frombuffer(raw, dtype=dtype).reshape(shape)
-    a.flags.writeable = False
+    a.flags.writeable = writeable
     return a
 
 
@@ -687,6 +687,11 @@ class GGMLContext:
         self._placed = False  # the graph's tensors still sit where its allocator put them
         self._srcs: dict[int, bytes] = {}  # each node's sources before any split
         self._epoch = -1  # the shared allocator's epoch when it last placed this graph
+        # CPU only: arrays over the placed graph's inputs (None: unused by the graph) and
+        # outputs, made once per placement; a rerun then fills and reads them with NumPy,
+        # not a ctypes call and a new array each (a decode step runs on caches the
+        # compute has just evicted: every call there costs several times its warm time)
+        self._host: tuple[list[np.ndarray | None], list[np.ndarray]] | None = None
 
     def input(self, array: np.ndarray | Sequence[Any], dtype: DType = DType.F32) -> GGMLTensor:
         gtype = _GTYPE[dtype]
@@ -797,21 +802,26 @@ class GGMLContext:
             if not L.ggml_gallocr_alloc_graph(self._galloc or b.galloc, self._graph):
                 raise BackendError("ggml could not allocate the compute graph (out of memory?)")
             self._placed = True
+            self._host = None
             if not self._galloc:
                 b.galloc_epoch += 1
                 self._epoch = b.galloc_epoch
-        tensor_data, tensor_set = L.tensor_data, L.ggml_backend_tensor_set
-        for p, a in self.inputs:
-            if tensor_data(p) is not None:  # inputs the graph does not use stay unallocated
-                tensor_set(p, a.ctypes.data, 0, a.nbytes)
         if b.gpus:
+            tensor_data, tensor_set = L.tensor_data, L.ggml_backend_tensor_set
+            for p, a in self.inputs:
+                if tensor_data(p) is not None:  # inputs the graph does not use stay unallocated
+                    tensor_set(p, a.ctypes.data, 0, a.nbytes)
             status = L.ggml_backend_sched_graph_compute(b.sched, self._graph)
         else:
+            host = self._host or self._host_arrays()
+            for view, (_, a) in zip(host[0], self.inputs, strict=True):
+                if view is not None:
+                    view[...] = a
             status = L.ggml_backend_graph_compute(b.cpu, self._graph)
         if status != L.STATUS_SUCCESS:
             raise BackendError(f"ggml compute failed: {L.ggml_status_to_string(status).decode()}")
         if not copy:
-            return [_host_view(p, shape, dt) for p, shape, dt in self._outs]
+            return list(self._host[1]) if self._host else [_host_view(*o) for o in self._outs]
         results = []
         for p, shape, dt in self._outs:
             r = np.empty(shape, dtype=dt)
@@ -819,6 +829,16 @@ class GGMLContext:
                 L.ggml_backend_tensor_get(p, r.ctypes.data, 0, r.nbytes)
             results.append(r)
         return results
+
+    def _host_arrays(self) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+        """Arrays over this placement's inputs and outputs in the CPU's memory."""
+        data = L.tensor_data
+        ins = [
+            None if data(p) is None else _host_view(p, a.shape, a.dtype, writeable=True)
+            for p, a in self.inputs
+        ]
+        self._host = (ins, [_host_view(p, shape, dt) for p, shape, dt in self._outs])
+        return self._host
 
     def _place_split(self) -> None:
         """Let the scheduler split this graph over the devices and place its tensors,
