@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from herd.errors import CacheFullError
-from herd.kvcache import Causal
+from herd.kvcache import Causal, Wrapper
 from herd.kvcache.causal import BatchLayout
 from herd.ml import DType
 from herd.ml.backends.numpy import NumpyBackend
@@ -194,3 +194,50 @@ def test_decode_steps_planned_from_the_last_equal_the_whole_plan(kw):
         np.testing.assert_array_equal(cache.pos, ref.pos)
         np.testing.assert_array_equal(cache.member, ref.member)
     assert incremental > 100  # the short path was taken, not only the whole plan
+
+
+class FakeGemma(FakeModel):
+    """Two layers as Gemma 3 has them: a sliding-window one and a global one, each with its
+    own cache behind the wrapper."""
+
+    def __init__(self, window: int) -> None:
+        self.backend = NumpyBackend(None)  # type: ignore[arg-type]
+        local, overall = Causal(self.shift, window=window, padding=1), Causal(self.shift, padding=1)
+        self.cache = Wrapper([local, overall], [0, 1])
+        self.cache.init(self.backend, DType.F32, max_sequences=1, capacity=16, max_batch=8)
+        self.shifts = []
+
+    def step(self, positions, sequences=None):
+        sequences = [0] * len(positions) if sequences is None else sequences
+        batch = BatchLayout(np.asarray(positions, np.int32), np.asarray(sequences, np.int32))
+        seen = []
+        with self.backend.new_context() as ctx:
+            self.cache.start_forward(ctx, batch)
+            kv = ctx.input(np.asarray(positions, np.float32).reshape(-1, 1, 1))
+            for layer in (0, 1):
+                self.cache.set_layer(layer)
+                self.cache.put(kv, kv)
+                seen.append(self.cache.get())
+            (k0, _, m0), (k1, _, m1) = seen
+            k0, m0, k1, m1 = ctx.compute(k0, m0, k1, m1)
+        return visible(m0, k0), visible(m1, k1)
+
+
+def test_wrapper_masks_at_the_window_boundary_and_across_a_context_shift():
+    m = FakeGemma(window=3)
+    local, overall = m.step(list(range(6)))
+    assert local[2] == [0, 1, 2] and local[3] == [1, 2, 3] and local[5] == [3, 4, 5]
+    assert overall[5] == [0, 1, 2, 3, 4, 5]
+    for position in (6, 7):  # decode steps, each leaving one position out of the window
+        local, overall = m.step([position])
+        assert local == [[position - 2, position - 1, position]]
+        assert overall == [list(range(position + 1))]
+    # a context shift: positions 1 and 2 go, 3..7 move back by 2 and are re-roped (both
+    # caches: the fake keys are their positions, so the shifted keys show the new ones)
+    m.cache.remove(0, 1, 3)
+    assert m.shifts == [-2] * 10  # five cells, in each of the two layers' caches
+    local, overall = m.step([6])
+    assert local == [[4, 5, 6]]
+    assert overall == [[0, 1, 2, 3, 4, 5, 6]]
+    local, overall = m.step([7])
+    assert local == [[5, 6, 7]] and overall == [list(range(8))]
