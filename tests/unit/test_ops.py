@@ -32,7 +32,7 @@ from herd.ml import (
     open_backend,
 )
 from herd.ml.backends.numpy import NumpyBackend
-from herd.nn.attention import attention
+from herd.nn.attention import attention, query_rows
 
 BACKENDS = [name for name in available_backends() if name != "numpy"]
 if not BACKENDS:
@@ -263,7 +263,7 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
     ),
     (  # the last layer's: only some rows' queries attend (their mask rows with them)
         "attention_rows",
-        lambda c, b, q, k, v, m, i: attention(q, k, v, 0.25, None, m, rows=i),
+        lambda c, b, q, k, v, m, i: attention(_rows(q, i), k, v, 0.25, None, m, rows=i),
         [rand(5, 4, 16), rand(5, 2, 16, seed=1), rand(5, 2, 8, seed=2), causal(5, 5),
          np.array([1, 4], np.int32)],
         1e-10,
@@ -453,11 +453,33 @@ def test_attention_rows_are_those_of_whole_attention(backends: Any) -> None:
     rows = np.array([0, 3, 5], np.int32)
     (some,) = run(
         backend,
-        lambda c, b, q, k, v, m, i: attention(q, k, v, 0.25, None, m, rows=i),
+        lambda c, b, q, k, v, m, i: attention(_rows(q, i), k, v, 0.25, None, m, rows=i),
         [*inputs, rows],
     )
     assert some.shape == (3, 4 * 8)
     np.testing.assert_allclose(some, whole[rows], rtol=1e-5, atol=1e-6)
+
+
+def _rows(q: Any, rows: Any) -> Any:
+    """q (T, H, D) -> the rows' queries (N, H, D), as `query_rows` makes them."""
+    t, h, d = q.shape
+    return q.reshape(t, h * d).get_rows(rows).reshape(rows.shape[0], h, d)
+
+
+def test_query_rows_are_the_rows_inputs_and_positions(backends: Any) -> None:
+    """The last layer's queries come from the output rows' inputs, roped at their
+    positions: the positions stay integers."""
+    backend, _ = backends
+    x = rand(6, 8)
+    pos = np.array([7, 8, 9, 10, 11, 12], np.int32)
+    rows = np.array([2, 5], np.int32)
+    xq, qpos = run(backend, lambda c, b, x, p, i: query_rows(x, p, i), [x, pos, rows])
+    np.testing.assert_array_equal(xq, x[rows])
+    np.testing.assert_array_equal(qpos, [9, 12])
+    assert np.issubdtype(qpos.dtype, np.integer)
+    same = run(backend, lambda c, b, x, p: query_rows(x, p, None), [x, pos])
+    np.testing.assert_array_equal(same[0], x)
+    np.testing.assert_array_equal(same[1], pos)
 
 
 def test_table_covers_the_contract() -> None:

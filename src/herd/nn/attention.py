@@ -27,9 +27,10 @@ def attention(
 
     With a cache, k/v are stored first and attention reads the whole history (S cells)
     with the cache's mask; without one, `mask` (T, T) or None (bidirectional) applies.
-    `rows` (I32 indices): only these tokens' queries attend. The last layer needs no more
-    than the rows whose logits are wanted, and every token's keys and values are stored
-    all the same: a prompt's last layer then attends for one token instead of all.
+    `rows` (I32 indices into the batch): q holds only these tokens' queries, (N, Hq, D)
+    (see `query_rows`), and only they attend. The last layer needs no more than the rows
+    whose logits are wanted, and every token's keys and values are stored all the same: a
+    prompt's last layer then projects and attends one query instead of all.
     A cache may also hand a long batch's queries over in blocks (`blocks()`), each to
     attend over only the cells its rows may see.
     """
@@ -40,8 +41,7 @@ def attention(
         if rows is None:
             blocks = cache.blocks()
     if rows is not None:
-        t, hq, d = q.shape
-        q = q.reshape(t, hq * d).get_rows(rows).reshape(rows.shape[0], hq, d)
+        assert q.shape[0] == rows.shape[0], f"q has {q.shape[0]} rows for {rows.shape[0]}"
         mask = mask.get_rows(rows) if mask is not None else None
     if not blocks:
         return _attend(q, k, v, mask, scale)
@@ -53,6 +53,15 @@ def attention(
         out = part if out is None else out.concat(part, 0)
     assert out is not None
     return out
+
+
+def query_rows(x: Tensor, pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The inputs (T, D) and positions (T,) that the queries are made from: the batch's, or
+    only those of `rows` for `attention(..., rows=rows)`."""
+    if rows is None:
+        return x, pos
+    n = rows.shape[0]
+    return x.get_rows(rows), pos.reshape(pos.shape[0], 1).get_rows(rows).reshape(n)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:

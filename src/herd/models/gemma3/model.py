@@ -14,7 +14,7 @@ from herd.kvcache import Causal, Wrapper
 from herd.ml import Backend, Context, DType, RopeOptions, Tensor
 from herd.models.base import Batch, batch_inputs, last_layer_rows
 from herd.models.registry import register
-from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
+from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
 
 LOCAL, GLOBAL = 0, 1  # cache index per layer type
 
@@ -85,12 +85,13 @@ class Attention:
 
     def forward(self, x: Tensor, pos: Tensor, cache: Wrapper, rows: Tensor | None = None) -> Tensor:
         cfg, t = self.cfg, x.shape[0]
-        q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
+        xq, qpos = query_rows(x, pos, rows)  # the last layer's: only the output rows
+        q = self.attn_q.forward(xq).reshape(xq.shape[0], cfg.n_head, cfg.head_dim)
         k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
         v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
         # Q is scaled before attention, not the scores: the same value, but ggml rounds Q
         # to F16 for the product with an F16 cache, and llama.cpp rounds the scaled Q
-        q = self.attn_q_norm.forward(q).rope(pos, self.rope).scale(cfg.attn_scale)
+        q = self.attn_q_norm.forward(q).rope(qpos, self.rope).scale(cfg.attn_scale)
         k = self.attn_k_norm.forward(k).rope(pos, self.rope)
         return self.attn_output.forward(attention(q, k, v, 1.0, cache, rows=rows))
 

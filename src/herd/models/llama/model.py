@@ -10,7 +10,7 @@ from herd.kvcache import Causal
 from herd.ml import Backend, Context, DType, RopeOptions, Tensor
 from herd.models.base import Batch, batch_inputs, last_layer_rows
 from herd.models.registry import register
-from herd.nn import Embedding, Linear, RMSNorm, Weights, attention
+from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,11 @@ class Attention:
         rows: Tensor | None = None,
     ) -> Tensor:
         cfg, t = self.cfg, x.shape[0]
-        q = self.attn_q.forward(x).reshape(t, cfg.n_head, cfg.head_dim)  # (T, H, D)
+        xq, qpos = query_rows(x, pos, rows)  # the last layer's: only the output rows
+        q = self.attn_q.forward(xq).reshape(xq.shape[0], cfg.n_head, cfg.head_dim)
         k = self.attn_k.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
         v = self.attn_v.forward(x).reshape(t, cfg.n_head_kv, cfg.head_dim)
-        q = q.rope(pos, cfg.rope, freqs)
+        q = q.rope(qpos, cfg.rope, freqs)
         k = k.rope(pos, cfg.rope, freqs)
         out = attention(q, k, v, 1.0 / math.sqrt(cfg.head_dim), cache, rows=rows)
         return self.attn_output.forward(out)

@@ -215,7 +215,10 @@ class NumpyTensor:
         return self._new(out, w, ids)
 
     def get_rows(self, ids: NumpyTensor) -> NumpyTensor:
-        return self._new(self.a[ids.a].astype(np.float32, copy=False), ids)
+        rows = self.a[ids.a]  # integers stay integers (positions), as on ggml
+        if rows.dtype != np.int32:
+            rows = rows.astype(np.float32, copy=False)
+        return self._new(rows, ids)
 
     def top_k(self, k: int) -> NumpyTensor:
         assert 0 < k <= self.a.shape[-1], f"top_k: k={k} of {self.a.shape}"
