@@ -8,7 +8,9 @@ but its K-quant matmuls round differently (Gemma 3 logits 0.974 top-1 / 0.032 me
 |Δ log p| against llama.cpp, bit-identical with the newer source) and it lacks the tiled
 prompt matmuls. So this builds ggml-python 0.0.45 with its `vendor/ggml` replaced by the
 ggml of llama-cpp-python 0.3.36 (the benchmark peer and goldens maker): herd and
-llama.cpp then run the very same kernels.
+llama.cpp then run the very same kernels. herd adds one change (PATCHES): matrix-vector
+products prefetch their weight rows, which leaves every result bit-identical and makes a
+decode step ~1.3x faster on a 2-core Xeon.
 
 Both sources are PyPI sdists, downloaded once into ~/.cache/herd/sdist; the wheel is kept
 in ~/.cache/herd/wheels-built under a key of versions and CMake options (never taken from
@@ -42,6 +44,41 @@ def default_cmake_args() -> str:
     return cmake_args(platform.machine(), cpu_flags()) + " -DGGML_LLAMAFILE=ON"
 
 
+# herd's changes to ggml's source, applied before the build: (file under vendor/ggml, the
+# text replaced, its replacement). Each old text must occur exactly once (a newer ggml that
+# moved it fails the build with a clear message); the texts are part of the cache key.
+PATCHES: list[tuple[str, str, str]] = [
+    (
+        # A matrix-vector product (a decode step's every projection) streams each weight row
+        # once, and the CPU's prefetchers alone leave ggml's dot products waiting on memory:
+        # fetch the bytes 2 KB ahead of each row as its dot product starts (1-4 KB measured
+        # alike). The same kernels, the same results; only the loads arrive earlier.
+        "src/ggml-cpu/ggml-cpu.c",
+        """ir0 += num_rows_per_vec_dot) {
+                    vec_dot(""",
+        """ir0 += num_rows_per_vec_dot) {
+#if defined(__GNUC__)
+                    if (ir1_end - ir1_start == 1) {  // herd: prefetch 2 KB ahead
+                        const char * ahead = src0_row + ir0 * nb01 + 2048;
+                        for (size_t o = 0; o < nb01; o += 64) {
+                            __builtin_prefetch(ahead + o, 0, 3);
+                        }
+                    }
+#endif
+                    vec_dot(""",
+    ),
+]
+
+
+def patch(ggml: Path) -> None:
+    for name, old, new in PATCHES:
+        path = ggml / name
+        text = path.read_text()
+        if text.count(old) != 1:
+            sys.exit(f"build_ggml: {name} no longer has the code herd patches; update PATCHES")
+        path.write_text(text.replace(old, new))
+
+
 def sdist(project: str, version: str) -> Path:
     """The project's sdist from PyPI (pip's normal client), cached."""
     dest = CACHE / "sdist"
@@ -73,6 +110,7 @@ def build(cmake_args: str, out: Path) -> Path:
         src = work / f"ggml_python-{GGML_PYTHON}"
         shutil.rmtree(src / "vendor" / "ggml")
         shutil.move(str(work / llama_ggml), src / "vendor" / "ggml")
+        patch(src / "vendor" / "ggml")
         env = {**os.environ, "CMAKE_ARGS": cmake_args}
         cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-cache-dir"]
         subprocess.run([*cmd, "-w", str(work / "dist"), str(src)], check=True, env=env)
@@ -88,6 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     cmake_args = args.cmake_args if args.cmake_args is not None else default_cmake_args()
     ident = f"ggml-python {GGML_PYTHON} | llama.cpp ggml of {LLAMA_CPP_PYTHON} | {cmake_args}"
+    ident += f" | patches {hashlib.sha256(repr(PATCHES).encode()).hexdigest()[:12]}"
     key = hashlib.sha256(f"{ident} | {platform.machine()}".encode()).hexdigest()[:16]
     if not args.force and MARKER.exists() and MARKER.read_text().strip() == key:
         return
