@@ -241,3 +241,22 @@ def test_wrapper_masks_at_the_window_boundary_and_across_a_context_shift():
     assert overall == [[0, 1, 2, 3, 4, 5, 6]]
     local, overall = m.step([7])
     assert local == [[5, 6, 7]] and overall == [list(range(8))]
+
+
+def test_a_new_sequence_takes_one_stretch_not_the_holes_between_others():
+    """Two sequences decoded together interleave their cells; when one ends, a new one goes
+    to a free stretch and grows there, so its attended range stays its own length."""
+    m = FakeModel(padding=4)
+    m.cache.init(m.backend, DType.F32, max_sequences=3, capacity=16, max_batch=8)
+    m.step([0, 1], [0, 0])
+    m.step([0, 1], [1, 1])
+    for p in range(2, 8):  # decode steps of both in one batch: cells alternate
+        m.step([p, p], [0, 1])
+    m.cache.remove(0, 0, None)  # sequence 0 ends: 8 single-cell holes among 1's cells
+    k, _, mask = m.step([0, 1, 2], [2, 2, 2])
+    for p in range(3, 8):
+        k, _, mask = m.step([p], [2])
+    cells = np.flatnonzero(m.cache.member[:, 2])
+    np.testing.assert_array_equal(cells, np.arange(cells[0], cells[0] + 8))
+    assert m.cache.hi - m.cache.lo <= 12  # its 8 cells, padded: not the 24 it would span
+    assert visible(mask, k) == [list(range(8))]

@@ -104,20 +104,21 @@ class Causal:
         if n == 1 and self._step is not None and self._next_step(batch):
             return
         self._step = None
-        free = np.flatnonzero(self.pos < 0)
+        is_free = self.pos < 0
+        free = np.flatnonzero(is_free)
         if len(free) < n:
             raise CacheFullError(
                 f"KV cache full: {n} cells needed, {len(free)} free of {self.size}"
             )
-        locs = free[:n]
+        seqs = batch.sequences
+        first = int(seqs[0])
+        one_sequence = n == 1 or bool((seqs == first).all())
+        locs = self._place(is_free, free, first, n) if one_sequence else free[:n]
         self.pos[locs] = batch.positions
         self.member[locs] = False
-        seqs = batch.sequences
         self.member[locs, seqs] = True
-        # the cells of the batch's sequences (one column in the usual one-sequence batch:
-        # this runs every decode step, where each NumPy call counts)
-        first = int(seqs[0])
-        if n == 1 or (seqs == first).all():
+        # the cells of the batch's sequences (one column in the usual one-sequence batch)
+        if one_sequence:
             in_use = np.flatnonzero(self.member[:, first])
         else:
             in_use = np.flatnonzero(self.member[:, np.unique(seqs)].any(axis=1))
@@ -131,15 +132,37 @@ class Causal:
         self._block_arrays = [
             np.ascontiguousarray(self._mask_array[a:b, s:e]) for a, b, s, e in self._blocks
         ]
-        if n == 1:
-            self._step = (int(seqs[0]), int(batch.positions[0]), int(locs[0]))
+        if n == 1 and int(locs[0]) == int(in_use[-1]):  # the sequence's last cell
+            self._step = (first, int(batch.positions[0]), int(locs[0]))
+
+    def _place(self, is_free: np.ndarray, free: np.ndarray, seq: int, n: int) -> np.ndarray:
+        """Cells for n tokens of one sequence: right after its last cell when those are
+        free, else the first free stretch with room to grow (`padding` more cells), else
+        the lowest free cells. A sequence then stays in one stretch, and its attended range
+        (first to last cell) covers little else: taking the lowest free cells instead
+        scattered a new conversation among the cached ones of other slots (one sequence
+        decoded 1.5x slower after 8 cached conversations, attending 1408 cells for 164)."""
+        mine = np.flatnonzero(self.member[:, seq])
+        if len(mine):
+            start = int(mine[-1]) + 1
+            if start + n <= self.size and is_free[start : start + n].all():
+                return np.arange(start, start + n)
+        need = n + self.padding
+        # starts and ends of the runs of free cells
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], is_free, [False])).astype(np.int8)))
+        starts, ends = edges[::2], edges[1::2]
+        fits = np.flatnonzero(ends - starts >= need)
+        if len(fits):
+            start = int(starts[fits[0]])
+            return np.arange(start, start + n)
+        return free[:n]
 
     def _next_step(self, batch: BatchLayout) -> bool:
         """Plan a decode step from the last one, when it is that step's successor: the same
         sequence, one position on, nothing else changed in the cache since (any other plan,
-        removal or copy forgets `_step`). The new token takes the cell after the last one
-        when that is free: every cell before it is taken, so it is also the lowest free
-        cell the full plan would choose. The attended range stays unless the new cell
+        removal or copy forgets `_step`). The last step's cell was its sequence's last, so
+        the new token takes the cell after it when that is free, as `_place` would. The
+        attended range stays unless the new cell
         falls past it, and the mask changes only in the columns of the cells whose
         visibility moves with the position: those at the new position (the new token's
         own cell) and, with a window, those at the position that leaves it. A plan that
