@@ -821,7 +821,8 @@ class GGMLContext:
         if status != L.STATUS_SUCCESS:
             raise BackendError(f"ggml compute failed: {L.ggml_status_to_string(status).decode()}")
         if not copy:
-            return list(self._host[1]) if self._host else [_host_view(*o) for o in self._outs]
+            assert self._host is not None  # CPU only: with GPUs, rerun asks for copies
+            return list(self._host[1])
         results = []
         for p, shape, dt in self._outs:
             r = np.empty(shape, dtype=dt)
