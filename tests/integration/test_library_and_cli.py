@@ -54,8 +54,9 @@ def test_streamed_chunks_join_to_the_whole_answer(llm):
 
 
 def test_greedy_generation_follows_llama_cpp(llm):
-    """NumPy is fp32, llama.cpp quantizes activations: the first tokens must agree."""
-    golden = json.loads((DATA / "greedy_smollm2.json").read_text())
+    """NumPy is fp32, llama.cpp quantizes activations: the first tokens must agree (with
+    llama.cpp's goldens of any CPU kernel set)."""
+    golden = json.loads(sorted(DATA.glob("greedy_smollm2.*.json"))[0].read_text())
     for case in golden["cases"]:
         out = llm.generate(case["prompt"], raw=True, options={"temperature": 0, "num_predict": 8})
         ours = out["context"][len(case["prompt_ids"]) :]
@@ -113,17 +114,16 @@ def _stop_background_server():
 
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if proc.info["cmdline"][-2:] == ["herd", "serve"] and \
-                    proc.environ().get("HERD_HOST") in (CLI_HOST, OWN_STORE_HOST):
+            if proc.info["cmdline"][-2:] == ["herd", "serve"] and proc.environ().get(
+                "HERD_HOST"
+            ) in (CLI_HOST, OWN_STORE_HOST):
                 proc.terminate()
                 proc.wait(15)
         except (psutil.Error, TypeError):
             continue
 
 
-def herd_cli(
-    *args: str, stdin: str | None = None, store: Path | None = None, host: str = CLI_HOST
-):
+def herd_cli(*args: str, stdin: str | None = None, store: Path | None = None, host: str = CLI_HOST):
     env = dict(os.environ, HERD_BACKEND="numpy", HERD_HOST=host)
     if store is not None:
         env["HERD_MODELS"] = str(store)
@@ -152,15 +152,15 @@ def bounded_store(smollm2_path, tmp_path_factory) -> Path:
 
 
 def test_cli_run_answers_a_prompt(bounded_store):
-    r = herd_cli("run", "bounded", "Say hi in three words.", store=bounded_store,
-                 host=OWN_STORE_HOST)  # a server over its own store, not the other tests'
+    r = herd_cli(
+        "run", "bounded", "Say hi in three words.", store=bounded_store, host=OWN_STORE_HOST
+    )  # a server over its own store, not the other tests'
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
 
 
 def test_cli_run_reads_stdin(bounded_store):
-    r = herd_cli("run", "bounded", stdin="What is 2+2?", store=bounded_store,
-                 host=OWN_STORE_HOST)
+    r = herd_cli("run", "bounded", stdin="What is 2+2?", store=bounded_store, host=OWN_STORE_HOST)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
 
