@@ -54,9 +54,10 @@ def bench_herd(
 ) -> dict[str, float]:
     import numpy as np
 
-    from herd.api import LLM, Source
+    from herd.api import LLM
     from herd.models import Batch
-    from herd.runner import Options
+    from herd.options import Options
+    from herd.runner import Source
 
     t0 = time.perf_counter()
     opts = {"num_thread": threads, "num_gpu": num_gpu, "num_ctx": 1024}
@@ -221,7 +222,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def gpu_name() -> str:
     """The GPU the offloaded layers run on, as ggml names it."""
     try:
-        from herd.ml.backends.ggml.backend import probe_devices
+        from herd.ml.backends.ggml.devices import probe_devices
     except ImportError:
         return "no ggml"
     gpus = [d.info.name for d in probe_devices() if d.info.kind in ("gpu", "igpu")]

@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import herd
-    from herd.runner import Options
+    from herd.options import Options
     from herd.sample.grammar import Grammar, grammar_tokenizer
 
     llm = herd.load(args.model, backend=args.backend)

@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType
-from gguf.quants import quantize
 
 sys.path.insert(0, "src")
 from herd.gguf import open_gguf  # noqa: E402
+from herd.gguf.quants import quantize  # noqa: E402
 from herd.gguf.writer import write_gguf  # noqa: E402
 
 
@@ -38,12 +38,7 @@ def build(meta: str, out: str) -> None:
             w = rng.standard_normal(shape, dtype=np.float32) * 0.02
             if name.endswith("norm.weight"):
                 w += 1.0
-            if qtype == GGMLQuantizationType.F32:
-                yield name, w, None
-            elif qtype == GGMLQuantizationType.F16:
-                yield name, w.astype(np.float16), None
-            else:
-                yield name, quantize(w, qtype), qtype
+            yield name, quantize(w, qtype), qtype
 
     kv = data["kv"]
     write_gguf(out, kv["general.architecture"], kv, tensors())

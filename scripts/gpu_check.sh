@@ -172,7 +172,7 @@ build() {
 gpu_status() {
     $PY - "$MODEL" <<'EOF'
 import os, sys, time
-from herd.ml.backends.ggml.backend import probe_devices
+from herd.ml.backends.ggml.devices import probe_devices
 import herd.ml.backends.ggml._lib as L
 
 for d in probe_devices():
@@ -188,7 +188,7 @@ import herd
 llm = herd.load(sys.argv[1], backend="ggml")
 b = llm.backend
 print("layers on GPU:", sum(d is not None for d in b.plan.layers), "of", len(b.plan.layers),
-      "| flash attention:", b.flash_attn, "| GPUs in use:", [g.device.info.name for g in b.gpus])
+      "| flash attention:", b.flash_attention, "| GPUs in use:", [g.device.info.name for g in b.gpus])
 for need in b.plan.needs:
     print(f"  plan {need.name}: weights {need.weights >> 20} MiB, KV {need.cache >> 20} MiB, "
           f"compute {need.graph >> 20} MiB, free {need.free >> 20} MiB")

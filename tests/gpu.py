@@ -12,7 +12,7 @@ NUM_GPU = int(os.environ.get("HERD_TEST_NUM_GPU", "-1"))
 def ggml_gpus() -> list[str]:
     """Names of the GPUs the installed ggml can use (none without ggml-python)."""
     try:
-        from herd.ml.backends.ggml.backend import probe_devices
+        from herd.ml.backends.ggml.devices import probe_devices
     except ImportError:
         return []
     return [d.info.name for d in probe_devices() if d.info.kind in ("gpu", "igpu")]

@@ -1,4 +1,4 @@
-"""herd: a local LLM runtime with Ollama's store, API and CLI (see DESIGN.md).
+"""herd: a local LLM runtime with Ollama's store, API and CLI (see docs/ARCHITECTURE.md).
 
 `herd.load` and `herd.LLM` are imported on first use, so importing a leaf module
 (`herd.gguf`, `herd.errors`) stays cheap.

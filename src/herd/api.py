@@ -2,41 +2,36 @@
 
 Results are shaped like Ollama's API responses (fields, nanosecond durations), so code
 written against Ollama's /api/generate and /api/chat reads herd's results unchanged.
+Requests go through the same pipeline as the server's (`herd.runner.pipeline`); what is
+left here is the library's shape: calls in, dicts out, one runner run inline.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from herd import envconfig
 from herd.errors import HerdError
-from herd.gguf import GGUFFile, open_gguf
-from herd.ml import BackendOptions, open_backend
-from herd.models import Batch, load_model
-from herd.runner import Options, Runner
-from herd.sample.grammar import Grammar
-from herd.template import select_template
-from herd.template.parsers import OutputParser, Parsed, infer_thinking_tags, supports_tools
-from herd.tokenizer import Tokenizer, from_gguf
+from herd.options import Options
+from herd.runner import (
+    Loaded,
+    Prepared,
+    Request,
+    Runner,
+    Source,
+    finish,
+    prepare,
+    prepare_embed,
+)
+from herd.template.parsers import Parsed
 
 Progress = Callable[[str, "str | None", "int | None", "int | None"], None]
-
-
-@dataclass
-class Source:
-    """Where a model comes from: a GGUF path plus what a store manifest adds."""
-
-    name: str
-    path: Path
-    template: str | None = None
-    system: str | None = None
-    params: dict[str, Any] | None = None
 
 
 def _now() -> str:
@@ -52,55 +47,48 @@ def resolve(model: str | Path, progress: Progress | None = None) -> Source:
     from herd.store import resolve_or_pull
 
     ref = resolve_or_pull(text, progress=progress, registry=registry_puller())
-    return Source(ref.name, Path(ref.model_path), ref.template, ref.system, ref.params)
+    return Source(
+        ref.name, Path(ref.model_path), ref.template, ref.system, ref.params, list(ref.messages)
+    )
 
 
 class LLM:
-    """A loaded model: tokenizer, engine and chat template."""
+    """A loaded model: tokenizer, engine and chat template.
+
+    `backend`: "auto" (None: HERD_BACKEND, else the fastest installed), "numpy", "ggml";
+    flash attention and the KV cache type come from the environment (HERD_FLASH_ATTENTION,
+    HERD_KV_CACHE_TYPE), as for `herd serve`.
+    """
 
     def __init__(
         self, source: Source, backend: str | None = None, options: dict[str, Any] | None = None
     ) -> None:
-        t0 = time.perf_counter_ns()
-        self.source, self.name = source, source.name
-        self.gguf: GGUFFile = open_gguf(source.path)
-        self.defaults = Options().merged(source.params).merged(options)
-        self.backend = open_backend(
-            backend,
-            self.gguf,
-            BackendOptions(
-                num_thread=self.defaults.num_thread,
-                num_gpu=self.defaults.num_gpu,
-                num_ctx=self.defaults.num_ctx,
-                num_batch=self.defaults.num_batch,
-            ),
-        )
-        self.model = load_model(self.gguf.config(), self.backend)
-        self.tokenizer: Tokenizer = from_gguf(self.gguf)
-        self.template = select_template(self.gguf.kv, source.template)
+        self.loaded = Loaded(source, backend or envconfig.backend(), options,
+                             flash_attention=envconfig.flash_attention(),
+                             kv_cache_type=envconfig.kv_cache_type())  # fmt: skip
+        self.source, self.name, self.gguf = source, source.name, self.loaded.gguf
+        self.backend, self.model = self.loaded.backend, self.loaded.model
+        self.tokenizer, self.template = self.loaded.tokenizer, self.loaded.template
+        self.defaults, self.load_duration = self.loaded.defaults, self.loaded.load_duration
         self._runner: Runner | None = None
-        self.load_duration = time.perf_counter_ns() - t0
+        self._runner_key: tuple[Any, ...] = ()
 
     # ---- tokens -------------------------------------------------------------------------
     def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+        return self.loaded.tokenize(text, add_special, parse_special)
 
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         return self.tokenizer.decode(ids, special=special)
 
     # ---- compute ------------------------------------------------------------------------
     def runner(self, options: Options) -> Runner:
+        """The runner for these load-time options (a new one when they changed)."""
         if self._runner is None or self._runner_key != options.load_key():
-            from herd import envconfig
-
             if self._runner is not None:
                 self._runner.release_graphs()
-            self._runner = Runner(
-                self.model, self.backend, self.tokenizer, options, self.model.context_length,
-                cache_type=envconfig.kv_cache_type(),
-            )
+            self._runner = self.loaded.new_runner(options)
             self._runner_key = options.load_key()
         return self._runner
 
@@ -119,38 +107,13 @@ class LLM:
         Inputs longer than the context are cut (keeping the final [SEP]) unless `truncate`
         is False, which raises instead; `dimensions` keeps the first n dims, renormalized.
         """
-        if not getattr(self.model, "is_embedding", False):
-            raise HerdError(f"{self.name} does not support embeddings")
         texts = [texts] if isinstance(texts, str) else list(texts)
-        n_ctx, rows, batch = self.model.context_length, [], []
-        for i, text in enumerate(texts):
-            ids = self.tokenize(text)
-            if len(ids) > n_ctx:
-                if not truncate:
-                    raise HerdError(f"input {i} has {len(ids)} tokens, over the context "
-                                    f"length {n_ctx} (truncate is false)")
-                ids = ids[: n_ctx - 1] + ids[-1:]
-            if sum(map(len, batch)) + len(ids) > n_ctx:
-                rows.append(self._embed_batch(batch))
-                batch = []
-            batch.append(ids)
-        if batch:
-            rows.append(self._embed_batch(batch))
-        out = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+        inputs, _ = prepare_embed(self.loaded, texts, truncate)
+        out = self.loaded.embed(inputs)
         if dimensions:
             out = out[:, :dimensions]
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)
-
-    def _embed_batch(self, batch: list[list[int]]) -> np.ndarray:
-        """One forward pass over several texts, each its own sequence."""
-        seq = np.concatenate([np.full(len(ids), k, np.int32) for k, ids in enumerate(batch)])
-        b = Batch(np.concatenate(batch).astype(np.int32),
-                       np.concatenate([np.arange(len(ids), dtype=np.int32) for ids in batch]),
-                       seq, np.zeros(0, np.int32))
-        with self.backend.new_context() as ctx:
-            (out,) = ctx.compute(self.model.forward(ctx, b))
-        return out
 
     def render(
         self,
@@ -165,19 +128,6 @@ class LLM:
         return self.template.render(
             messages, add_generation_prompt=add_generation_prompt, tools=tools, think=think
         )
-
-    def _parser(
-        self, tools: list[dict[str, Any]] | None, think: bool | str | None, prompt: str
-    ) -> OutputParser | None:
-        """The output parser for tools and thinking (None without either); errors in
-        Ollama's words when the template cannot do what is asked."""
-        if think not in (None, False) and not all(infer_thinking_tags(self.template)):
-            raise HerdError(f'"{self.name}" does not support thinking')
-        if tools and not supports_tools(self.template):
-            raise HerdError(f'"{self.name}" does not support tools')
-        if not tools and think in (None, False):
-            return None
-        return OutputParser(self.template, tools=tools, think=think, prompt=prompt)
 
     def generate(
         self,
@@ -194,21 +144,17 @@ class LLM:
         """Ollama's /api/generate. `format`: "json" or a JSON schema the response must
         follow; `think`: True/False or "low"/"medium"/"high" for thinking models (the
         thinking goes to `thinking`, apart from `response`)."""
-        opts = self.defaults.merged(options)
-        think = False if format and think else think  # the grammar holds from the start
-        system = system if system is not None else self.source.system
-        if raw or self.template is None:
-            text = prompt
-        else:
-            msgs = [{"role": "system", "content": system}] if system else []
-            text = self.render(msgs + [{"role": "user", "content": prompt}], think=think)
-        parser = self._parser(None, think, text)
-        prefix = list(context or [])
-        tokens = prefix + self.tokenize(text, add_special=not prefix, parse_special=not raw)
-        chunks = self._stream(
-            tokens, opts, _generate_fields, prompt_tokens=tokens,
-            grammar=Grammar.from_format(self.tokenizer, format), parser=parser,
-        )  # fmt: skip
+        request = Request(
+            prompt=prompt,
+            system=system,
+            raw=raw,
+            context=context or (),
+            think=think,
+            format=format,
+            options=options,
+            want_context=True,
+        )
+        chunks = self._stream(request, _generate_fields)
         return chunks if stream else _collect(chunks, "response")
 
     def chat(
@@ -223,48 +169,31 @@ class LLM:
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Ollama's /api/chat. `tools`: function definitions the model may call (its calls
         come back in `message.tool_calls`); `think` and `format` as in `generate`."""
-        opts = self.defaults.merged(options)
-        think = False if format and think else think  # the grammar holds from the start
-        msgs = list(messages)
-        if self.source.system and not any(m.get("role") == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": self.source.system})
-        text = self.render(msgs, tools=tools, think=think)
-        parser = self._parser(tools, think, text)
-        tokens = self.tokenize(text, add_special=True, parse_special=True)
-        chunks = self._stream(
-            tokens, opts, _chat_fields,
-            grammar=Grammar.from_format(self.tokenizer, format), parser=parser,
-        )  # fmt: skip
+        request = Request(
+            messages=list(messages), tools=tools, think=think, format=format, options=options
+        )
+        chunks = self._stream(request, _chat_fields)
         return chunks if stream else _collect(chunks, "message")
 
     def _stream(
-        self,
-        tokens: list[int],
-        opts: Options,
-        shape: Callable[[Parsed], dict[str, Any]],
-        prompt_tokens: list[int] | None = None,
-        grammar: Grammar | None = None,
-        parser: OutputParser | None = None,
+        self, request: Request, shape: Callable[[Parsed], dict[str, Any]]
+    ) -> Iterator[dict[str, Any]]:
+        prepared = prepare(self.loaded, request)  # errors here, not at the first next()
+        return self._events(prepared, shape)
+
+    def _events(
+        self, prepared: Prepared, shape: Callable[[Parsed], dict[str, Any]]
     ) -> Iterator[dict[str, Any]]:
         t0 = time.perf_counter_ns()
         first_load = self._runner is None
-        runner = self.runner(opts)
+        runner = self.runner(prepared.options)
         load = self.load_duration if first_load else 0
-        for event in runner.generate(tokens, opts, grammar=grammar):
-            parsed = Parsed(event.text) if parser is None else parser.add(event.text, event.done)
+        for event in runner.generate(prepared.tokens, prepared.options, grammar=prepared.grammar):
+            parsed = prepared.parse(event)
             out = {"model": self.name, "created_at": _now(), **shape(parsed), "done": event.done}
             if event.done:
-                out.update(
-                    done_reason=event.done_reason,
-                    total_duration=time.perf_counter_ns() - t0 + load,
-                    load_duration=load,
-                    prompt_eval_count=event.prompt_eval_count,
-                    prompt_eval_duration=event.prompt_eval_duration,
-                    eval_count=event.eval_count,
-                    eval_duration=event.eval_duration,
-                )
-                if prompt_tokens is not None:
-                    out["context"] = list(prompt_tokens) + list(event.tokens)
+                out.update(finish(prepared, event))
+                out.update(total_duration=time.perf_counter_ns() - t0 + load, load_duration=load)
             yield out
 
     def info(self) -> dict[str, Any]:
@@ -284,7 +213,7 @@ class LLM:
     def close(self) -> None:
         if self._runner is not None:
             self._runner.release_graphs()
-        self.backend.close()
+        self.loaded.close()
 
 
 def _generate_fields(p: Parsed) -> dict[str, Any]:
@@ -328,6 +257,4 @@ def load(
 
     `backend`: "auto" (default: HERD_BACKEND, else the fastest installed), "numpy", "ggml".
     """
-    from herd import envconfig
-
-    return LLM(resolve(model, progress), backend or envconfig.backend(), options)
+    return LLM(resolve(model, progress), backend, options)

@@ -1,7 +1,9 @@
 """Typed exceptions raised at herd's boundaries.
 
 Every error a user can cause derives from `HerdError`; the CLI prints its message on one
-line and exits non-zero, the server maps it to an HTTP status. Anything else is a bug.
+line and exits non-zero, the server maps it to an HTTP status by type (`server/errors.py`).
+A runner process sends its errors over the pipe as `{"error": message, "type": class name}`
+and the server rebuilds them with `error_from_name`. Anything else is a bug.
 """
 
 from __future__ import annotations
@@ -82,3 +84,62 @@ class BackendError(HerdError):
 
 class OutOfMemoryError(BackendError):
     """A model, KV cache or compute buffer does not fit in a device's free memory."""
+
+
+class ConvertError(HerdError):
+    """A Hugging Face directory that cannot be converted (bad file, tensor, or config)."""
+
+
+class ContextLengthError(HerdError):
+    """A prompt longer than the context with `truncate: false`."""
+
+
+class CapabilityError(HerdError):
+    """The model cannot do what the request asks (generate with an embedding model)."""
+
+
+class BadRequestError(HerdError):
+    """The request body is not what the endpoint takes (bad JSON, a field of the wrong type)."""
+
+
+class UnauthorizedError(HerdError):
+    """A missing or wrong API key."""
+
+
+class QueueFullError(HerdError):
+    """More requests are waiting than HERD_MAX_QUEUE allows."""
+
+    def __init__(self) -> None:
+        # Ollama's ErrMaxQueue, two spaces included
+        super().__init__("server busy, please try again.  maximum pending requests exceeded")
+
+
+class InsufficientMemoryError(HerdError):
+    """The model, its KV cache and compute buffers do not fit in the memory left."""
+
+
+class RunnerError(HerdError):
+    """A runner process failed: it crashed, did not load in time, or raised something that
+    is not a HerdError (a bug)."""
+
+
+class NotImplementedYetError(HerdError):
+    """An endpoint or feature herd does not have yet."""
+
+
+# The errors a runner process can send by name: those built from their message alone (the
+# others format their message from fields the pipe does not carry).
+_BY_NAME: dict[str, type[HerdError]] = {
+    cls.__name__: cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, HerdError) and cls.__init__ is Exception.__init__
+}
+
+
+def error_from_name(type_name: str, message: str) -> HerdError:
+    """The typed error a runner process reported as `{"error": message, "type": type_name}`.
+
+    Names herd does not rebuild (a RuntimeError, an error with fields) become RunnerError,
+    with the message as sent.
+    """
+    return _BY_NAME.get(type_name, RunnerError)(message)

@@ -36,6 +36,8 @@ EXTRA = {"ggml": {"exact_gelu": True}}
 
 def engine(path, backend: str) -> Engine:
     return Engine(path, backend, extra=EXTRA.get(backend))
+
+
 DECODER_CASES = [name for name, c in CASES.items() if c.arch not in ENCODERS]
 
 

@@ -24,8 +24,8 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("sentencepiece")
 
 import herd  # noqa: E402
-from herd.convert import ConvertError, convert  # noqa: E402
-from herd.errors import UnsupportedModelError  # noqa: E402
+from herd.convert import convert  # noqa: E402
+from herd.errors import ConvertError, UnsupportedModelError  # noqa: E402
 from herd.gguf import open_gguf  # noqa: E402
 from herd.ml import available_backends  # noqa: E402
 from herd.tokenizer import from_gguf  # noqa: E402
@@ -244,8 +244,6 @@ def test_pre_tokenizer_recognized_without_tokenizers(name, tmp_path, monkeypatch
 
 
 def test_unknown_pre_tokenizer_is_refused(tmp_path) -> None:
-    from herd.convert import ConvertError
-
     src, _ = build("qwen2-bias", tmp_path / "hf")
     doc = json.loads((src / "tokenizer.json").read_text())
     doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"

@@ -17,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from herd.cli.main import cli
-from herd.convert import ConvertError, convert
+from herd.convert import convert
 from herd.convert.readers import read_tensors
-from herd.errors import UnsupportedModelError
+from herd.errors import ConvertError, UnsupportedModelError
 from herd.gguf import open_gguf
 
 from .handmade import CFG, bert_tensors, make_dir, write_safetensors

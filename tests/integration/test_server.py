@@ -93,8 +93,11 @@ def _add_short_model(root: Path) -> None:
     store = Store(root)
     ref = store.resolve(MODEL)
     digest = "sha256:" + ref.model_path.name.removeprefix("sha256-")
-    store.write_model(SHORT, Layer(MEDIA_MODEL, digest, ref.model_path.stat().st_size),
-                      params={**ref.params, "num_predict": 8, "temperature": 0})
+    store.write_model(
+        SHORT,
+        Layer(MEDIA_MODEL, digest, ref.model_path.stat().st_size),
+        params={**ref.params, "num_predict": 8, "temperature": 0},
+    )
 
 
 def _start(tmp: Path, test_store: object, env: dict[str, str]) -> Iterator[Server]:

@@ -12,7 +12,7 @@ from gpu import NUM_GPU
 from herd.gguf import open_gguf
 from herd.gguf.writer import write_gguf
 from herd.ml import BackendOptions, DType, open_backend
-from herd.models import Batch, load_model
+from herd.models import Batch, batch_inputs, load_model
 
 
 def hf_to_gguf(hf_model: Any, arch: str, path: Path) -> Path:
@@ -43,14 +43,15 @@ class Engine:
     ):
         self.gguf = open_gguf(path)
         # HERD_TEST_NUM_GPU: offloaded layers on backends that have devices (default -1)
-        options = BackendOptions(num_gpu=NUM_GPU, extra=dict(extra or {}))
+        options = BackendOptions(num_gpu=NUM_GPU, **(extra or {}))
         self.backend = open_backend(backend, self.gguf, options)
         self.model = load_model(self.gguf.config(), self.backend)
         self.model.cache.init(self.backend, DType.F32, sequences, capacity, capacity)
 
     def forward(self, batch: Batch) -> np.ndarray:
-        with self.backend.new_context() as ctx:
-            (out,) = ctx.compute(self.model.forward(ctx, batch))
+        with self.backend.new_context() as ctx:  # as the runner builds a pass
+            self.model.cache.start_forward(ctx, batch)
+            (out,) = ctx.compute(self.model.forward(ctx, batch_inputs(ctx, batch)))
         return out
 
 

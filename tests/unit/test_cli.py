@@ -14,10 +14,10 @@ from click.testing import CliRunner, Result
 from herd.cli.env import CliEnv
 from herd.cli.format import go_duration, human_bytes, human_duration
 from herd.cli.main import cli
-from herd.cli.options import parse_parameter
 from herd.cli.run import Repl
 from herd.errors import OptionError
 from herd.gguf import open_gguf
+from herd.options import parse_text
 from herd.store import Store
 
 # ---------------------------------------------------------------- fakes
@@ -477,7 +477,7 @@ def test_repl_engine_error_keeps_going() -> None:
     ids=["float", "int", "negative", "list", "bool"],
 )
 def test_parse_parameter(name: str, values: list[str], expected: object) -> None:
-    assert parse_parameter(name, values) == expected
+    assert parse_text(name, values) == expected
 
 
 @pytest.mark.parametrize(
@@ -492,7 +492,7 @@ def test_parse_parameter(name: str, values: list[str], expected: object) -> None
 )
 def test_parse_parameter_errors(name: str, values: list[str], message: str) -> None:
     with pytest.raises(OptionError, match=re.escape(message)):
-        parse_parameter(name, values)
+        parse_text(name, values)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from herd.cli.env import CliEnv
 from herd.cli.main import cli
 from herd.errors import HerdError, ModelfileError
-from herd.gguf import open_gguf
+from herd.gguf import open_gguf, quants, writer
 from herd.ml import BackendOptions, open_backend
 from herd.modelfile import parse
 from herd.store import Store
@@ -190,8 +190,13 @@ def test_create_from_hugging_face_folder(src: Path) -> None:
     make_dir(src)  # a tiny BERT: src/hf/{config.json, vocab.txt, model.safetensors}
     store = Store(src / "models")
     steps: list[str] = []
-    create(store, "tiny-bert:1", parse("FROM ./hf\nPARAMETER num_ctx 16"), base_dir=src,
-           progress=lambda status, *_: steps.append(status))
+    create(
+        store,
+        "tiny-bert:1",
+        parse("FROM ./hf\nPARAMETER num_ctx 16"),
+        base_dir=src,
+        progress=lambda status, *_: steps.append(status),
+    )
     ref = store.resolve("tiny-bert:1")
     g = open_gguf(ref.model_path)
     assert g.kv["general.architecture"] == "bert" and g.kv["general.file_type"] == 1  # F16
@@ -206,8 +211,13 @@ def test_create_uses_a_stored_blob_in_place(src: Path) -> None:
     blob = store.resolve("a:1").model_path
     (src / "link.gguf").symlink_to(blob)
     steps: list[str] = []
-    create(store, "b:1", parse("FROM ./link.gguf"), base_dir=src,
-           progress=lambda status, *_: steps.append(status))
+    create(
+        store,
+        "b:1",
+        parse("FROM ./link.gguf"),
+        base_dir=src,
+        progress=lambda status, *_: steps.append(status),
+    )
     assert store.resolve("b:1").model_path == blob
     assert not any(s.startswith("copying") for s in steps)
     assert store.read_manifest("b:1")[0].layers[0].from_ == "link.gguf"
@@ -399,3 +409,62 @@ def test_quantized_file_keeps_metadata_types(tmp_path: Path) -> None:
         if key not in ("general.file_type", "GGUF.kv_count"):
             assert ref.fields[key].types == field.types, key
     assert int(ref.fields["general.file_type"].parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+@needs_ggml
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.BF16])
+def test_one_quantizer_same_bytes_without_ggml(
+    qtype: gguf.GGMLQuantizationType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ggml-python the gguf package quantizes what it can, to ggml's very bytes."""
+    rows = np.random.default_rng(0).standard_normal((3, 8, 512)).astype(np.float32)
+    by_ggml = quants.quantize(rows, qtype)
+    monkeypatch.setattr(quants, "_ggml", lambda: None)
+    assert quants.quantize(rows, qtype).tobytes() == by_ggml.tobytes()
+
+
+def test_quantizer_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = np.zeros((2, 256), np.float32)
+    with pytest.raises(HerdError, match="cannot quantize rows of 100 values to Q8_0"):
+        quants.quantize(rows[:, :100], T.Q8_0)
+    with pytest.raises(HerdError, match="herd cannot quantize to Q8_K"):
+        quants.quantize(rows, T.Q8_K)
+    monkeypatch.setattr(quants, "_ggml", lambda: None)
+    with pytest.raises(HerdError, match="quantizing to Q4_K needs ggml-python"):
+        quants.quantize(rows, T.Q4_K)
+
+
+def test_stream_writer_writes_the_gguf_packages_bytes(tmp_path: Path) -> None:
+    """herd's one GGUF writer and the gguf package's GGUFWriter agree byte for byte."""
+    rng = np.random.default_rng(0)
+    kv = {
+        "general.name": "x",
+        "a.ints": [1, 2, 3],
+        "a.neg": -5,
+        "a.flags": [True, False],
+        "a.flag": True,
+        "a.nested": [[1, 2], [3]],
+        "a.strs": ["x", "yé"],
+        "a.f": 1.5,
+        "a.floats": (0.1, 0.2),
+    }
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    tensors = [
+        ("w", w, None),
+        ("h", w.astype(np.float16), None),
+        ("q", gguf.quants.quantize(w, T.Q8_0), T.Q8_0),
+        ("i", np.arange(5, dtype=np.int32), None),
+    ]
+    ours = writer.write_gguf(tmp_path / "ours.gguf", "llama", kv, tensors)
+    ref = gguf.GGUFWriter(str(tmp_path / "ref.gguf"), "llama")
+    for key, value in kv.items():
+        vtype, sub = writer._vtype(value)
+        array_value = list(value) if vtype == gguf.GGUFValueType.ARRAY else value
+        ref.add_key_value(key, array_value, vtype, sub)
+    for name, array, raw_type in tensors:
+        ref.add_tensor(name, array, raw_dtype=raw_type)
+    ref.write_header_to_file()
+    ref.write_kv_data_to_file()
+    ref.write_tensors_to_file()
+    ref.close()
+    assert ours.read_bytes() == (tmp_path / "ref.gguf").read_bytes()

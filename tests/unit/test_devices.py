@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from herd import envconfig
 from herd.errors import OutOfMemoryError
 from herd.gguf import open_gguf
 from herd.gguf.writer import write_gguf
 from herd.ml import BackendOptions, DeviceInfo, DType, available_backends, open_backend
-from herd.ml.layout import DeviceNeed, check_fit, layout, tensor_layer
-from herd.models import Batch, load_model
+from herd.ml.layout import DeviceNeed, check_fit, layout, plan, tensor_layer
+from herd.models import Batch, batch_inputs, load_model
 
 MiB = 1 << 20
 
@@ -127,7 +128,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _probe(cpu_free: int | None = None, gpu_free: list[int] | None = None) -> Any:
     """Devices as the backend will see them: the real CPU (its free memory overridden)
     and stand-in GPUs that run on a second CPU backend."""
-    from herd.ml.backends.ggml.backend import Device, probe_devices
+    from herd.ml.backends.ggml.devices import Device, probe_devices
 
     def probe() -> list[Device]:
         cpu = next(d for d in probe_devices() if d.info.kind == "cpu")
@@ -144,9 +145,9 @@ def _probe(cpu_free: int | None = None, gpu_free: list[int] | None = None) -> An
     return probe
 
 
-def _open(path: Path, num_gpu: int, **extra: Any) -> Any:
-    extra.setdefault("flash_attn", False)
-    return open_backend("ggml", open_gguf(path), BackendOptions(1, num_gpu, 256, extra=extra))
+def _open(path: Path, num_gpu: int, **options: Any) -> Any:
+    options.setdefault("flash_attention", False)
+    return open_backend("ggml", open_gguf(path), BackendOptions(1, num_gpu, 256, **options))
 
 
 def _logits(backend: Any, path: Path) -> np.ndarray:
@@ -157,7 +158,9 @@ def _logits(backend: Any, path: Path) -> np.ndarray:
     rows = []
     for start, chunk in ((0, ids[:20]), *((i, [ids[i]]) for i in range(20, 24))):
         with backend.new_context() as ctx:
-            rows.append(ctx.compute(model.forward(ctx, Batch.single(chunk, start)))[0][-1])
+            batch = Batch.single(chunk, start)
+            model.cache.start_forward(ctx, batch)
+            rows.append(ctx.compute(model.forward(ctx, batch_inputs(ctx, batch)))[0][-1])
     return np.stack(rows)
 
 
@@ -166,7 +169,8 @@ def _logits(backend: Any, path: Path) -> np.ndarray:
 def test_cpu_only_keeps_everything_on_the_cpu(tiny_llama: Path, num_gpu: int):
     backend = _open(tiny_llama, num_gpu, device_probe=_probe())
     assert backend.plan.layers == [None] * (N_LAYERS + 1) and not backend.gpus
-    assert not backend.flash_attn and [d.kind for d in backend.devices()] == ["cpu"]
+    assert not backend.cache_config().flash_attention
+    assert [d.kind for d in backend.devices()] == ["cpu"]
     assert _logits(backend, tiny_llama).shape == (5, VOCAB)
     backend.close()
 
@@ -213,9 +217,9 @@ def test_flash_attention_is_on_with_layers_on_a_gpu(tiny_llama: Path):
     on_gpu = open_backend(
         "ggml",
         open_gguf(tiny_llama),
-        BackendOptions(1, -1, extra={"device_probe": _probe(gpu_free=[1 << 30])}),
+        BackendOptions(1, -1, device_probe=_probe(gpu_free=[1 << 30])),
     )
-    assert on_gpu.flash_attn
+    assert on_gpu.cache_config().flash_attention
     on_gpu.close()
 
 
@@ -233,16 +237,20 @@ def test_flash_attention_is_on_with_layers_on_a_gpu(tiny_llama: Path):
 def test_flash_attention_follows_the_environment(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], gpu: bool, want: bool
 ):
-    """HERD_FLASH_ATTENTION (else Ollama's OLLAMA_FLASH_ATTENTION) forces it on or off."""
+    """HERD_FLASH_ATTENTION (else Ollama's OLLAMA_FLASH_ATTENTION) forces it on or off: the
+    entry points read it and pass it on as `BackendOptions.flash_attention`."""
     for name in ("HERD_FLASH_ATTENTION", "OLLAMA_FLASH_ATTENTION"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     probe = _probe(gpu_free=[1 << 30] if gpu else [])
-    backend = open_backend(
-        "ggml", open_gguf(tiny_llama), BackendOptions(1, -1, extra={"device_probe": probe})
-    )
-    assert backend.flash_attn is want
+    options = BackendOptions(1, -1, flash_attention=envconfig.flash_attention(), device_probe=probe)
+    backend = open_backend("ggml", open_gguf(tiny_llama), options)
+    config = backend.cache_config()
+    assert config.flash_attention is want
+    # what the KV cache then does: fused attention reads V rows, and F16 masks
+    assert config.v_transposed is not want
+    assert config.mask_dtype == (DType.F16 if want else DType.F32)
     backend.close()
 
 
@@ -262,3 +270,22 @@ def test_kv_cache_that_does_not_fit_is_refused_before_allocating(tiny_llama: Pat
         backend.alloc((1_000_000, 2, 32), DType.F16, layer=3)
     assert backend.alloc((16, 2, 32), DType.F16, layer=3).shape == (16, 2, 32)
     backend.close()
+
+
+def test_fit_check_plans_the_configured_kv_cache_type(tiny_llama: Path):
+    """The fit check sizes the KV cache as `kv_cache_type` stores it: q4_0 takes 4.5 bits
+    an element (block scales included) where f16 takes 16, so a model that only fits with
+    the smaller cache is refused with f16 and loads with q4_0."""
+    gguf = open_gguf(tiny_llama)
+
+    def cpu_need(cache_type: str, free: int = 1 << 40) -> DeviceNeed:
+        options = BackendOptions(1, 0, 256, kv_cache_type=cache_type)
+        return plan(gguf, options, [], DeviceInfo("cpu", "cpu", 1 << 40, free)).needs[-1]
+
+    f16, q4 = cpu_need("f16"), cpu_need("q4_0")
+    assert q4.cache == pytest.approx(f16.cache * 4.5 / 16, rel=1e-3)
+    assert (q4.weights, q4.graph) == (f16.weights, f16.graph)
+    free = (q4.total + f16.total) // 2
+    assert cpu_need("q4_0", free).total == q4.total
+    with pytest.raises(OutOfMemoryError, match=r"system memory .* KV cache"):
+        cpu_need("f16", free)

@@ -14,7 +14,8 @@ from herd.errors import GrammarError
 from herd.gguf import open_gguf
 from herd.ml import open_backend
 from herd.models import load_model
-from herd.runner import Options, Runner
+from herd.options import Options
+from herd.runner import Runner
 from herd.sample import Sampler
 from herd.sample.grammar import Grammar, format_grammar
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 from herd.errors import CacheFullError
 from herd.kvcache import Causal, Wrapper
 from herd.kvcache.causal import BatchLayout
-from herd.ml import DType
-from herd.ml.backends.numpy import NumpyBackend
+from herd.ml import CacheConfig, DType
+from herd.ml.backends.numpy import NumpyBackend, NumpyContext, NumpyTensor
 
 INF = -np.inf
 
@@ -260,3 +262,55 @@ def test_a_new_sequence_takes_one_stretch_not_the_holes_between_others():
     np.testing.assert_array_equal(cells, np.arange(cells[0], cells[0] + 8))
     assert m.cache.hi - m.cache.lo <= 12  # its 8 cells, padded: not the 24 it would span
     assert visible(mask, k) == [list(range(8))]
+
+
+class DeclaringBackend(NumpyBackend):
+    """The NumPy backend declaring another cache layout, as a backend with fused attention
+    would; its contexts record the dtype of every input."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # no weights needed
+        self.config = config
+        self.input_dtypes: list[DType] = []
+
+    def cache_config(self) -> CacheConfig:
+        return self.config
+
+    def new_context(self) -> NumpyContext:
+        backend = self
+
+        class Recording(NumpyContext):
+            def input(self, array: Any, dtype: DType = DType.F32) -> NumpyTensor:
+                backend.input_dtypes.append(dtype)
+                return super().input(array, dtype)
+
+        return Recording()
+
+
+@pytest.mark.parametrize(
+    ("config", "values", "blocked", "mask"),
+    [
+        (CacheConfig(True, 128, DType.F32, False), (1, 1, 256), True, DType.F32),
+        (CacheConfig(False, 32, DType.F16, True), (224, 1, 1), False, DType.F16),
+    ],
+    ids=["composed", "fused"],
+)
+def test_cache_follows_the_backends_declared_layout(config, values, blocked, mask):
+    """What `cache_config` declares, the cache does: V transposed or as rows, the padding
+    (here from the backend, not the model), masks in the backend's dtype, and a long
+    prompt in blocks of queries only where attention is not fused."""
+    backend = DeclaringBackend(config)
+    cache = Causal()
+    cache.init(backend, DType.F32, max_sequences=1, capacity=200, max_batch=200)
+    assert cache.size == -(-200 // config.pad) * config.pad
+    batch = BatchLayout(np.arange(200, dtype=np.int32), np.zeros(200, np.int32))
+    with backend.new_context() as ctx:
+        cache.start_forward(ctx, batch)
+        kv = ctx.input(np.arange(200, dtype=np.float32).reshape(-1, 1, 1))
+        cache.set_layer(0)
+        cache.put(kv, kv)
+        k, v, _ = cache.get()
+        np.testing.assert_array_equal(ctx.compute(v)[0], ctx.compute(k)[0])
+    assert cache.values[0].shape == values
+    assert bool(cache.blocks()) is blocked
+    assert backend.input_dtypes[:2] == [DType.I32, mask]  # cell locations, then the mask

@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
-from gguf.quants import quantize as gguf_quantize
 from gpu import NUM_GPU, ggml_gpus
 
 from herd.errors import BackendError, GGUFError
 from herd.gguf import GGUFFile
+from herd.gguf.quants import quantize
 from herd.gguf.reader import open_gguf
 from herd.ml import (
     BackendOptions,
     DeviceInfo,
     DType,
+    GraphReuse,
     RopeOptions,
     Tensor,
     available_backends,
@@ -50,16 +51,6 @@ def rand(*shape: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(F32)
 
 
-def quantized(w: np.ndarray, qtype: Q) -> np.ndarray:
-    """GGUF bytes of w in qtype: the gguf package's quantizer, else ggml's own."""
-    try:
-        return gguf_quantize(w, qtype)
-    except NotImplementedError:
-        from herd.ml.backends.ggml.backend import quantize
-
-        return quantize(w, qtype)
-
-
 def write_weights(path: Path, tensors: dict[str, tuple[np.ndarray, Q]]) -> Path:
     writer = GGUFWriter(str(path), "test")
     for name, (w, qtype) in tensors.items():
@@ -68,7 +59,7 @@ def write_weights(path: Path, tensors: dict[str, tuple[np.ndarray, Q]]) -> Path:
         elif qtype == Q.F16:
             writer.add_tensor(name, w.astype(np.float16))
         else:
-            raw = quantized(w, qtype)
+            raw = quantize(w, qtype)
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -106,10 +97,10 @@ def gguf_file(tmp_path_factory: pytest.TempPathFactory) -> GGUFFile:
 VARIANTS: list[tuple[str, int, dict[str, Any]]] = [(name, 1, {}) for name in BACKENDS]
 if "ggml" in BACKENDS:
     VARIANTS += [("ggml", 2, {"repack": False, "exact_gelu": True})]
-    VARIANTS += [("ggml", 1, {"flash_attn": True})]
+    VARIANTS += [("ggml", 1, {"flash_attention": True})]
     VARIANTS += [("ggml", 1, {"gpu_ops": True, "stand_in_gpu": True})]
     if NUM_GPU != 0 and ggml_gpus():
-        VARIANTS += [("ggml", 1, {"gpu_ops": True, "flash_attn": fa}) for fa in (False, True)]
+        VARIANTS += [("ggml", 1, {"gpu_ops": True, "flash_attention": fa}) for fa in (False, True)]
 
 
 @pytest.fixture(
@@ -135,19 +126,19 @@ def scheduled(request: pytest.FixtureRequest, gguf_file: GGUFFile) -> Any:
 
 
 def _open(variant: tuple[str, int, dict[str, Any]], gguf_file: GGUFFile) -> Any:
-    name, threads, extra = variant
-    extra, num_gpu = dict(extra), NUM_GPU
-    if extra.pop("stand_in_gpu", False):
-        extra["device_probe"], num_gpu = stand_in_gpu, -1
-    options = BackendOptions(num_thread=threads, num_gpu=num_gpu, extra=extra)
+    name, threads, fields = variant
+    fields, num_gpu = dict(fields), NUM_GPU
+    if fields.pop("stand_in_gpu", False):
+        fields["device_probe"], num_gpu = stand_in_gpu, -1
+    options = BackendOptions(num_thread=threads, num_gpu=num_gpu, **fields)
     backend = open_backend(name, gguf_file, options)
-    assert not extra.get("gpu_ops") or backend.gpus, "gpu_ops: no GPU in use"
+    assert not options.gpu_ops or backend.gpus, "gpu_ops: no GPU in use"
     return backend
 
 
 def stand_in_gpu() -> list[Any]:
     """ggml's CPU as a "GPU" next to itself: the scheduler splits graphs between them."""
-    from herd.ml.backends.ggml.backend import Device, probe_devices
+    from herd.ml.backends.ggml.devices import Device, probe_devices
 
     cpu = next(d for d in probe_devices() if d.info.kind == "cpu")
     return [Device(DeviceInfo("stand-in GPU", "gpu", 1 << 30, 1 << 30), cpu.handle), cpu]
@@ -264,8 +255,13 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
     (  # the last layer's: only some rows' queries attend (their mask rows with them)
         "attention_rows",
         lambda c, b, q, k, v, m, i: attention(_rows(q, i), k, v, 0.25, None, m, rows=i),
-        [rand(5, 4, 16), rand(5, 2, 16, seed=1), rand(5, 2, 8, seed=2), causal(5, 5),
-         np.array([1, 4], np.int32)],
+        [
+            rand(5, 4, 16),
+            rand(5, 2, 16, seed=1),
+            rand(5, 2, 8, seed=2),
+            causal(5, 5),
+            np.array([1, 4], np.int32),
+        ],
         1e-10,
     ),
     (
@@ -548,11 +544,14 @@ def test_set_columns_into_persistent_tensor(backends: Any, dtype: DType, limit: 
             x = ctx.input(rand(2, 4, 7, seed=3))
             mixed = x.matmul_t(view.permute(2, 0, 1).permute(1, 2, 0))
             outs.append(ctx.compute(ctx.attach(cache), mixed))
-    for got, want in zip(*outs, strict=True):
-        if limit == EXACT:
-            np.testing.assert_array_equal(got, want)
-        else:
-            assert nmse(got, want) < limit
+    (cells, product), (cells_want, product_want) = outs
+    if limit == EXACT:  # the written cells are copies of the values: exact
+        np.testing.assert_array_equal(cells, cells_want)
+    else:
+        assert nmse(cells, cells_want) < limit
+    # the product through the view sums in its kernel's own order (F32 results 1 ulp apart
+    # from NumPy's on some CPUs, e.g. AMD EPYC), so it is held to a tolerance, not bits
+    assert nmse(product, product_want) < max(limit, 1e-12)
 
 
 def test_cache_write_then_read_in_one_pass(backends: Any) -> None:
@@ -581,7 +580,7 @@ def test_rerun_reuses_the_graph(backends: Any, keep: bool) -> None:
     )
     steps = [[rand(2, 256, seed=s), np.array([s, 2 * s], np.int32)] for s in range(1, 5)]
     with backend.new_context() as ctx:
-        if not hasattr(ctx, "rerun"):
+        if not isinstance(ctx, GraphReuse):
             pytest.skip(f"{backend.name} has no graph reuse")
         if keep:
             ctx.keep()
@@ -602,7 +601,7 @@ def test_rerun_without_copy_gives_views_until_the_next_run(backends: Any) -> Non
     build = lambda c, b, x: x.linear(b.weight("w.Q8_0")).scale(0.5)  # noqa: E731
     steps = [rand(2, 256, seed=s) for s in range(3)]
     with backend.new_context() as ctx:
-        if not hasattr(ctx, "rerun"):
+        if not isinstance(ctx, GraphReuse):
             pytest.skip(f"{backend.name} has no graph reuse")
         ctx.compute(build(ctx, backend, ctx.input(steps[0])))
         view = ctx.rerun(steps[1], copy=False)[0]
@@ -633,7 +632,7 @@ def test_split_graph_gets_its_sources_back(scheduled: Any) -> None:
     )
     with backend.new_context() as ctx:
         got = [ctx.compute(build(ctx, backend, ctx.input(first[0]), ctx.input(first[1])))[0]]
-        g = ctx._graph
+        g = ctx.graph
         add = L.ggml_graph_node(g, L.ggml_graph_n_nodes(g) - 1)
         srcs = bytearray(L.tensor_srcs(add))
         ptr = L.PTR
@@ -659,7 +658,7 @@ def test_compute_twice_in_one_context(backends: Any) -> None:
 
 @pytest.mark.skipif("ggml" not in BACKENDS, reason="ggml-python not installed")
 def test_repack_copies_only_what_linear_uses(gguf_file: GGUFFile) -> None:
-    backend = open_backend("ggml", gguf_file, BackendOptions(num_thread=1, extra={"repack": True}))
+    backend = open_backend("ggml", gguf_file, BackendOptions(num_thread=1, repack=True))
     run(backend, lambda c, b, x: x.linear(b.weight("w.Q4_0")), [rand(2, 256)])
     q4 = backend.weight("w.Q4_0").p
     assert backend.packed[q4] != 0  # decided on first use (a copy where the CPU has a layout)

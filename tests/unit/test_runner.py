@@ -1,17 +1,23 @@
-"""The runner on a tiny random model: batching, prefix reuse, context limits, cancel, stops."""
+"""The runner on a tiny random model: batching, prefix reuse, context limits, cancel, stops;
+and the request pipeline in front of it (prompt, tokens, the context-length check)."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from test_grammar import JsonTokenizer
 
-from herd.errors import HerdError
+from herd.errors import CapabilityError, ContextLengthError, HerdError, UnsupportedModelError
 from herd.gguf import open_gguf
 from herd.ml import open_backend
 from herd.models import load_model
-from herd.runner import Options, Runner
+from herd.options import Options
+from herd.runner import Request, Runner, Source, prepare, prepare_embed
+from herd.template import go_builtin
 
 
 class LetterTokenizer:
@@ -138,8 +144,11 @@ def test_long_prompt_is_truncated_or_rejected(tiny_llama_path):
     prompt = list(np.arange(40) % 60)
     final, _ = run(make_runner(tiny_llama_path, num_ctx=16), prompt, Options(num_predict=1))
     assert final.prompt_eval_count == 15
+    # truncate: false is turned away by the request pipeline, before the runner
+    loaded = FakeLoaded(defaults=Options(num_ctx=16))
     with pytest.raises(HerdError, match="exceeds the context length"):
-        run(make_runner(tiny_llama_path, num_ctx=16), prompt, truncate=False)
+        prepare(loaded, Request(prompt="x" * 40, raw=True, truncate=False))
+    assert len(prepare(loaded, Request(prompt="x" * 14, raw=True, truncate=False)).tokens) == 15
 
 
 def test_closing_the_stream_frees_the_slot(tiny_llama_path):
@@ -207,8 +216,14 @@ def test_a_prompt_of_the_same_shape_reruns_the_kept_prompt_graph(tiny_llama_path
     second = [40, 3, 22, 7, 11, 30]
     results = []
     for reuse in (True, False):
-        runner = Runner(model, backend, LetterTokenizer(), Options(num_ctx=256),
-                        model.context_length, reuse_graphs=reuse)
+        runner = Runner(
+            model,
+            backend,
+            LetterTokenizer(),
+            Options(num_ctx=256),
+            model.context_length,
+            reuse_graphs=reuse,
+        )
         run(runner, PROMPTS[0], Options(temperature=0, num_predict=1))
         runner.reset()
         before = builds
@@ -252,8 +267,9 @@ def test_long_prompts_attend_in_blocks_with_the_same_logits(
     backend = open_backend(backend_name, g)
     model = load_model(g.config(), backend)
     tokens = [int(t) for t in np.random.default_rng(3).integers(0, 64, 150)]
-    runner = Runner(model, backend, LetterTokenizer(), Options(num_ctx=256, num_batch=150),
-                    model.context_length)
+    runner = Runner(
+        model, backend, LetterTokenizer(), Options(num_ctx=256, num_batch=150), model.context_length
+    )
     out = {}
     for block in (32, 10**6):
         monkeypatch.setattr(causal, "BLOCK", block)
@@ -286,3 +302,94 @@ def test_unknown_kv_cache_type_is_a_clear_error(tiny_llama_path):
     model = load_model(g.config(), backend)
     with pytest.raises(HerdError, match="unknown KV cache type 'q9'"):
         Runner(model, backend, LetterTokenizer(), Options(), model.context_length, cache_type="q9")
+
+
+# ---- the request pipeline ---------------------------------------------------------------
+class FakeLoaded:
+    """What the pipeline uses of a loaded model; a token per character, [1] for BOS."""
+
+    def __init__(self, template: Any = None, system: str | None = None,
+                 defaults: Options | None = None, is_embedding: bool = False) -> None:  # fmt: skip
+        self.name, self.template, self.defaults = "m", template, defaults or Options()
+        self.source = Source("m", Path("m.gguf"), system=system)
+        self.is_embedding, self.context_length = is_embedding, 512
+        self.tokenizer = JsonTokenizer()  # for grammars
+        self.calls: list[tuple[str, bool, bool]] = []
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[
+            int]:  # fmt: skip
+        self.calls.append((text, add_special, parse_special))
+        return [1] * add_special + [ord(c) for c in text]
+
+
+CHATML = go_builtin("chatml")
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _chatml(*turns: tuple[str, str]) -> str:
+    body = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+    return body + "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize(
+    ("template", "system", "request_", "text"),
+    [
+        (CHATML, None, Request(prompt="hi"), _chatml(("user", "hi"))),
+        (CHATML, "S", Request(prompt="hi"), _chatml(("system", "S"), ("user", "hi"))),
+        (CHATML, "S", Request(prompt="hi", system="T"), _chatml(("system", "T"), ("user", "hi"))),
+        (CHATML, "S", Request(prompt="hi", system=""), _chatml(("user", "hi"))),
+        (CHATML, "S", Request(prompt="<b>hi", raw=True), "<b>hi"),
+        (None, "S", Request(prompt="hi"), "hi"),
+        (CHATML, "S", Request(messages=HI), _chatml(("system", "S"), ("user", "hi"))),
+        (CHATML, "S", Request(messages=[{"role": "system", "content": "T"}, *HI]),
+         _chatml(("system", "T"), ("user", "hi"))),
+        (None, None, Request(messages=[{"role": "system", "content": "T"}, *HI]), "T\nhi"),
+    ],
+    ids=["generate", "model-system", "own-system", "no-system", "raw", "no-template", "chat",
+         "chat-own-system", "chat-no-template"],
+)  # fmt: skip
+def test_prompt_rules(template, system, request_, text):
+    """System message, template and raw: one set of rules for the library and the server."""
+    loaded = FakeLoaded(template, system)
+    prepared = prepare(loaded, request_)
+    assert prepared.text == text
+    assert loaded.calls == [(text, True, True)]  # BOS/EOS; special tokens parsed
+    assert prepared.tokens == [1] + [ord(c) for c in text] and prepared.parser is None
+
+
+def test_context_continues_without_bos():
+    loaded = FakeLoaded()
+    prepared = prepare(loaded, Request(prompt="ab", raw=True, context=[7, 8], want_context=True))
+    assert prepared.tokens == [7, 8, 97, 98] and loaded.calls == [("ab", False, True)]
+    from herd.runner import Event, finish
+
+    final = finish(prepared, Event(done=True, done_reason="stop", tokens=(5,), eval_count=1))
+    assert final["context"] == [7, 8, 97, 98, 5] and final["done_reason"] == "stop"
+    assert "context" not in finish(prepare(loaded, Request(prompt="ab", raw=True)), Event())
+
+
+def test_format_turns_thinking_off_and_capabilities_are_checked():
+    qwen3 = FakeLoaded(go_builtin("qwen3"))
+    thinks = prepare(qwen3, Request(messages=HI, think=True))
+    assert thinks.parser is not None and thinks.text.endswith("<|im_start|>assistant\n")
+    json_only = prepare(qwen3, Request(messages=HI, think=True, format="json"))
+    assert json_only.parser is None and json_only.text.endswith("<think>\n\n</think>\n\n")
+    cannot = [(Request(messages=HI, think=True), "thinking"),
+              (Request(messages=HI, tools=[{"type": "function"}]), "tools")]  # fmt: skip
+    for request_, what in cannot:
+        with pytest.raises(CapabilityError, match=f'"m" does not support {what}'):
+            prepare(FakeLoaded(go_builtin("gemma3")), request_)
+    with pytest.raises(CapabilityError, match='"m" does not support generate'):
+        prepare(FakeLoaded(is_embedding=True), Request(prompt="hi"))
+
+
+def test_embedding_inputs_are_cut_keeping_the_last_token():
+    loaded = FakeLoaded(is_embedding=True)
+    long = "x" * 600 + "!"
+    inputs, count = prepare_embed(loaded, ["ab", long], truncate=True)
+    assert inputs[0] == [1, 97, 98] and count == 3 + 602
+    assert len(inputs[1]) == 512 and inputs[1][-1] == ord("!")
+    with pytest.raises(ContextLengthError, match="exceeds the context length"):
+        prepare_embed(loaded, [long], truncate=False)
+    with pytest.raises(UnsupportedModelError, match='"m" does not support embeddings'):
+        prepare_embed(FakeLoaded(), ["ab"], truncate=True)

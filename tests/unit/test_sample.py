@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
+from herd.options import Options
 from herd.sample import Sampler, logprobs
 from herd.sample import transforms as t
 
@@ -121,6 +124,18 @@ def test_seeded_draws_are_reproducible() -> None:
     ]
     assert draws[0] == draws[1]
     assert draws[0] != [Sampler(seed=43).sample(logits, []) for _ in range(50)]
+
+
+def test_takes_the_options_by_keyword_with_their_defaults() -> None:
+    """`Sampler(**options.sampler_kwargs())`: the same names and defaults as the options
+    table, and no positional arguments to get out of order."""
+    params = inspect.signature(Sampler).parameters
+    kwargs = Options().sampler_kwargs()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    assert {n: params[n].default for n in kwargs} == kwargs
+    assert set(params) == {*kwargs, "rng", "grammar"}
+    with pytest.raises(TypeError):
+        Sampler(0.5)  # type: ignore[misc]
 
 
 def test_injected_rng_is_used() -> None:

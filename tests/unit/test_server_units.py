@@ -11,10 +11,23 @@ from typing import Any
 import pytest
 
 from herd import envconfig
-from herd.runner.options import Options
+from herd.errors import (
+    BadRequestError,
+    CacheFullError,
+    CapabilityError,
+    ContextLengthError,
+    GrammarError,
+    InsufficientMemoryError,
+    OutOfMemoryError,
+    QueueFullError,
+    RunnerError,
+    UnsupportedModelError,
+    error_from_name,
+)
+from herd.options import Options
 from herd.server import scheduler as sched
 from herd.server.app import DEFAULT_ORIGINS, HostCheck, origin_regex
-from herd.server.errors import BadRequestError, InsufficientMemoryError, QueueFullError
+from herd.server.errors import status_for
 from herd.server.http import keep_alive_of
 from herd.server.metrics import Metrics
 from herd.store import ModelRef
@@ -35,15 +48,26 @@ class FakeScheduler(sched.Scheduler):
     """Loads are instant and record themselves; a model's size is its spec's file_size."""
 
     def __init__(self, **kw: Any) -> None:
-        args = dict(max_loaded=3, max_queue=8, keep_alive=300.0, load_timeout=5.0,
-                    memory_limit=1000, num_parallel=1)
+        args = dict(
+            max_loaded=3,
+            max_queue=8,
+            keep_alive=300.0,
+            load_timeout=5.0,
+            memory_limit=1000,
+            num_parallel=1,
+        )
         super().__init__(**{**args, **kw})
         self.loads: list[str] = []
 
     async def _load(self, spec: sched.LoadSpec, estimate: int) -> sched.Runner:
         self.loads.append(spec.name)
-        runner = sched.Runner(spec, FakeProc(spec.name), estimate, 1,  # type: ignore[arg-type]
-                              asyncio.Semaphore(1))
+        runner = sched.Runner(
+            spec,
+            FakeProc(spec.name),
+            estimate,
+            1,  # type: ignore[arg-type]
+            asyncio.Semaphore(1),
+        )
         self.runners[spec.name] = runner
         return runner
 
@@ -56,7 +80,7 @@ def spec(name: str, size: int, **options: Any) -> sched.LoadSpec:
 
 @pytest.fixture(autouse=True)
 def size_is_file_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sched, "estimate_memory", lambda s, parallel: s.file_size)
+    monkeypatch.setattr(sched, "estimate_memory", lambda s, parallel, cache_type: s.file_size)
 
 
 def run(coro: Any) -> Any:
@@ -148,17 +172,21 @@ def test_changed_load_options_reload() -> None:
 # ---------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("value, url", [
-    ("", "http://127.0.0.1:11434"),
-    ("1.2.3.4", "http://1.2.3.4:11434"),
-    (":56789", "http://127.0.0.1:56789"),
-    ("0.0.0.0:8080", "http://127.0.0.1:8080"),
-    ("http://example.com", "http://example.com:80"),
-    ("https://example.com", "https://example.com:443"),
-    ("example.com:56789/path/", "http://example.com:56789/path"),
-    ("[::1]:9", "http://[::1]:9"),
-    ("localhost:99999", "http://localhost:11434"),
-], ids=["empty", "ip", "port-only", "unspecified", "http", "https", "path", "ipv6", "bad-port"])
+@pytest.mark.parametrize(
+    "value, url",
+    [
+        ("", "http://127.0.0.1:11434"),
+        ("1.2.3.4", "http://1.2.3.4:11434"),
+        (":56789", "http://127.0.0.1:56789"),
+        ("0.0.0.0:8080", "http://127.0.0.1:8080"),
+        ("http://example.com", "http://example.com:80"),
+        ("https://example.com", "https://example.com:443"),
+        ("example.com:56789/path/", "http://example.com:56789/path"),
+        ("[::1]:9", "http://[::1]:9"),
+        ("localhost:99999", "http://localhost:11434"),
+    ],
+    ids=["empty", "ip", "port-only", "unspecified", "http", "https", "path", "ipv6", "bad-port"],
+)
 def test_parse_host(value: str, url: str) -> None:
     assert envconfig.parse_host(value).base_url == url
 
@@ -168,9 +196,17 @@ def test_parse_host_binds() -> None:
     assert envconfig.parse_host("").bind_host == "127.0.0.1"
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("5m", 300), ("1h30m", 5400), ("300ms", 0.3), ("-1s", -1), ("0", 0), ("1.5s", 1.5),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("300ms", 0.3),
+        ("-1s", -1),
+        ("0", 0),
+        ("1.5s", 1.5),
+    ],
+)
 def test_parse_duration(text: str, seconds: float) -> None:
     assert envconfig.parse_duration(text) == pytest.approx(seconds)
 
@@ -181,10 +217,18 @@ def test_parse_duration_errors(text: str) -> None:
         envconfig.parse_duration(text)
 
 
-@pytest.mark.parametrize("value, seconds", [
-    (None, None), (0, 0.0), (30, 30.0), (-1, math.inf), ("5m", 300.0), ("-1m", math.inf),
-    ("10", 10.0),
-])
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        (None, None),
+        (0, 0.0),
+        (30, 30.0),
+        (-1, math.inf),
+        ("5m", 300.0),
+        ("-1m", math.inf),
+        ("10", 10.0),
+    ],
+)
 def test_keep_alive(value: Any, seconds: float | None) -> None:
     assert keep_alive_of({"keep_alive": value}) == seconds
 
@@ -196,11 +240,19 @@ def test_keep_alive_errors(value: Any) -> None:
 
 
 def test_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HERD_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE", "HERD_MAX_QUEUE", "OLLAMA_MAX_QUEUE",
-                 "HERD_MEMORY_LIMIT"):
+    for name in (
+        "HERD_KEEP_ALIVE",
+        "OLLAMA_KEEP_ALIVE",
+        "HERD_MAX_QUEUE",
+        "OLLAMA_MAX_QUEUE",
+        "HERD_MEMORY_LIMIT",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert (envconfig.keep_alive(), envconfig.max_queue(), envconfig.memory_limit()) == (
-        300.0, 512, None)
+        300.0,
+        512,
+        None,
+    )
     monkeypatch.setenv("OLLAMA_KEEP_ALIVE", "-1")
     monkeypatch.setenv("HERD_MEMORY_LIMIT", "2GiB")
     assert (envconfig.keep_alive(), envconfig.memory_limit()) == (math.inf, 2 * 2**30)
@@ -213,8 +265,7 @@ def test_metrics_exposition() -> None:
     m = Metrics()
     m.ttft.observe("m:1", 0.03)
     m.itl.observe("m:1", 0.02)
-    m.finished("m:1", "stop", prompt_tokens=10, generated=5, eval_seconds=0.4,
-               total_seconds=0.5)
+    m.finished("m:1", "stop", prompt_tokens=10, generated=5, eval_seconds=0.4, total_seconds=0.5)
     text = m.render(lambda: {"m:1": {"running": 1, "waiting": 2, "kv": 0.25}})
     lines = text.splitlines()
     assert 'vllm:num_requests_waiting{model_name="m:1"} 2.0' in lines
@@ -227,11 +278,19 @@ def test_metrics_exposition() -> None:
     assert 'vllm:request_success_total{finished_reason="stop",model_name="m:1"} 1' in lines
 
 
-@pytest.mark.parametrize("origin, allowed", [
-    ("http://localhost", True), ("http://localhost:3000", True), ("https://127.0.0.1:8", True),
-    ("app://obsidian.md", True), ("vscode-webview://x", True), ("https://evil.com", False),
-    ("http://localhost.evil.com", False), ("https://my.app", True),
-])
+@pytest.mark.parametrize(
+    "origin, allowed",
+    [
+        ("http://localhost", True),
+        ("http://localhost:3000", True),
+        ("https://127.0.0.1:8", True),
+        ("app://obsidian.md", True),
+        ("vscode-webview://x", True),
+        ("https://evil.com", False),
+        ("http://localhost.evil.com", False),
+        ("https://my.app", True),
+    ],
+)
 def test_cors_origins(origin: str, allowed: bool) -> None:
     import re
 
@@ -239,11 +298,40 @@ def test_cors_origins(origin: str, allowed: bool) -> None:
     assert bool(re.fullmatch(pattern, origin)) == allowed
 
 
-@pytest.mark.parametrize("host, allowed", [
-    ("127.0.0.1:11434", True), ("localhost:11434", True), ("[::1]:11434", True),
-    ("foo.localhost", True), ("box.local:80", True), ("10.1.2.3", True),
-    ("evil.com", False), ("8.8.8.8:11434", False),
-])
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("127.0.0.1:11434", True),
+        ("localhost:11434", True),
+        ("[::1]:11434", True),
+        ("foo.localhost", True),
+        ("box.local:80", True),
+        ("10.1.2.3", True),
+        ("evil.com", False),
+        ("8.8.8.8:11434", False),
+    ],
+)
 def test_host_check(host: str, allowed: bool) -> None:
     check = HostCheck(lambda *a: None, "127.0.0.1")  # type: ignore[arg-type, return-value]
     assert check.allowed(host) == allowed
+
+
+@pytest.mark.parametrize(
+    ("type_name", "cls", "status"),
+    [
+        ("ContextLengthError", ContextLengthError, 400),
+        ("CapabilityError", CapabilityError, 400),
+        ("GrammarError", GrammarError, 400),
+        ("UnsupportedModelError", UnsupportedModelError, 501),
+        ("OutOfMemoryError", OutOfMemoryError, 500),
+        ("CacheFullError", CacheFullError, 500),
+        ("RuntimeError", RunnerError, 500),  # a bug in the runner: not a HerdError
+        ("ModelfileError", RunnerError, 500),  # its message is built from fields
+        ("", RunnerError, 500),
+    ],
+)
+def test_runner_errors_come_back_typed(type_name: str, cls: type, status: int) -> None:
+    """A runner's `{"error", "type"}` becomes its class again; the status follows the type."""
+    error = error_from_name(type_name, "the message as sent")
+    assert type(error) is cls and str(error) == "the message as sent"
+    assert status_for(error) == status

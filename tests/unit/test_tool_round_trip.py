@@ -23,11 +23,13 @@ from starlette.testclient import TestClient
 from test_grammar import JsonTokenizer
 
 from herd import envconfig
+from herd.errors import error_from_name
+from herd.options import Options
 from herd.runner.engine import Event
+from herd.runner.loaded import Source
 from herd.runner.serve import Child
 from herd.server import scheduler as sched
 from herd.server.app import Settings, create_app
-from herd.server.errors import RemoteError
 from herd.store import Store
 from herd.template import go_builtin
 
@@ -85,11 +87,14 @@ OPENAI_CONVERSATION = [
 
 
 class FakeLLM:
-    """What the runner child uses of a loaded model: its template and its tokenizer."""
+    """What the runner child uses of a loaded model: its template, its tokenizer, and its
+    source (no Modelfile SYSTEM or MESSAGEs)."""
 
     def __init__(self, template: Any) -> None:
         self.template, self.name = template, "m"
+        self.source = Source("m", Path("m.gguf"))
         self.tokenizer = JsonTokenizer()  # for grammars
+        self.defaults, self.is_embedding, self.context_length = Options(), False, 4096
         self.prompts: list[str] = []
 
     def tokenize(
@@ -132,7 +137,7 @@ class InProcess:
         for line in self.out.getvalue().splitlines():
             msg = json.loads(line)
             if "error" in msg:
-                raise RemoteError(msg["error"], msg["type"])
+                raise error_from_name(msg["type"], msg["error"])
             yield msg
 
     async def stop(self) -> None:
@@ -148,7 +153,7 @@ def serve(tmp: Path, monkeypatch: pytest.MonkeyPatch, family: str, output: str) 
     store.write_model("m", layer, template=go_builtin(family).source)
     out = io.StringIO()
     child = Child(out)
-    llm = child.llm = FakeLLM(go_builtin(family))
+    llm = child.loaded = FakeLLM(go_builtin(family))  # type: ignore[assignment]
     child.engine = FakeEngine(output)  # type: ignore[assignment]
     app = create_app(Settings(store, envconfig.host(), memory_limit=2**40))
     scheduler = app.state.scheduler

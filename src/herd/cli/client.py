@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import httpx
 
 from herd import envconfig
 from herd.errors import HerdError, ModelNotFoundError, OptionError
+from herd.store.facts import ShowFacts, TensorFacts
 from herd.store.wheels import Progress
 
 
@@ -51,8 +51,9 @@ class Client:
         self.base_url = base_url or envconfig.host().base_url
         key = envconfig.api_key() if api_key is None else api_key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=self.base_url, headers=headers,
-                                 timeout=httpx.Timeout(None, connect=5.0))
+        self.http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=httpx.Timeout(None, connect=5.0)
+        )
 
     def heartbeat(self) -> bool:
         try:
@@ -82,8 +83,9 @@ class Client:
 
     def pull(self, model: str, progress: Progress, insecure: bool = False) -> None:
         for item in self.stream("/api/pull", {"model": model, "insecure": insecure}):
-            progress(item.get("status", ""), item.get("digest"), item.get("total"),
-                     item.get("completed"))
+            progress(
+                item.get("status", ""), item.get("digest"), item.get("total"), item.get("completed")
+            )
 
     def close(self) -> None:
         self.http.close()
@@ -94,9 +96,14 @@ def start_server_background(env: dict[str, str] | None = None) -> subprocess.Pop
     log_dir = envconfig.log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "server.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "herd", "serve"], env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "herd", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
 
 
 def connect(start: bool = False, wait_s: float = 30.0) -> Client | None:
@@ -116,8 +123,10 @@ def connect(start: bool = False, wait_s: float = 30.0) -> Client | None:
             break
         time.sleep(0.1)
     client.close()
-    raise HerdError(f"could not start herd serve at {envconfig.host().base_url}; see "
-                    f"{envconfig.log_dir() / 'server.log'}")
+    raise HerdError(
+        f"could not start herd serve at {envconfig.host().base_url}; see "
+        f"{envconfig.log_dir() / 'server.log'}"
+    )
 
 
 class RemoteLLM:
@@ -132,25 +141,45 @@ class RemoteLLM:
             body["keep_alive"] = self.keep_alive
         return body
 
-    def generate(self, prompt: str, *, system: str | None = None,
-                 options: dict[str, Any] | None = None, raw: bool = False,
-                 stream: bool = False, format: str | dict[str, Any] | None = None,
-                 think: bool | str | None = None,
-                 ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        body = self._body(prompt=prompt, system=system, options=options, raw=raw or None,
-                          format=format, think=think)
+    def generate(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        raw: bool = False,
+        stream: bool = False,
+        format: str | dict[str, Any] | None = None,
+        think: bool | str | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        body = self._body(
+            prompt=prompt,
+            system=system,
+            options=options,
+            raw=raw or None,
+            format=format,
+            think=think,
+        )
         return self._run("/api/generate", body, stream)
 
-    def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
-             stream: bool = False, tools: list[dict[str, Any]] | None = None,
-             think: bool | str | None = None, format: str | dict[str, Any] | None = None,
-             ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        body = self._body(messages=messages, options=options, tools=tools, think=think,
-                          format=format)
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        options: dict[str, Any] | None = None,
+        stream: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        think: bool | str | None = None,
+        format: str | dict[str, Any] | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        body = self._body(
+            messages=messages, options=options, tools=tools, think=think, format=format
+        )
         return self._run("/api/chat", body, stream)
 
-    def _run(self, path: str, body: dict[str, Any],
-             stream: bool) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def _run(
+        self, path: str, body: dict[str, Any], stream: bool
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         if stream:
             return self.client.stream(path, body)
         result: dict[str, Any] = self.client.request("POST", path, {**body, "stream": False})
@@ -160,11 +189,14 @@ class RemoteLLM:
         show = self.client.request("POST", "/api/show", {"model": self.model})
         info = show.get("model_info") or {}
         arch = info.get("general.architecture", "")
-        return {"architecture": arch, "parameters": info.get("general.parameter_count"),
-                "context_length": info.get(f"{arch}.context_length"),
-                "embedding_length": info.get(f"{arch}.embedding_length"),
-                "quantization": (show.get("details") or {}).get("quantization_level"),
-                "template": show.get("template")}
+        return {
+            "architecture": arch,
+            "parameters": info.get("general.parameter_count"),
+            "context_length": info.get(f"{arch}.context_length"),
+            "embedding_length": info.get(f"{arch}.embedding_length"),
+            "quantization": (show.get("details") or {}).get("quantization_level"),
+            "template": show.get("template"),
+        }
 
 
 def remote_llm(client: Client, model: str, progress: Progress) -> RemoteLLM:
@@ -177,18 +209,6 @@ def remote_llm(client: Client, model: str, progress: Progress) -> RemoteLLM:
 
 
 # ---- `herd show` from /api/show -------------------------------------------------------------
-@dataclass
-class _Type:
-    name: str
-
-
-@dataclass
-class _Tensor:
-    name: str
-    type: _Type
-    shape: tuple[int, ...]  # NumPy order, as TensorInfo
-
-
 def parse_parameters(text: str) -> dict[str, Any]:
     """/api/show's `parameters` lines (`key value`, values as Go's %#v) back to a dict."""
     params: dict[str, Any] = {}
@@ -211,9 +231,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return params
 
 
-def show_facts(resp: dict[str, Any], name: str) -> Any:
-    """The CLI's ShowFacts, rebuilt from the server's ShowResponse."""
-    from herd.cli.show import ShowFacts
+def show_facts(resp: dict[str, Any], name: str) -> ShowFacts:
+    """The store's ShowFacts, rebuilt from the server's ShowResponse."""
     from herd.store.ggufinfo import GGUFFacts
 
     info = {k: v for k, v in (resp.get("model_info") or {}).items() if v is not None}
@@ -229,9 +248,18 @@ def show_facts(resp: dict[str, Any], name: str) -> Any:
         chat_template=info.get("tokenizer.chat_template"),
         kv=info,
     )
-    tensors = [_Tensor(t["name"], _Type(t["type"]), tuple(reversed(t["shape"])))
-               for t in resp.get("tensors") or []]
+    tensors = [
+        TensorFacts(t["name"], t["type"], tuple(reversed(t["shape"])))
+        for t in resp.get("tensors") or []
+    ]
     license = [resp["license"]] if resp.get("license") else []
-    return ShowFacts(name=name, model_path=Path(""), gguf=gguf, tensors=tensors,  # type: ignore[arg-type]
-                     template=template, system=resp.get("system") or None,
-                     params=parse_parameters(resp.get("parameters") or ""), license=license)
+    return ShowFacts(
+        name=name,
+        model_path=Path(""),
+        gguf=gguf,
+        tensors=tensors,
+        template=template,
+        system=resp.get("system") or None,
+        params=parse_parameters(resp.get("parameters") or ""),
+        license=license,
+    )

@@ -18,14 +18,27 @@ from herd.store.wheels import Progress
 class LLM(Protocol):
     """The part of `herd.load(...)`'s result the CLI uses."""
 
-    def generate(self, prompt: str, *, system: str | None = None,
-                 options: dict[str, Any] | None = None, raw: bool = False,
-                 stream: bool = False, **kw: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        system: str | None = None,
+        options: dict[str, Any] | None = None,
+        raw: bool = False,
+        stream: bool = False,
+        **kw: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """`kw`: `format`, `think` when the user set them."""
         ...
 
-    def chat(self, messages: list[dict[str, Any]], *, options: dict[str, Any] | None = None,
-             stream: bool = False, **kw: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        options: dict[str, Any] | None = None,
+        stream: bool = False,
+        **kw: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """`kw`: `format`, `think` when the user set them."""
         ...
 

@@ -16,9 +16,10 @@ from herd.cli.format import human_bytes, human_time, table
 from herd.cli.progress import PullProgress
 from herd.cli.run import run
 from herd.cli.server_cmds import ps_cmd, remote_models, serve_cmd, show_remote, stop_cmd
-from herd.cli.show import is_model_path, load_facts, render_info, single_field
+from herd.cli.show import render_info, single_field
 from herd.errors import HerdError
 from herd.store import Store, pull
+from herd.store.facts import is_model_path, load_facts
 
 
 class HerdGroup(click.Group):
@@ -59,8 +60,12 @@ def pull_cmd(model: str, insecure: bool) -> None:
     from herd.registry import Options, registry_puller
 
     with PullProgress() as progress:
-        pull(model, store=Store(), progress=progress,
-             registry=registry_puller(Options(insecure=insecure)))
+        pull(
+            model,
+            store=Store(),
+            progress=progress,
+            registry=registry_puller(Options(insecure=insecure)),
+        )
 
 
 @cli.command("push")
@@ -76,10 +81,12 @@ def push_cmd(model: str, insecure: bool) -> None:
 
 @cli.command("create")
 @click.argument("model")
-@click.option("-f", "--file", "modelfile", default=None,
-              help="Name of the Modelfile (default: ./Modelfile).")
-@click.option("-q", "--quantize", default=None,
-              help="Quantize the model to this type (e.g. q4_K_M, q8_0).")
+@click.option(
+    "-f", "--file", "modelfile", default=None, help="Name of the Modelfile (default: ./Modelfile)."
+)
+@click.option(
+    "-q", "--quantize", default=None, help="Quantize the model to this type (e.g. q4_K_M, q8_0)."
+)
 def create_cmd(model: str, modelfile: str | None, quantize: str | None) -> None:
     """Create a model from a Modelfile."""
     from pathlib import Path
@@ -97,10 +104,17 @@ def create_cmd(model: str, modelfile: str | None, quantize: str | None) -> None:
         click.echo(warning, err=True)
     with PullProgress() as progress:
         # FROM a model the store lacks: pull it (catalog or registry), as Ollama does
-        create(Store(), model, parsed, base_dir=path.parent, quantize_to=quantize,
-               progress=progress,
-               pull=lambda store, name, report: pull(name, store=store, progress=report,
-                                                     registry=registry_puller()))
+        create(
+            Store(),
+            model,
+            parsed,
+            base_dir=path.parent,
+            quantize_to=quantize,
+            progress=progress,
+            pull=lambda store, name, report: pull(
+                name, store=store, progress=report, registry=registry_puller()
+            ),
+        )
 
 
 @cli.command("list")
@@ -128,8 +142,10 @@ def show_cmd(model: str, verbose: bool, **flags: bool) -> None:
     """Show information about a model (a store name or a .gguf file)."""
     chosen = [name for name, on in flags.items() if on]
     if len(chosen) > 1:
-        raise HerdError("only one of '--license', '--modelfile', '--parameters', '--system', "
-                        "or '--template' can be specified")
+        raise HerdError(
+            "only one of '--license', '--modelfile', '--parameters', '--system', "
+            "or '--template' can be specified"
+        )
     client = None if is_model_path(model) else _server()
     if client is not None:
         show_remote(client, model, chosen, verbose)

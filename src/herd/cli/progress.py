@@ -1,10 +1,10 @@
 """Pull progress on stderr, drawn like Ollama's: status spinners and one bar per blob.
 
-    pulling manifest
-    pulling b179c9523d0e:  45% ▕███████         ▏  44 MB/ 98 MB  12 MB/s
-    verifying sha256 digest
-    writing manifest
-    success
+pulling manifest
+pulling b179c9523d0e:  45% ▕███████         ▏  44 MB/ 98 MB  12 MB/s
+verifying sha256 digest
+writing manifest
+success
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ class PullProgress:
         self.status: TaskID | None = None
         self.started = False
 
-    def __call__(self, status: str, digest: str | None, total: int | None,
-                 completed: int | None) -> None:
+    def __call__(
+        self, status: str, digest: str | None, total: int | None, completed: int | None
+    ) -> None:
         if not self.started:  # draw nothing unless something is pulled
             self.progress.start()
             self.started = True
@@ -82,8 +83,9 @@ class PullProgress:
                 if not completed:
                     return  # like Ollama: no bar until bytes move (or the blob is there)
                 self._stop_status()
-                task = self.bars[digest] = self.progress.add_task(f"{status}:", total=total,
-                                                                 bar=True)
+                task = self.bars[digest] = self.progress.add_task(
+                    f"{status}:", total=total, bar=True
+                )
             self.progress.update(task, completed=completed or 0, total=total)
             return
         self._stop_status()
@@ -105,6 +107,10 @@ class PullProgress:
     def __enter__(self) -> PullProgress:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

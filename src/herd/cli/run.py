@@ -12,11 +12,12 @@ import click
 from herd.cli.client import remote_llm
 from herd.cli.env import LLM, CliEnv
 from herd.cli.format import go_duration
-from herd.cli.options import parse_parameter
 from herd.cli.progress import PullProgress
-from herd.cli.show import ShowFacts, is_model_path, load_facts, render_info, single_field
+from herd.cli.show import render_info, single_field
 from herd.errors import HerdError
+from herd.options import parse_text
 from herd.store import Store
+from herd.store.facts import ShowFacts, is_model_path, load_facts
 
 Write = Callable[[str], None]
 
@@ -34,13 +35,26 @@ def _err(text: str) -> None:
 @click.argument("prompt", nargs=-1)
 @click.option("--verbose", is_flag=True, help="Show timings for the response.")
 @click.option("--backend", default=None, help="Compute backend (numpy, ggml, ...).")
-@click.option("--think", default=None, is_flag=False, flag_value="true",
-              help="Enable thinking mode: true/false or high/medium/low for supported models.")
+@click.option(
+    "--think",
+    default=None,
+    is_flag=False,
+    flag_value="true",
+    help="Enable thinking mode: true/false or high/medium/low for supported models.",
+)
 @click.option("--hidethinking", is_flag=True, help="Hide thinking output (if any).")
 @click.option("--format", "fmt", default=None, help="Response format (e.g. json).")
 @click.pass_obj
-def run(env: CliEnv, model: str, prompt: tuple[str, ...], verbose: bool,
-        backend: str | None, think: str | None, hidethinking: bool, fmt: str | None) -> None:
+def run(
+    env: CliEnv,
+    model: str,
+    prompt: tuple[str, ...],
+    verbose: bool,
+    backend: str | None,
+    think: str | None,
+    hidethinking: bool,
+    fmt: str | None,
+) -> None:
     """Run a model: answer PROMPT (or stdin), or chat interactively."""
     prompts = list(prompt)
     try:
@@ -72,8 +86,13 @@ def run(env: CliEnv, model: str, prompt: tuple[str, ...], verbose: bool,
         if not text.strip():
             return  # Ollama loads the model and prints nothing for an empty prompt
         extra = _extra(think_value, fmt)
-        answer, final = stream_out(llm.generate(text, stream=True, **extra), _response, _out,
-                                   hide_thinking=hidethinking, plain=not sys.stdout.isatty())
+        answer, final = stream_out(
+            llm.generate(text, stream=True, **extra),
+            _response,
+            _out,
+            hide_thinking=hidethinking,
+            plain=not sys.stdout.isatty(),
+        )
         if answer and not answer.endswith("\n"):
             _out("\n")
         if verbose and final:
@@ -93,8 +112,9 @@ def parse_think(value: str | None) -> bool | str | None:
         return low == "true"
     if low in ("high", "medium", "low"):
         return low
-    raise click.BadParameter(f"invalid value {value!r}: use true, false, high, medium or low",
-                             param_hint="--think")
+    raise click.BadParameter(
+        f"invalid value {value!r}: use true, false, high, medium or low", param_hint="--think"
+    )
 
 
 def _extra(think: bool | str | None, fmt: str | None) -> dict[str, Any]:
@@ -135,8 +155,9 @@ class Shown:
         thinking = _thinking(chunk)
         if thinking and not self.hide:
             if not self.thinking_open:
-                self.write("Thinking...\n" if self.plain else f"{GREY}{BOLD}Thinking...\n"
-                           f"{DEFAULT}{GREY}")
+                self.write(
+                    "Thinking...\n" if self.plain else f"{GREY}{BOLD}Thinking...\n{DEFAULT}{GREY}"
+                )
                 self.thinking_open = True
             self.write(thinking)
             self.last = thinking
@@ -147,14 +168,21 @@ class Shown:
     def close(self) -> None:
         if self.thinking_open:
             end = "...done thinking.\n\n"
-            self.write(("" if self.last.endswith("\n") else "\n")
-                       + (end if self.plain else f"{GREY}{BOLD}{end}{DEFAULT}"))
+            self.write(
+                ("" if self.last.endswith("\n") else "\n")
+                + (end if self.plain else f"{GREY}{BOLD}{end}{DEFAULT}")
+            )
             self.thinking_open = False
 
 
-def stream_out(chunks: Any, pick: Callable[[dict[str, Any]], str], write: Write, *,
-               hide_thinking: bool = False,
-               plain: bool = True) -> tuple[str, dict[str, Any] | None]:
+def stream_out(
+    chunks: Any,
+    pick: Callable[[dict[str, Any]], str],
+    write: Write,
+    *,
+    hide_thinking: bool = False,
+    plain: bool = True,
+) -> tuple[str, dict[str, Any] | None]:
     """Write each chunk's text (and thinking, unless hidden) as it comes; returns (whole
     text, final chunk).
 
@@ -185,8 +213,10 @@ def timings(final: dict[str, Any]) -> str:
         lines.append(f"total duration:       {go_duration(ns('total_duration'))}")
     if ns("load_duration") > 0:
         lines.append(f"load duration:        {go_duration(ns('load_duration'))}")
-    for label, count, duration in (("prompt eval", "prompt_eval_count", "prompt_eval_duration"),
-                                   ("eval", "eval_count", "eval_duration")):
+    for label, count, duration in (
+        ("prompt eval", "prompt_eval_count", "prompt_eval_duration"),
+        ("eval", "eval_count", "eval_duration"),
+    ):
         if ns(count) > 0:
             lines.append(f"{label + ' count:':<22}{ns(count)} token(s)")
         if ns(duration) > 0:
@@ -209,7 +239,7 @@ Use """ to begin a multi-line message.
 
 '''
 
-HELP_SET = '''Available Commands:
+HELP_SET = """Available Commands:
   /set parameter ...     Set a parameter
   /set system <string>   Set system message
   /set think             Enable thinking
@@ -219,9 +249,9 @@ HELP_SET = '''Available Commands:
   /set verbose           Show LLM stats
   /set quiet             Disable LLM stats
 
-'''
+"""
 
-HELP_SHOW = '''Available Commands:
+HELP_SHOW = """Available Commands:
   /show info         Show details for this model
   /show license      Show model license
   /show modelfile    Show Modelfile for this model
@@ -229,9 +259,9 @@ HELP_SHOW = '''Available Commands:
   /show system       Show system message
   /show template     Show prompt template
 
-'''
+"""
 
-HELP_PARAMETERS = '''Available Parameters:
+HELP_PARAMETERS = """Available Parameters:
   /set parameter seed <int>             Random number seed
   /set parameter num_predict <int>      Max number of tokens to predict
   /set parameter top_k <int>            Pick from top k num of tokens
@@ -244,7 +274,7 @@ HELP_PARAMETERS = '''Available Parameters:
   /set parameter num_gpu <int>          The number of layers to send to the GPU
   /set parameter stop <string> <string> ...   Set the stop parameters
 
-'''
+"""
 
 
 class Repl:
@@ -253,9 +283,16 @@ class Repl:
     The whole conversation (`messages`) goes to `llm.chat` every turn.
     """
 
-    def __init__(self, llm: LLM, read_line: Callable[[str], str], *, verbose: bool = False,
-                 facts: Callable[[], ShowFacts] | None = None, write: Write = _out,
-                 write_err: Write = _err) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        read_line: Callable[[str], str],
+        *,
+        verbose: bool = False,
+        facts: Callable[[], ShowFacts] | None = None,
+        write: Write = _out,
+        write_err: Write = _err,
+    ) -> None:
         self.llm, self.read_line, self.verbose, self.facts = llm, read_line, verbose, facts
         self.write, self.write_err = write, write_err
         self.messages: list[dict[str, Any]] = []
@@ -352,7 +389,7 @@ class Repl:
                 return
             name, values = args[2], args[3:]
             try:
-                self.options[name] = parse_parameter(name, values)
+                self.options[name] = parse_text(name, values)
             except HerdError as e:
                 self.write(f"Couldn't set parameter: {e}\n\n")
                 return
@@ -425,8 +462,12 @@ class Repl:
 
     def _turn(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})
-        chunks = self.llm.chat(list(self.messages), options=dict(self.options) or None,
-                               stream=True, **_extra(self.think, self.format))
+        chunks = self.llm.chat(
+            list(self.messages),
+            options=dict(self.options) or None,
+            stream=True,
+            **_extra(self.think, self.format),
+        )
         parts: list[str] = []
         final = None
         shown = Shown(self.write, hide_thinking=self.hide_thinking, plain=not sys.stdout.isatty())
@@ -460,10 +501,9 @@ def _system_block(line: str) -> str | None:
     """The text after `/set system` and an opening triple quote, else None."""
     if not line.startswith("/set system"):
         return None
-    rest = line[len("/set system"):].strip()
+    rest = line[len("/set system") :].strip()
     return rest[3:] if rest.startswith('"""') else None
 
 
 def _cut_suffix(s: str, suffix: str) -> tuple[str, bool]:
     return (s[: -len(suffix)], True) if s.endswith(suffix) else (s, False)
-

@@ -29,8 +29,10 @@ def serve_cmd() -> None:
 def _client() -> Client:
     client = connect(start=False)
     if client is None:
-        raise HerdError(f"could not connect to a herd server at {envconfig.host().base_url}, "
-                        "is it running? (start one with `herd serve`)")
+        raise HerdError(
+            f"could not connect to a herd server at {envconfig.host().base_url}, "
+            "is it running? (start one with `herd serve`)"
+        )
     return client
 
 
@@ -57,8 +59,16 @@ def ps_cmd() -> None:
         else:
             cpu = round(100 * (size - vram) / size)
             processor = f"{cpu}%/{100 - cpu}% CPU/GPU"
-        rows.append([m["name"], str(m.get("digest", ""))[:12], human_bytes(size), processor,
-                     str(m.get("context_length", "")), _until(m["expires_at"])])
+        rows.append(
+            [
+                m["name"],
+                str(m.get("digest", ""))[:12],
+                human_bytes(size),
+                processor,
+                str(m.get("context_length", "")),
+                _until(m["expires_at"]),
+            ]
+        )
     click.echo(table(rows, gap="    "))
 
 
@@ -78,8 +88,15 @@ def remote_models(client: Client) -> list[ModelEntry]:
     out = []
     for m in client.request("GET", "/api/tags")["models"]:
         modified = datetime.fromisoformat(m["modified_at"].replace("Z", "+00:00"))
-        out.append(ModelEntry(m["name"], m.get("digest", ""), int(m.get("size") or 0),
-                              modified, m.get("details") or {}))
+        out.append(
+            ModelEntry(
+                m["name"],
+                m.get("digest", ""),
+                int(m.get("size") or 0),
+                modified,
+                m.get("details") or {},
+            )
+        )
     return out
 
 

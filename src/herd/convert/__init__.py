@@ -16,11 +16,9 @@ from herd.convert.driver import (
     read_config,
     supported_architectures,
 )
-from herd.convert.readers import ConvertError
 
 __all__ = [
     "OUTTYPES",
-    "ConvertError",
     "convert",
     "converter_for",
     "converters",

@@ -36,14 +36,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, LlamaFileType
 
-from herd.convert.readers import FLOAT_DTYPES, ConvertError, TensorRef, read_tensors
+from herd.convert.readers import read_tensors
 from herd.convert.vocab import vocab_kv
-from herd.errors import UnsupportedModelError
-from herd.gguf.writer import _vtype
+from herd.errors import ConvertError, UnsupportedModelError
+from herd.gguf.quants import quantize
+from herd.gguf.writer import GGUFStream, metadata
+from herd.models.conversion import FLOAT_DTYPES, TensorRef
 
 Q = GGMLQuantizationType
 # --outtype -> (general.file_type, tensor type of the large weights)
@@ -120,11 +121,6 @@ class _Item:
     ref: TensorRef | None  # None: `array` holds a tensor made from the config
     array: np.ndarray | None = None
 
-    @property
-    def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        return int(np.prod(self.shape)) // block * size
-
 
 def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -> Q:
     """llama.cpp's rule: vectors, norms, biases and position tables stay F32."""
@@ -184,14 +180,6 @@ def _plan(
     return items
 
 
-def _encode(array: np.ndarray, qtype: Q) -> np.ndarray:
-    if qtype == Q.F32:
-        return np.ascontiguousarray(array, dtype=np.float32)
-    if qtype == Q.F16:
-        return np.ascontiguousarray(array, dtype=np.float16)
-    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
-
-
 def convert(
     src: str | Path,
     out: str | Path,
@@ -218,7 +206,7 @@ def convert(
         "general.type": "model",
         "general.name": name or src.resolve().name,
         "general.file_type": int(file_type),
-        "general.quantization_version": gguf.GGML_QUANT_VERSION,
+        "general.quantization_version": GGML_QUANT_VERSION,
     }
     kv.update(conv.kv(cfg))
     if hasattr(conv, "dir_kv"):
@@ -242,34 +230,24 @@ def _write(
     if not out.parent.is_dir():
         raise ConvertError(f"{out.parent}: no such directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    writer = None
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
-        for key, value in kv.items():
-            if key != "general.architecture":
-                vtype, sub = _vtype(value)
-                writer.add_key_value(key, value, vtype, sub)
-        for it in items:
-            writer.add_tensor_info(it.name, it.shape, np.dtype(np.float32), it.nbytes, it.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for i, it in enumerate(items, 1):
-            if it.ref is None:
-                array = it.array
-            else:
-                done = conv.tensor(cfg, it.ref.name, it.ref.load())
-                assert done is not None and done[0] == it.name, (it.ref.name, done and done[0])
-                array = done[1]
-            assert array is not None and tuple(array.shape) == it.shape, (it.name, it.shape)
-            writer.write_tensor_data(_encode(array, it.qtype))
-            if progress is not None:
-                progress(i, len(items), it.name, it.qtype.name, it.shape)
-        writer.close()
+        with os.fdopen(fd, "wb") as f:
+            writer = GGUFStream(
+                f.write, metadata(arch, kv), [(it.name, it.shape, it.qtype) for it in items]
+            )
+            for i, it in enumerate(items, 1):
+                if it.ref is None:
+                    array = it.array
+                else:
+                    done = conv.tensor(cfg, it.ref.name, it.ref.load())
+                    assert done is not None and done[0] == it.name, (it.ref.name, done and done[0])
+                    array = done[1]
+                assert array is not None and tuple(array.shape) == it.shape, (it.name, it.shape)
+                writer.tensor(quantize(array, it.qtype))
+                if progress is not None:
+                    progress(i, len(items), it.name, it.qtype.name, it.shape)
+            writer.close()
         os.replace(tmp, out)
     except BaseException:
-        if writer is not None:
-            writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,7 +1,8 @@
 """Tensor sources of a Hugging Face directory: safetensors and PyTorch zip checkpoints.
 
-Nothing is loaded up front. Each tensor is a `TensorRef` (file, name, shape, dtype) whose
-`load()` maps just its bytes and returns float32, so a converter holds one tensor at a time.
+Nothing is loaded up front. Each tensor is a `TensorRef` (`herd/models/conversion.py`: file,
+name, shape, dtype) whose `load()` maps just its bytes and returns float32, so a converter
+holds one tensor at a time.
 
 - `*.safetensors`: an 8-byte header length, a JSON header, raw little-endian data. Read with
   `mmap` (no `safetensors` package needed); every offset is checked against the file size,
@@ -27,12 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from herd.errors import HerdError
-
-
-class ConvertError(HerdError):
-    """A Hugging Face directory that cannot be converted (bad file, tensor, or config)."""
-
+from herd.errors import ConvertError
+from herd.models.conversion import TensorRef
 
 # safetensors dtype -> NumPy storage dtype; BF16 is stored as uint16 and widened on load.
 _ST_DTYPES: dict[str, np.dtype[Any]] = {
@@ -47,31 +44,6 @@ _ST_DTYPES: dict[str, np.dtype[Any]] = {
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """One tensor in one file; `load()` returns it as C-contiguous float32."""
-
-    file: Path
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # safetensors spelling: F32, F16, BF16, I64, ...
-    _load: Callable[[], np.ndarray]
-
-    def load(self) -> np.ndarray:
-        if self.dtype not in FLOAT_DTYPES:
-            raise ConvertError(
-                f"{self.file.name}: tensor {self.name} has dtype {self.dtype}; "
-                f"only {', '.join(FLOAT_DTYPES)} weights can be converted"
-            )
-        raw = self._load()
-        if self.dtype == "BF16":
-            out = (raw.astype(np.uint32) << 16).view(np.float32)
-        else:
-            out = raw.astype(np.float32, copy=False)
-        return np.ascontiguousarray(out.reshape(self.shape))
 
 
 def _map(path: Path) -> mmap.mmap:

@@ -30,7 +30,7 @@ from typing import Any
 import gguf
 
 from herd.convert.chkhsh import BY_REGEX, CHKTXT, HASHES
-from herd.convert.readers import ConvertError
+from herd.errors import ConvertError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""GGUF files: a fast reader with typed config access, and writing through the `gguf` package."""
+"""GGUF files: a fast reader with typed config access (`reader`), the one writer, streaming
+front to back (`writer`), and the one quantizer (`quants`)."""
 
 from herd.gguf.reader import Config, GGUFFile, TensorInfo, open_gguf
 

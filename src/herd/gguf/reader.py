@@ -178,6 +178,20 @@ class GGUFFile:
         return iter(self.tensors.values())
 
 
+def raw_kv(g: GGUFFile) -> list[tuple[str, bytes]]:
+    """Each metadata entry's exact bytes (key, type and value) in file order, for writing
+    into another file with the types kept (`writer.GGUFStream`)."""
+    cur = _Cursor(g.buffer(), g.path)
+    cur.pos = 16  # magic, version, tensor count
+    out = []
+    for _ in range(cur.unpack("Q")):
+        start = cur.pos
+        key = cur.string()
+        cur.value(cur.unpack("I"))
+        out.append((key, bytes(cur.buf[start : cur.pos])))
+    return out
+
+
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     block, type_size = GGML_QUANT_SIZES[qtype]
     n = int(np.prod(shape, dtype=np.int64))

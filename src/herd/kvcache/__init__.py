@@ -1,4 +1,4 @@
-"""KV caches (DESIGN.md §4 "kvcache")."""
+"""KV caches (docs/ARCHITECTURE.md, "kvcache")."""
 
 from herd.kvcache.causal import Causal, ShiftFn
 from herd.kvcache.wrapper import Wrapper

@@ -39,9 +39,8 @@ class Causal:
     """Causal (optionally sliding-window or chunked) attention cache.
 
     `padding`: the attended range is padded to a multiple of this many cells so graph
-    backends see the same shapes for many decode steps in a row. 128: a rebuilt decode
-    graph costs ~10 ms of Python, so 32 spent ~0.3 ms a token on rebuilds (SmolLM2 decode
-    85-87 tok/s at 32, 92 at 128, 83-88 at 256 where masked cells start to cost).
+    backends see the same shapes for many decode steps in a row; None: the backend's
+    `cache_config().pad`, read at `init` with the rest of how it wants its cache laid out.
     """
 
     def __init__(
@@ -50,9 +49,10 @@ class Causal:
         *,
         window: int | None = None,
         chunk: int | None = None,
-        padding: int = 128,
+        padding: int | None = None,
     ) -> None:
-        self.shift_fn, self.window, self.chunk, self.padding = shift, window, chunk, padding
+        self.shift_fn, self.window, self.chunk = shift, window, chunk
+        self._padding = padding
         self.backend: Backend | None = None
 
     # ---- runner side -------------------------------------------------------------------
@@ -60,6 +60,9 @@ class Causal:
         self, backend: Backend, dtype: DType, max_sequences: int, capacity: int, max_batch: int
     ) -> None:
         self.backend, self.dtype = backend, dtype
+        config = backend.cache_config()
+        self.padding = self._padding or config.pad
+        self.mask_dtype, self.flash = config.mask_dtype, config.flash_attention
         size = max_sequences * capacity
         self.size = -(-size // self.padding) * self.padding
         self.max_batch = max_batch
@@ -69,13 +72,12 @@ class Causal:
         self.values: dict[int, Tensor] = {}
         self.layer = 0
         self._step: tuple[int, int, int] | None = None  # see _next_step
-        # values kept transposed, (Hkv, Dv, cells), as llama.cpp does without flash
-        # attention: attention's V operand is then a plain view instead of a copy of the
-        # whole attended range per layer and step (~1.4 ms a token on SmolLM2). Not for
-        # quantized types (a column is no whole block) nor fused attention (reads V rows).
-        self.v_trans = dtype in (DType.F32, DType.F16, DType.BF16) and not getattr(
-            backend, "flash_attn", False
-        )
+        self._planned: BatchLayout | None = None  # the batch the inputs below are for
+        # values kept transposed, (Hkv, Dv, cells), where the backend asks for it:
+        # attention's V operand is then a plain view instead of a copy of the whole
+        # attended range per layer and step (~1.4 ms a token on SmolLM2). Never for
+        # quantized types: a column is no whole block.
+        self.v_trans = config.v_transposed and dtype in (DType.F32, DType.F16, DType.BF16)
 
     def used_cells(self) -> int:
         return int(np.count_nonzero(self.pos >= 0))
@@ -86,13 +88,13 @@ class Causal:
         Called again with the same batch (a graph built after its inputs were recorded for
         reuse), it only binds the planned inputs to the new context.
         """
-        if batch is not getattr(self, "_planned", None):
+        if batch is not self._planned:
             self._plan(batch)
             self._planned = batch
         self.ctx = ctx
         self.locs = ctx.input(self._locs, DType.I32)
-        self.mask = ctx.input(self._mask_array)
-        self.block_masks = [ctx.input(m) for m in self._block_arrays]
+        self.mask = ctx.input(self._mask_array, self.mask_dtype)
+        self.block_masks = [ctx.input(m, self.mask_dtype) for m in self._block_arrays]
 
     def view_key(self) -> tuple[int, int, tuple[tuple[int, int, int, int], ...]]:
         """The attended cell range of this pass and its blocks: graphs over equal ranges
@@ -200,7 +202,7 @@ class Causal:
         cells relative to the attended range; none where blocks would save nothing. Fused
         attention (flash) skips masked cells by itself."""
         t, n = mask.shape
-        if t <= BLOCK or getattr(self.backend, "flash_attn", False):
+        if t <= BLOCK or self.flash:
             return []
         seen = mask == 0
         blocks = []

@@ -1,11 +1,15 @@
 """Backend contracts and the registry of compute backends."""
 
 from herd.ml.base import (
+    KV_CACHE_TYPES,
     Backend,
     BackendOptions,
+    CacheConfig,
     Context,
     DeviceInfo,
     DType,
+    FusedAttention,
+    GraphReuse,
     RopeOptions,
     Tensor,
     context_of,
@@ -13,11 +17,15 @@ from herd.ml.base import (
 from herd.ml.registry import available_backends, open_backend, resolve_backend_name
 
 __all__ = [
+    "KV_CACHE_TYPES",
     "Backend",
     "BackendOptions",
+    "CacheConfig",
     "Context",
     "DType",
     "DeviceInfo",
+    "FusedAttention",
+    "GraphReuse",
     "RopeOptions",
     "Tensor",
     "available_backends",

@@ -1,8 +1,20 @@
-"""The backend contracts: Backend, Context, Tensor (DESIGN.md §4).
+"""The backend contracts: what a compute backend implements to run every model.
 
 Dimension order is NumPy's everywhere above the backends: a GGUF weight with ggml shape
-`ne = [n_in, n_out]` is the tensor `(n_out, n_in)`. Models and nn call only what is
-declared here, so any backend that implements it runs every model.
+`ne = [n_in, n_out]` is the tensor `(n_out, n_in)`, and `linear(x, W) = x @ W.T`. A
+backend that reorders dimensions (ggml) does so at its boundary and nowhere else. Models
+and nn call only what is declared here, so any backend that implements it runs every
+model, and `tests/unit/test_ops.py` checks each op against the NumPy backend, the oracle.
+
+A new backend implements:
+- `Backend`: `weight`, `has_weight`, `alloc`, `new_context`, `devices`, `cache_config`,
+  `close`; and a factory `open_<name>(gguf, BackendOptions) -> Backend`, registered by
+  name in `herd.ml.registry` (imported only when asked for).
+- `Context`: `input`, `attach`, `forward`, `compute`, `close` (and use as a `with` block).
+- `Tensor`: `shape`, `dtype`, `ctx` and every op of the protocol below.
+- Optionally: `GraphReuse` on its contexts (the runner then reruns a built graph with new
+  inputs instead of building it again each decode step), and `FusedAttention` on its
+  tensors (nn then hands attention over whole instead of composing it from ops).
 
 A `Context` is one forward pass. Ops on tensors build a computation; `ctx.compute(*outs)`
 runs it and returns NumPy arrays. Eager backends compute as they go; graph backends record
@@ -15,8 +27,8 @@ has one. Side effects that produce no used value (cache writes) are kept in the 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -169,6 +181,18 @@ class Tensor(Protocol):
         """Rotary embedding of x (T, H, D) at int positions (T,)."""
 
 
+@runtime_checkable
+class FusedAttention(Protocol):
+    """Optional on a backend's tensors: attention as one op (flash attention). nn uses it
+    when the query tensor has it, else composes attention from `matmul_t` and `softmax`."""
+
+    def scaled_dot_product_attention(
+        self, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+    ) -> Tensor:
+        """q=self (T, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv), mask (T, S) or None
+        -> (T, Hq * Dv). Hq a multiple of Hkv: consecutive query heads share a K/V head."""
+
+
 class Context(Protocol):
     """One forward pass (see module docstring)."""
 
@@ -190,6 +214,22 @@ class Context(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+@runtime_checkable
+class GraphReuse(Protocol):
+    """Optional on a graph backend's contexts: run a computed graph again with new input
+    values, skipping the Python that built it (a decode step differs from the last one
+    only in its inputs while their shapes stay the same)."""
+
+    def keep(self) -> None:
+        """This graph will be rerun many times, between other graphs: give it memory of
+        its own that no other graph reuses. Call before `compute`."""
+
+    def rerun(self, *arrays: np.ndarray | Sequence[Any], copy: bool = True) -> list[np.ndarray]:
+        """The outputs of the last `compute`'s graph for new inputs: one array per `input`
+        call, in call order, each of the shape it had. `copy=False`: the outputs may be
+        read-only views, valid until the graph runs again or closes."""
+
+
 @dataclass
 class DeviceInfo:
     name: str
@@ -198,14 +238,52 @@ class DeviceInfo:
     free_memory: int
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """How a backend wants its KV cache laid out (`Backend.cache_config`), declared once
+    instead of the cache asking the backend what it is.
+
+    `v_transposed`: keep float values as (Hkv, Dv, cells), so the composed attention reads
+    V as a view instead of copying the attended range each layer (llama.cpp's layout
+    without flash attention; quantized caches keep rows whatever this says). `pad`: the
+    attended cell range is rounded to this many cells, so graphs keep their shapes for
+    many decode steps in a row and can be reused. `mask_dtype`: the element type the
+    attention mask is given in. `flash_attention`: attention is fused (`FusedAttention`),
+    which skips masked cells by itself, so the cache need not split long batches in blocks.
+    """
+
+    v_transposed: bool
+    pad: int
+    mask_dtype: DType
+    flash_attention: bool
+
+
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")  # Ollama's OLLAMA_KV_CACHE_TYPE values
+
+
 @dataclass
 class BackendOptions:
+    """How a backend opens a model file; every field has a default that works."""
+
     num_thread: int = 0  # 0: the backend's default (physical cores)
     num_gpu: int = -1  # layers to offload; -1 = as many as fit, 0 = CPU only
     # what to plan memory for at load (the layout and the fit check); 0: weights only
     num_ctx: int = 0
     num_batch: int = 512
-    extra: dict[str, Any] = field(default_factory=dict)
+    flash_attention: bool | None = None  # None: the backend decides
+    kv_cache_type: str = "f16"  # one of KV_CACHE_TYPES: what the fit check plans for
+    # tuning and test knobs of the ggml backend
+    max_nodes: int = 16384  # graph nodes one context may hold
+    # CPU weights in ggml's repacked layouts where its kernels have one (llama.cpp's
+    # CPU_REPACK: faster prompts, and its logits); "amx": AMX tiles too (a VM may not
+    # grant the kernel permission they need: never by default)
+    repack: bool | str = True
+    # tanh GELU composed from F32 ops, not ggml's kernel that reads an F16 table (~1e-3
+    # relative, what llama.cpp runs, hence the default)
+    exact_gelu: bool = False
+    gpu_ops: bool = False  # tests: every supported op on the first GPU in use
+    # tests: the devices to lay the model out on instead of the backend's own probe
+    device_probe: Callable[[], Sequence[Any]] | None = None
 
 
 class Backend(Protocol):
@@ -223,13 +301,15 @@ class Backend(Protocol):
 
     def new_context(self) -> Context: ...
     def devices(self) -> list[DeviceInfo]: ...
+    def cache_config(self) -> CacheConfig:
+        """How the KV cache is to be laid out for this backend (fixed once opened)."""
+
     def close(self) -> None: ...
 
 
-def context_of(*tensors: object) -> Any:
+def context_of(*tensors: Tensor | None) -> Any:
     """The context of the first operand that has one (weights have none)."""
     for t in tensors:
-        ctx = getattr(t, "ctx", None)
-        if ctx is not None:
-            return ctx
+        if t is not None and t.ctx is not None:
+            return t.ctx
     raise AssertionError("op on tensors that belong to no context (weights only)")

@@ -1,10 +1,12 @@
 """Where a model's layers go, and whether it fits: pure functions over byte counts.
 
-Ollama's rules (reference §3.5, §8): the input embeddings stay on the CPU; `blk.N.*` live
-on layer N's device; the output layer (`output`, `output_norm`, ...) is layer
-`n_layers` and counts as a layer for `num_gpu`. Layers are packed onto GPUs from the
-output layer backwards, most free memory first. Nothing here touches a device: backends
-measure, these functions decide, and the fit check runs before any allocation.
+Ollama's rules: the input embeddings stay on the CPU; `blk.N.*` live on layer N's
+device; the output layer (`output`, `output_norm`, ...) is layer `n_layers` and counts as
+a layer for `num_gpu`. Layers are packed onto GPUs from the output layer backwards, most
+free memory first. Nothing here touches a device: backends measure, these functions
+decide, and the fit check runs before any allocation. `estimate` is the one memory
+estimate, from GGUF metadata alone: the server's scheduler checks it before starting a
+runner, and `plan` lays the same numbers out over the devices.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from herd.errors import OutOfMemoryError
 from herd.gguf import Config, GGUFFile
@@ -114,20 +117,72 @@ def check_fit(needs: Sequence[DeviceNeed], num_gpu: int) -> None:
         )
 
 
-def kv_bytes(heads: Sequence[int], k_dim: int, v_dim: int, n_ctx: int, per: float) -> list[int]:
-    """KV cache bytes per layer for n_ctx cells, `heads` KV heads per layer, `per` bytes
-    per element (Ollama's estimate: f16 2, q8_0 1, q4_0 0.5; here with block scales)."""
-    return [int(n_ctx * h * (k_dim + v_dim) * per) for h in heads]
-
-
-def graph_bytes(n_batch: int, n_ctx: int, n_embd: int, n_ff: int, n_head: int, n_vocab: int) -> int:
-    """Estimated compute buffer of one forward pass of n_batch tokens: the logits, the
-    attention scores of one layer (composed attention), and a few activations (F32)."""
-    return 4 * n_batch * (n_vocab + n_head * n_ctx + 4 * n_embd + 2 * n_ff)
-
-
 GPU_OVERHEAD = 256 << 20  # per GPU in use: driver context, kernels, allocator slack
+# bytes per KV cache element, block scales included (q8_0: 34 bytes per 32, q4_0: 18)
 KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A model's memory from its GGUF metadata alone, in bytes: what the scheduler checks
+    before starting a runner, and what `plan` lays out over the devices."""
+
+    weights: int  # the caller's count: the file's size, or its tensors' bytes
+    cache: list[int]  # KV cache per layer 0..n_layers-1
+    graph: int  # compute buffer of one forward pass of a full batch
+
+    @property
+    def total(self) -> int:
+        return self.weights + sum(self.cache) + self.graph
+
+
+def estimate(
+    kv: dict[str, Any],
+    weights: int,
+    *,
+    num_ctx: int,
+    num_batch: int,
+    kv_cache_type: str = "f16",
+    sequences: int = 1,
+    n_layers: int | None = None,
+) -> Estimate:
+    """What a model with metadata `kv` needs for `sequences` x num_ctx cache cells (num_ctx
+    capped at the model's context length; 0: weights only) and batches of num_batch.
+
+    The cache is Ollama's estimate (cells x KV heads x (key + value dims) per layer, at
+    the cache type's element size); the compute buffer holds the logits, one layer's
+    attention scores (composed attention) and a few activations, in F32.
+    """
+    cfg = Config(kv, str(kv.get("general.architecture", "")))
+    if n_layers is None:
+        n_layers = cfg.int("block_count", 0)
+    n_ctx = min(num_ctx, cfg.int("context_length", num_ctx))
+    n_head = _largest(cfg, "attention.head_count")
+    n_embd = cfg.int("embedding_length", 0)
+    cache = [0] * n_layers
+    if n_ctx and n_head and n_layers:
+        heads = cfg.get("attention.head_count_kv", n_head)
+        kv_heads = [int(h) for h in heads] if isinstance(heads, list) else [int(heads)] * n_layers
+        kv_heads += [kv_heads[-1] if kv_heads else n_head] * (n_layers - len(kv_heads))
+        k_dim = cfg.int("attention.key_length", n_embd // n_head)
+        v_dim = cfg.int("attention.value_length", n_embd // n_head)
+        per = KV_ELEMENT_BYTES.get(kv_cache_type, 2.0)
+        cache = [int(sequences * n_ctx * h * (k_dim + v_dim) * per) for h in kv_heads[:n_layers]]
+    n_batch = min(num_batch, n_ctx) if n_ctx else num_batch
+    n_ff = _largest(cfg, "feed_forward_length")
+    graph = 4 * n_batch * (_vocab_size(cfg) + n_head * n_ctx + 4 * n_embd + 2 * n_ff)
+    return Estimate(weights, cache, graph)
+
+
+def _largest(cfg: Config, name: str) -> int:
+    """A metadata number that may also be stored per layer (the largest then); 0 if absent."""
+    value = cfg.get(name, 0)
+    return max((int(v) for v in value), default=0) if isinstance(value, list) else int(value)
+
+
+def _vocab_size(cfg: Config) -> int:
+    tokens = cfg.get("tokenizer.ggml.tokens", None)
+    return len(tokens) if isinstance(tokens, list) else cfg.int("vocab_size", 0)
 
 
 @dataclass
@@ -171,9 +226,15 @@ def plan(
     tied = "output.weight" not in gguf.tensors and embd is not None
     if tied and embd is not None:
         weights[n_layers] += embd.nbytes
-    n_ctx = min(options.num_ctx, cfg.int("context_length", options.num_ctx))
-    cache = _kv_estimate(cfg, n_layers, n_ctx, options) + [0]
-    graph = _graph_estimate(cfg, embd.shape[0] if embd else 0, n_ctx, options)
+    est = estimate(
+        gguf.kv,
+        sum(t.nbytes for t in gguf.tensors.values()),
+        num_ctx=options.num_ctx,
+        num_batch=options.num_batch,
+        kv_cache_type=options.kv_cache_type,
+        n_layers=n_layers,
+    )
+    cache, graph = [*est.cache, 0], est.graph
     free = [max(0, g.free_memory - graph - GPU_OVERHEAD) for g in gpus]
     need = [w + c for w, c in zip(weights, cache, strict=True)]
     layers = layout(n_layers, need, free, options.num_gpu)
@@ -208,37 +269,6 @@ def plan(
     needs.append(cpu_need)
     check_fit(needs, options.num_gpu)
     return Plan(n_layers, layers, used, tensors, alias, needs, graph)
-
-
-def _largest(cfg: Config, name: str) -> int:
-    """A metadata number that may also be stored per layer (the largest then); 0 if absent."""
-    value = cfg.get(name, 0)
-    return max((int(v) for v in value), default=0) if isinstance(value, list) else int(value)
-
-
-def _kv_estimate(cfg: Config, n_layers: int, n_ctx: int, options: BackendOptions) -> list[int]:
-    n_head = _largest(cfg, "attention.head_count")
-    if not n_ctx or not n_head or not n_layers:
-        return [0] * n_layers
-    n_embd = cfg.int("embedding_length", 0)
-    kv = cfg.get("attention.head_count_kv", n_head)
-    heads = [int(h) for h in kv] if isinstance(kv, list) else [int(kv)] * n_layers
-    heads += [heads[-1] if heads else n_head] * (n_layers - len(heads))
-    k_dim = cfg.int("attention.key_length", n_embd // n_head)
-    v_dim = cfg.int("attention.value_length", n_embd // n_head)
-    per = KV_ELEMENT_BYTES.get(str(options.extra.get("kv_cache_type", "f16")), 2.0)
-    return kv_bytes(heads[:n_layers], k_dim, v_dim, n_ctx, per)
-
-
-def _graph_estimate(cfg: Config, n_vocab: int, n_ctx: int, options: BackendOptions) -> int:
-    return graph_bytes(
-        min(options.num_batch, n_ctx) if n_ctx else options.num_batch,
-        n_ctx,
-        cfg.int("embedding_length", 0),
-        _largest(cfg, "feed_forward_length"),
-        _largest(cfg, "attention.head_count"),
-        n_vocab,
-    )
 
 
 def size(n: int) -> str:

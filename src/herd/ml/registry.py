@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from herd.errors import BackendError
 from herd.gguf import GGUFFile
@@ -24,10 +23,15 @@ _BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _factory(name: str) -> Callable[..., Any] | None:
+# what each backend module provides: open_<name>(gguf, options) -> its Backend
+Factory = Callable[[GGUFFile, BackendOptions], Backend]
+
+
+def _factory(name: str) -> Factory | None:
     module, attr = _BACKENDS[name]
     try:
-        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        factory: Factory = getattr(importlib.import_module(module), attr)
+        return factory
     except ImportError as e:
         log.debug("backend %s unavailable: %s", name, e)
         return None
@@ -60,6 +64,6 @@ def open_backend(
     resolved = resolve_backend_name(name)
     factory = _factory(resolved)
     assert factory is not None
-    backend: Backend = factory(gguf, options or BackendOptions())
+    backend = factory(gguf, options or BackendOptions())
     log.info("backend: %s", resolved)
     return backend

@@ -2,7 +2,6 @@
 
 from herd.modelfile.parser import (
     DEPRECATED,
-    PARAMETERS,
     Command,
     Modelfile,
     parse,
@@ -12,5 +11,13 @@ from herd.modelfile.parser import (
     resolve_source,
 )
 
-__all__ = ["DEPRECATED", "PARAMETERS", "Command", "Modelfile", "parse", "parse_value", "quote",
-           "read", "resolve_source"]
+__all__ = [
+    "DEPRECATED",
+    "Command",
+    "Modelfile",
+    "parse",
+    "parse_value",
+    "quote",
+    "read",
+    "resolve_source",
+]

@@ -16,37 +16,46 @@ not escapable.
 
 from __future__ import annotations
 
-import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herd.errors import ModelfileError
+from herd.errors import ModelfileError, OptionError
+from herd.options import OPTIONS, parse_text
 
-DIRECTIVES = ("from", "license", "template", "system", "adapter", "draft", "renderer",
-              "parser", "parameter", "message", "requires")
+DIRECTIVES = (
+    "from",
+    "license",
+    "template",
+    "system",
+    "adapter",
+    "draft",
+    "renderer",
+    "parser",
+    "parameter",
+    "message",
+    "requires",
+)
 ROLES = ("system", "user", "assistant")
 
-INT, FLOAT, BOOL, STRING, LIST = "int", "float", "bool", "string", "list"
-# JSON names and Go kinds of api.Options and api.Runner: what PARAMETER accepts.
-PARAMETERS: dict[str, str] = {
-    "num_ctx": INT, "num_batch": INT, "num_gpu": INT, "main_gpu": INT, "use_mmap": BOOL,
-    "num_thread": INT, "draft_num_predict": INT,
-    "num_keep": INT, "seed": INT, "num_predict": INT, "top_k": INT, "top_p": FLOAT,
-    "min_p": FLOAT, "typical_p": FLOAT, "repeat_last_n": INT, "temperature": FLOAT,
-    "repeat_penalty": FLOAT, "presence_penalty": FLOAT, "frequency_penalty": FLOAT,
-    "stop": LIST,
-}
 # Accepted with a warning and dropped, as Ollama does.
-DEPRECATED = ("penalize_newline", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mlock",
-              "mirostat", "mirostat_tau", "mirostat_eta")
+DEPRECATED = (
+    "penalize_newline",
+    "low_vram",
+    "f16_kv",
+    "logits_all",
+    "vocab_only",
+    "use_mlock",
+    "mirostat",
+    "mirostat_tau",
+    "mirostat_eta",
+)
 
-_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_FALSE = ("0", "f", "F", "FALSE", "false", "False")
-_SEMVER = re.compile(r"v(0|[1-9]\d*)(\.(0|[1-9]\d*)(\.(0|[1-9]\d*)"
-                     r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?)?)?")
+_SEMVER = re.compile(
+    r"v(0|[1-9]\d*)(\.(0|[1-9]\d*)(\.(0|[1-9]\d*)"
+    r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?)?)?"
+)
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,9 @@ class Modelfile:
             return None
         v = c.args if c.args.startswith("v") else "v" + c.args
         if not _SEMVER.fullmatch(v):
-            raise ModelfileError("REQUIRES must be a valid semver (e.g. 0.14.0)", c.line,
-                                 c.column, self.path)
+            raise ModelfileError(
+                "REQUIRES must be a valid semver (e.g. 0.14.0)", c.line, c.column, self.path
+            )
         return v[1:]
 
     @property
@@ -155,59 +165,26 @@ def quote(s: str) -> str:
     return s
 
 
-def parse_value(name: str, text: str, at: Command | None = None,
-                path: str = "Modelfile") -> Any:
+def parse_value(name: str, text: str, at: Command | None = None, path: str = "Modelfile") -> Any:
     """A PARAMETER value typed like Ollama's api.FormatParams; ModelfileError else."""
-    line, col = (at.line, at.column) if at else (0, 0)
-    kind = PARAMETERS.get(name)
-    if kind is None:
-        raise ModelfileError(f"unknown parameter '{name}'", line, col, path)
-    shown = f"[{text}]"  # Go prints the []string of values
-    if kind == LIST:
-        return [text]
-    if kind == STRING:
-        return text
-    if kind == INT:
-        if not re.fullmatch(r"[+-]?\d+", text):
-            raise ModelfileError(f"invalid int value {shown} for parameter '{name}'", line, col,
-                                 path)
-        return int(text, 10)
-    if kind == FLOAT:
-        try:
-            value = float(text.replace("_", "x"))  # Go rejects '_' separators; so do we
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise ModelfileError(f"invalid float value {shown} for parameter '{name}'", line,
-                                 col, path)
-        return _float32(value)
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ModelfileError(f"invalid bool value {shown} for parameter '{name}'", line, col, path)
-
-
-def _float32(value: float) -> float:
-    """Ollama keeps a float32, and its JSON shows the float32's shortest digits (0.7, not
-    0.699999988): the shortest decimal that reads back as the same float32. (By hand, not
-    NumPy's float32 repr: NumPy costs every CLI command ~100 ms to import.)"""
     try:
-        f32 = struct.unpack("f", struct.pack("f", value))[0]
-    except OverflowError:  # beyond float32's range
-        return math.copysign(math.inf, value)
-    for digits in range(1, 10):  # 9 significant digits always identify a float32
-        short = float(f"{f32:.{digits}g}")
-        if struct.unpack("f", struct.pack("f", short))[0] == f32:
-            return short
-    return f32
+        return parse_text(name, [text])
+    except OptionError as e:
+        where = (at.line, at.column) if at else (0, 0)
+        suffix = f" for parameter '{name}'" if name in OPTIONS else ""
+        raise ModelfileError(f"{e}{suffix}", *where, path) from None
 
 
 def _decode(data: bytes | str) -> str:
     if isinstance(data, str):
         return data.removeprefix("\ufeff")
-    for bom, codec in ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16-le"),
-                       (b"\xfe\xff", "utf-16-be")):
+    for bom, codec in (
+        (b"\xef\xbb\xbf", "utf-8"),
+        (b"\xff\xfe", "utf-16-le"),
+        (b"\xfe\xff", "utf-16-be"),
+    ):
         if data.startswith(bom):
-            return data[len(bom):].decode(codec, errors="replace")
+            return data[len(bom) :].decode(codec, errors="replace")
     return data.decode("utf-8", errors="replace")
 
 
@@ -236,12 +213,16 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
             continue
         m = re.match(r"[A-Za-z]+", stripped)
         word = m.group(0) if m else stripped.split()[0]
-        rest = stripped[len(word):] if m else ""
+        rest = stripped[len(word) :] if m else ""
         if not m or word.lower() not in DIRECTIVES or rest[:1] not in (" ", "\t"):
             if m and word.lower() in DIRECTIVES:
                 raise s.error(f"{word.upper()} needs a value", s.row, col + len(word))
-            raise s.error(f"unknown directive {word!r}: must be one of "
-                          + ", ".join(d.upper() for d in DIRECTIVES), s.row, col)
+            raise s.error(
+                f"unknown directive {word!r}: must be one of "
+                + ", ".join(d.upper() for d in DIRECTIVES),
+                s.row,
+                col,
+            )
         directive = word.lower()
         col += len(word)
         name, role = ("model" if directive == "from" else directive), ""
@@ -249,10 +230,11 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
             text = s.lines[s.row][col:]
             pad = len(text) - len(text.lstrip(" \t"))
             col += pad
-            m2 = re.match(r"[A-Za-z0-9_]+" if directive == "parameter" else r"[A-Za-z]+",
-                          text[pad:])
+            m2 = re.match(
+                r"[A-Za-z0-9_]+" if directive == "parameter" else r"[A-Za-z]+", text[pad:]
+            )
             key = m2.group(0) if m2 else ""
-            after = text[pad + len(key):][:1]
+            after = text[pad + len(key) :][:1]
             what = "parameter name" if directive == "parameter" else "message role"
             if not key or after not in (" ", "\t"):
                 raise s.error(f"{directive.upper()} needs a {what} and a value", s.row, col)
@@ -260,17 +242,24 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
                 name = key
                 if key in DEPRECATED:
                     warnings.append(f"warning: parameter {key} is deprecated")
-                elif key not in PARAMETERS:
+                elif key not in OPTIONS:
                     raise s.error(f"unknown parameter '{key}'", s.row, col)
             else:
                 if key not in ROLES:
-                    raise s.error(f"message role must be one of \"system\", \"user\", or "
-                                  f"\"assistant\", not {key!r}", s.row, col)
+                    raise s.error(
+                        f'message role must be one of "system", "user", or '
+                        f'"assistant", not {key!r}',
+                        s.row,
+                        col,
+                    )
                 role = key
             col += len(key)
         if directive == "draft":
-            raise s.error("DRAFT (a speculative-decoding draft model) is not supported", s.row,
-                          col - len(word))
+            raise s.error(
+                "DRAFT (a speculative-decoding draft model) is not supported",
+                s.row,
+                col - len(word),
+            )
         value, vrow, vcol = _value(s, col)
         if directive in ("from", "adapter") and not value:
             raise s.error(f"{word.upper()} needs a value", vrow, vcol)
@@ -279,8 +268,9 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
             parse_value(name, value, cmd, path) if name not in DEPRECATED else None
         commands.append(cmd)
     if not any(c.name == "model" for c in commands):
-        raise ModelfileError("no FROM line: a Modelfile must say what model it builds on",
-                             path=path)
+        raise ModelfileError(
+            "no FROM line: a Modelfile must say what model it builds on", path=path
+        )
     return Modelfile(commands, path, warnings)
 
 
@@ -300,8 +290,7 @@ def _value(s: _Scanner, col: int) -> tuple[str, int, int]:
         s.row += 1
         if s.row >= len(s.lines):
             what = 'closing """' if triple else 'closing "'
-            raise s.error(f"unterminated value: no {what} before the end of the file", row,
-                          vcol)
+            raise s.error(f"unterminated value: no {what} before the end of the file", row, vcol)
         buf = (first[pad:] + "\n" + "\n".join(s.lines[row + 1 : s.row + 1])).strip(" \t")
     s.row += 1
     return buf[len(close) : len(buf) - len(close)], row, vcol
@@ -340,6 +329,10 @@ def resolve_source(cmd: Command, base_dir: Path, path: str = "Modelfile") -> Pat
     if p.exists():
         return p
     if cmd.directive == "adapter" or _PATHLIKE.search(cmd.args):
-        raise ModelfileError(f"{cmd.directive.upper()} {cmd.args}: no such file or directory "
-                             f"({p})", cmd.line, cmd.column, path)
+        raise ModelfileError(
+            f"{cmd.directive.upper()} {cmd.args}: no such file or directory ({p})",
+            cmd.line,
+            cmd.column,
+            path,
+        )
     return cmd.args

@@ -1,13 +1,22 @@
-"""What every architecture provides, and the batch it is given."""
+"""What every architecture provides, the batch it is given, and the inputs made from it.
+
+A forward pass starts in the runner, not in the model: the runner lets the cache claim
+cells for the batch and build its mask (`cache.start_forward`), makes the batch's own
+inputs (`batch_inputs`), and only then calls `model.forward(ctx, inputs)`. Everything a
+pass takes from the batch is made by those two calls, so a graph backend can rerun the
+graph of an earlier pass by recording only them (see `herd.runner.engine`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from herd.gguf import Config
+from herd.kvcache.causal import BatchLayout
 from herd.ml import Backend, Context, DType, Tensor
 
 
@@ -39,41 +48,83 @@ class Batch:
         )
 
 
-class Model(Protocol):
-    """An architecture bound to a backend's weights.
+@dataclass(slots=True)
+class Inputs:
+    """A batch's inputs to one forward pass, made by `batch_inputs`."""
 
-    `forward` returns logits (N, n_vocab) for `batch.outputs`; it calls
-    `cache.start_forward` itself so the cache and the batch always agree.
-    """
+    batch: Batch
+    tokens: Tensor  # (T,) I32
+    positions: Tensor  # (T,) I32
+    outputs: Tensor  # (N,) I32: rows of the batch whose logits are wanted
 
-    config: Config
-    backend: Backend
-    cache: Any
-    n_vocab: int
-    context_length: int
-
-    @classmethod
-    def from_gguf(cls, config: Config, backend: Backend) -> Model: ...
-
-    def forward(self, ctx: Context, batch: Batch) -> Tensor: ...
-
-    def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor: ...
+    @property
+    def rows(self) -> Tensor | None:
+        """The rows the last layer keeps: `outputs`, or None where they are every row of
+        the batch (a decode step, teacher forcing) and there is nothing to select."""
+        return None if len(self.batch.outputs) == len(self.batch.tokens) else self.outputs
 
 
-def batch_inputs(ctx: Context, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """The batch's token ids, positions and output rows as inputs, always in this order.
-
-    Every model creates its inputs through `cache.start_forward` and then this, so the
-    runner can refill a reused graph without running `forward` (see runner).
-    """
-    return (
+def batch_inputs(ctx: Context, batch: Batch) -> Inputs:
+    """The batch's token ids, positions and output rows as inputs, always in this order
+    (a rerun graph is given its inputs in the order they were made)."""
+    return Inputs(
+        batch,
         ctx.input(batch.tokens, DType.I32),
         ctx.input(batch.positions, DType.I32),
         ctx.input(batch.outputs, DType.I32),
     )
 
 
-def last_layer_rows(batch: Batch, outputs: Tensor) -> Tensor | None:
-    """The rows the last layer keeps: `outputs`, or None where they are every row of the
-    batch (a decode step, teacher forcing) and there is nothing to select."""
-    return None if len(batch.outputs) == len(batch.tokens) else outputs
+class Cache(Protocol):
+    """A model's KV cache (`herd.kvcache`: `Causal`, `Wrapper`), as the runner and the
+    model use it."""
+
+    # runner side
+    def init(
+        self, backend: Backend, dtype: DType, max_sequences: int, capacity: int, max_batch: int
+    ) -> None:
+        """Allocate `max_sequences` x `capacity` cells; batches of up to `max_batch`."""
+
+    def start_forward(self, ctx: Context, batch: BatchLayout) -> None:
+        """Claim cells for the batch and make this pass's cache inputs (locations, mask)."""
+
+    def view_key(self) -> Hashable:
+        """What the pass attends over: passes with equal keys and input shapes share a graph."""
+
+    def remove(self, seq: int, begin: int, end: int | None = None) -> None:
+        """Forget positions [begin, end) of a sequence (None: to its end)."""
+
+    def used_cells(self) -> int: ...
+
+    @property
+    def size(self) -> int:
+        """Cells in all (after `init`)."""
+
+    # model side
+    def set_layer(self, layer: int) -> None: ...
+
+
+class Model(Protocol):
+    """An architecture bound to a backend's weights.
+
+    `forward` returns logits (N, n_vocab) for the batch's output rows; an embedding model
+    (`is_embedding`, no cache) returns one vector per sequence of the batch instead.
+    """
+
+    config: Config
+    backend: Backend
+    n_vocab: int
+    context_length: int
+    is_embedding: bool
+
+    @property
+    def cache(self) -> Cache | None:
+        """None for embedding models: they encode whole texts each pass."""
+
+    @classmethod
+    def from_gguf(cls, config: Config, backend: Backend) -> Model: ...
+
+    def forward(self, ctx: Context, inputs: Inputs) -> Tensor: ...
+
+    def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
+        """Keys (N, Hkv, D) of `layer` moved by `delta` (N,) positions (re-roped)."""

@@ -6,21 +6,24 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from herd.errors import UnsupportedModelError
 from herd.gguf import Config
 from herd.ml import Backend
+from herd.models.base import Model
 
-_REGISTRY: dict[str, Callable[[Config, Backend], Any]] = {}
+_REGISTRY: dict[str, type[Model]] = {}
+
+M = TypeVar("M", bound=type[Model])
 
 
-def register(*names: str) -> Callable[[type], type]:
-    """Class decorator: `@register("llama")` on a Model with `from_gguf`."""
+def register(*names: str) -> Callable[[M], M]:
+    """Class decorator: `@register("llama")` on a class that implements `Model`."""
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: M) -> M:
         for name in names:
-            _REGISTRY[name] = cls.from_gguf  # type: ignore[attr-defined]
+            _REGISTRY[name] = cls
         return cls
 
     return wrap
@@ -37,7 +40,7 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_model(config: Config, backend: Backend) -> Any:
+def load_model(config: Config, backend: Backend) -> Model:
     arch = config.arch
     if arch not in _REGISTRY and arch in _folders():
         importlib.import_module(f"herd.models.{arch}")
@@ -47,4 +50,4 @@ def load_model(config: Config, backend: Backend) -> Any:
         raise UnsupportedModelError(
             f"unsupported architecture {arch!r}; supported: {', '.join(supported_architectures())}"
         )
-    return _REGISTRY[arch](config, backend)
+    return _REGISTRY[arch].from_gguf(config, backend)

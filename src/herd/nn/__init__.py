@@ -1,4 +1,4 @@
-"""Thin neural-network modules over `herd.ml` ops (DESIGN.md §4 "nn")."""
+"""Thin neural-network modules over `herd.ml` ops (docs/ARCHITECTURE.md, "nn")."""
 
 from herd.nn.attention import attention, query_rows
 from herd.nn.modules import Embedding, LayerNorm, Linear, RMSNorm

@@ -30,33 +30,45 @@ def parse_challenge(header: str) -> dict[str, str]:
     """The parameters of a `Bearer realm="…",service="…",scope="…"` challenge."""
     scheme, _, rest = header.strip().partition(" ")
     if scheme.lower() != "bearer":
-        raise RegistryError(f"registry asks for {scheme or 'unknown'} authentication; herd "
-                            "supports bearer-token challenges only", 401)
+        raise RegistryError(
+            f"registry asks for {scheme or 'unknown'} authentication; herd "
+            "supports bearer-token challenges only",
+            401,
+        )
     params = dict(_PARAM.findall(rest))
     if not params.get("realm"):
         raise RegistryError(f"registry's auth challenge has no realm: {header!r}", 401)
     return params
 
 
-def fetch_token(http: httpx.Client, header: str, request_url: httpx.URL,
-                insecure: bool = False, key_path: Path | None = None) -> str:
+def fetch_token(
+    http: httpx.Client,
+    header: str,
+    request_url: httpx.URL,
+    insecure: bool = False,
+    key_path: Path | None = None,
+) -> str:
     """Ask the challenge's realm for a token for `request_url`."""
     params = parse_challenge(header)
     realm = httpx.URL(params["realm"])
     query = [("service", params.get("service", ""))]
     query += [("scope", s) for s in params.get("scope", "").split(" ") if s]
-    query += [("ts", str(int(time.time()))),
-              ("nonce", base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("="))]
+    query += [
+        ("ts", str(int(time.time()))),
+        ("nonce", base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")),
+    ]
     url = realm.copy_merge_params(query)
     if realm.scheme != "https" and not insecure:
-        raise RegistryError(f"token realm {realm} is not https; pass --insecure to allow it",
-                            401)
+        raise RegistryError(f"token realm {realm} is not https; pass --insecure to allow it", 401)
     headers = {}
     key = key_path or envconfig.registry_key()
     if key.is_file():
         if url.host != request_url.host or url.port != request_url.port:
-            raise RegistryError(f"realm host {url.netloc.decode()!r} does not match registry "
-                                f"host {request_url.netloc.decode()!r}", 401)
+            raise RegistryError(
+                f"realm host {url.netloc.decode()!r} does not match registry "
+                f"host {request_url.netloc.decode()!r}",
+                401,
+            )
         empty = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
         headers["Authorization"] = sign_request(key, f"GET,{url},{empty}".encode())
     try:
@@ -65,8 +77,10 @@ def fetch_token(http: httpx.Client, header: str, request_url: httpx.URL,
         raise RegistryError(f"cannot reach token server {realm.host}: {e}", 401) from e
     if resp.status_code >= 400:
         text = resp.text[:200].strip()
-        raise RegistryError(f"token server {realm.host} answered {resp.status_code}"
-                            f"{': ' + text if text else ''}", 401)
+        raise RegistryError(
+            f"token server {realm.host} answered {resp.status_code}{': ' + text if text else ''}",
+            401,
+        )
     try:
         body = resp.json()
         token = body.get("token") or body.get("access_token")
@@ -78,6 +92,7 @@ def fetch_token(http: httpx.Client, header: str, request_url: httpx.URL,
 
 
 # ---------------------------------------------------------------- OpenSSH ed25519 keys
+
 
 def _read_string(data: bytes, pos: int) -> tuple[bytes, int]:
     (n,) = struct.unpack_from(">I", data, pos)

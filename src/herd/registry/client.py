@@ -22,8 +22,10 @@ from herd.store.names import Name
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 MAX_REDIRECTS = 10
-USER_AGENT = f"herd/{__version__} ({platform.machine()} {platform.system().lower()}) " \
-             f"Python/{platform.python_version()}"
+USER_AGENT = (
+    f"herd/{__version__} ({platform.machine()} {platform.system().lower()}) "
+    f"Python/{platform.python_version()}"
+)
 
 Body = Callable[[], Iterable[bytes]] | bytes | None  # a factory, so a retry can resend
 
@@ -47,8 +49,10 @@ class Client:
         self.name = name
         self.options = options or Options()
         if name.scheme == "http" and not self.options.insecure:
-            raise RegistryError(f"insecure protocol http for {name.host}: pass --insecure to "
-                                "use a plain-HTTP registry")
+            raise RegistryError(
+                f"insecure protocol http for {name.host}: pass --insecure to "
+                "use a plain-HTTP registry"
+            )
         scheme = "http" if self.options.insecure else (name.scheme or "https")
         self.base = httpx.URL(f"{scheme}://{name.host}")
         self.repo = f"{name.namespace}/{name.model}"
@@ -56,8 +60,11 @@ class Client:
         self._lock = threading.Lock()
         self.http = httpx.Client(
             timeout=httpx.Timeout(self.options.timeout, connect=self.options.timeout),
-            follow_redirects=False, headers={"User-Agent": USER_AGENT},
-            transport=self.options.transport, trust_env=True)
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+            transport=self.options.transport,
+            trust_env=True,
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -77,9 +84,17 @@ class Client:
         return self.name.host
 
     # ---- requests
-    def request(self, method: str, url: httpx.URL | str, *, headers: dict[str, str] | None = None,
-                body: Body = None, stream: bool = False, what: str = "",
-                cross_host: bool = False) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Body = None,
+        stream: bool = False,
+        what: str = "",
+        cross_host: bool = False,
+    ) -> httpx.Response:
         """Send with auth; 401 -> token -> one retry. Errors become RegistryError (404 ->
         ModelNotFoundError when `what` names a manifest). With `cross_host`, a redirect to
         another host is returned (not followed) for the caller to use, as Ollama does with
@@ -93,7 +108,9 @@ class Client:
             if attempt == 1:
                 raise RegistryError(
                     f"unauthorized: {self.host} refused {method} {url.path} "
-                    "(access denied" + (" even with a token)" if self.token else ")"), 401)
+                    "(access denied" + (" even with a token)" if self.token else ")"),
+                    401,
+                )
             challenge = resp.headers.get("www-authenticate", "")
             self.token = auth.fetch_token(self.http, challenge, url, self.options.insecure)
         if resp.status_code >= 400:
@@ -102,17 +119,30 @@ class Client:
             if resp.status_code == 404:
                 if what.startswith("manifest"):
                     raise ModelNotFoundError(
-                        f"model '{self.name.display_shortest()}' not found in registry "
-                        f"{self.host}")
-                raise RegistryError(f"{what or url.path} not found in {self.repo} at "
-                                    f"{self.host}{': ' + text if text else ''}", 404)
-            raise RegistryError(f"registry {self.host} answered {resp.status_code} "
-                                f"{resp.reason_phrase} to {method} {url.path}"
-                                f"{': ' + text if text else ''}", resp.status_code)
+                        f"model '{self.name.display_shortest()}' not found in registry {self.host}"
+                    )
+                raise RegistryError(
+                    f"{what or url.path} not found in {self.repo} at "
+                    f"{self.host}{': ' + text if text else ''}",
+                    404,
+                )
+            raise RegistryError(
+                f"registry {self.host} answered {resp.status_code} "
+                f"{resp.reason_phrase} to {method} {url.path}"
+                f"{': ' + text if text else ''}",
+                resp.status_code,
+            )
         return resp
 
-    def _send(self, method: str, url: httpx.URL, headers: dict[str, str] | None, body: Body,
-              stream: bool, cross_host: bool) -> httpx.Response:
+    def _send(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: dict[str, str] | None,
+        body: Body,
+        stream: bool,
+        cross_host: bool,
+    ) -> httpx.Response:
         for _ in range(MAX_REDIRECTS + 1):
             hdrs = dict(headers or {})
             if self.token and url.host == self.base.host:
@@ -122,34 +152,44 @@ class Client:
                 req = self.http.build_request(method, url, headers=hdrs, content=content)
                 resp = self.http.send(req, stream=stream)
             except httpx.TimeoutException as e:
-                raise RegistryError(f"registry {self.host} timed out on {method} {url.path}: "
-                                    f"{type(e).__name__}") from e
+                raise RegistryError(
+                    f"registry {self.host} timed out on {method} {url.path}: {type(e).__name__}"
+                ) from e
             except httpx.HTTPError as e:
-                hint = ("; if it is a plain-HTTP registry, pass --insecure"
-                        if url.scheme == "https" and "SSL" in str(e) else "")
-                raise RegistryError(f"cannot reach registry {self.host} ({url.scheme}): "
-                                    f"{e}{hint}") from e
-            if resp.status_code not in (301, 302, 303, 307, 308) or \
-                    "location" not in resp.headers:
+                hint = (
+                    "; if it is a plain-HTTP registry, pass --insecure"
+                    if url.scheme == "https" and "SSL" in str(e)
+                    else ""
+                )
+                raise RegistryError(
+                    f"cannot reach registry {self.host} ({url.scheme}): {e}{hint}"
+                ) from e
+            if resp.status_code not in (301, 302, 303, 307, 308) or "location" not in resp.headers:
                 return resp
             target = url.join(resp.headers["location"])
             if target.host != url.host:
                 if cross_host:
                     return resp
                 resp.close()
-                raise RegistryError(f"registry {self.host} redirected {method} {url.path} to "
-                                    f"another host ({target.host}); herd follows redirects "
-                                    "only within the registry", resp.status_code)
+                raise RegistryError(
+                    f"registry {self.host} redirected {method} {url.path} to "
+                    f"another host ({target.host}); herd follows redirects "
+                    "only within the registry",
+                    resp.status_code,
+                )
             if url.scheme == "https" and target.scheme != "https" and not self.options.insecure:
                 resp.close()
-                raise RegistryError(f"registry {self.host} redirected to plain http "
-                                    f"({target}); pass --insecure to allow it")
+                raise RegistryError(
+                    f"registry {self.host} redirected to plain http "
+                    f"({target}); pass --insecure to allow it"
+                )
             resp.close()
             if resp.status_code == 303:
                 method, body = "GET", None
             url = target
-        raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects "
-                            f"for {url.path}")
+        raise RegistryError(
+            f"registry {self.host}: more than {MAX_REDIRECTS} redirects for {url.path}"
+        )
 
 
 def _body_text(resp: httpx.Response) -> str:
@@ -161,9 +201,15 @@ def _body_text(resp: httpx.Response) -> str:
     return " ".join(text.split())
 
 
-def file_slices(path: str, offset: int, size: int, chunk: int = 1 << 20,
-                on_bytes: Callable[[int], None] | None = None) -> Callable[[], Iterator[bytes]]:
+def file_slices(
+    path: str,
+    offset: int,
+    size: int,
+    chunk: int = 1 << 20,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Callable[[], Iterator[bytes]]:
     """A body factory that streams `size` bytes of `path` from `offset` (re-readable)."""
+
     def gen() -> Iterator[bytes]:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -176,4 +222,5 @@ def file_slices(path: str, offset: int, size: int, chunk: int = 1 << 20,
                 if on_bytes:
                     on_bytes(len(data))
                 yield data
+
     return gen

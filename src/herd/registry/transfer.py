@@ -48,15 +48,18 @@ def _quiet(status: str, digest: str | None, total: int | None, completed: int | 
 
 # ---------------------------------------------------------------- pull
 
-def pull(store: Store, name: str | Name, options: Options | None = None,
-         progress: Progress | None = None) -> ModelRef:
+
+def pull(
+    store: Store, name: str | Name, options: Options | None = None, progress: Progress | None = None
+) -> ModelRef:
     """Pull `name` from its registry into `store`; returns the stored model."""
     report = progress or _quiet
     n = to_name(name)
     with Client(n, options) as client:
         report("pulling manifest", None, None, None)
-        resp = client.request("GET", client.url("manifests", n.tag),
-                              headers={"Accept": MANIFEST_V2}, what="manifest")
+        resp = client.request(
+            "GET", client.url("manifests", n.tag), headers={"Accept": MANIFEST_V2}, what="manifest"
+        )
         data = resp.content
         where = f"manifest of {n.display_shortest()} from {n.host}"
         manifest = _checked_manifest(data, where)
@@ -96,8 +99,18 @@ class _Part:
 
     def to_json(self) -> bytes:
         # Ollama's jsonBlobDownloadPart, as json.Encoder writes it
-        return json.dumps({"N": self.n, "Offset": self.offset, "Size": self.size,
-                           "Completed": self.completed}, separators=(",", ":")).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "N": self.n,
+                    "Offset": self.offset,
+                    "Size": self.size,
+                    "Completed": self.completed,
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
 
 
 def _write_part(path: Path, part: _Part) -> None:
@@ -108,8 +121,9 @@ def _write_part(path: Path, part: _Part) -> None:
 
 def _read_parts(partial: Path) -> list[_Part] | None:
     """Saved part states, or None when absent or not a consistent set (then start over)."""
-    files = sorted(partial.parent.glob(partial.name + "-*"),
-                   key=lambda p: p.name.rsplit("-", 1)[-1].zfill(8))
+    files = sorted(
+        partial.parent.glob(partial.name + "-*"), key=lambda p: p.name.rsplit("-", 1)[-1].zfill(8)
+    )
     files = [p for p in files if p.name.rsplit("-", 1)[-1].isdigit()]
     if not files:
         return None
@@ -117,8 +131,9 @@ def _read_parts(partial: Path) -> list[_Part] | None:
     try:
         for p in files:
             obj = json.loads(p.read_bytes())
-            parts.append(_Part(int(obj["N"]), int(obj["Offset"]), int(obj["Size"]),
-                               int(obj["Completed"])))
+            parts.append(
+                _Part(int(obj["N"]), int(obj["Offset"]), int(obj["Size"]), int(obj["Completed"]))
+            )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     parts.sort(key=lambda x: x.offset)
@@ -144,9 +159,10 @@ def download_blob(client: Client, store: Store, layer: Layer, report: Progress) 
         # the disk can fill anywhere: part files, preallocation, the flush on close
         if e.errno != errno.ENOSPC:
             raise
-        raise DownloadError(f"disk full while pulling blob {layer.digest} into "
-                            f"{store.blobs_dir}; free some space and pull again (it resumes)"
-                            ) from e
+        raise DownloadError(
+            f"disk full while pulling blob {layer.digest} into "
+            f"{store.blobs_dir}; free some space and pull again (it resumes)"
+        ) from e
 
 
 def _download_blob(client: Client, store: Store, layer: Layer, report: Progress) -> bool:
@@ -172,8 +188,7 @@ def _download_blob(client: Client, store: Store, layer: Layer, report: Progress)
         except ValueError:
             raise RegistryError(f"registry {client.host} sent no size for {what}") from None
         if layer.size and total != layer.size:
-            raise DownloadError(f"{what}: registry says {total} bytes, manifest says "
-                                f"{layer.size}")
+            raise DownloadError(f"{what}: registry says {total} bytes, manifest says {layer.size}")
         parts = _plan_parts(total, client.options)
         for part in parts:
             _write_part(Path(f"{partial}-{part.n}"), part)
@@ -194,19 +209,34 @@ def _download_blob(client: Client, store: Store, layer: Layer, report: Progress)
     todo = [p for p in parts if p.completed < p.size]
     errors: list[BaseException] = []
     if todo:
-        with open(partial, "r+b") as f, ThreadPoolExecutor(
-                max_workers=min(len(todo), client.options.parts)) as pool:
-            futures = [pool.submit(_download_part, client, direct, direct_auth, f, part,
-                                   Path(f"{partial}-{part.n}"), on_bytes, lock, what)
-                       for part in todo]
+        with (
+            open(partial, "r+b") as f,
+            ThreadPoolExecutor(max_workers=min(len(todo), client.options.parts)) as pool,
+        ):
+            futures = [
+                pool.submit(
+                    _download_part,
+                    client,
+                    direct,
+                    direct_auth,
+                    f,
+                    part,
+                    Path(f"{partial}-{part.n}"),
+                    on_bytes,
+                    lock,
+                    what,
+                )
+                for part in todo
+            ]
             for fut in futures:
                 with contextlib.suppress(BaseException):
                     fut.result()
                 if fut.exception() is not None:
                     errors.append(fut.exception())  # type: ignore[arg-type]
     if errors:
-        disk_full = next((e for e in errors if isinstance(e, OSError)
-                          and e.errno == errno.ENOSPC), None)
+        disk_full = next(
+            (e for e in errors if isinstance(e, OSError) and e.errno == errno.ENOSPC), None
+        )
         raise disk_full or errors[0]  # a full disk first: download_blob names it
 
     # every byte is here: check it before it may become a blob
@@ -216,8 +246,10 @@ def _download_blob(client: Client, store: Store, layer: Layer, report: Progress)
             h.update(chunk)
     if h.hexdigest() != hexdigest:
         _remove_partial(partial)
-        raise DownloadError(f"digest mismatch for {what}: got sha256:{h.hexdigest()}; "
-                            "the download was discarded, pull again")
+        raise DownloadError(
+            f"digest mismatch for {what}: got sha256:{h.hexdigest()}; "
+            "the download was discarded, pull again"
+        )
     with open(partial, "rb") as f:
         os.fsync(f.fileno())
     os.replace(partial, final)
@@ -243,21 +275,31 @@ def _direct_url(client: Client, url: httpx.URL, what: str) -> tuple[httpx.URL, b
 
     Redirects within the registry are followed; the first one to another host is where the
     parts are fetched from, without the registry's token (as Ollama does)."""
-    resp = client.request("GET", url, headers={"Range": "bytes=0-0"}, stream=True, what=what,
-                          cross_host=True)
+    resp = client.request(
+        "GET", url, headers={"Range": "bytes=0-0"}, stream=True, what=what, cross_host=True
+    )
     resp.close()
     if resp.is_redirect:
         target = resp.url.join(resp.headers["location"])
         if target.scheme != "https" and not client.options.insecure:
-            raise RegistryError(f"{what}: redirected to plain http ({target.host}); pass "
-                                "--insecure to allow it")
+            raise RegistryError(
+                f"{what}: redirected to plain http ({target.host}); pass --insecure to allow it"
+            )
         return target, False
     return resp.url, True
 
 
-def _download_part(client: Client, url: httpx.URL, with_auth: bool, f: object, part: _Part,
-                   state: Path, on_bytes: Callable[[int], None], lock: threading.Lock,
-                   what: str) -> None:
+def _download_part(
+    client: Client,
+    url: httpx.URL,
+    with_auth: bool,
+    f: object,
+    part: _Part,
+    state: Path,
+    on_bytes: Callable[[int], None],
+    lock: threading.Lock,
+    what: str,
+) -> None:
     last: BaseException | None = None
     tries = 0
     while tries < client.options.max_retries:
@@ -277,33 +319,46 @@ def _download_part(client: Client, url: httpx.URL, with_auth: bool, f: object, p
         tries += 1
         if tries < client.options.max_retries:
             time.sleep(client.options.backoff * 2 ** (tries - 1))
-    raise DownloadError(f"{what}: part {part.n} failed after {tries} attempt(s): {last}; "
-                        "pull again to resume") from last
+    raise DownloadError(
+        f"{what}: part {part.n} failed after {tries} attempt(s): {last}; pull again to resume"
+    ) from last
 
 
 class _Short(Exception):
     """The server closed the body before the end of the range."""
 
 
-def _fetch_range(client: Client, url: httpx.URL, with_auth: bool, f: object, part: _Part,
-                 state: Path, on_bytes: Callable[[int], None], lock: threading.Lock) -> None:
+def _fetch_range(
+    client: Client,
+    url: httpx.URL,
+    with_auth: bool,
+    f: object,
+    part: _Part,
+    state: Path,
+    on_bytes: Callable[[int], None],
+    lock: threading.Lock,
+) -> None:
     start, stop = part.offset + part.completed, part.offset + part.size - 1
     headers = {"Range": f"bytes={start}-{stop}"}
     if with_auth:
         resp = client.request("GET", url, headers=headers, stream=True, what="blob part")
     else:
-        resp = client.http.send(client.http.build_request("GET", url, headers=headers),
-                                stream=True)
+        resp = client.http.send(client.http.build_request("GET", url, headers=headers), stream=True)
         if resp.status_code >= 400:
             resp.close()
-            raise RegistryError(f"{url.host} answered {resp.status_code} for a blob part",
-                                resp.status_code)
+            raise RegistryError(
+                f"{url.host} answered {resp.status_code} for a blob part", resp.status_code
+            )
     try:
-        if resp.status_code != 206 and not (resp.status_code == 200 and start == 0
-                                            and part.size == int(resp.headers.get(
-                                                "content-length", -1))):
-            raise RegistryError(f"{url.host} ignored the Range request (status "
-                                f"{resp.status_code})", resp.status_code)
+        if resp.status_code != 206 and not (
+            resp.status_code == 200
+            and start == 0
+            and part.size == int(resp.headers.get("content-length", -1))
+        ):
+            raise RegistryError(
+                f"{url.host} ignored the Range request (status {resp.status_code})",
+                resp.status_code,
+            )
         unsaved = 0
         for chunk in resp.iter_raw():  # as received: a cut connection loses nothing
             chunk = chunk[: part.size - part.completed]
@@ -330,8 +385,10 @@ def _fetch_range(client: Client, url: httpx.URL, with_auth: bool, f: object, par
 
 # ---------------------------------------------------------------- push
 
-def push(store: Store, name: str | Name, options: Options | None = None,
-         progress: Progress | None = None) -> None:
+
+def push(
+    store: Store, name: str | Name, options: Options | None = None, progress: Progress | None = None
+) -> None:
     """Push model `name` from `store` to its registry."""
     report = progress or _quiet
     n = store.existing(to_name(name))
@@ -340,23 +397,30 @@ def push(store: Store, name: str | Name, options: Options | None = None,
     blobs = list(dict.fromkeys([*manifest.layers, manifest.config]))
     for layer in blobs:
         if not store.has_blob(layer.digest):
-            raise HerdError(f"model '{n.display_shortest()}' is incomplete: blob "
-                            f"{layer.digest} is missing locally")
+            raise HerdError(
+                f"model '{n.display_shortest()}' is incomplete: blob "
+                f"{layer.digest} is missing locally"
+            )
     with Client(n, options) as client:
         for layer in blobs:
             upload_blob(client, store, layer, report)
         report("pushing manifest", None, None, None)
-        client.request("PUT", client.url("manifests", n.tag),
-                       headers={"Content-Type": MANIFEST_V2}, body=data,
-                       what="manifest").close()
+        client.request(
+            "PUT",
+            client.url("manifests", n.tag),
+            headers={"Content-Type": MANIFEST_V2},
+            body=data,
+            what="manifest",
+        ).close()
     report("success", None, None, None)
 
 
 def _location(resp: httpx.Response, client: Client) -> httpx.URL:
     loc = resp.headers.get("docker-upload-location") or resp.headers.get("location")
     if not loc:
-        raise RegistryError(f"registry {client.host} gave no upload location "
-                            f"(status {resp.status_code})")
+        raise RegistryError(
+            f"registry {client.host} gave no upload location (status {resp.status_code})"
+        )
     return resp.url.join(loc)
 
 
@@ -377,16 +441,16 @@ def upload_blob(client: Client, store: Store, layer: Layer, report: Progress) ->
         with contextlib.suppress(InvalidNameError):
             src = names.parse(layer.from_)
             if src.host.lower() == client.name.host.lower():
-                start = start.copy_merge_params({"mount": digest,
-                                                 "from": f"{src.namespace}/{src.model}"})
+                start = start.copy_merge_params(
+                    {"mount": digest, "from": f"{src.namespace}/{src.model}"}
+                )
     resp = client.request("POST", start, what="upload")
     resp.close()
     if resp.status_code == 201:  # mounted from the other repository
         report(status, digest, total, total)
         return
     location = _location(resp, client)
-    size = min(max(total // client.options.parts, client.options.part_min),
-               client.options.part_max)
+    size = min(max(total // client.options.parts, client.options.part_min), client.options.part_max)
     done = [0]
 
     def on_bytes(k: int) -> None:
@@ -401,37 +465,52 @@ def upload_blob(client: Client, store: Store, layer: Layer, report: Progress) ->
         md5 = hashlib.md5()
         for chunk in file_slices(str(path), offset, n)():
             md5.update(chunk)
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(n),
-                   "Content-Range": f"{offset}-{offset + n - 1}", "X-Redirect-Uploads": "1"}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(n),
+            "Content-Range": f"{offset}-{offset + n - 1}",
+            "X-Redirect-Uploads": "1",
+        }
         before = done[0]
-        resp = client.request("PATCH", location, headers=headers, body=body, what="upload",
-                              cross_host=True)
+        resp = client.request(
+            "PATCH", location, headers=headers, body=body, what="upload", cross_host=True
+        )
         resp.close()
         if resp.status_code == 307:  # upload this part straight to storage
             done[0] = before
             direct = resp.url.join(resp.headers["location"])
-            put = client.http.put(direct, content=body(), headers={
-                "Content-Type": "application/octet-stream", "Content-Length": str(n)})
+            put = client.http.put(
+                direct,
+                content=body(),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)},
+            )
             if put.status_code >= 400:
-                raise RegistryError(f"uploading part to {direct.host} failed: "
-                                    f"{put.status_code}", put.status_code)
+                raise RegistryError(
+                    f"uploading part to {direct.host} failed: {put.status_code}", put.status_code
+                )
         location = _location(resp, client)
         md5s.append(md5.digest())
         offset += n
     etag = f"{hashlib.md5(b''.join(md5s)).hexdigest()}-{len(md5s)}"
     final = location.copy_merge_params({"digest": digest, "etag": etag})
-    client.request("PUT", final, headers={"Content-Type": "application/octet-stream",
-                                          "Content-Length": "0"}, body=b"",
-                   what="upload").close()
+    client.request(
+        "PUT",
+        final,
+        headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
+        body=b"",
+        what="upload",
+    ).close()
     report(status, digest, total, total)
 
 
-def registry_puller(options: Options | None = None) -> Callable[[Store, Name, Progress],
-                                                                ModelRef]:
+def registry_puller(options: Options | None = None) -> Callable[[Store, Name, Progress], ModelRef]:
     """A `herd.store.pull` hook that pulls names outside the catalog from their registry."""
+
     def puller(store: Store, name: Name, progress: Progress) -> ModelRef:
         # herd.store.pull already reported "pulling manifest" and will report "success"
         steps = {"pulling manifest", "success"}
-        return pull(store, name, options,
-                    lambda s, d, t, c: None if s in steps else progress(s, d, t, c))
+        return pull(
+            store, name, options, lambda s, d, t, c: None if s in steps else progress(s, d, t, c)
+        )
+
     return puller

@@ -17,14 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from herd.errors import HerdError
-from herd.ml import Backend, DType
-from herd.models import Batch, batch_inputs
-from herd.runner.options import Options
+from herd.errors import CapabilityError, HerdError
+from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, GraphReuse, Tensor
+from herd.models import Batch, Model, batch_inputs
+from herd.options import Options
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
 from herd.sample.logprobs import logprobs
@@ -79,33 +79,42 @@ class Sequence:
 
 REPEAT_LIMIT = 30  # Ollama's: the 31st repeat of one token's text ends the answer
 
-_CACHE_TYPES = {"f16": DType.F16, "q8_0": DType.Q8_0, "q4_0": DType.Q4_0}
+
+def context_size(options: Options, context_length: int) -> int:
+    """The context (tokens) of each sequence: `num_ctx`, at most what the model was
+    trained for."""
+    return max(8, min(options.num_ctx, context_length))
+
+
+class _ReusableContext(Context, GraphReuse, Protocol):
+    """A context whose graph can run again with new inputs (kept between steps)."""
 
 
 class Runner:
     def __init__(
         self,
-        model: object,
+        model: Model,
         backend: Backend,
         tokenizer: Tokenizer,
         options: Options,
         context_length: int,
         parallel: int = 1,
         reuse_graphs: bool = True,
-        cache_type: str | None = None,
+        cache_type: str = "f16",
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
-        OLLAMA_KV_CACHE_TYPE values); None: the model's default."""
-        self.model, self.backend, self.tokenizer = model, backend, tokenizer
-        self.num_ctx = max(8, min(options.num_ctx, context_length))
-        self.num_batch = max(1, min(options.num_batch, self.num_ctx))
-        self.cache = model.cache  # type: ignore[attr-defined]
-        if cache_type is not None and cache_type not in _CACHE_TYPES:
+        OLLAMA_KV_CACHE_TYPE values)."""
+        if model.cache is None:
+            raise CapabilityError("an embedding model has no cache to generate with")
+        if cache_type not in KV_CACHE_TYPES:
             raise HerdError(
-                f"unknown KV cache type {cache_type!r}; choose one of: " + ", ".join(_CACHE_TYPES)
+                f"unknown KV cache type {cache_type!r}; choose one of: " + ", ".join(KV_CACHE_TYPES)
             )
-        dtype = _CACHE_TYPES[cache_type] if cache_type else getattr(model, "cache_dtype", DType.F16)
-        self.cache.init(backend, dtype, parallel, self.num_ctx, self.num_batch)
+        self.model, self.backend, self.tokenizer = model, backend, tokenizer
+        self.num_ctx = context_size(options, context_length)
+        self.num_batch = max(1, min(options.num_batch, self.num_ctx))
+        self.cache = model.cache
+        self.cache.init(backend, DType(cache_type), parallel, self.num_ctx, self.num_batch)
         self.slots = [Slot(i) for i in range(parallel)]
         self.active: list[Sequence] = []
         self.incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -115,8 +124,8 @@ class Runner:
         self._wake = threading.Event()
         # graph reuse, for backends whose contexts can rerun a built graph
         with backend.new_context() as probe:
-            self._reuse = reuse_graphs and hasattr(probe, "rerun")
-        self._graphs: dict[str, tuple[object, Any]] = {}  # kind -> (input key, context)
+            self._reuse = reuse_graphs and isinstance(probe, GraphReuse)
+        self._graphs: dict[str, tuple[object, _ReusableContext]] = {}  # kind -> (key, context)
 
     # ---- sequences ----------------------------------------------------------------------
     def _truncate(self, tokens: list[int], keep: int) -> list[int]:
@@ -152,28 +161,14 @@ class Runner:
         options: Options,
         cancelled: threading.Event | None,
         shift: bool,
-        truncate: bool,
         logprobs: int = -1,
         grammar: Constraint | None = None,
     ) -> Sequence:
         if not tokens:
             raise HerdError("empty prompt")
-        if len(tokens) >= self.num_ctx and not truncate:
-            raise HerdError("the input length exceeds the context length")
         tokens = self._truncate(list(tokens), options.num_keep)
         slot, reused = self._claim_slot(tokens)
-        sampler = Sampler(
-            options.temperature,
-            options.top_k,
-            options.top_p,
-            options.min_p,
-            options.seed,
-            options.repeat_penalty,
-            options.repeat_last_n,
-            options.presence_penalty,
-            options.frequency_penalty,
-            grammar=grammar,
-        )
+        sampler = Sampler(**options.sampler_kwargs(), grammar=grammar)
         limit = options.num_predict if options.num_predict >= 0 else 10 * self.num_ctx
         return Sequence(
             slot,
@@ -276,9 +271,9 @@ class Runner:
         for many steps in a row; for prompts, when one of the same length comes at the same
         place (llama.cpp reuses its graphs alike). The inputs are recorded by running only
         the input-making part of a forward pass (`cache.start_forward` and `batch_inputs`,
-        which every model calls first); when they match the kept graph, it is rerun and
-        `model.forward` is skipped. Its logits are then a read-only view of the graph's
-        output: read them before the next step.
+        which the runner makes before `model.forward`, see `_forward`); when they match the
+        kept graph, it is rerun and `model.forward` is skipped. Its logits are then a
+        read-only view of the graph's output: read them before the next step.
 
         One graph is kept per kind, the last decode graph (in a compute buffer of its own)
         and the last prompt graph (in the backend's shared one), and a kind's old graph is
@@ -286,25 +281,33 @@ class Runner:
         """
         if not self._reuse:
             with self.backend.new_context() as ctx:
-                (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
-            return logits  # type: ignore[no-any-return]
+                (logits,) = ctx.compute(self._forward(ctx, batch))
+            return logits
         recorder = _InputRecorder()
-        self.cache.start_forward(recorder, batch)
-        batch_inputs(recorder, batch)  # type: ignore[arg-type]
+        self.cache.start_forward(recorder, batch)  # what _forward makes, recorded
+        batch_inputs(recorder, batch)
         key = (tuple((a.shape, a.dtype.str) for a in recorder.arrays), self.cache.view_key())
         kind = "decode" if len(batch.tokens) <= len(self.slots) else "prompt"
         kept = self._graphs.pop(kind, None)
         if kept is not None and kept[0] == key:
             self._graphs[kind] = kept
-            return kept[1].rerun(*recorder.arrays, copy=False)[0]  # type: ignore[no-any-return]
+            return kept[1].rerun(*recorder.arrays, copy=False)[0]
         if kept is not None:
             kept[1].close()
         ctx = self.backend.new_context()
+        assert isinstance(ctx, GraphReuse)  # as the probe was
         if kind == "decode":  # rerun between prompts: a buffer of its own, never re-placed
-            ctx.keep()  # type: ignore[attr-defined]
-        (logits,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
+            ctx.keep()
+        (logits,) = ctx.compute(self._forward(ctx, batch))
         self._graphs[kind] = (key, ctx)
-        return logits  # type: ignore[no-any-return]
+        return logits
+
+    def _forward(self, ctx: Context, batch: Batch) -> Tensor:
+        """Build a forward pass: the cache's inputs, then the batch's, then the model.
+        `_compute` records the same two calls to rerun a graph: nothing else may make
+        inputs, and they must come in this order."""
+        self.cache.start_forward(ctx, batch)
+        return self.model.forward(ctx, batch_inputs(ctx, batch))
 
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
         if not seq.t_first:
@@ -380,21 +383,21 @@ class Runner:
         cancelled: threading.Event | None = None,
         *,
         shift: bool = True,
-        truncate: bool = True,
         logprobs: int = -1,
         grammar: Constraint | None = None,
     ) -> Iterator[Event]:
         """Stream one request's events; runs the loop inline unless a thread runs it.
 
+        A prompt longer than the context keeps its first `num_keep` tokens and the latest
+        (the request pipeline has turned it away first where the request said so).
         `shift=False`: end with done_reason "length" when the context fills instead of
-        dropping old tokens; `truncate=False`: reject a prompt longer than the context.
-        `logprobs` >= 0: each generated token's Event carries its log-probability and that
-        many top alternatives. `grammar` constrains the answer (structured outputs) and
-        ends it once complete. Closing the iterator (a client that went away) cancels the
-        sequence.
+        dropping old tokens. `logprobs` >= 0: each generated token's Event carries its
+        log-probability and that many top alternatives. `grammar` constrains the answer
+        (structured outputs) and ends it once complete. Closing the iterator (a client
+        that went away) cancels the sequence.
         """
         with self.lock:
-            seq = self._new_sequence(tokens, options, cancelled, shift, truncate, logprobs, grammar)
+            seq = self._new_sequence(tokens, options, cancelled, shift, logprobs, grammar)
         self.incoming.put(seq)
         self._wake.set()
         try:
@@ -448,10 +451,14 @@ class Runner:
                 chunk = list(tokens[i : i + self.num_batch])
                 batch = Batch.single(chunk, i, slot.id, "all")
                 with self.backend.new_context() as ctx:
-                    (out,) = ctx.compute(self.model.forward(ctx, batch))  # type: ignore[attr-defined]
+                    (out,) = ctx.compute(self._forward(ctx, batch))
                 rows.append(out)
                 slot.cached += chunk
             return np.concatenate(rows)
+
+    def kv_usage(self) -> float:
+        """Fraction (0..1) of the KV cache cells in use."""
+        return min(1.0, self.cache.used_cells() / self.cache.size)
 
     def release_graphs(self) -> None:
         """Free the kept graphs and their compute buffers (before the backend closes)."""
@@ -469,11 +476,30 @@ class Runner:
 
 
 class _InputRecorder:
-    """A stand-in Context that only records the arrays given to `input`, in order."""
+    """A Context that only records the arrays given to `input`, in order: the inputs of a
+    pass, made by `cache.start_forward` and `batch_inputs`, which call nothing else."""
 
     def __init__(self) -> None:
         self.arrays: list[np.ndarray] = []
 
-    def input(self, array: Any, dtype: DType = DType.F32) -> None:
+    def input(self, array: Any, dtype: DType = DType.F32) -> Any:
         kind = np.int32 if dtype == DType.I32 else np.float32
         self.arrays.append(np.ascontiguousarray(array, dtype=kind))
+
+    def attach(self, t: Tensor) -> Tensor:
+        raise NotImplementedError("a recorder makes inputs only")
+
+    def forward(self, *tensors: Tensor) -> None:
+        raise NotImplementedError("a recorder makes inputs only")
+
+    def compute(self, *outputs: Tensor) -> list[np.ndarray]:
+        raise NotImplementedError("a recorder makes inputs only")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _InputRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

@@ -42,6 +42,7 @@ class Sampler:
 
     def __init__(
         self,
+        *,
         temperature: float = 0.8,
         top_k: int = 40,
         top_p: float = 0.9,
@@ -51,7 +52,6 @@ class Sampler:
         repeat_last_n: int = 64,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
-        *,
         rng: np.random.Generator | None = None,
         grammar: Constraint | None = None,
     ) -> None:

@@ -25,7 +25,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herd import envconfig
-from herd.server.errors import UnauthorizedError
+from herd.errors import UnauthorizedError
 from herd.server.http import JSON, error_response
 from herd.server.metrics import Metrics
 from herd.server.ollama_api import OllamaAPI
@@ -59,14 +59,25 @@ class Settings:
     memory_limit: int | None = None
     num_parallel: int = 4
     backend: str | None = None
+    kv_cache_type: str = "f16"
 
     @classmethod
     def from_env(cls) -> Settings:
         backend = envconfig.backend()
-        return cls(Store(), envconfig.host(), envconfig.api_key(), tuple(envconfig.origins()),
-                   envconfig.max_loaded_models(), envconfig.max_queue(),
-                   envconfig.keep_alive(), envconfig.load_timeout(), envconfig.memory_limit(),
-                   envconfig.num_parallel(), None if backend == "auto" else backend)
+        return cls(
+            Store(),
+            envconfig.host(),
+            envconfig.api_key(),
+            tuple(envconfig.origins()),
+            envconfig.max_loaded_models(),
+            envconfig.max_queue(),
+            envconfig.keep_alive(),
+            envconfig.load_timeout(),
+            envconfig.memory_limit(),
+            envconfig.num_parallel(),
+            None if backend == "auto" else backend,
+            envconfig.kv_cache_type(),
+        )
 
 
 def origin_regex(origins: list[str]) -> str:
@@ -83,16 +94,21 @@ class APIKey:
         self.app, self.key = app, key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.key or scope["path"] == "/"
-                or scope["method"] == "OPTIONS"):
+        if (
+            scope["type"] != "http"
+            or not self.key
+            or scope["path"] == "/"
+            or scope["method"] == "OPTIONS"
+        ):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
-        response = error_response(UnauthorizedError("unauthorized"),
-                                  openai=scope["path"].startswith("/v1/"))
+        response = error_response(
+            UnauthorizedError("unauthorized"), openai=scope["path"].startswith("/v1/")
+        )
         await response(scope, receive, send)
 
 
@@ -139,18 +155,25 @@ def _is_loopback(host: str) -> bool:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    scheduler = Scheduler(max_loaded=settings.max_loaded, max_queue=settings.max_queue,
-                          keep_alive=settings.keep_alive, load_timeout=settings.load_timeout,
-                          memory_limit=settings.memory_limit,
-                          num_parallel=settings.num_parallel, backend=settings.backend)
+    scheduler = Scheduler(
+        max_loaded=settings.max_loaded,
+        max_queue=settings.max_queue,
+        keep_alive=settings.keep_alive,
+        load_timeout=settings.load_timeout,
+        memory_limit=settings.memory_limit,
+        num_parallel=settings.num_parallel,
+        backend=settings.backend,
+        kv_cache_type=settings.kv_cache_type,
+    )
     metrics = Metrics()
     service = Service(settings.store, scheduler, metrics)
     ollama = OllamaAPI(service)
     openai = OpenAIAPI(service, ollama)
 
     async def metrics_route(request: Request) -> Response:
-        return PlainTextResponse(metrics.render(scheduler.gauges),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            metrics.render(scheduler.gauges), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
@@ -158,21 +181,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        log.info("herd %s listening on %s:%d (models: %s)",
-                 _version(), settings.host.bind_host, settings.host.port, settings.store.root)
+        log.info(
+            "herd %s listening on %s:%d (models: %s)",
+            _version(),
+            settings.host.bind_host,
+            settings.host.port,
+            settings.store.root,
+        )
         try:
             yield
         finally:
             await scheduler.shutdown()
 
-    routes = [*ollama.routes(), *openai.routes(),
-              Route("/metrics", metrics_route, methods=["GET"])]
+    routes = [*ollama.routes(), *openai.routes(), Route("/metrics", metrics_route, methods=["GET"])]
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(CORSMiddleware,  # type: ignore[arg-type]
-                       allow_origin_regex=origin_regex(DEFAULT_ORIGINS + list(settings.origins)),
-                       allow_methods=["*"], allow_headers=["*"]),
+            Middleware(
+                CORSMiddleware,  # type: ignore[arg-type]
+                allow_origin_regex=origin_regex(DEFAULT_ORIGINS + list(settings.origins)),
+                allow_methods=["*"],
+                allow_headers=["*"],
+            ),
             Middleware(HostCheck, bind_host=settings.host.bind_host),  # type: ignore[arg-type]
             Middleware(APIKey, key=settings.api_key),  # type: ignore[arg-type]
         ],
@@ -194,9 +224,16 @@ def serve(settings: Settings | None = None) -> None:
     import uvicorn
 
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=logging.DEBUG if envconfig.debug() else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if envconfig.debug() else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host.bind_host, port=settings.host.port,
-                log_level="debug" if envconfig.debug() else "warning", access_log=False,
-                timeout_graceful_shutdown=2)
+    uvicorn.run(
+        app,
+        host=settings.host.bind_host,
+        port=settings.host.port,
+        log_level="debug" if envconfig.debug() else "warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )

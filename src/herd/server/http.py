@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from herd import envconfig
-from herd.errors import HerdError
-from herd.server.errors import BadRequestError, openai_type, status_for
+from herd.errors import BadRequestError, HerdError
+from herd.server.errors import openai_type, status_for
 
 log = logging.getLogger("herd.server")
 T = TypeVar("T")
@@ -62,8 +62,9 @@ async def read_json(request: Request) -> dict[str, Any]:
     return value
 
 
-def field_of(body: dict[str, Any], name: str, kind: type[T] | tuple[type, ...],
-             default: Any = None) -> Any:
+def field_of(
+    body: dict[str, Any], name: str, kind: type[T] | tuple[type, ...], default: Any = None
+) -> Any:
     """body[name] when it has the type (None/absent gives default); else a 400."""
     value = body.get(name)
     if value is None:
@@ -87,8 +88,11 @@ def keep_alive_of(body: dict[str, Any]) -> float | None:
         seconds = float(value)
     elif isinstance(value, str):
         try:
-            seconds = float(value) if value.strip().lstrip("+-").replace(".", "", 1).isdigit() \
+            seconds = (
+                float(value)
+                if value.strip().lstrip("+-").replace(".", "", 1).isdigit()
                 else envconfig.parse_duration(value)
+            )
         except ValueError as e:
             raise BadRequestError(str(e)) from None
     else:
@@ -137,8 +141,11 @@ async def close(items: AsyncIterator[Any]) -> None:
             await aclose()
 
 
-def ndjson(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]],
-           shape: Callable[[dict[str, Any]], dict[str, Any] | None]) -> StreamingResponse:
+def ndjson(
+    first: dict[str, Any],
+    rest: AsyncIterator[dict[str, Any]],
+    shape: Callable[[dict[str, Any]], dict[str, Any] | None],
+) -> StreamingResponse:
     """One JSON object per line; an error after the first line is a final {"error"} line."""
 
     async def lines() -> AsyncIterator[str]:
@@ -159,8 +166,11 @@ def ndjson(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]],
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def sse(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]],
-        shape: Callable[[dict[str, Any]], list[dict[str, Any]]]) -> StreamingResponse:
+def sse(
+    first: dict[str, Any],
+    rest: AsyncIterator[dict[str, Any]],
+    shape: Callable[[dict[str, Any]], list[dict[str, Any]]],
+) -> StreamingResponse:
     """OpenAI's server-sent events: `data: {...}` blocks, then `data: [DONE]`."""
 
     async def events() -> AsyncIterator[str]:
@@ -173,14 +183,14 @@ def sse(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]],
             yield "data: [DONE]\n\n"
         except HerdError as e:
             status = status_for(e)
-            error = {"message": str(e), "type": openai_type(status), "param": None,
-                     "code": None}
+            error = {"message": str(e), "type": openai_type(status), "param": None, "code": None}
             yield f"data: {dumps({'error': error})}\n\n"
         finally:
             await close(rest)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 def error_response(e: BaseException, openai: bool = False) -> Response:
@@ -189,8 +199,17 @@ def error_response(e: BaseException, openai: bool = False) -> Response:
         log.exception("request failed", exc_info=e)
     message = str(e) or type(e).__name__
     if openai:
-        return JSON({"error": {"message": message, "type": openai_type(status),
-                               "param": None, "code": None}}, status_code=status)
+        return JSON(
+            {
+                "error": {
+                    "message": message,
+                    "type": openai_type(status),
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=status,
+        )
     return JSON({"error": message}, status_code=status)
 
 

@@ -15,12 +15,74 @@ from collections.abc import Callable, Iterable
 # (name, help) -> model -> value
 Gauges = dict[str, float]
 
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-               7.5, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 
 class Histogram:
@@ -56,17 +118,36 @@ class Metrics:
         self.prompt_tokens: dict[str, int] = defaultdict(int)
         self.generation_tokens: dict[str, int] = defaultdict(int)
         self.success: dict[tuple[str, str], int] = defaultdict(int)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds",
-                              "Histogram of time to first token in seconds.", TTFT_BUCKETS)
-        self.itl = Histogram("vllm:inter_token_latency_seconds",
-                             "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds",
-                              "Histogram of time per output token in seconds.", ITL_BUCKETS)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds",
-                             "Histogram of end to end request latency in seconds.", E2E_BUCKETS)
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            ITL_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            ITL_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of end to end request latency in seconds.",
+            E2E_BUCKETS,
+        )
 
-    def finished(self, model: str, reason: str, prompt_tokens: int, generated: int,
-                 eval_seconds: float, total_seconds: float) -> None:
+    def finished(
+        self,
+        model: str,
+        reason: str,
+        prompt_tokens: int,
+        generated: int,
+        eval_seconds: float,
+        total_seconds: float,
+    ) -> None:
         self.prompt_tokens[model] += prompt_tokens
         self.generation_tokens[model] += generated
         self.success[(model, reason or "abort")] += 1
@@ -79,27 +160,35 @@ class Metrics:
         live = gauges()
         lines: list[str] = []
         for name, help, key in (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.",
-             "running"),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             "waiting"),
+            (
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+                "running",
+            ),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "waiting"),
             ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv"),
         ):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
             lines += [f"{name}{{{_label(m)}}} {_num(v[key])}" for m, v in sorted(live.items())]
         for name, help, values in (
-            ("vllm:prompt_tokens_total", "Number of prefill tokens processed.",
-             self.prompt_tokens),
-            ("vllm:generation_tokens_total", "Number of generation tokens processed.",
-             self.generation_tokens),
+            ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", self.prompt_tokens),
+            (
+                "vllm:generation_tokens_total",
+                "Number of generation tokens processed.",
+                self.generation_tokens,
+            ),
         ):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} counter"]
             lines += [f"{name}{{{_label(m)}}} {v}" for m, v in sorted(values.items())]
         name = "vllm:request_success_total"
-        lines += [f"# HELP {name} Count of successfully processed requests.",
-                  f"# TYPE {name} counter"]
-        lines += [f'{name}{{finished_reason="{_escape(r)}",{_label(m)}}} {n}'
-                  for (m, r), n in sorted(self.success.items())]
+        lines += [
+            f"# HELP {name} Count of successfully processed requests.",
+            f"# TYPE {name} counter",
+        ]
+        lines += [
+            f'{name}{{finished_reason="{_escape(r)}",{_label(m)}}} {n}'
+            for (m, r), n in sorted(self.success.items())
+        ]
         for h in (self.ttft, self.itl, self.tpot, self.e2e):
             lines += h.render()
         return "\n".join(lines) + "\n"

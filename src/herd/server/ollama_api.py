@@ -14,10 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import herd
-from herd.cli.show import ShowFacts, render_modelfile, render_parameters
-from herd.errors import DownloadError, HerdError
+from herd.errors import BadRequestError, DownloadError, HerdError
 from herd.server import store_api
-from herd.server.errors import BadRequestError
 from herd.server.http import (
     JSON,
     field_of,
@@ -41,12 +39,19 @@ from herd.server.outputs import (
 from herd.server.scheduler import FOREVER_S, Runner
 from herd.server.service import Completion, Service
 from herd.store import ModelRef
+from herd.store.facts import ShowFacts, render_modelfile, render_parameters
 from herd.store.layout import parse_digest
 
 log = logging.getLogger("herd.server")
 
-COUNTERS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
-            "eval_count", "eval_duration")
+COUNTERS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
 
 
 def details(ref_config: dict[str, Any], facts: ShowFacts | None = None) -> dict[str, Any]:
@@ -59,8 +64,8 @@ def details(ref_config: dict[str, Any], facts: ShowFacts | None = None) -> dict[
         "families": ref_config.get("model_families") or ([family] if family else None),
         "parameter_size": ref_config.get("model_type")
         or (facts.gguf.parameter_size if facts else ""),
-        "quantization_level": ref_config.get("file_type") or (facts.gguf.file_type if facts
-                                                              else ""),
+        "quantization_level": ref_config.get("file_type")
+        or (facts.gguf.file_type if facts else ""),
     }
 
 
@@ -80,13 +85,15 @@ def _check_capabilities(name: str, facts: ShowFacts, body: dict[str, Any]) -> No
     if body.get("suffix") and "insert" not in caps:
         raise BadRequestError(f'"{name}" does not support insert')
     images = body.get("images") or any(
-        m.get("images") for m in body.get("messages") or [] if isinstance(m, dict))
+        m.get("images") for m in body.get("messages") or [] if isinstance(m, dict)
+    )
     if images and "vision" not in caps:
         raise BadRequestError(f'"{name}" does not support vision')
     check_format(body.get("format"))
     top = body.get("top_logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int)
-                            or not 0 <= top <= 20):
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20
+    ):
         raise BadRequestError("top_logprobs must be between 0 and 20")
 
 
@@ -121,8 +128,9 @@ class OllamaAPI:
         return JSON({"version": herd.__version__})
 
     # ---- generation
-    async def _prepare(self, body: dict[str, Any]) -> tuple[str, ModelRef, ShowFacts, Any,
-                                                           float | None]:
+    async def _prepare(
+        self, body: dict[str, Any]
+    ) -> tuple[str, ModelRef, ShowFacts, Any, float | None]:
         name = _name(body)
         ref = self.service.model(name)
         facts = await self.service.facts(ref)
@@ -131,8 +139,9 @@ class OllamaAPI:
         spec = await self.service.load_spec(ref, body.get("options"))
         return name, ref, facts, spec, keep_alive
 
-    async def _load_or_unload(self, request: Request, spec: Any, keep_alive: float | None,
-                              out: dict[str, Any]) -> Response:
+    async def _load_or_unload(
+        self, request: Request, spec: Any, keep_alive: float | None, out: dict[str, Any]
+    ) -> Response:
         if keep_alive == 0:
             await self.service.scheduler.expire(spec.name)
             return JSON({**out, "done": True, "done_reason": "unload"})
@@ -150,21 +159,19 @@ class OllamaAPI:
         if raw and (template or system or context):
             raise BadRequestError("raw mode does not support template, system, or context")
         if not prompt and not body.get("images"):
-            return await self._load_or_unload(request, spec, keep_alive, {
-                "model": name, "created_at": now_utc(), "response": ""})
-        if raw:
-            payload: dict[str, Any] = {"prompt": prompt}
-        else:
-            system = system if system is not None else ref.system
-            messages = [{"role": "system", "content": system}] if system else []
-            if not context:
-                messages += list(ref.messages)
-            messages.append({"role": "user", "content": prompt})
-            payload = {"messages": messages, "context": context, "template": template,
-                       "want_context": True}
-        payload.update(shift=body.get("shift", True) is not False,
-                       truncate=body.get("truncate", True) is not False, **logprob_fields(body),
-                       **fields(body, facts, tools=False))
+            return await self._load_or_unload(
+                request, spec, keep_alive, {"model": name, "created_at": now_utc(), "response": ""}
+            )
+        # the runner's pipeline adds the model's SYSTEM and MESSAGEs and renders the template
+        payload: dict[str, Any] = {"prompt": prompt, "raw": raw, "want_context": not raw}
+        if not raw:
+            payload.update(system=system, context=context, template=template)
+        payload.update(
+            shift=body.get("shift", True) is not False,
+            truncate=body.get("truncate", True) is not False,
+            **logprob_fields(body),
+            **fields(body, facts, tools=False),
+        )
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
@@ -188,21 +195,32 @@ class OllamaAPI:
         name, ref, facts, spec, keep_alive = await self._prepare(body)
         messages = field_of(body, "messages", list, [])
         if not messages:
-            return await self._load_or_unload(request, spec, keep_alive, {
-                "model": name, "created_at": now_utc(),
-                "message": {"role": "assistant", "content": ""}})
-        msgs = [_message(m) for m in messages]
-        if ref.system and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": ref.system})
-        payload = {"messages": list(ref.messages) + msgs,
-                   "shift": body.get("shift", True) is not False,
-                   "truncate": body.get("truncate", True) is not False, **logprob_fields(body),
-                   **fields(body, facts)}
+            return await self._load_or_unload(
+                request,
+                spec,
+                keep_alive,
+                {
+                    "model": name,
+                    "created_at": now_utc(),
+                    "message": {"role": "assistant", "content": ""},
+                },
+            )
+        payload = {
+            "messages": [_message(m) for m in messages],  # the runner adds SYSTEM, MESSAGEs
+            "shift": body.get("shift", True) is not False,
+            "truncate": body.get("truncate", True) is not False,
+            **logprob_fields(body),
+            **fields(body, facts),
+        }
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
-            out = {"model": name, "created_at": now_utc(), "message": ollama_message(msg),
-                   "done": bool(msg.get("done"))}
+            out = {
+                "model": name,
+                "created_at": now_utc(),
+                "message": ollama_message(msg),
+                "done": bool(msg.get("done")),
+            }
             if msg.get("logprobs"):
                 out["logprobs"] = msg["logprobs"]
             if msg.get("done"):
@@ -212,8 +230,9 @@ class OllamaAPI:
 
         return await self._respond(request, events, shape, body, "message")
 
-    async def _respond(self, request: Request, events: Any, shape: Any, body: dict[str, Any],
-                       key: str) -> Response:
+    async def _respond(
+        self, request: Request, events: Any, shape: Any, body: dict[str, Any], key: str
+    ) -> Response:
         first = await first_item(request, events)
         if body.get("stream", True) is not False:
             return _ndjson_skip_empty(first, events, shape)
@@ -244,12 +263,19 @@ class OllamaAPI:
         if not texts:
             await watch(request, self.service.scheduler.load_only(spec, keep_alive))
             return JSON({"model": _name(body), "embeddings": []})
-        vectors, count, load_ns = await watch(request, self.service.embed(
-            spec, keep_alive, texts, body.get("truncate", True) is not False))
-        return JSON({"model": _name(body),
-                     "embeddings": [normalize(v, dimensions) for v in vectors],
-                     "total_duration": time.perf_counter_ns() - t0, "load_duration": load_ns,
-                     "prompt_eval_count": count})
+        vectors, count, load_ns = await watch(
+            request,
+            self.service.embed(spec, keep_alive, texts, body.get("truncate", True) is not False),
+        )
+        return JSON(
+            {
+                "model": _name(body),
+                "embeddings": [normalize(v, dimensions) for v in vectors],
+                "total_duration": time.perf_counter_ns() - t0,
+                "load_duration": load_ns,
+                "prompt_eval_count": count,
+            }
+        )
 
     async def embeddings(self, request: Request) -> Response:
         body = await read_json(request)
@@ -267,9 +293,16 @@ class OllamaAPI:
     async def tags(self, request: Request) -> Response:
         models = []
         for m in self.service.store.list():
-            models.append({"name": m.name, "model": m.name,
-                           "modified_at": m.modified.isoformat(), "size": m.size,
-                           "digest": m.digest, "details": details(m.details)})
+            models.append(
+                {
+                    "name": m.name,
+                    "model": m.name,
+                    "modified_at": m.modified.isoformat(),
+                    "size": m.size,
+                    "digest": m.digest,
+                    "details": details(m.details),
+                }
+            )
         return JSON({"models": models})
 
     async def show(self, request: Request) -> Response:
@@ -279,8 +312,10 @@ class OllamaAPI:
         verbose = bool(body.get("verbose"))
         store = self.service.store
         mtime = store.manifest_path(store.existing(ref.name)).stat().st_mtime
-        info = {k: _jsonable(v) if verbose or not _long(v) else None
-                for k, v in sorted(facts.gguf.kv.items())}
+        info = {
+            k: _jsonable(v) if verbose or not _long(v) else None
+            for k, v in sorted(facts.gguf.kv.items())
+        }
         info["general.parameter_count"] = facts.gguf.parameter_count
         out: dict[str, Any] = {
             "license": "\n".join(ref.license),
@@ -297,9 +332,10 @@ class OllamaAPI:
         if ref.messages:
             out["messages"] = ref.messages
         if verbose:
-            out["tensors"] = [{"name": t.name, "type": t.type.name,
-                               "shape": [int(x) for x in reversed(t.shape)]}
-                              for t in facts.tensors]
+            out["tensors"] = [
+                {"name": t.name, "type": t.type, "shape": [int(x) for x in reversed(t.shape)]}
+                for t in facts.tensors
+            ]
         return JSON(out)
 
     async def ps(self, request: Request) -> Response:
@@ -396,10 +432,16 @@ def normalize(v: list[float], dimensions: int | None) -> list[float]:
 
 def ps_entry(r: Runner, facts: ShowFacts) -> dict[str, Any]:
     expires = datetime.fromtimestamp(min(r.expires_at, time.time() + FOREVER_S), UTC)
-    return {"name": r.name, "model": r.name, "size": r.estimate, "digest": r.spec.ref.digest,
-            "details": details(r.spec.ref.config, facts),
-            "expires_at": expires.astimezone().isoformat(), "size_vram": 0,
-            "context_length": r.spec.context_length()}
+    return {
+        "name": r.name,
+        "model": r.name,
+        "size": r.estimate,
+        "digest": r.spec.ref.digest,
+        "details": details(r.spec.ref.config, facts),
+        "expires_at": expires.astimezone().isoformat(),
+        "size_vram": 0,
+        "context_length": r.spec.context_length(),
+    }
 
 
 def _long(value: Any) -> bool:

@@ -11,8 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from herd.errors import ModelNotFoundError
-from herd.server.errors import BadRequestError, NotImplementedYetError
+from herd.errors import BadRequestError, ModelNotFoundError, NotImplementedYetError
 from herd.server.http import (
     JSON,
     first_item,
@@ -43,8 +42,11 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         opts["num_predict"] = max_tokens
-    for src, dst in (("seed", "seed"), ("frequency_penalty", "frequency_penalty"),
-                     ("presence_penalty", "presence_penalty")):
+    for src, dst in (
+        ("seed", "seed"),
+        ("frequency_penalty", "frequency_penalty"),
+        ("presence_penalty", "presence_penalty"),
+    ):
         if body.get(src) is not None:
             opts[dst] = body[src]
     opts["temperature"] = body["temperature"] if body.get("temperature") is not None else 1.0
@@ -136,14 +138,16 @@ class OpenAIAPI:
             msg.update(role=m["role"].lower(), content=_text(m.get("content")))
             msgs.append(msg)
         msgs = from_openai_messages(msgs)
-        ref = self.service.model(body.get("model"))
-        if ref.system and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": ref.system})
-        events = await self._completion(body, {"messages": list(ref.messages) + msgs,
-                                               **_logprobs(body)})
+        # the runner's pipeline adds the model's SYSTEM and MESSAGEs
+        events = await self._completion(body, {"messages": msgs, **_logprobs(body)})
         model, cid, created = body["model"], f"chatcmpl-{secrets.randbelow(1000)}", int(time.time())
-        base = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                "model": model, "system_fingerprint": "fp_ollama"}
+        base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_ollama",
+        }
         first = await first_item(request, events)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -155,9 +159,13 @@ class OpenAIAPI:
                 if not has_output(msg):
                     return []
                 called.append(bool(msg.get("tool_calls")))
-                choice = {"index": 0, "delta": openai_message(msg),
-                          "finish_reason": finish_reason(msg.get("done_reason", ""),
-                                                         any(called)) if done else None}
+                choice = {
+                    "index": 0,
+                    "delta": openai_message(msg),
+                    "finish_reason": finish_reason(msg.get("done_reason", ""), any(called))
+                    if done
+                    else None,
+                }
                 if msg.get("logprobs"):
                     choice["logprobs"] = _choice_logprobs(msg)
                 out = [{**base, "choices": [choice]}]
@@ -167,12 +175,23 @@ class OpenAIAPI:
 
             return sse(first, events, chunks)
         text, final = await self._collect(request, first, events)
-        return JSON({**base, "object": "chat.completion", "choices": [{
-            "index": 0, "message": openai_message(final),
-            "finish_reason": finish_reason(final.get("done_reason", ""),
-                                           bool(final.get("tool_calls"))),
-            "logprobs": _choice_logprobs(final)}],
-            "usage": _usage(final)})
+        return JSON(
+            {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": openai_message(final),
+                        "finish_reason": finish_reason(
+                            final.get("done_reason", ""), bool(final.get("tool_calls"))
+                        ),
+                        "logprobs": _choice_logprobs(final),
+                    }
+                ],
+                "usage": _usage(final),
+            }
+        )
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request)
@@ -183,25 +202,32 @@ class OpenAIAPI:
             raise BadRequestError("prompt must be a string")
         if body.get("suffix"):
             raise BadRequestError(f'"{body.get("model")}" does not support insert')
-        ref = self.service.model(body.get("model"))
-        messages = [{"role": "system", "content": ref.system}] if ref.system else []
-        messages.append({"role": "user", "content": prompt})
-        events = await self._completion(body, {"messages": messages,
-                                               **_logprobs(body, legacy=True)})
+        # a generate request: the runner's pipeline adds the model's SYSTEM and MESSAGEs
+        events = await self._completion(body, {"prompt": prompt, **_logprobs(body, legacy=True)})
         model, cid, created = body["model"], f"cmpl-{secrets.randbelow(1000)}", int(time.time())
-        base = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": "fp_ollama"}
+        base = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_ollama",
+        }
         first = await first_item(request, events)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if body.get("stream"):
+
             def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
                 done = bool(msg.get("done"))
                 if not done and not msg.get("text") and not msg.get("logprobs"):
                     return []
-                choice = {"text": msg.get("text", ""), "index": 0,
-                          "logprobs": _choice_logprobs(msg),
-                          "finish_reason": FINISH.get(msg.get("done_reason", ""), "stop")
-                          if done else None}
+                choice = {
+                    "text": msg.get("text", ""),
+                    "index": 0,
+                    "logprobs": _choice_logprobs(msg),
+                    "finish_reason": FINISH.get(msg.get("done_reason", ""), "stop")
+                    if done
+                    else None,
+                }
                 out = [{**base, "choices": [choice]}]
                 if done and include_usage:
                     out.append({**base, "choices": [], "usage": _usage(msg)})
@@ -209,13 +235,24 @@ class OpenAIAPI:
 
             return sse(first, events, chunks)
         text, final = await self._collect(request, first, events)
-        return JSON({**base, "choices": [{
-            "text": text, "index": 0, "logprobs": _choice_logprobs(final),
-            "finish_reason": FINISH.get(final.get("done_reason", ""), "stop")}],
-            "usage": _usage(final)})
+        return JSON(
+            {
+                **base,
+                "choices": [
+                    {
+                        "text": text,
+                        "index": 0,
+                        "logprobs": _choice_logprobs(final),
+                        "finish_reason": FINISH.get(final.get("done_reason", ""), "stop"),
+                    }
+                ],
+                "usage": _usage(final),
+            }
+        )
 
-    async def _collect(self, request: Request, first: dict[str, Any],
-                       events: Any) -> tuple[str, dict[str, Any]]:
+    async def _collect(
+        self, request: Request, first: dict[str, Any], events: Any
+    ) -> tuple[str, dict[str, Any]]:
         final, whole, logprobs = await join_answer(request, first, events)
         if logprobs:  # the final message's own: every token's, in order
             final = {**final, "logprobs": logprobs}
@@ -226,19 +263,25 @@ class OpenAIAPI:
         body = await read_json(request)
         value = body.get("input")
         texts = [value] if isinstance(value, str) else value
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str)
-                                                               for t in texts):
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise BadRequestError("invalid input: expected a string or a list of strings")
         if body.get("encoding_format") not in (None, "float"):
-            raise NotImplementedYetError("only encoding_format \"float\" is supported")
+            raise NotImplementedYetError('only encoding_format "float" is supported')
         ref = self.service.model(body.get("model"))
         spec = await self.service.load_spec(ref, None)
         vectors, count, _ = await watch(request, self.service.embed(spec, None, texts))
         dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else None
-        return JSON({"object": "list", "model": body["model"],
-                     "data": [{"object": "embedding", "embedding": normalize(v, dims),
-                               "index": i} for i, v in enumerate(vectors)],
-                     "usage": {"prompt_tokens": count, "total_tokens": count}})
+        return JSON(
+            {
+                "object": "list",
+                "model": body["model"],
+                "data": [
+                    {"object": "embedding", "embedding": normalize(v, dims), "index": i}
+                    for i, v in enumerate(vectors)
+                ],
+                "usage": {"prompt_tokens": count, "total_tokens": count},
+            }
+        )
 
     def _entry(self, name: str, modified: float) -> dict[str, Any]:
         try:
@@ -248,8 +291,14 @@ class OpenAIAPI:
         return {"id": name, "object": "model", "created": int(modified), "owned_by": owner}
 
     async def models(self, request: Request) -> Response:
-        return JSON({"object": "list", "data": [self._entry(m.name, m.modified.timestamp())
-                                                for m in self.service.store.list()]})
+        return JSON(
+            {
+                "object": "list",
+                "data": [
+                    self._entry(m.name, m.modified.timestamp()) for m in self.service.store.list()
+                ],
+            }
+        )
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]

@@ -16,10 +16,10 @@ from typing import Any
 
 from starlette.requests import Request
 
-from herd.cli.show import ShowFacts
+from herd.errors import BadRequestError
 from herd.sample.grammar import format_grammar
-from herd.server.errors import BadRequestError
 from herd.server.http import close, watch
+from herd.store.facts import ShowFacts
 from herd.template.ollama import THINK_LEVELS
 
 

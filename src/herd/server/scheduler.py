@@ -6,10 +6,11 @@ its docstring for the pipe protocol) and stays for `keep_alive` after its last r
 it forever). At most `max_loaded` models are loaded and at most `max_queue` requests wait
 (then QueueFullError, 503). Before a load, the model's weights + KV cache + compute
 buffers must fit in the memory left: idle models are evicted, shortest keep-alive first;
-if it can never fit, InsufficientMemoryError names the sizes. A request whose load-time
-options (num_ctx, num_batch, num_gpu, num_thread) differ from the loaded runner's, or a
-model re-pulled with new content, reloads the runner once it is idle. A runner that dies
-fails its requests in flight (RunnerError, 500); the next request starts a new one.
+if it can never fit, InsufficientMemoryError names the sizes (`herd.ml.layout.estimate`,
+the numbers the backend's own fit check lays out). A request whose load-time options
+(`Options.load_key`: num_ctx, num_batch, num_gpu, ...) differ from the loaded runner's,
+or a model re-pulled with new content, reloads the runner once it is idle. A runner that
+dies fails its requests in flight (RunnerError, 500); the next request starts a new one.
 
 All of it runs on the server's event loop; the only blocking work (the runner's compute)
 happens in the child processes.
@@ -29,13 +30,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from herd.runner.options import Options
-from herd.server.errors import (
-    InsufficientMemoryError,
-    QueueFullError,
-    RemoteError,
-    RunnerError,
-)
+from herd.errors import InsufficientMemoryError, QueueFullError, RunnerError, error_from_name
+from herd.ml import layout
+from herd.options import Options
 from herd.store import ModelRef
 from herd.store.ggufinfo import GGUFFacts
 
@@ -61,30 +58,20 @@ class LoadSpec:
         return max(4, min(self.options.num_ctx, ctx))
 
 
-def estimate_memory(spec: LoadSpec, parallel: int) -> int:
-    """Bytes a runner needs: weights, an f16 KV cache of parallel x num_ctx cells, compute
-    buffers."""
-    kv, arch = spec.facts.kv, spec.facts.architecture
-
-    def num(key: str, default: int) -> int:
-        value = kv.get(f"{arch}.{key}", default)
-        if isinstance(value, list):
-            value = max(value) if value else default
-        return int(value) if isinstance(value, int | float) else default
-
-    n_layer = num("block_count", 1)
-    n_embd = num("embedding_length", 1)
-    n_head = max(1, num("attention.head_count", 1))
-    n_head_kv = num("attention.head_count_kv", n_head)
-    k_len = num("attention.key_length", n_embd // n_head)
-    v_len = num("attention.value_length", n_embd // n_head)
-    tokens = kv.get("tokenizer.ggml.tokens")
-    n_vocab = len(tokens) if isinstance(tokens, list) else num("vocab_size", 32000)
-    ctx = spec.context_length()
-    batch = max(1, min(spec.options.num_batch, ctx))
-    cache = parallel * n_layer * ctx * n_head_kv * (k_len + v_len) * 2
-    graph = 4 * batch * (n_vocab + 4 * n_embd + n_head * ctx)
-    return spec.file_size + cache + graph + RUNNER_OVERHEAD
+def estimate_memory(spec: LoadSpec, parallel: int, kv_cache_type: str = "f16") -> int:
+    """Bytes a runner needs: the file, a KV cache of `parallel` x num_ctx cells of
+    `kv_cache_type`, compute buffers (the estimate the backend's fit check lays out), and
+    the process itself."""
+    opts = spec.options
+    need = layout.estimate(
+        spec.facts.kv,
+        spec.file_size,
+        num_ctx=opts.num_ctx,
+        num_batch=opts.num_batch,
+        kv_cache_type=kv_cache_type,
+        sequences=parallel,
+    )
+    return need.total + RUNNER_OVERHEAD
 
 
 # ---- one runner process -------------------------------------------------------------------
@@ -107,28 +94,36 @@ class RunnerProcess:
 
     async def start(self, load: dict[str, Any], timeout: float) -> dict[str, Any]:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "herd.runner.serve",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            limit=1 << 28)
+            sys.executable,
+            "-m",
+            "herd.runner.serve",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 28,
+        )
         self._write({"op": "load", **load})
         try:
-            line = await asyncio.wait_for(self._readline(), None if math.isinf(timeout)
-                                          else timeout)
+            line = await asyncio.wait_for(
+                self._readline(), None if math.isinf(timeout) else timeout
+            )
         except TimeoutError:
             await self.kill()
-            raise RunnerError(f"timed out loading '{self.name}' after {timeout:g}s "
-                              "(HERD_LOAD_TIMEOUT)") from None
+            raise RunnerError(
+                f"timed out loading '{self.name}' after {timeout:g}s (HERD_LOAD_TIMEOUT)"
+            ) from None
         except BaseException:
             await self.kill()
             raise
         if not line:
             code = await self.proc.wait()
-            raise RunnerError(f"model runner for '{self.name}' exited while loading "
-                              f"(exit code {code}); see the server log for details")
+            raise RunnerError(
+                f"model runner for '{self.name}' exited while loading "
+                f"(exit code {code}); see the server log for details"
+            )
         msg = json.loads(line)
         if msg.get("op") != "ready":
             await self.kill()
-            raise RemoteError(str(msg.get("error", "load failed")), str(msg.get("type", "")))
+            raise error_from_name(str(msg.get("type", "")), str(msg.get("error", "load failed")))
         self.ready, self.alive = msg, True
         self.reader = asyncio.create_task(self._read())
         return msg
@@ -151,7 +146,8 @@ class RunnerProcess:
                 log.error("runner for %s stopped unexpectedly (exit code %s)", self.name, code)
             error = RunnerError(
                 "model runner has unexpectedly stopped, this may be due to resource "
-                "limitations or an internal error, check the herd server log for details")
+                "limitations or an internal error, check the herd server log for details"
+            )
             for queue in self.streams.values():
                 queue.put_nowait(error)
             self.on_exit(self)
@@ -178,7 +174,7 @@ class RunnerProcess:
                     raise msg
                 if "error" in msg:
                     finished = True
-                    raise RemoteError(str(msg["error"]), str(msg.get("type", "")))
+                    raise error_from_name(str(msg.get("type", "")), str(msg["error"]))
                 finished = bool(msg.get("done")) or "embeddings" in msg
                 yield msg
                 if finished:
@@ -237,8 +233,11 @@ class Runner:
         return self.spec.name
 
     def usable_for(self, spec: LoadSpec) -> bool:
-        return (self.proc.alive and self.spec.ref.digest == spec.ref.digest
-                and self.spec.options.load_key() == spec.options.load_key())
+        return (
+            self.proc.alive
+            and self.spec.ref.digest == spec.ref.digest
+            and self.spec.options.load_key() == spec.options.load_key()
+        )
 
 
 class Lease:
@@ -257,12 +256,22 @@ class Lease:
 
 
 class Scheduler:
-    def __init__(self, *, max_loaded: int, max_queue: int, keep_alive: float,
-                 load_timeout: float, memory_limit: int | None, num_parallel: int,
-                 backend: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_loaded: int,
+        max_queue: int,
+        keep_alive: float,
+        load_timeout: float,
+        memory_limit: int | None,
+        num_parallel: int,
+        backend: str | None = None,
+        kv_cache_type: str = "f16",
+    ) -> None:
         self.max_loaded, self.max_queue = max_loaded, max_queue
         self.default_keep_alive, self.load_timeout = keep_alive, load_timeout
         self.memory_limit, self.num_parallel, self.backend = memory_limit, num_parallel, backend
+        self.kv_cache_type = kv_cache_type  # HERD_KV_CACHE_TYPE: the runners read it too
         self.runners: dict[str, Runner] = {}
         self.waiting: dict[str, int] = {}
         self.pending = 0
@@ -317,9 +326,11 @@ class Scheduler:
         out = {}
         for name in names:
             r = self.runners.get(name)
-            out[name] = {"running": float(r.running if r else 0),
-                         "waiting": float(self.waiting.get(name, 0)),
-                         "kv": r.kv_usage if r else 0.0}
+            out[name] = {
+                "running": float(r.running if r else 0),
+                "waiting": float(self.waiting.get(name, 0)),
+                "kv": r.kv_usage if r else 0.0,
+            }
         return out
 
     async def shutdown(self) -> None:
@@ -366,25 +377,39 @@ class Scheduler:
                     await self._wait_change()  # reload once its requests are done
                     continue
                 await self._unload(runner)
-            estimate = estimate_memory(spec, self.num_parallel)
-            await self._make_room(spec.name, estimate)
-            runner = await self._load(spec, estimate)
+            need = estimate_memory(spec, self.num_parallel, self.kv_cache_type)
+            await self._make_room(spec.name, need)
+            runner = await self._load(spec, need)
             self._take(runner, keep_alive)
             return runner, runner.load_duration
 
     async def _load(self, spec: LoadSpec, estimate: int) -> Runner:
         t0 = time.perf_counter_ns()
         proc = RunnerProcess(spec.name, self._on_exit)
-        log.info("loading %s (%s, about %d MiB)", spec.name, spec.ref.model_path,
-                 estimate >> 20)
-        ready = await proc.start({
-            "name": spec.name, "path": str(spec.ref.model_path), "template": spec.ref.template,
-            "system": spec.ref.system, "params": spec.ref.params, "backend": self.backend,
-            "options": asdict(spec.options), "parallel": self.num_parallel,
-        }, self.load_timeout)
+        log.info("loading %s (%s, about %d MiB)", spec.name, spec.ref.model_path, estimate >> 20)
+        ready = await proc.start(
+            {
+                "name": spec.name,
+                "path": str(spec.ref.model_path),
+                "template": spec.ref.template,
+                "system": spec.ref.system,
+                "messages": list(spec.ref.messages),
+                "params": spec.ref.params,
+                "backend": self.backend,
+                "options": asdict(spec.options),
+                "parallel": self.num_parallel,
+            },
+            self.load_timeout,
+        )
         parallel = max(1, int(ready.get("parallel", 1)))
-        runner = Runner(spec, proc, estimate, parallel, asyncio.Semaphore(parallel),
-                        load_duration=time.perf_counter_ns() - t0)
+        runner = Runner(
+            spec,
+            proc,
+            estimate,
+            parallel,
+            asyncio.Semaphore(parallel),
+            load_duration=time.perf_counter_ns() - t0,
+        )
         self.runners[spec.name] = runner
         self._notify()
         return runner
@@ -399,7 +424,8 @@ class Scheduler:
         elif not math.isinf(runner.session):
             runner.expires_at = time.time() + runner.session
             runner.timer = asyncio.get_running_loop().call_later(
-                runner.session, self._expire_idle, runner)
+                runner.session, self._expire_idle, runner
+            )
 
     def _expire_idle(self, runner: Runner) -> None:
         runner.timer = None
@@ -438,8 +464,10 @@ class Scheduler:
             count_ok = len(self.runners) < self.max_loaded
             if count_ok and need <= free:
                 return
-            idle = sorted((r for r in self.runners.values() if r.refcount == 0),
-                          key=lambda r: (r.session, r.name))
+            idle = sorted(
+                (r for r in self.runners.values() if r.refcount == 0),
+                key=lambda r: (r.session, r.name),
+            )
             if idle:
                 log.info("evicting %s to make room for %s", idle[0].name, name)
                 await self._unload(idle[0])
@@ -448,7 +476,8 @@ class Scheduler:
             if need > reclaimable or not self.runners:
                 raise InsufficientMemoryError(
                     f"model '{name}' requires more system memory ({_gib(need)}) than is "
-                    f"available ({_gib(max(free, 0))})")
+                    f"available ({_gib(max(free, 0))})"
+                )
             await self._wait_change()  # every model is busy: wait for one to go idle
 
 

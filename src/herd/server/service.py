@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from herd import envconfig
-from herd.cli.show import ShowFacts, load_facts
-from herd.errors import ModelNotFoundError
-from herd.runner.options import Options
-from herd.server.errors import BadRequestError
+from herd.errors import BadRequestError, ModelNotFoundError
+from herd.options import Options
 from herd.server.metrics import Metrics
 from herd.server.scheduler import LoadSpec, Scheduler
 from herd.store import ModelRef, Store
+from herd.store.facts import ShowFacts, load_facts
 
 
 @dataclass
@@ -61,8 +60,9 @@ class Service:
             raise BadRequestError("options must be an object")
         merged = Options(num_ctx=envconfig.context_length()).merged(ref.params).merged(options)
         facts = await self.facts(ref)
-        return LoadSpec(ref.name, ref, facts.gguf, ref.model_path.stat().st_size, merged,
-                        self.scheduler.backend)
+        return LoadSpec(
+            ref.name, ref, facts.gguf, ref.model_path.stat().st_size, merged, self.scheduler.backend
+        )
 
     # ---- running
     async def completion(self, c: Completion) -> AsyncIterator[dict[str, Any]]:
@@ -80,9 +80,13 @@ class Service:
                     msg["load_duration"] = lease.load_duration
                     msg["total_duration"] = now - t0
                     self.metrics.finished(
-                        name, str(msg.get("done_reason", "")),
-                        int(msg.get("prompt_eval_count", 0)), int(msg.get("eval_count", 0)),
-                        int(msg.get("eval_duration", 0)) / 1e9, (now - t0) / 1e9)
+                        name,
+                        str(msg.get("done_reason", "")),
+                        int(msg.get("prompt_eval_count", 0)),
+                        int(msg.get("eval_count", 0)),
+                        int(msg.get("eval_duration", 0)) / 1e9,
+                        (now - t0) / 1e9,
+                    )
                 elif msg.get("text"):
                     if first is None:
                         first = now
@@ -94,16 +98,21 @@ class Service:
         finally:
             lease.release()
 
-    async def embed(self, spec: LoadSpec, keep_alive: float | None, texts: list[str],
-                    truncate: bool = True) -> tuple[list[list[float]], int, int]:
+    async def embed(
+        self, spec: LoadSpec, keep_alive: float | None, texts: list[str], truncate: bool = True
+    ) -> tuple[list[list[float]], int, int]:
         """(vectors, prompt tokens, load ns); the runner raises when the model can't embed."""
         lease = await self.scheduler.lease(spec, keep_alive)
         try:
             result: dict[str, Any] = {}
-            async for msg in lease.runner.proc.request({"op": "embed", "input": texts,
-                                                         "truncate": truncate}):
+            async for msg in lease.runner.proc.request(
+                {"op": "embed", "input": texts, "truncate": truncate}
+            ):
                 result = msg
-            return (result.get("embeddings") or [], int(result.get("prompt_eval_count", 0)),
-                    lease.load_duration)
+            return (
+                result.get("embeddings") or [],
+                int(result.get("prompt_eval_count", 0)),
+                lease.load_duration,
+            )
         finally:
             lease.release()

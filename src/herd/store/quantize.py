@@ -1,26 +1,25 @@
-"""Quantize an F32/F16/BF16 GGUF the way `llama-quantize` does, through ggml's own kernels.
+"""Quantize an F32/F16/BF16 GGUF the way `llama-quantize` does.
 
 Each tensor's target type follows llama.cpp's `llama-quant.cpp` (the "mixes" of Q4_K_M and
 friends: more bits for output/token embeddings, attn_v and ffn_down on some layers); the
-bytes come from ggml's `ggml_quantize_chunk` (via ggml-python), so they match what
-llama.cpp writes. The output is streamed, header first, so it can go straight into a blob.
+bytes come from `herd.gguf.quants` (ggml's own quantizers), so they match what llama.cpp
+writes. The output is streamed, header first (`herd.gguf.writer`), so it can go straight
+into a blob.
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
-from herd.errors import GGUFError, HerdError
-from herd.gguf import GGUFFile, TensorInfo
-from herd.gguf.reader import DEFAULT_ALIGNMENT
+from herd.errors import HerdError
+from herd.gguf import GGUFFile, TensorInfo, quants
+from herd.gguf.reader import DEFAULT_ALIGNMENT, raw_kv
+from herd.gguf.writer import GGUFStream, kv_entry
 
 T = GGMLQuantizationType
 F = LlamaFileType
@@ -47,16 +46,43 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 
 # block-size fallbacks when a row length is not a multiple of the type's block
 _FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
-_NO_QUANTIZE = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup",
-                "laurel", "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
-                "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_first.weight",
-                "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight",
-                "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
-                "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight",
-                "time_mix_g1.weight", "time_mix_g2.weight", "time_mix_decay_w1.weight",
-                "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
-                ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos",
-                ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd")
+_NO_QUANTIZE = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+)
 
 Progress = Callable[[int, int], None]  # (bytes of source tensors done, total)
 
@@ -66,8 +92,9 @@ def parse_file_type(name: str) -> str:
     key = name.strip().upper()
     key = ALIASES.get(key, key)
     if key not in FILE_TYPES:
-        raise HerdError(f"unsupported quantization type {name!r}: use one of "
-                        + ", ".join(FILE_TYPES))
+        raise HerdError(
+            f"unsupported quantization type {name!r}: use one of " + ", ".join(FILE_TYPES)
+        )
     return key
 
 
@@ -76,10 +103,17 @@ def _category(name: str) -> str:
         return "output"
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    for key, cat in (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"),
-                     ("attn_v.weight", "attn_v"), ("attn_k.weight", "attn_k"),
-                     ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
-                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+    for key, cat in (
+        ("attn_qkv.weight", "attn_v"),
+        ("attn_kv_b.weight", "attn_v"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
+    ):
         if key in name:
             return cat  # fused QKV and MLA kv_b count as attn_v, as in llama.cpp
     return "other"
@@ -201,134 +235,52 @@ def file_type_of(g: GGUFFile) -> str:
     return kinds.pop() if len(kinds) == 1 else "unknown"
 
 
-# ---------------------------------------------------------------- GGUF, written as a stream
-
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
-def _skip_value(buf: memoryview, pos: int, vtype: int) -> int:
-    if vtype in _SCALAR_SIZE:
-        return pos + _SCALAR_SIZE[vtype]
-    if vtype == 8:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        return pos + 8 + n
-    if vtype == 9:
-        etype, n = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if etype in _SCALAR_SIZE:
-            return pos + n * _SCALAR_SIZE[etype]
-        for _ in range(n):
-            pos = _skip_value(buf, pos, etype)
-        return pos
-    raise GGUFError(f"unknown GGUF value type {vtype}")
-
-
-def _raw_kv(g: GGUFFile) -> list[tuple[str, bytes]]:
-    """Each metadata entry's exact bytes (key, type and value), so types survive the copy."""
-    buf = g.buffer()
-    (n_kv,) = struct.unpack_from("<Q", buf, 16)
-    pos, out = 24, []
-    for _ in range(n_kv):
-        start = pos
-        (klen,) = struct.unpack_from("<Q", buf, pos)
-        key = bytes(buf[pos + 8 : pos + 8 + klen]).decode("utf-8", errors="replace")
-        pos += 8 + klen
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        pos = _skip_value(buf, pos + 4, vtype)
-        out.append((key, bytes(buf[start:pos])))
-    return out
-
-
-def _string(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("<Q", len(b)) + b
-
-
-def _u32_kv(key: str, value: int) -> bytes:
-    return _string(key) + struct.pack("<II", 4, value)
-
-
-def _pad(n: int, align: int) -> int:
-    return (n + align - 1) // align * align - n
-
-
-def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape, dtype=np.int64)) // block * size
-
-
-def quantize(g: GGUFFile, file_type: str, write: Callable[[bytes], object],
-             progress: Progress | None = None) -> dict[str, GGMLQuantizationType]:
+def quantize(
+    g: GGUFFile,
+    file_type: str,
+    write: Callable[[bytes | memoryview], object],
+    progress: Progress | None = None,
+) -> dict[str, GGMLQuantizationType]:
     """Write `g` quantized to `file_type` as GGUF v3 bytes through `write`; returns the plan."""
     file_type = parse_file_type(file_type)
     source = file_type_of(g)
     if source not in SOURCE_TYPES:
-        raise HerdError(f"quantization is only supported for F16, BF16 and F32 models "
-                        f"(this one is {source})")
-    try:
-        import ggml  # ggml-python: loaded only when quantizing
-    except ImportError:
-        raise HerdError("quantizing needs ggml-python (pip install ggml-python==0.0.45)") \
-            from None
-
+        raise HerdError(
+            f"quantization is only supported for F16, BF16 and F32 models (this one is {source})"
+        )
     types = plan(g, file_type)
-    align = int(g.kv.get("general.alignment", DEFAULT_ALIGNMENT))
-    ftype = int(FILE_TYPES[file_type][0])
-    kvs = [(k, raw) for k, raw in _raw_kv(g)
-           if k not in ("split.no", "split.count", "split.tensors.count")]
-    keys = [k for k, _ in kvs]
-    for key, value in (("general.quantization_version", QUANTIZATION_VERSION),
-                       ("general.file_type", ftype)):
-        entry = _u32_kv(key, value)
-        if key in keys:
-            kvs[keys.index(key)] = (key, entry)
-        else:
-            kvs.append((key, entry))
-            keys.append(key)
+    for qtype in {types[t.name] for t in g.tensors.values() if types[t.name] != t.type}:
+        quants.check(qtype)  # before the first byte: K-quants need ggml-python
 
+    # the metadata as it is, bytes and types, but for the quantization and split keys
+    kv = {
+        k: raw
+        for k, raw in raw_kv(g)
+        if k not in ("split.no", "split.count", "split.tensors.count")
+    }
+    kv["general.quantization_version"] = kv_entry(
+        "general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32
+    )
+    kv["general.file_type"] = kv_entry(
+        "general.file_type", int(FILE_TYPES[file_type][0]), GGUFValueType.UINT32
+    )
     tensors = list(g.tensors.values())
-    header = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(kvs))]
-    header += [raw for _, raw in kvs]
-    offset = 0
-    for t in tensors:
-        ne = list(reversed(t.shape))
-        header.append(_string(t.name) + struct.pack("<I", len(ne))
-                      + struct.pack(f"<{len(ne)}Q", *ne)
-                      + struct.pack("<IQ", int(types[t.name]), offset))
-        size = _nbytes(t.shape, types[t.name])
-        offset += size + _pad(size, align)
-    head = b"".join(header)
-    write(head + b"\0" * _pad(len(head), align))
-
+    out = GGUFStream(
+        write,
+        list(kv.values()),
+        [(t.name, t.shape, types[t.name]) for t in tensors],
+        int(g.kv.get("general.alignment", DEFAULT_ALIGNMENT)),
+    )
     total, done = sum(t.nbytes for t in tensors), 0
     for t in tensors:
         new = types[t.name]
         if new == t.type:
-            data = g.raw(t.name).tobytes()
+            out.tensor(g.raw(t.name))
         else:
-            data = _convert(ggml, g.raw(t.name), t, new)
-        write(data + b"\0" * _pad(len(data), align))
+            src = dequantize(g.raw(t.name), t.type).reshape(t.shape)
+            out.tensor(quants.quantize(src, new))
         done += t.nbytes
         if progress:
             progress(done, total)
+    out.close()
     return types
-
-
-def _convert(ggml: object, raw: np.ndarray, t: TensorInfo, new: GGMLQuantizationType) -> bytes:
-    """One tensor to type `new`, in row chunks of about 16M values."""
-    n_per_row = t.shape[-1]
-    rows = t.n_elements // n_per_row
-    src = dequantize(raw, t.type).reshape(rows, n_per_row)
-    step = max(1, (1 << 24) // n_per_row)
-    row_size = _nbytes((n_per_row,), new)
-    out = np.empty(rows * row_size, np.uint8)
-    ggml.ggml_quantize_init(int(new))  # type: ignore[attr-defined]
-    for first in range(0, rows, step):
-        chunk = np.ascontiguousarray(src[first : first + step], dtype=np.float32)
-        n = chunk.shape[0]
-        dst = out[first * row_size : (first + n) * row_size]
-        written = ggml.ggml_quantize_chunk(  # type: ignore[attr-defined]
-            int(new), chunk.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            dst.ctypes.data_as(ctypes.c_void_p), 0, n, n_per_row, None)
-        assert written == n * row_size, (t.name, new, written, n * row_size)
-    return out.tobytes()

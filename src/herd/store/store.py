@@ -115,7 +115,8 @@ class Store:
         path = self.manifests_dir / name.filepath()
         # names.validate already forbids '..' and '/', this guards against future edits
         if os.path.commonpath([path.resolve(), self.manifests_dir.resolve()]) != str(
-                self.manifests_dir.resolve()):
+            self.manifests_dir.resolve()
+        ):
             raise InvalidNameError(f"invalid model name '{name}': escapes the store")
         return path
 
@@ -151,9 +152,17 @@ class Store:
             f.write(data)
         return hashlib.sha256(data).hexdigest()
 
-    def write_model(self, name: str | Name, model: Layer, *, template: str | None = None,
-                    system: str | None = None, params: dict[str, Any] | None = None,
-                    license: list[str] | None = None, facts: GGUFFacts | None = None) -> ModelRef:
+    def write_model(
+        self,
+        name: str | Name,
+        model: Layer,
+        *,
+        template: str | None = None,
+        system: str | None = None,
+        params: dict[str, Any] | None = None,
+        license: list[str] | None = None,
+        facts: GGUFFacts | None = None,
+    ) -> ModelRef:
         """Write the small layers, the config blob and, last, the manifest of a GGUF model.
 
         `model` must already be a blob in the store (its media type is set here).
@@ -197,8 +206,15 @@ class Store:
                 modified = datetime.fromtimestamp(path.stat().st_mtime).astimezone()
             except (OSError, HerdError):
                 continue  # a broken manifest must not hide the others
-            out.append(ModelEntry(n.display_shortest(), hashlib.sha256(data).hexdigest(),
-                                  manifest.size, modified, self._config(manifest)))
+            out.append(
+                ModelEntry(
+                    n.display_shortest(),
+                    hashlib.sha256(data).hexdigest(),
+                    manifest.size,
+                    modified,
+                    self._config(manifest),
+                )
+            )
         return sorted(out, key=lambda e: e.modified, reverse=True)
 
     def resolve(self, name: str | Name) -> ModelRef:
@@ -210,8 +226,10 @@ class Store:
             raise HerdError(f"model '{_shown(name)}' has no GGUF model layer")
         model_path = self.blob_path(model.digest)
         if not model_path.is_file():
-            raise HerdError(f"model '{_shown(name)}' is incomplete: blob {model.digest} is "
-                            "missing; pull it again")
+            raise HerdError(
+                f"model '{_shown(name)}' is incomplete: blob {model.digest} is "
+                "missing; pull it again"
+            )
         template = self._text(manifest.first(MEDIA_TEMPLATE, MEDIA_PROMPT))
         params = self._json(manifest.first(MEDIA_PARAMS)) or {}
         messages = self._json(manifest.first(MEDIA_MESSAGES)) or []

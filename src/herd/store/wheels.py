@@ -29,9 +29,22 @@ CHUNK = 1 << 20
 
 def pip_download(project: str, version: str, dest: Path) -> None:
     """`pip download --no-deps --only-binary :all:` with this interpreter's pip."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-           "-d", str(dest), f"{project}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        f"{project}=={version}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         lines = [x.strip() for x in (proc.stderr or proc.stdout).splitlines() if x.strip()]
@@ -67,8 +80,11 @@ class WheelCache:
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
         try:
             self.fetch(project, version, tmp)
-            wheels = [p for p in tmp.glob("*.whl")
-                      if p.name.lower().startswith(f"{normalize(project)}-{version}-")]
+            wheels = [
+                p
+                for p in tmp.glob("*.whl")
+                if p.name.lower().startswith(f"{normalize(project)}-{version}-")
+            ]
             if len(wheels) != 1:
                 raise DownloadError(f"fetching {project}=={version} gave no wheel of it")
             target = self.root / wheels[0].name

@@ -19,7 +19,7 @@ import numpy as np
 from herd.errors import UnsupportedModelError
 from herd.gguf import Config as GGUFConfig
 from herd.ml import Backend, Context, DType, Tensor
-from herd.models.base import Batch
+from herd.models.base import Batch, Inputs
 from herd.models.registry import register
 from herd.nn import Embedding, LayerNorm, Linear, Weights, attention
 
@@ -118,13 +118,14 @@ class Model:
     def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
         return cls(config, backend)
 
-    def forward(self, ctx: Context, batch: Batch) -> Tensor:
+    def forward(self, ctx: Context, inputs: Inputs) -> Tensor:
+        batch = inputs.batch
         t = len(batch.tokens)
         assert int(batch.positions.max(initial=0)) < self.context_length, (
             f"position {int(batch.positions.max())} >= context length {self.context_length}"
         )
-        h = self.token_embd.forward(ctx.input(batch.tokens, DType.I32))  # (T, D)
-        h = h.add(self.position_embd.forward(ctx.input(batch.positions, DType.I32)))
+        h = self.token_embd.forward(inputs.tokens)  # (T, D)
+        h = h.add(self.position_embd.forward(inputs.positions))
         h = h.add(self.token_types.forward(ctx.input(np.zeros(t, np.int32), DType.I32)))
         h = self.token_embd_norm.forward(h)
         seq = batch.sequences

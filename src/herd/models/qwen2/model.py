@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal
-from herd.ml import Backend, Context, DType, RopeOptions, Tensor
-from herd.models.base import Batch, batch_inputs, last_layer_rows
+from herd.ml import Backend, Context, RopeOptions, Tensor
+from herd.models.base import Inputs
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
 
@@ -105,6 +105,8 @@ class Block:
 
 @register("qwen2")
 class Model:
+    is_embedding = False
+
     def __init__(self, config: GGUFConfig, backend: Backend) -> None:
         w = Weights(backend)
         cfg = Config.read(config)
@@ -116,20 +118,18 @@ class Model:
         self.output_norm = RMSNorm.bind(w, "output_norm", cfg.n_embd, cfg.eps)
         self.output = Linear.bind(w, "output", n_vocab, cfg.n_embd, fallback="token_embd.weight")
         self.cache = Causal(self.shift)
-        self.cache_dtype = DType.F16
 
     @classmethod
     def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
         return cls(config, backend)
 
-    def forward(self, ctx: Context, batch: Batch) -> Tensor:
-        self.cache.start_forward(ctx, batch)
-        tokens, pos, outputs = batch_inputs(ctx, batch)
-        h = self.token_embd.forward(tokens)  # (T, D)
-        last, rows = len(self.blk) - 1, last_layer_rows(batch, outputs)  # rows: of `outputs`
+    def forward(self, ctx: Context, inputs: Inputs) -> Tensor:
+        h = self.token_embd.forward(inputs.tokens)  # (T, D)
+        pos, last = inputs.positions, len(self.blk) - 1
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
-            h = block.forward(h, pos, self.cache, rows if i == last else None)
+            rows = inputs.rows if i == last else None  # last layer: output rows only
+            h = block.forward(h, pos, self.cache, rows)
         return self.output.forward(self.output_norm.forward(h))  # (N, n_vocab)
 
     def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from herd.convert.readers import FLOAT_DTYPES, ConvertError, TensorRef
-from herd.errors import UnsupportedModelError
+from herd.errors import ConvertError, UnsupportedModelError
+from herd.models.conversion import FLOAT_DTYPES, TensorRef
 
 ARCH = "qwen3moe"
 HF_ARCHITECTURES = ("Qwen3MoeForCausalLM",)

@@ -12,8 +12,15 @@ then go to the GPU by `num_gpu` (-1: as many as fit; `herd.ml.layout`), and
 
 Without ggml-python, importing this package raises ImportError, which the registry reads
 as "not installed".
+
+The backend in files by concern: `backend.py` (weights, persistent tensors, options),
+`tensor.py` (every op), `context.py` (graphs: nodes, compute, rerun), `placement.py`
+(where graphs' tensors go, CPU and scheduler), `devices.py`, `dtypes.py` (types and
+shapes at the ctypes boundary), `_lib.py` (the ctypes bindings).
 """
 
-from herd.ml.backends.ggml.backend import GGMLBackend, GGMLContext, GGMLTensor, open_ggml
+from herd.ml.backends.ggml.backend import GGMLBackend, open_ggml
+from herd.ml.backends.ggml.context import GGMLContext
+from herd.ml.backends.ggml.tensor import GGMLTensor
 
 __all__ = ["GGMLBackend", "GGMLContext", "GGMLTensor", "open_ggml"]

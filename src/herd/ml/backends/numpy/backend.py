@@ -19,7 +19,14 @@ from gguf.quants import dequantize
 
 from herd.errors import BackendError, GGUFError
 from herd.gguf import GGUFFile
-from herd.ml.base import BackendOptions, DeviceInfo, DType, RopeOptions, context_of
+from herd.ml.base import (
+    BackendOptions,
+    CacheConfig,
+    DeviceInfo,
+    DType,
+    RopeOptions,
+    context_of,
+)
 from herd.ml.rope import apply_rope
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -342,6 +349,10 @@ class NumpyBackend:
 
     def new_context(self) -> NumpyContext:
         return NumpyContext()
+
+    def cache_config(self) -> CacheConfig:
+        # ggml's layout and padding: the oracle attends the same cells, in the same order
+        return CacheConfig(v_transposed=True, pad=128, mask_dtype=DType.F32, flash_attention=False)
 
     def devices(self) -> list[DeviceInfo]:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

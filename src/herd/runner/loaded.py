@@ -1,0 +1,120 @@
+"""A loaded model: the GGUF file opened on a backend, with its tokenizer and chat template.
+
+The library (`herd.api.LLM`) and the runner process (`herd.runner.serve`) both hold one
+and hand it to the request pipeline (`herd.runner.pipeline`). Configuration comes in as
+arguments: the entry points read the environment (the backend, flash attention, the KV
+cache type), nothing here does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from herd.gguf import GGUFFile, open_gguf
+from herd.ml import BackendOptions, open_backend
+from herd.models import Batch, Model, batch_inputs, load_model
+from herd.options import Options
+from herd.runner.engine import Runner
+from herd.template import ChatTemplate, select_template
+from herd.tokenizer import Tokenizer, from_gguf
+
+
+@dataclass
+class Source:
+    """Where a model comes from: a GGUF path plus what a store manifest adds."""
+
+    name: str
+    path: Path
+    template: str | None = None
+    system: str | None = None
+    params: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)  # Modelfile MESSAGEs
+
+
+class Loaded:
+    """A model ready to serve requests.
+
+    `defaults`: Ollama's option defaults < the model's parameters (Modelfile) < `options`.
+    `flash_attention` (None: the backend decides) and `kv_cache_type` ("f16", "q8_0",
+    "q4_0") go to the backend, which plans memory for them, and to the runners made here.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        backend: str | None = None,
+        options: dict[str, Any] | None = None,
+        *,
+        flash_attention: bool | None = None,
+        kv_cache_type: str = "f16",
+    ) -> None:
+        t0 = time.perf_counter_ns()
+        self.source, self.name = source, source.name
+        self.gguf: GGUFFile = open_gguf(source.path)
+        self.defaults = Options().merged(source.params).merged(options)
+        self.kv_cache_type = kv_cache_type
+        self.backend = open_backend(
+            backend,
+            self.gguf,
+            BackendOptions(
+                num_thread=self.defaults.num_thread,
+                num_gpu=self.defaults.num_gpu,
+                num_ctx=self.defaults.num_ctx,
+                num_batch=self.defaults.num_batch,
+                flash_attention=flash_attention,
+                kv_cache_type=kv_cache_type,
+            ),
+        )
+        self.model: Model = load_model(self.gguf.config(), self.backend)
+        self.tokenizer: Tokenizer = from_gguf(self.gguf)
+        self.template: ChatTemplate | None = select_template(self.gguf.kv, source.template)
+        self.load_duration = time.perf_counter_ns() - t0  # ns
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.model.is_embedding
+
+    @property
+    def context_length(self) -> int:
+        """The model's trained context (tokens)."""
+        return self.model.context_length
+
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def new_runner(self, options: Options, parallel: int = 1) -> Runner:
+        """A runner (KV cache of `parallel` x num_ctx cells) for the load-time `options`."""
+        return Runner(self.model, self.backend, self.tokenizer, options, self.context_length,
+                      parallel=parallel, cache_type=self.kv_cache_type)  # fmt: skip
+
+    def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """(len(inputs), n_embd) float32: the embedding of each token list, as many in one
+        forward pass as fit the context, each its own sequence."""
+        rows, batch = [], []
+        for ids in inputs:
+            if sum(map(len, batch)) + len(ids) > self.context_length:
+                rows.append(self._embed_batch(batch))
+                batch = []
+            batch.append(ids)
+        if batch:
+            rows.append(self._embed_batch(batch))
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+    def _embed_batch(self, batch: list[list[int]]) -> np.ndarray:
+        seq = np.concatenate([np.full(len(ids), k, np.int32) for k, ids in enumerate(batch)])
+        b = Batch(np.concatenate(batch).astype(np.int32),
+                  np.concatenate([np.arange(len(ids), dtype=np.int32) for ids in batch]),
+                  seq, np.zeros(0, np.int32))  # fmt: skip
+        with self.backend.new_context() as ctx:  # an encoder: no cache inputs to make
+            (out,) = ctx.compute(self.model.forward(ctx, batch_inputs(ctx, b)))
+        return out
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,187 @@
+"""The request pipeline: a generate, chat or embed request -> what the engine runs, and
+the engine's events -> Ollama's answer. The library (`herd.api`) and the runner process
+(`herd.runner.serve`) both go through here, so each rule below holds in one place:
+
+    rule                          where
+    options                       `Loaded.defaults` (Ollama's < model's) < the request's
+    system message                generate: `system`, else the model's (Modelfile SYSTEM);
+                                  chat: the model's, unless the first message is one
+    model messages                the Modelfile's MESSAGEs before the request's (generate:
+                                  not when it continues a `context`)
+    template                      the request's text, else the model's; none: plain text
+    format turns thinking off     a grammar holds from the first token: nothing to think in
+    output parser                 tools and thinking, told apart as the template writes
+                                  them; Ollama's "does not support ..." when it cannot
+    tokens                        `context` (an earlier answer's) + the prompt, which gets
+                                  BOS/EOS only when it starts the sequence; special tokens
+                                  in the text are parsed (a raw prompt is fully templated)
+    context length                one check: over it, ContextLengthError with
+                                  `truncate: false`, else cut (the runner keeps `num_keep`
+                                  and the latest tokens; an embedding keeps its last token)
+    final event                   counters, and `context` (prompt + answer) when wanted
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from herd.errors import (
+    CapabilityError,
+    ContextLengthError,
+    NotImplementedYetError,
+    UnsupportedModelError,
+)
+from herd.options import Options
+from herd.runner.engine import Event, context_size
+from herd.runner.loaded import Loaded
+from herd.sample.grammar import Grammar
+from herd.template import ChatTemplate, select_template
+from herd.template.parsers import OutputParser, Parsed, infer_thinking_tags, supports_tools
+
+
+@dataclass
+class Request:
+    """A generate request (`prompt`, with `system`, `raw` and `context`) or a chat request
+    (`messages`), as the library's calls and the runner pipe's messages both give it."""
+
+    prompt: str = ""
+    messages: list[dict[str, Any]] | None = None
+    system: str | None = None  # generate's; None: the model's, "": none
+    raw: bool = False  # the prompt is already templated: no template, no system
+    context: Sequence[int] = ()  # generate: the tokens this prompt continues
+    template: str | None = None  # this request's template text instead of the model's
+    tools: list[dict[str, Any]] | None = None
+    think: bool | str | None = None
+    format: str | dict[str, Any] | None = None  # "json" or a JSON schema
+    options: dict[str, Any] | None = None  # by Ollama's names
+    truncate: bool = True  # False: ContextLengthError for a prompt over the context
+    want_context: bool = False  # the final event gives prompt + answer tokens (generate)
+    # not yet: a vision model's images, each to become its placeholder tokens in `tokens`
+    # and its embeddings in the batch
+    images: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """A request ready for the engine."""
+
+    tokens: list[int]  # the whole prompt: context + the rendered text's tokens
+    options: Options
+    grammar: Grammar | None  # constrains the answer (`format`)
+    parser: OutputParser | None  # tools and thinking; None: the answer is all content
+    text: str  # the rendered prompt
+    want_context: bool = False
+
+    def parse(self, event: Event) -> Parsed:
+        """The event's text as content, thinking and tool calls."""
+        if self.parser is None:
+            return Parsed(event.text)
+        return self.parser.add(event.text, event.done)
+
+
+def prepare(loaded: Loaded, request: Request) -> Prepared:
+    """The tokens, options, grammar and output parser of a generate or chat request (the
+    rules in the table above); raises what the model or the context cannot take."""
+    if loaded.is_embedding:
+        raise CapabilityError(f'"{loaded.name}" does not support generate')
+    if request.images:
+        raise NotImplementedYetError("images are not supported yet")
+    options = loaded.defaults.merged(request.options)
+    # a grammar holds from the first token: a thinking model is told not to think
+    think = False if request.format and request.think else request.think
+    template = loaded.template
+    if request.template:  # this request's own
+        template = select_template(loaded.gguf.kv, request.template)
+    text = _render(loaded, request, template, think)
+    parser = _parser(loaded.name, template, request.tools, think, text)
+    context = list(request.context)
+    tokens = context + loaded.tokenize(text, add_special=not context, parse_special=True)
+    n_ctx = context_size(options, loaded.context_length)
+    check_length(len(tokens), n_ctx - 1, n_ctx, request.truncate)  # a cell for the answer
+    grammar = Grammar.from_format(loaded.tokenizer, request.format) if request.format else None
+    return Prepared(tokens, options, grammar, parser, text, request.want_context)
+
+
+def _render(
+    loaded: Loaded, request: Request, template: ChatTemplate | None, think: bool | str | None
+) -> str:
+    source, messages = loaded.source, request.messages
+    if messages is None:  # generate: system, the model's MESSAGEs unless continuing, prompt
+        if request.raw or template is None:
+            return request.prompt
+        system = request.system if request.system is not None else source.system
+        messages = [{"role": "system", "content": system}] if system else []
+        if not request.context:
+            messages += source.messages
+        messages.append({"role": "user", "content": request.prompt})
+    else:  # chat: the model's MESSAGEs, then its SYSTEM unless the request starts with one
+        if source.system and (not messages or messages[0].get("role") != "system"):
+            messages = [{"role": "system", "content": source.system}, *messages]
+        messages = [*source.messages, *messages]
+    if template is None:
+        return "\n".join(str(m.get("content") or "") for m in messages)
+    return template.render(messages, add_generation_prompt=True, tools=request.tools, think=think)
+
+
+def _parser(
+    name: str,
+    template: ChatTemplate | None,
+    tools: list[dict[str, Any]] | None,
+    think: bool | str | None,
+    prompt: str,
+) -> OutputParser | None:
+    """The output parser for tools and thinking (None without either); errors in Ollama's
+    words when the template cannot do what is asked."""
+    if think not in (None, False) and not all(infer_thinking_tags(template)):
+        raise CapabilityError(f'"{name}" does not support thinking')
+    if tools and not supports_tools(template):
+        raise CapabilityError(f'"{name}" does not support tools')
+    if not tools and think in (None, False):
+        return None
+    return OutputParser(template, tools=tools, think=think, prompt=prompt)
+
+
+def finish(prepared: Prepared, event: Event) -> dict[str, Any]:
+    """Ollama's fields of the final answer: why it ended, the counters (durations in ns),
+    and `context` (the prompt's tokens and the answer's) when the request wants it."""
+    out: dict[str, Any] = {
+        "done_reason": event.done_reason,
+        "prompt_eval_count": event.prompt_eval_count,
+        "prompt_eval_duration": event.prompt_eval_duration,
+        "eval_count": event.eval_count,
+        "eval_duration": event.eval_duration,
+    }
+    if prepared.want_context:
+        out["context"] = prepared.tokens + list(event.tokens)
+    return out
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+def prepare_embed(loaded: Loaded, texts: Sequence[str], truncate: bool) -> tuple[
+        list[list[int]], int]:  # fmt: skip
+    """The token lists of `texts`, each cut to the context keeping its last token (the
+    [SEP] an encoder pools or ends on), and how many tokens they had before cutting."""
+    if not loaded.is_embedding:
+        raise UnsupportedModelError(f'"{loaded.name}" does not support embeddings')
+    n_ctx, inputs, count = loaded.context_length, [], 0
+    for text in texts:
+        ids = loaded.tokenize(text)
+        count += len(ids)
+        if check_length(len(ids), n_ctx, n_ctx, truncate):
+            ids = ids[: n_ctx - 1] + ids[-1:]
+        inputs.append(ids)
+    return inputs, count
+
+
+def check_length(n: int, room: int, n_ctx: int, truncate: bool) -> bool:
+    """Whether an input of `n` tokens must be cut to fit the `room` it has in a context
+    of `n_ctx`; ContextLengthError instead when `truncate` is false."""
+    if n <= room:
+        return False
+    if not truncate:
+        raise ContextLengthError(
+            f"the input length ({n} tokens) exceeds the context length ({n_ctx} tokens)"
+        )
+    return True
