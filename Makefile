@@ -40,8 +40,12 @@ test: install-test
 		(apt-get update -q && apt-get install -y -q docker-registry) >/dev/null || true; fi
 	$(BIN)/python -m pytest -q
 
+# The same checks run in `make test` (tests/unit/test_style.py), so CI enforces them too.
+LINT_PATHS := src tests benchmarks scripts
+
 lint: install-test
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 bench: install-test
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench]"
