@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from herd.cli.env import CliEnv
 from herd.cli.format import go_duration, human_bytes, human_duration
 from herd.cli.main import cli
-from herd.cli.run import Repl
+from herd.cli.repl import Repl
 from herd.errors import OptionError
 from herd.gguf import open_gguf
 from herd.options import parse_text

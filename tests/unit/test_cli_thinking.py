@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from test_cli import FakeLLM, Lines, fake_env, invoke, models  # noqa: F401 (fixture)
 
-from herd.cli.run import Repl, stream_out
+from herd.cli.repl import Repl
+from herd.cli.stream import stream_out
 from herd.store import Store
 
 
