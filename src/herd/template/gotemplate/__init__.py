@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from herd.template.gotemplate.errors import GoTemplateError
-from herd.template.gotemplate.exec import MAX_OUTPUT, MAX_STEPS, State
+from herd.template.gotemplate.exec import State
+from herd.template.gotemplate.exec_state import MAX_OUTPUT, MAX_STEPS
 from herd.template.gotemplate.funcs import BUILTINS, Func, FuncError
 from herd.template.gotemplate.nodes import ListNode
 from herd.template.gotemplate.parser import Tree, parse
