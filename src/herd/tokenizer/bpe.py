@@ -23,7 +23,8 @@ from herd.tokenizer.base import (
     byte_piece,
     read_vocab,
 )
-from herd.tokenizer.pretokenize import UNICODE_TO_BYTE, PreTokenizer, byte_encode, pre_tokenizer
+from herd.tokenizer.byte_level import UNICODE_TO_BYTE, byte_encode
+from herd.tokenizer.pre_regexes import PreTokenizer, pre_tokenizer
 from herd.tokenizer.pretokenize import split as pre_split
 
 _CACHE_LIMIT = 100_000  # words; cleared wholesale when full

@@ -33,7 +33,7 @@ from herd.tokenizer.base import (
     byte_piece,
     read_vocab,
 )
-from herd.tokenizer.pretokenize import CONTROL, MARK, PUNCT, SYMBOL, WHITESPACE, categories
+from herd.tokenizer.unicode_cats import CONTROL, MARK, PUNCT, SYMBOL, WHITESPACE, categories
 
 SPACE = "\u2581"
 _CJK = (
