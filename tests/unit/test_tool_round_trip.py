@@ -25,8 +25,8 @@ from test_grammar import JsonTokenizer
 from herd import envconfig
 from herd.errors import error_from_name
 from herd.options import Options
-from herd.runner.engine import Event
 from herd.runner.loaded import Source
+from herd.runner.sequence import Event
 from herd.runner.serve import Child
 from herd.server import scheduler as sched
 from herd.server.app import Settings, create_app

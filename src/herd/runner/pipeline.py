@@ -24,21 +24,21 @@ the engine's events -> Ollama's answer. The library (`herd.api`) and the runner 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from herd.errors import (
     CapabilityError,
     ContextLengthError,
-    NotImplementedYetError,
     UnsupportedModelError,
 )
 from herd.options import Options
-from herd.runner.engine import Event, context_size
 from herd.runner.loaded import Loaded
+from herd.runner.sequence import Event, context_size
 from herd.sample.grammar import Grammar
 from herd.template import ChatTemplate, select_template
-from herd.template.parsers import OutputParser, Parsed, infer_thinking_tags, supports_tools
+from herd.template.infer import infer_thinking_tags, supports_tools
+from herd.template.parsers import OutputParser, Parsed
 
 
 @dataclass
@@ -58,9 +58,6 @@ class Request:
     options: dict[str, Any] | None = None  # by Ollama's names
     truncate: bool = True  # False: ContextLengthError for a prompt over the context
     want_context: bool = False  # the final event gives prompt + answer tokens (generate)
-    # not yet: a vision model's images, each to become its placeholder tokens in `tokens`
-    # and its embeddings in the batch
-    images: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -86,8 +83,6 @@ def prepare(loaded: Loaded, request: Request) -> Prepared:
     rules in the table above); raises what the model or the context cannot take."""
     if loaded.is_embedding:
         raise CapabilityError(f'"{loaded.name}" does not support generate')
-    if request.images:
-        raise NotImplementedYetError("images are not supported yet")
     options = loaded.defaults.merged(request.options)
     # a grammar holds from the first token: a thinking model is told not to think
     think = False if request.format and request.think else request.think
@@ -159,8 +154,9 @@ def finish(prepared: Prepared, event: Event) -> dict[str, Any]:
 
 
 # ---- embeddings ---------------------------------------------------------------------------
-def prepare_embed(loaded: Loaded, texts: Sequence[str], truncate: bool) -> tuple[
-        list[list[int]], int]:  # fmt: skip
+def prepare_embed(
+    loaded: Loaded, texts: Sequence[str], truncate: bool
+) -> tuple[list[list[int]], int]:
     """The token lists of `texts`, each cut to the context keeping its last token (the
     [SEP] an encoder pools or ends on), and how many tokens they had before cutting."""
     if not loaded.is_embedding:

@@ -53,9 +53,10 @@ from typing import IO, Any, Protocol
 from herd import envconfig
 from herd.errors import HerdError
 from herd.options import Options
-from herd.runner.engine import Event, Runner
+from herd.runner.engine import Runner
 from herd.runner.loaded import Loaded, Source
 from herd.runner.pipeline import Prepared, Request, finish, prepare, prepare_embed
+from herd.runner.sequence import Event
 from herd.sample.grammar import Grammar
 
 log = logging.getLogger("herd.runner")

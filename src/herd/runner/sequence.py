@@ -1,0 +1,71 @@
+"""A request's sequence and what it streams: the Event each request yields, the Slot of
+the shared KV cache a sequence runs in, the Sequence's per-request state, the repeat limit
+and the context size of each sequence."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from herd.options import Options
+from herd.runner.stop import StopMatcher
+from herd.sample import Sampler
+from herd.tokenizer import StreamDecoder
+
+
+@dataclass
+class Event:
+    """A piece of streamed output; the last one has `done` and the counters."""
+
+    text: str = ""
+    done: bool = False
+    done_reason: str = ""
+    tokens: tuple[int, ...] = ()  # tokens generated (final event: all of them)
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0  # ns
+    eval_count: int = 0
+    eval_duration: int = 0  # ns
+    # per generated token, Ollama's api.Logprob: {token, logprob, bytes, top_logprobs}
+    logprobs: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass
+class Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
+    busy: bool = False
+
+
+@dataclass
+class Sequence:
+    slot: Slot
+    options: Options
+    pending: list[int]  # tokens still to feed
+    limit: int
+    sampler: Sampler
+    decoder: StreamDecoder
+    stops: StopMatcher
+    history: list[int]
+    events: queue.SimpleQueue[Event]
+    cancelled: threading.Event
+    evaluated: int
+    shift: bool = True
+    logprobs: int = -1  # top alternatives to report per token; -1: no logprobs
+    generated: list[int] = field(default_factory=list)
+    t_start: int = field(default_factory=time.perf_counter_ns)
+    t_first: int = 0
+    done: bool = False
+    last_piece: str = ""  # the last token's text, stripped, and how many times in a row
+    repeats: int = 0  # it came again (Ollama starts from "" too)
+
+
+REPEAT_LIMIT = 30  # Ollama's: the 31st repeat of one token's text ends the answer
+
+
+def context_size(options: Options, context_length: int) -> int:
+    """The context (tokens) of each sequence: `num_ctx`, at most what the model was
+    trained for."""
+    return max(8, min(options.num_ctx, context_length))
