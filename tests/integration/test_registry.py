@@ -557,14 +557,14 @@ def test_disk_full_outside_the_part_downloads_is_a_clear_error(
     when the blob file closes); every place gives the same clear error and an empty store."""
     import errno
 
-    from herd.registry import transfer
+    from herd.registry import download
 
     name, _, _, model = _pushed(proxy, tmp_path, "fullstate", size=300_000)
 
     def no_space(*_: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(transfer, "_write_part", no_space)
+    monkeypatch.setattr(download, "_write_part", no_space)
     store = Store(tmp_path / "store")
     with pytest.raises(DownloadError, match="disk full"):
         pull(store, name, Options(**FAST))

@@ -1,5 +1,5 @@
-"""Pull and push against an OCI registry with Ollama's protocol (`server/download.go`,
-`server/upload.go`, `server/images.go`).
+"""Pull from an OCI registry with Ollama's protocol (`server/download.go`,
+`server/images.go`): the manifest, then each blob downloaded in resumable parts.
 
 Pull: manifest GET; per blob a HEAD for its size, parts of size/16 clamped to
 [100 MB, 1000 MB] downloaded in parallel with `Range` into `sha256-<hex>-partial` (sparse,
@@ -7,10 +7,6 @@ preallocated) while each part's progress is kept in `sha256-<hex>-partial-N` (Ol
 JSON), so an interrupted pull resumes where it stopped, even one Ollama started. Unlike
 Ollama, the sha256 is checked *before* the partial file is renamed into place: a blob with
 the wrong bytes never enters the store. The manifest is written last.
-
-Push: per blob HEAD, else POST an upload (with a cross-repository mount when the layer
-says where it came `from`), PATCH the parts, PUT `?digest=`; then PUT the manifest bytes
-exactly as they are in the store, so the pulled copy has the same digest.
 """
 
 from __future__ import annotations
@@ -30,9 +26,8 @@ from pathlib import Path
 import httpx
 
 from herd import envconfig
-from herd.errors import DownloadError, HerdError, InvalidNameError, RegistryError
-from herd.registry.client import MANIFEST_V2, Client, Options, file_slices
-from herd.store import names
+from herd.errors import DownloadError, HerdError, RegistryError
+from herd.registry.client import MANIFEST_V2, Client, Options
 from herd.store.layout import Layer, Manifest, fsync_dir, parse_digest
 from herd.store.names import Name
 from herd.store.store import ModelRef, Store, to_name
@@ -381,126 +376,6 @@ def _fetch_range(
         resp.close()
     if part.completed < part.size:
         raise _Short(f"connection closed after {part.completed} of {part.size} bytes")
-
-
-# ---------------------------------------------------------------- push
-
-
-def push(
-    store: Store, name: str | Name, options: Options | None = None, progress: Progress | None = None
-) -> None:
-    """Push model `name` from `store` to its registry."""
-    report = progress or _quiet
-    n = store.existing(to_name(name))
-    report("retrieving manifest", None, None, None)
-    manifest, data = store.read_manifest(n, n.display_shortest())
-    blobs = list(dict.fromkeys([*manifest.layers, manifest.config]))
-    for layer in blobs:
-        if not store.has_blob(layer.digest):
-            raise HerdError(
-                f"model '{n.display_shortest()}' is incomplete: blob "
-                f"{layer.digest} is missing locally"
-            )
-    with Client(n, options) as client:
-        for layer in blobs:
-            upload_blob(client, store, layer, report)
-        report("pushing manifest", None, None, None)
-        client.request(
-            "PUT",
-            client.url("manifests", n.tag),
-            headers={"Content-Type": MANIFEST_V2},
-            body=data,
-            what="manifest",
-        ).close()
-    report("success", None, None, None)
-
-
-def _location(resp: httpx.Response, client: Client) -> httpx.URL:
-    loc = resp.headers.get("docker-upload-location") or resp.headers.get("location")
-    if not loc:
-        raise RegistryError(
-            f"registry {client.host} gave no upload location (status {resp.status_code})"
-        )
-    return resp.url.join(loc)
-
-
-def upload_blob(client: Client, store: Store, layer: Layer, report: Progress) -> None:
-    digest = layer.digest
-    status = f"pushing {parse_digest(digest)[:12]}"
-    path = store.blob_path(digest)
-    total = path.stat().st_size
-    try:
-        client.request("HEAD", client.url("blobs", digest), what=f"blob {digest}").close()
-        report(status, digest, total, total)
-        return
-    except RegistryError as e:
-        if e.status != 404:
-            raise
-    start = client.url("blobs", "uploads", "")
-    if layer.from_:
-        with contextlib.suppress(InvalidNameError):
-            src = names.parse(layer.from_)
-            if src.host.lower() == client.name.host.lower():
-                start = start.copy_merge_params(
-                    {"mount": digest, "from": f"{src.namespace}/{src.model}"}
-                )
-    resp = client.request("POST", start, what="upload")
-    resp.close()
-    if resp.status_code == 201:  # mounted from the other repository
-        report(status, digest, total, total)
-        return
-    location = _location(resp, client)
-    size = min(max(total // client.options.parts, client.options.part_min), client.options.part_max)
-    done = [0]
-
-    def on_bytes(k: int) -> None:
-        done[0] += k
-        report(status, digest, total, done[0])
-
-    md5s = []
-    offset = 0
-    while offset < total:
-        n = min(size, total - offset)
-        body = file_slices(str(path), offset, n, on_bytes=on_bytes)
-        md5 = hashlib.md5()
-        for chunk in file_slices(str(path), offset, n)():
-            md5.update(chunk)
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(n),
-            "Content-Range": f"{offset}-{offset + n - 1}",
-            "X-Redirect-Uploads": "1",
-        }
-        before = done[0]
-        resp = client.request(
-            "PATCH", location, headers=headers, body=body, what="upload", cross_host=True
-        )
-        resp.close()
-        if resp.status_code == 307:  # upload this part straight to storage
-            done[0] = before
-            direct = resp.url.join(resp.headers["location"])
-            put = client.http.put(
-                direct,
-                content=body(),
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)},
-            )
-            if put.status_code >= 400:
-                raise RegistryError(
-                    f"uploading part to {direct.host} failed: {put.status_code}", put.status_code
-                )
-        location = _location(resp, client)
-        md5s.append(md5.digest())
-        offset += n
-    etag = f"{hashlib.md5(b''.join(md5s)).hexdigest()}-{len(md5s)}"
-    final = location.copy_merge_params({"digest": digest, "etag": etag})
-    client.request(
-        "PUT",
-        final,
-        headers={"Content-Type": "application/octet-stream", "Content-Length": "0"},
-        body=b"",
-        what="upload",
-    ).close()
-    report(status, digest, total, total)
 
 
 def registry_puller(options: Options | None = None) -> Callable[[Store, Name, Progress], ModelRef]:
