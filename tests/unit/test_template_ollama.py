@@ -19,7 +19,7 @@ from herd.template import (
     parse_template,
     select_template,
 )
-from herd.template.ollama import collate, to_message
+from herd.template.ollama_data import collate, to_message
 
 TEMPLATES = Path(__file__).parents[1] / "testdata" / "templates"
 

@@ -9,14 +9,10 @@ from typing import Any
 import pytest
 
 from herd.template import Template, go_builtin
-from herd.template.parsers import (
-    OutputParser,
-    ThinkingParser,
-    ToolCallParser,
-    infer_thinking_tags,
-    infer_tool_call_tag,
-    infer_tool_format,
-)
+from herd.template.infer import infer_thinking_tags, infer_tool_call_tag, infer_tool_format
+from herd.template.parsers import OutputParser
+from herd.template.thinking import ThinkingParser
+from herd.template.toolcalls import ToolCallParser
 
 WEATHER = {
     "type": "function",

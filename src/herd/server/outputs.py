@@ -20,7 +20,7 @@ from herd.errors import BadRequestError
 from herd.sample.grammar import format_grammar
 from herd.server.http import close, watch
 from herd.store.facts import ShowFacts
-from herd.template.ollama import THINK_LEVELS
+from herd.template.ollama_data import THINK_LEVELS
 
 
 # ---- requests ------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class ShowFacts:
         if f"{arch}.vision.block_count" in kv:
             caps.append("vision")
         if self.template:
-            from herd.template.parsers import template_capabilities
+            from herd.template.infer import template_capabilities
 
             caps += template_capabilities(self.template)  # tools, thinking
         if self.template and ".Suffix" in self.template:

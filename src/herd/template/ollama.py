@@ -6,21 +6,15 @@ collated messages (consecutive messages of one role merged with a blank line, ex
 results; `.System` is every system message joined); otherwise the older prompt-style
 rendering, one execution per (system, prompt, response) turn, the last one cut after
 `{{ .Response }}`. Parsing appends `{{ .Response }}` to a template that names neither
-`.Messages` nor `.Response`, as Ollama does.
-
-The data model follows Ollama's template types (`templateMessage`, `templateTool`, ...):
-field names are Go's, tool arguments and properties print as JSON, and `json` marshals as
-Go's encoding/json does (sorted map keys, HTML-safe escapes).
+`.Messages` nor `.Response`, as Ollama does. Also Ollama's template functions (`json`,
+`currentDate`, ...). The data it executes over is in herd.template.ollama_data.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from herd.template.gotemplate import Func, GoTemplate, GoTemplateError
 from herd.template.gotemplate.errors import position
@@ -34,293 +28,17 @@ from herd.template.gotemplate.nodes import (
     Node,
     PipeNode,
     TemplateNode,
-    VariableNode,
 )
-
-THINK_LEVELS = ("high", "medium", "low", "max")
-
-
-# ---- template data (Ollama's template types) ----------------------------------------------
-
-
-class PropertyType(list[str]):
-    """api.PropertyType: one JSON-schema type or several."""
-
-    GO_TYPE = "api.PropertyType"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    def go_string(self) -> str:
-        return "" if not self else self[0] if len(self) == 1 else "[" + " ".join(self) + "]"
-
-    def go_marshal_json(self) -> str:
-        return marshal(self[0]) if len(self) == 1 else marshal(list(self))
-
-
-class PropertiesMap(dict[str, Any]):
-    """api.ToolPropertiesMap: nested properties, marshalled in insertion order."""
-
-    GO_TYPE = "*api.ToolPropertiesMap"
-    GO_JSON_ORDERED = True
-
-
-@dataclass
-class ToolProperty:
-    GO_TYPE: ClassVar[str] = "api.ToolProperty"
-    GO_METHODS: ClassVar[dict[str, str]] = {"ToTypeScriptType": "to_typescript_type"}
-
-    AnyOf: list[ToolProperty] = field(default_factory=list, metadata={"json": "anyOf,omitempty"})
-    Type: PropertyType = field(default_factory=PropertyType, metadata={"json": "type,omitempty"})
-    Items: Any = field(default=None, metadata={"json": "items,omitempty"})
-    Description: str = field(default="", metadata={"json": "description,omitempty"})
-    Enum: list[Any] = field(default_factory=list, metadata={"json": "enum,omitempty"})
-    Properties: PropertiesMap | None = field(
-        default=None, metadata={"json": "properties,omitempty"}
-    )
-    Required: list[str] = field(default_factory=list, metadata={"json": "required,omitempty"})
-
-    def to_typescript_type(self) -> str:
-        if self.AnyOf:
-            return " | ".join(p.to_typescript_type() for p in self.AnyOf)
-        if not self.Type:
-            return "any"
-        return " | ".join(_TS_TYPES.get(t, "any") for t in self.Type)
-
-
-_TS_TYPES = {"string": "string", "number": "number", "integer": "number", "boolean": "boolean",
-             "array": "any[]", "object": "Record<string, any>", "null": "null"}  # fmt: skip
-
-
-class TemplateProperties(dict[str, ToolProperty]):
-    """A tool's parameters: a map to range over that prints as JSON."""
-
-    GO_TYPE = "template.templateProperties"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    def go_string(self) -> str:
-        return marshal(self)
-
-
-@dataclass
-class ToolFunctionParameters:
-    GO_TYPE: ClassVar[str] = "template.templateToolFunctionParameters"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    Type: str = field(default="", metadata={"json": "type"})
-    Defs: Any = field(default=None, metadata={"json": "$defs,omitempty"})
-    Items: Any = field(default=None, metadata={"json": "items,omitempty"})
-    Required: list[str] = field(default_factory=list, metadata={"json": "required,omitempty"})
-    Properties: TemplateProperties | None = field(default=None, metadata={"json": "properties"})
-
-    def go_string(self) -> str:
-        return marshal(self)
-
-
-@dataclass
-class ToolFunction:
-    # Ollama's HEAD lost String() on this type (it prints as a Go struct); herd keeps the JSON
-    # that api.ToolFunction printed, which templates like `"function": {{ .Function }}` need.
-    GO_TYPE: ClassVar[str] = "template.templateToolFunction"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    Name: str = field(default="", metadata={"json": "name"})
-    Description: str = field(default="", metadata={"json": "description"})
-    Parameters: ToolFunctionParameters = field(
-        default_factory=ToolFunctionParameters, metadata={"json": "parameters"}
-    )
-
-    def go_string(self) -> str:
-        return marshal(self)
-
-
-@dataclass
-class Tool:
-    GO_TYPE: ClassVar[str] = "template.templateTool"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    Type: str = field(default="function", metadata={"json": "type"})
-    Items: Any = field(default=None, metadata={"json": "items,omitempty"})
-    Function: ToolFunction = field(default_factory=ToolFunction, metadata={"json": "function"})
-
-    def go_string(self) -> str:
-        return marshal(self)
-
-
-class Tools(list[Tool]):
-    GO_TYPE = "template.templateTools"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    def go_string(self) -> str:
-        return marshal(self)
-
-
-class Arguments(dict[str, Any]):
-    """A tool call's arguments: a map to range over that prints as JSON."""
-
-    GO_TYPE = "template.templateArgs"
-    GO_METHODS: ClassVar[dict[str, str]] = {"String": "go_string"}
-
-    def go_string(self) -> str:
-        return marshal(self)
-
-
-@dataclass
-class ToolCallFunction:
-    GO_TYPE: ClassVar[str] = "template.templateToolCallFunction"
-    Index: int = 0
-    Name: str = ""
-    Arguments: Arguments = field(default_factory=Arguments)
-
-
-@dataclass
-class ToolCall:
-    GO_TYPE: ClassVar[str] = "template.templateToolCall"
-    ID: str = ""
-    Function: ToolCallFunction = field(default_factory=ToolCallFunction)
-
-
-@dataclass
-class Message:
-    GO_TYPE: ClassVar[str] = "*template.templateMessage"
-    Role: str = ""
-    Content: str = ""
-    Thinking: str = ""
-    Images: list[Any] = field(default_factory=list)
-    ToolCalls: list[ToolCall] = field(default_factory=list)
-    ToolName: str = ""
-    ToolCallID: str = ""
-
-
-# ---- conversion from API shapes -----------------------------------------------------------
-
-
-def _content(content: Any) -> tuple[str, list[Any]]:
-    """Text and images of a message content: a string, or OpenAI-style parts."""
-    if content is None:
-        return "", []
-    if isinstance(content, str):
-        return content, []
-    text, images = [], []
-    for part in content:
-        if isinstance(part, str):
-            text.append(part)
-        elif isinstance(part, Mapping) and part.get("type") == "text":
-            text.append(str(part.get("text", "")))
-        elif isinstance(part, Mapping) and "image" in str(part.get("type", "")):
-            images.append(part.get("image_url") or part.get("image") or part)
-    return "".join(text), images
-
-
-def _arguments(args: Any) -> Arguments:
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            return Arguments()
-    return Arguments(args) if isinstance(args, Mapping) else Arguments()
-
-
-def to_message(m: Message | Mapping[str, Any]) -> Message:
-    """A template message from an Ollama (or OpenAI) chat message."""
-    if isinstance(m, Message):
-        return copy.deepcopy(m)
-    text, images = _content(m.get("content"))
-    calls = []
-    for i, tc in enumerate(m.get("tool_calls") or []):
-        fn = tc.get("function", tc)
-        calls.append(
-            ToolCall(
-                ID=str(tc.get("id") or ""),
-                Function=ToolCallFunction(
-                    Index=int(fn.get("index", i) or 0),
-                    Name=str(fn.get("name", "")),
-                    Arguments=_arguments(fn.get("arguments")),
-                ),
-            )
-        )
-    return Message(
-        Role=str(m.get("role", "")).lower(),
-        Content=text,
-        Thinking=str(m.get("thinking") or m.get("reasoning_content") or ""),
-        Images=list(m.get("images") or []) + images,
-        ToolCalls=calls,
-        ToolName=str(m.get("tool_name") or m.get("name") or ""),
-        ToolCallID=str(m.get("tool_call_id") or ""),
-    )
-
-
-def _property(p: Mapping[str, Any]) -> ToolProperty:
-    t = p.get("type")
-    nested = p.get("properties")
-    return ToolProperty(
-        AnyOf=[_property(x) for x in p.get("anyOf") or [] if isinstance(x, Mapping)],
-        Type=PropertyType([t] if isinstance(t, str) else list(t or [])),
-        Items=p.get("items"),
-        Description=str(p.get("description") or ""),
-        Enum=list(p.get("enum") or []),
-        Properties=PropertiesMap({k: _property(v) for k, v in nested.items()})
-        if isinstance(nested, Mapping)
-        else None,
-        Required=list(p.get("required") or []),
-    )
-
-
-def to_tools(tools: Iterable[Tool | Mapping[str, Any]] | None) -> Tools | None:
-    """Template tools from Ollama/OpenAI tool definitions."""
-    if tools is None:
-        return None
-    out = Tools()
-    for t in tools:
-        if isinstance(t, Tool):
-            out.append(t)
-            continue
-        fn = t.get("function") or {}
-        params = fn.get("parameters") or {}
-        props = params.get("properties")
-        out.append(
-            Tool(
-                Type=str(t.get("type", "function")),
-                Items=t.get("items"),
-                Function=ToolFunction(
-                    Name=str(fn.get("name", "")),
-                    Description=str(fn.get("description") or ""),
-                    Parameters=ToolFunctionParameters(
-                        Type=str(params.get("type") or ""),
-                        Defs=params.get("$defs"),
-                        Items=params.get("items"),
-                        Required=list(params.get("required") or []),
-                        Properties=TemplateProperties({k: _property(v) for k, v in props.items()})
-                        if isinstance(props, Mapping)
-                        else None,
-                    ),
-                ),
-            )
-        )
-    return out
-
-
-def collate(messages: Sequence[Message]) -> tuple[str, list[Message]]:
-    """Ollama's collate: merge consecutive same-role messages (not tool results) with a
-    blank line; also return every system message joined."""
-    system: list[str] = []
-    out: list[Message] = []
-    for m in messages:
-        if m.Role == "system":
-            system.append(m.Content)
-        if out and out[-1].Role == m.Role and m.Role != "tool":
-            out[-1].Content += "\n\n" + m.Content
-        else:
-            out.append(copy.copy(m))
-    return "\n\n".join(system), out
-
-
-def think_values(think: bool | str | None) -> dict[str, Any]:
-    """.Think, .ThinkLevel and .IsThinkSet for a request's `think` (api.ThinkValue)."""
-    if think is None:
-        return {"Think": False, "ThinkLevel": "", "IsThinkSet": False}
-    if isinstance(think, str):
-        return {"Think": think in THINK_LEVELS, "ThinkLevel": think, "IsThinkSet": True}
-    return {"Think": bool(think), "ThinkLevel": "medium" if think else "", "IsThinkSet": True}
-
+from herd.template.ollama_data import (
+    Message,
+    Tool,
+    ToolProperty,
+    collate,
+    think_values,
+    to_message,
+    to_tools,
+)
+from herd.template.ollama_tree import cut_after_response, identifiers
 
 # ---- Ollama's functions ---------------------------------------------------------------------
 
@@ -350,76 +68,6 @@ FUNCS: dict[str, Func] = {
     "yesterdayDate": Func(_yesterday, (), "string"),
     "toTypeScriptType": Func(_typescript, ("any",)),
 }
-
-
-# ---- tree walks (Ollama's Identifiers and deleteNode) -------------------------------------
-
-
-def identifiers(n: Node) -> list[str]:
-    """Field and variable names a node uses (Ollama's template.Identifiers)."""
-    if isinstance(n, ListNode):
-        return [i for c in n.nodes for i in identifiers(c)]
-    if isinstance(n, TemplateNode):
-        if n.pipe is None:
-            raise ValueError("undefined template specified")
-        return identifiers(n.pipe)
-    if isinstance(n, ActionNode):
-        return identifiers(n.pipe)
-    if isinstance(n, BranchNode):
-        names = identifiers(n.pipe)
-        for lst in (n.list, n.else_list):
-            if lst is not None:
-                names += identifiers(lst)
-        return names
-    if isinstance(n, PipeNode):
-        return [i for c in n.cmds for a in c.args for i in identifiers(a)]
-    if isinstance(n, FieldNode | VariableNode):
-        return list(n.ident)
-    return []
-
-
-def cut_after_response(root: ListNode) -> ListNode:
-    """A copy of the tree that ends at the first `.Response` field: the last turn of a
-    prompt-style template is rendered up to the model's answer (Ollama's deleteNode)."""
-    cut = False
-
-    def drop(n: Node) -> bool:
-        nonlocal cut
-        if isinstance(n, FieldNode) and "Response" in n.ident:
-            cut = True
-            return False
-        return cut
-
-    def walk(n: Node) -> Node | None:
-        if drop(n):
-            return None
-        if isinstance(n, ListNode):
-            n.nodes = [c for c in (walk(c) for c in n.nodes) if c is not None]
-        elif isinstance(n, BranchNode):
-            # Ollama walks only the branch lists, never the condition; a list dropped
-            # whole would crash Ollama, here it just empties
-            n.list = walk(n.list) or ListNode(n.list.pos)  # type: ignore[assignment]
-            if n.else_list is not None:
-                n.else_list = walk(n.else_list) or ListNode(n.else_list.pos)  # type: ignore[assignment]
-        elif isinstance(n, ActionNode):
-            pipe = walk(n.pipe)
-            if pipe is None:
-                return None
-        elif isinstance(n, PipeNode):
-            cmds: list[CommandNode] = []
-            for c in n.cmds:
-                c.args = [a for a in (walk(a) for a in c.args) if a is not None]
-                if not c.args:
-                    return None
-                cmds.append(c)
-            if not cmds:
-                return None
-            n.cmds = cmds
-        return n
-
-    tree = root.copy()
-    out = walk(tree)
-    return out if isinstance(out, ListNode) else ListNode(root.pos)
 
 
 # ---- the template --------------------------------------------------------------------------
@@ -563,33 +211,3 @@ def _children(n: Node) -> list[Node]:
     if isinstance(n, BranchNode):
         return [n.list] + ([n.else_list] if n.else_list is not None else [])
     return []
-
-
-def walk_nodes(root: Node, visit: Callable[[Node, list[Node]], None]) -> None:
-    """Visit every node with its ancestors (like Ollama's templateVisit): lists, branches
-    (condition first), actions, template calls, pipelines, commands and their arguments."""
-    stack: list[Node] = []
-
-    def go(n: Node | None) -> None:
-        if n is None:
-            return
-        stack.append(n)
-        visit(n, stack)
-        if isinstance(n, ListNode):
-            for c in n.nodes:
-                go(c)
-        elif isinstance(n, BranchNode):
-            go(n.pipe)
-            go(n.list)
-            go(n.else_list)
-        elif isinstance(n, ActionNode | TemplateNode):
-            go(n.pipe)
-        elif isinstance(n, PipeNode):
-            for c in n.cmds:
-                go(c)
-        elif isinstance(n, CommandNode):
-            for a in n.args:
-                go(a)
-        stack.pop()
-
-    go(root)
