@@ -248,7 +248,25 @@ def num_parallel() -> int:
 
 def memory_limit() -> int | None:
     """Bytes runners may use in all (HERD_MEMORY_LIMIT, e.g. 8GiB); None: what is free."""
-    value = _get("HERD_MEMORY_LIMIT")
+    return _size(_get("HERD_MEMORY_LIMIT"))
+
+
+def image_limits() -> dict[str, int]:
+    """The limits on an image in a request that are set: HERD_MAX_IMAGE_SIZE (its file,
+    e.g. 20MiB) as `max_bytes`, HERD_MAX_IMAGE_PIXELS (width x height) as `max_pixels`
+    (`herd.models.imageproc.ImageLimits` has the defaults)."""
+    out = {}
+    size = _size(_get("HERD_MAX_IMAGE_SIZE"))
+    if size:
+        out["max_bytes"] = size
+    pixels = _int(("HERD_MAX_IMAGE_PIXELS",), 0)
+    if pixels > 0:
+        out["max_pixels"] = pixels
+    return out
+
+
+def _size(value: str) -> int | None:
+    """A size in bytes with an optional unit (KB, MiB, G, ...); None when unreadable."""
     if not value:
         return None
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?", value.lower())

@@ -57,6 +57,10 @@ class RegistryError(DownloadError):
         super().__init__(message)
 
 
+class ImageError(HerdError):
+    """Bytes that are not an image herd can read (format, truncation, size limits)."""
+
+
 class CacheFullError(HerdError):
     """The KV cache has no free cells for the batch."""
 

@@ -10,7 +10,7 @@ an optional sliding window or chunk.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,8 @@ class BatchLayout:
 
     positions: np.ndarray  # (T,) int32
     sequences: np.ndarray  # (T,) int32
+    # (first row, rows) of each image's placeholder tokens (see `Causal(bidirectional=)`)
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Causal:
@@ -41,6 +43,9 @@ class Causal:
     `padding`: the attended range is padded to a multiple of this many cells so graph
     backends see the same shapes for many decode steps in a row; None: the backend's
     `cache_config().pad`, read at `init` with the rest of how it wants its cache laid out.
+    `bidirectional`: the placeholder tokens of one image (`BatchLayout.spans`) see each
+    other whatever their order, a window still applying to the earlier ones (Gemma 3's
+    image tokens: causal OR same image, AND the window, as transformers masks them).
     """
 
     def __init__(
@@ -50,8 +55,10 @@ class Causal:
         window: int | None = None,
         chunk: int | None = None,
         padding: int | None = None,
+        bidirectional: bool = False,
     ) -> None:
         self.shift_fn, self.window, self.chunk = shift, window, chunk
+        self.bidirectional = bidirectional
         self._padding = padding
         self.backend: Backend | None = None
 
@@ -130,6 +137,16 @@ class Causal:
         self.lo, self.hi = lo, hi
         self._locs = locs.astype(np.int32)
         self._mask_array = self._mask(batch, lo, hi)
+        if self.bidirectional:
+            for row, rows in batch.spans:  # a span's tokens are in this batch, all of them
+                span = np.arange(row, row + rows)
+                seen = np.ones((rows, rows), dtype=bool)
+                if self.window is not None:  # (query, key): key not older than the window
+                    pos = batch.positions[span]
+                    seen = pos[:, None] - pos[None, :] < self.window
+                block = self._mask_array[np.ix_(span, locs[span] - lo)]
+                block[seen] = 0
+                self._mask_array[np.ix_(span, locs[span] - lo)] = block
         self._blocks = self._plan_blocks(self._mask_array)
         self._block_arrays = [
             np.ascontiguousarray(self._mask_array[a:b, s:e]) for a, b, s, e in self._blocks

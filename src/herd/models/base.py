@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -20,19 +20,37 @@ from herd.kvcache.causal import BatchLayout
 from herd.ml import Backend, Context, DType, Tensor
 
 
+@dataclass(frozen=True)
+class BatchImage:
+    """An encoded image in a batch: its placeholder tokens are rows `row` to
+    `row + rows - 1` of the batch (never split between batches), and `embedding` is what
+    the model's `Vision.encode` made of it (host memory; the runner caches it by digest)."""
+
+    row: int
+    rows: int
+    embedding: np.ndarray  # float32, the architecture's shape (Gemma 3: (rows, n_embd))
+
+
 @dataclass
 class Batch:
     """One forward pass worth of tokens, possibly from several sequences.
 
     `outputs`: indices into the batch of the tokens whose logits are wanted, increasing (a
     sequence's last prompt token, every decode token, or every token for teacher forcing).
+    `images`: the encoded images whose placeholder tokens are in the batch, by row.
     """
 
     tokens: np.ndarray  # (T,) int32
     positions: np.ndarray  # (T,) int32
     sequences: np.ndarray  # (T,) int32
     outputs: np.ndarray  # (N,) int32
-    multimodal: list[Any] = field(default_factory=list)
+    images: list[BatchImage] = field(default_factory=list)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """(first row, rows) of each image's placeholders: a cache built with
+        `bidirectional=True` lets the rows of one span see each other (Gemma 3)."""
+        return [(im.row, im.rows) for im in self.images]
 
     @classmethod
     def single(
@@ -56,6 +74,11 @@ class Inputs:
     tokens: Tensor  # (T,) I32
     positions: Tensor  # (T,) I32
     outputs: Tensor  # (N,) I32: rows of the batch whose logits are wanted
+    # the batch's encoded images, one input each (`Batch.images`' order), and for models
+    # whose images take the place of token embeddings, where each row's embedding comes
+    # from: row t of the token embeddings, or row T + j of the images' rows stacked
+    images: list[Tensor] = field(default_factory=list)
+    image_index: Tensor | None = None  # (T,) I32, None without images
 
     @property
     def rows(self) -> Tensor | None:
@@ -65,14 +88,55 @@ class Inputs:
 
 
 def batch_inputs(ctx: Context, batch: Batch) -> Inputs:
-    """The batch's token ids, positions and output rows as inputs, always in this order
-    (a rerun graph is given its inputs in the order they were made)."""
-    return Inputs(
+    """The batch's token ids, positions, output rows and images as inputs, always in this
+    order (a rerun graph is given its inputs in the order they were made)."""
+    inputs = Inputs(
         batch,
         ctx.input(batch.tokens, DType.I32),
         ctx.input(batch.positions, DType.I32),
         ctx.input(batch.outputs, DType.I32),
     )
+    if batch.images:
+        inputs.images = [ctx.input(im.embedding) for im in batch.images]
+        index = np.arange(len(batch.tokens), dtype=np.int32)
+        stacked = len(batch.tokens)
+        for im in batch.images:
+            index[im.row : im.row + im.rows] = np.arange(stacked, stacked + im.rows)
+            stacked += im.rows
+        inputs.image_index = ctx.input(index, DType.I32)
+    return inputs
+
+
+Pixels = Any  # an image as a model's `preprocess` gives it (its own type, NumPy inside)
+
+
+@runtime_checkable
+class Vision(Protocol):
+    """A model that takes images (Ollama's MultimodalProcessor), beside `Model`.
+
+    The runner decodes an image's bytes (`herd.models.imageproc.decode`: `ImageError` for
+    bytes that are no image or too big), preprocesses it (`preprocess`, CPU only),
+    encodes each distinct image once (`encode` in a context of
+    its own; the output is kept by the bytes' digest), and puts `image_tokens(pixels)`
+    placeholder tokens (`image_token`) in the prompt where the image goes, between the
+    two halves of `image_text` (text tokenized with the prompt, special tokens parsed).
+    The batch holding the placeholders carries the encoded image (`Batch.images`,
+    `Inputs.images`), and `forward` uses it as the architecture needs: Gemma 3 puts its
+    rows in place of the placeholders' embeddings, mllama reads it in its cross-attention
+    layers.
+    """
+
+    vision: Any  # the vision encoder; None where the file has none (a text-only Gemma 3)
+    image_token: int
+    image_text: tuple[str, str]
+
+    def preprocess(self, image: Any) -> Pixels:
+        """The model's input for a decoded RGB image (a `PIL.Image.Image`), exactly as the
+        research implementation's image processor makes it."""
+
+    def image_tokens(self, pixels: Pixels) -> int: ...
+    def encode(self, ctx: Context, pixels: Pixels) -> Tensor:
+        """The encoded image, as `BatchImage.embedding` will hold it once computed."""
 
 
 class Cache(Protocol):

@@ -17,14 +17,23 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from typing import Any, Protocol
 
 import numpy as np
 
 from herd.errors import CapabilityError, HerdError
 from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, GraphReuse, Tensor
-from herd.models import Batch, Model, batch_inputs
+from herd.models import Batch, BatchImage, Model, Pixels, Vision, batch_inputs
 from herd.options import Options
+from herd.runner.images import (
+    Image,
+    ImageCache,
+    batch_images,
+    span_start,
+    split_key,
+    whole_spans,
+)
 from herd.runner.sequence import REPEAT_LIMIT, Event, Sequence, Slot, context_size
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
@@ -47,9 +56,10 @@ class Runner:
         parallel: int = 1,
         reuse_graphs: bool = True,
         cache_type: str = "f16",
+        vision: Vision | None = None,
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
-        OLLAMA_KV_CACHE_TYPE values)."""
+        OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
         if cache_type not in KV_CACHE_TYPES:
@@ -72,6 +82,8 @@ class Runner:
         with backend.new_context() as probe:
             self._reuse = reuse_graphs and isinstance(probe, GraphReuse)
         self._graphs: dict[str, tuple[object, _ReusableContext]] = {}  # kind -> (key, context)
+        self.vision = vision
+        self.images = ImageCache(self._encode) if vision is not None else None
 
     # ---- sequences ----------------------------------------------------------------------
     def _truncate(self, tokens: list[int], keep: int) -> list[int]:
@@ -94,7 +106,7 @@ class Runner:
             return n
 
         slot = max(free, key=common)
-        n = common(slot)
+        n = span_start(tokens, common(slot))  # an image's rows are computed together
         if n < len(slot.cached):
             self.cache.remove(slot.id, n, None)
             del slot.cached[n:]
@@ -109,10 +121,14 @@ class Runner:
         shift: bool,
         logprobs: int = -1,
         grammar: Constraint | None = None,
+        images: Seq[tuple[int, Image]] = (),
     ) -> Sequence:
         if not tokens:
             raise HerdError("empty prompt")
-        tokens = self._truncate(list(tokens), options.num_keep)
+        items, encoded = self._place_images(tokens, images)
+        tokens = self._truncate(items, options.num_keep)
+        if encoded:  # truncation may have cut into an image: it goes whole or not at all
+            tokens = whole_spans(tokens, {k: rows for k, (_, rows) in encoded.items()})
         slot, reused = self._claim_slot(tokens)
         sampler = Sampler(**options.sampler_kwargs(), grammar=grammar)
         limit = options.num_predict if options.num_predict >= 0 else 10 * self.num_ctx
@@ -124,13 +140,43 @@ class Runner:
             sampler,
             StreamDecoder(self.tokenizer),
             StopMatcher(list(options.stop)),
-            list(tokens),
+            self._token_ids(tokens),
             queue.SimpleQueue(),
             cancelled or threading.Event(),
             evaluated=len(tokens) - reused,
             shift=shift,
             logprobs=logprobs,
+            images=encoded,
         )
+
+    def _place_images(
+        self, tokens: list[int], images: Seq[tuple[int, Image]]
+    ) -> tuple[list[int], dict[int, tuple[np.ndarray, int]]]:
+        """The prompt with each image's placeholders (at its start index) replaced by the
+        image's keys, and the images' encoder outputs (kept or computed now) by serial."""
+        items, encoded = list(tokens), {}
+        if images and self.images is None:
+            raise CapabilityError("this model does not take images")
+        for start, image in images:
+            assert self.images is not None
+            keys = self.images.keys(image)
+            items[start : start + image.tokens] = keys
+            encoded[split_key(keys[0])[0]] = (self.images.embedding(image), image.tokens)
+        return items, encoded
+
+    def _encode(self, pixels: Pixels) -> np.ndarray:
+        """The vision encoder's output for one image, in a pass of its own."""
+        assert self.vision is not None
+        with self.backend.new_context() as ctx:
+            (out,) = ctx.compute(self.vision.encode(ctx, pixels))
+        return out
+
+    def _token_ids(self, items: list[int]) -> list[int]:
+        """Token ids of prompt items: image keys become the placeholder token."""
+        if self.vision is None:
+            return list(items)
+        image_token = self.vision.image_token
+        return [k if k >= 0 else image_token for k in items]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not seq.stops.stopped and reason != "":  # release text held back
@@ -171,6 +217,7 @@ class Runner:
             seqs: list[int] = []
             outputs: list[int] = []
             owners: list[Sequence] = []
+            images: list[BatchImage] = []
             for seq in self.active:
                 room = self.num_batch - len(tokens)
                 if room <= 0:
@@ -183,7 +230,11 @@ class Runner:
                         self._finish(seq, "length")
                         continue
                     self._shift(slot, seq.options.num_keep)
-                take = seq.pending[:room]
+                take = seq.pending[: self._chunk(seq, room, first=not tokens)]
+                if not take:  # an image longer than the room: a batch of its own next
+                    continue
+                if seq.images:
+                    images += batch_images(take, len(tokens), seq.images)
                 start = len(slot.cached)
                 tokens += take
                 positions += range(start, start + len(take))
@@ -194,11 +245,16 @@ class Runner:
                     outputs.append(len(tokens) - 1)
                     owners.append(seq)
             if tokens:
+                ids = np.array(tokens, np.int32)
+                if images:
+                    assert self.vision is not None
+                    ids = np.where(ids < 0, np.int32(self.vision.image_token), ids)
                 batch = Batch(
-                    np.array(tokens, np.int32),
+                    ids,
                     np.array(positions, np.int32),
                     np.array(seqs, np.int32),
                     np.array(outputs, np.int32),
+                    images,
                 )
                 logits = self._compute(batch)
                 for seq, row in zip(owners, logits, strict=True):
@@ -206,6 +262,20 @@ class Runner:
             # rotate so a long prompt cannot starve the others
             self.active = self.active[1:] + self.active[:1]
             return True
+
+    @staticmethod
+    def _chunk(seq: Sequence, room: int, first: bool) -> int:
+        """How many of the sequence's pending items go in this batch: up to `room`, but
+        an image's rows never split (its tokens attend to each other, and the model takes
+        its encoder output whole). An image longer than the room waits for a batch of its
+        own, and gets it whole even past `num_batch` (`first`: the batch is empty)."""
+        pending = seq.pending
+        if len(pending) <= room:
+            return len(pending)
+        cut = span_start(pending, room)
+        if cut == 0 and first:  # the image at the front: all of its rows
+            return seq.images[split_key(pending[0])[0]][1]
+        return cut
 
     def _compute(self, batch: Batch) -> np.ndarray:
         """Logits for the batch's outputs, reusing a kept graph when it fits.
@@ -331,6 +401,7 @@ class Runner:
         shift: bool = True,
         logprobs: int = -1,
         grammar: Constraint | None = None,
+        images: Seq[tuple[int, Image]] = (),
     ) -> Iterator[Event]:
         """Stream one request's events; runs the loop inline unless a thread runs it.
 
@@ -339,11 +410,15 @@ class Runner:
         `shift=False`: end with done_reason "length" when the context fills instead of
         dropping old tokens. `logprobs` >= 0: each generated token's Event carries its
         log-probability and that many top alternatives. `grammar` constrains the answer
-        (structured outputs) and ends it once complete. Closing the iterator (a client
-        that went away) cancels the sequence.
+        (structured outputs) and ends it once complete. `images`: (index of the first
+        placeholder in `tokens`, image) of each image in the prompt, encoded here unless
+        an earlier request brought the same one. Closing the iterator (a client that
+        went away) cancels the sequence.
         """
         with self.lock:
-            seq = self._new_sequence(tokens, options, cancelled, shift, logprobs, grammar)
+            seq = self._new_sequence(
+                tokens, options, cancelled, shift, logprobs, grammar, images=images
+            )
         self.incoming.put(seq)
         self._wake.set()
         try:
@@ -382,24 +457,31 @@ class Runner:
             self._thread.join()
             self._thread = None
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        """(len(tokens), n_vocab) logits, teacher-forced, from an empty slot 0."""
+    def logits(self, tokens: list[int], images: Seq[tuple[int, Image]] = ()) -> np.ndarray:
+        """(len(tokens), n_vocab) logits, teacher-forced, from an empty slot 0; `images`
+        as in `generate`."""
         if not tokens:
             raise HerdError("no tokens to evaluate")
         if len(tokens) > self.num_ctx:
             raise HerdError(f"{len(tokens)} tokens do not fit the context of {self.num_ctx}")
         with self.lock:
+            items, encoded = self._place_images(tokens, images)
             slot = self.slots[0]
             self.cache.remove(slot.id, 0, None)
             slot.cached = []
-            rows = []
-            for i in range(0, len(tokens), self.num_batch):
-                chunk = list(tokens[i : i + self.num_batch])
-                batch = Batch.single(chunk, i, slot.id, "all")
+            rows, i = [], 0
+            while i < len(items):
+                end = span_start(items, i + self.num_batch)
+                if end == i:  # an image longer than a batch: all of it
+                    end = i + encoded[split_key(items[i])[0]][1]
+                chunk = items[i:end]
+                batch = Batch.single(self._token_ids(chunk), i, slot.id, "all")
+                batch.images = batch_images(chunk, 0, encoded)
                 with self.backend.new_context() as ctx:
                     (out,) = ctx.compute(self._forward(ctx, batch))
                 rows.append(out)
                 slot.cached += chunk
+                i = end
             return np.concatenate(rows)
 
     def kv_usage(self) -> float:

@@ -17,7 +17,8 @@ import numpy as np
 
 from herd.gguf import GGUFFile, open_gguf
 from herd.ml import BackendOptions, open_backend
-from herd.models import Batch, Model, batch_inputs, load_model
+from herd.models import Batch, Model, Vision, batch_inputs, load_model
+from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner.engine import Runner
 from herd.template import ChatTemplate, select_template
@@ -52,12 +53,14 @@ class Loaded:
         *,
         flash_attention: bool | None = None,
         kv_cache_type: str = "f16",
+        image_limits: ImageLimits | None = None,
     ) -> None:
         t0 = time.perf_counter_ns()
         self.source, self.name = source, source.name
         self.gguf: GGUFFile = open_gguf(source.path)
         self.defaults = Options().merged(source.params).merged(options)
         self.kv_cache_type = kv_cache_type
+        self.image_limits = image_limits or ImageLimits()
         self.backend = open_backend(
             backend,
             self.gguf,
@@ -80,6 +83,12 @@ class Loaded:
         return self.model.is_embedding
 
     @property
+    def vision(self) -> Vision | None:
+        """The model, where it takes images (its file has a vision encoder)."""
+        model = self.model
+        return model if isinstance(model, Vision) and model.vision is not None else None
+
+    @property
     def context_length(self) -> int:
         """The model's trained context (tokens)."""
         return self.model.context_length
@@ -92,7 +101,8 @@ class Loaded:
     def new_runner(self, options: Options, parallel: int = 1) -> Runner:
         """A runner (KV cache of `parallel` x num_ctx cells) for the load-time `options`."""
         return Runner(self.model, self.backend, self.tokenizer, options, self.context_length,
-                      parallel=parallel, cache_type=self.kv_cache_type)  # fmt: skip
+                      parallel=parallel, cache_type=self.kv_cache_type,
+                      vision=self.vision)  # fmt: skip
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """(len(inputs), n_embd) float32: the embedding of each token list, as many in one

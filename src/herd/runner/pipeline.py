@@ -12,6 +12,10 @@ the engine's events -> Ollama's answer. The library (`herd.api`) and the runner 
     format turns thinking off     a grammar holds from the first token: nothing to think in
     output parser                 tools and thinking, told apart as the template writes
                                   them; Ollama's "does not support ..." when it cannot
+    images                        Ollama's `[img-N]` tags, before the content of the
+                                  message that brought them (or where its text has
+                                  `[img]`), become the model's image text and placeholders;
+                                  a model without vision: "does not support vision"
     tokens                        `context` (an earlier answer's) + the prompt, which gets
                                   BOS/EOS only when it starts the sequence; special tokens
                                   in the text are parsed (a raw prompt is fully templated)
@@ -23,8 +27,9 @@ the engine's events -> Ollama's answer. The library (`herd.api`) and the runner 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from herd.errors import (
@@ -32,7 +37,10 @@ from herd.errors import (
     ContextLengthError,
     UnsupportedModelError,
 )
+from herd.models import Vision
+from herd.models.imageproc import decode, digest
 from herd.options import Options
+from herd.runner.images import Image
 from herd.runner.loaded import Loaded
 from herd.runner.sequence import Event, context_size
 from herd.sample.grammar import Grammar
@@ -47,7 +55,8 @@ class Request:
     (`messages`), as the library's calls and the runner pipe's messages both give it."""
 
     prompt: str = ""
-    messages: list[dict[str, Any]] | None = None
+    messages: list[dict[str, Any]] | None = None  # a message's "images": [bytes, ...]
+    images: list[bytes] = field(default_factory=list)  # generate's
     system: str | None = None  # generate's; None: the model's, "": none
     raw: bool = False  # the prompt is already templated: no template, no system
     context: Sequence[int] = ()  # generate: the tokens this prompt continues
@@ -70,6 +79,8 @@ class Prepared:
     parser: OutputParser | None  # tools and thinking; None: the answer is all content
     text: str  # the rendered prompt
     want_context: bool = False
+    # (index in `tokens` of its first placeholder, image) of each image in the prompt
+    images: list[tuple[int, Image]] = field(default_factory=list)
 
     def parse(self, event: Event) -> Parsed:
         """The event's text as content, thinking and tool calls."""
@@ -89,14 +100,89 @@ def prepare(loaded: Loaded, request: Request) -> Prepared:
     template = loaded.template
     if request.template:  # this request's own
         template = select_template(loaded.gguf.kv, request.template)
+    request, images = _tag_images(request)
+    if images and loaded.vision is None:
+        raise CapabilityError(f'"{loaded.name}" does not support vision')
     text = _render(loaded, request, template, think)
     parser = _parser(loaded.name, template, request.tools, think, text)
     context = list(request.context)
-    tokens = context + loaded.tokenize(text, add_special=not context, parse_special=True)
+    tokens, placed = _tokenize(loaded, text, images, add_special=not context)
+    placed = [(len(context) + start, image) for start, image in placed]
+    tokens = context + tokens
     n_ctx = context_size(options, loaded.context_length)
     check_length(len(tokens), n_ctx - 1, n_ctx, request.truncate)  # a cell for the answer
     grammar = Grammar.from_format(loaded.tokenizer, request.format) if request.format else None
-    return Prepared(tokens, options, grammar, parser, text, request.want_context)
+    return Prepared(tokens, options, grammar, parser, text, request.want_context, placed)
+
+
+_TAG = re.compile(r"\[img-(\d+)\]")
+
+
+def _tag_images(request: Request) -> tuple[Request, list[bytes]]:
+    """The request with Ollama's `[img-N]` tag for each image in its text, N counting the
+    images in order: before the content of the message (or generate prompt) that brought
+    it, or in place of an `[img]` the text has; and the images' bytes by N."""
+    images: list[bytes] = []
+
+    def tagged(content: str, data: Sequence[bytes]) -> str:
+        prefix = ""
+        for item in data:
+            tag = f"[img-{len(images)}]"
+            images.append(bytes(item))
+            if "[img]" in content:
+                content = content.replace("[img]", tag, 1)
+            else:
+                prefix += tag
+        return prefix + content
+
+    if request.messages is None:
+        if not request.images:
+            return request, images
+        prompt = tagged(request.prompt, request.images)
+        return replace(request, prompt=prompt), images
+    messages = []
+    for m in request.messages:
+        if m.get("images"):
+            m = {**m, "content": tagged(str(m.get("content") or ""), m["images"])}
+        messages.append(m)
+    return replace(request, messages=messages), images
+
+
+def _tokenize(
+    loaded: Loaded, text: str, images: list[bytes], add_special: bool
+) -> tuple[list[int], list[tuple[int, Image]]]:
+    """The rendered prompt's tokens, each `[img-N]` tag replaced by image N's text and
+    placeholders, and where each image's placeholders start. Text is tokenized in pieces
+    split at the placeholders, which the model's image text puts next to special tokens
+    (Gemma 3's `<start_of_image>`): the pieces tokenize as the whole text would."""
+    if not images:
+        return loaded.tokenize(text, add_special=add_special, parse_special=True), []
+    vision = loaded.vision
+    assert vision is not None
+    before, after = vision.image_text
+    pieces = _TAG.split(text)  # text, N, text, N, ..., text
+    tokens: list[int] = []
+    placed: list[tuple[int, Image]] = []
+    pending = pieces[0]
+    for i in range(1, len(pieces), 2):
+        n, rest = int(pieces[i]), pieces[i + 1]
+        if n >= len(images):  # no such image: the tag is text
+            pending += f"[img-{n}]" + rest
+            continue
+        tokens += loaded.tokenize(pending + before, add_special and not tokens, True)
+        image = _image(loaded, vision, images[n])
+        placed.append((len(tokens), image))
+        tokens += [vision.image_token] * image.tokens
+        pending = after + rest
+    tokens += loaded.tokenize(pending, add_special and not tokens, True)
+    return tokens, placed
+
+
+def _image(loaded: Loaded, vision: Vision, data: bytes) -> Image:
+    """An image's bytes, decoded (ImageError for what is no image or over the limits)
+    and preprocessed for the model."""
+    pixels = vision.preprocess(decode(data, loaded.image_limits))
+    return Image(digest(data), pixels, vision.image_tokens(pixels))
 
 
 def _render(

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from herd.options import Options
 from herd.runner.stop import StopMatcher
 from herd.sample import Sampler
@@ -35,7 +37,8 @@ class Event:
 @dataclass
 class Slot:
     id: int
-    cached: list[int] = field(default_factory=list)  # tokens whose K/V are in the cache
+    # tokens whose K/V are in the cache (image rows by their keys, `herd.runner.images`)
+    cached: list[int] = field(default_factory=list)
     busy: bool = False
 
 
@@ -43,7 +46,7 @@ class Slot:
 class Sequence:
     slot: Slot
     options: Options
-    pending: list[int]  # tokens still to feed
+    pending: list[int]  # tokens still to feed (image rows by their keys)
     limit: int
     sampler: Sampler
     decoder: StreamDecoder
@@ -60,6 +63,8 @@ class Sequence:
     done: bool = False
     last_piece: str = ""  # the last token's text, stripped, and how many times in a row
     repeats: int = 0  # it came again (Ollama starts from "" too)
+    # the prompt's images by the serial in their keys: encoded output and placeholder rows
+    images: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
 
 
 REPEAT_LIMIT = 30  # Ollama's: the 31st repeat of one token's text ends the answer

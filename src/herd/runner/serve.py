@@ -11,7 +11,7 @@ server; every reply carries the id it answers.
      "parallel"}                                            "load_duration"}
                                                           | {"op": "error", "error", "type"}
     {"op": "completion", "id", "messages" | "prompt",     {"id", "text", "logprobs"?}  (0+)
-     "context", "template", "options", "shift",           {"id", "done": true, "done_reason",
+     "images", "context", "template", "options", "shift", {"id", "done": true, "done_reason",
      "truncate", "want_context", "logprobs",                "prompt_eval_count", ...,
      "top_logprobs", "tools", "think", "format"}            "context", "kv_usage"}
     {"op": "embed", "id", "input", "truncate"}            {"id", "embeddings",
@@ -21,11 +21,11 @@ server; every reply carries the id it answers.
 
 An error answers `{"id", "error", "type"}` (`type` is the HerdError class name; the server
 rebuilds the error with `herd.errors.error_from_name`). `options` are complete (the server
-merged defaults < model parameters < request), by Ollama's names. `messages` are final:
-the server has put in the system message and the Modelfile's MESSAGE lines; a `prompt`
-without messages is raw. The pipe ties the child's life to the server's: when the server
-dies, stdin closes and the runner exits; when the runner dies, stdout closes and the
-server fails the requests in flight.
+merged defaults < model parameters < request), by Ollama's names. Images are base64, as
+Ollama's API sends them: generate's in `images`, a chat message's in its `images`. The
+pipe ties the child's life to the server's: when the server dies, stdin closes and the
+runner exits; when the runner dies, stdout closes and the server fails the requests in
+flight.
 
 A completion goes through the request pipeline (`herd.runner.pipeline`, as the library's
 do) and then to an `Engine`: `submit(tokens, options, cancelled)` yields the runner's
@@ -39,6 +39,8 @@ then only the content. `format` ("json" or a JSON schema) constrains decoding.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -46,14 +48,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from herd import envconfig
-from herd.errors import HerdError
+from herd.errors import HerdError, ImageError
+from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner.engine import Runner
+from herd.runner.images import Image
 from herd.runner.loaded import Loaded, Source
 from herd.runner.pipeline import Prepared, Request, finish, prepare, prepare_embed
 from herd.runner.sequence import Event
@@ -77,12 +81,13 @@ class Engine(Protocol):
         shift: bool = True,
         logprobs: int = -1,
         grammar: Grammar | None = None,
+        images: Sequence[tuple[int, Image]] = (),
     ) -> Iterator[Event]:
-        """Generate after `tokens`. Ends with a `done` Event; returns early (without one)
-        once `cancelled` is set. `shift=False`: stop with done_reason "length" when the
-        context is full instead of shifting it; `logprobs` >= 0: Events carry each
-        token's log-probability and that many top alternatives; `grammar` constrains the
-        tokens (structured outputs)."""
+        """Generate after `tokens` (with `images` placed in them). Ends with a `done`
+        Event; returns early (without one) once `cancelled` is set. `shift=False`: stop
+        with done_reason "length" when the context is full instead of shifting it;
+        `logprobs` >= 0: Events carry each token's log-probability and that many top
+        alternatives; `grammar` constrains the tokens (structured outputs)."""
         ...
 
     def kv_usage(self) -> float:
@@ -111,6 +116,7 @@ class BatchEngine:
         shift: bool = True,
         logprobs: int = -1,
         grammar: Grammar | None = None,
+        images: Sequence[tuple[int, Image]] = (),
     ) -> Iterator[Event]:
         while not self.free.acquire(timeout=0.05):
             if cancelled.is_set():
@@ -119,7 +125,13 @@ class BatchEngine:
             # ends with the done Event, which the runner sends (also for a cancelled
             # sequence) once the slot is free again
             yield from self.runner.submit(
-                tokens, options, cancelled, shift=shift, logprobs=logprobs, grammar=grammar
+                tokens,
+                options,
+                cancelled,
+                shift=shift,
+                logprobs=logprobs,
+                grammar=grammar,
+                images=images,
             )
         finally:
             self.free.release()
@@ -129,11 +141,17 @@ class BatchEngine:
 
 
 def request_of(req: dict[str, Any]) -> Request:
-    """The pipeline's request for a completion message."""
+    """The pipeline's request for a completion message (images decoded from base64)."""
     messages = req.get("messages")
+    if messages is not None:
+        messages = [
+            {**m, "images": [_bytes(i) for i in m["images"]]} if m.get("images") else m
+            for m in messages
+        ]
     return Request(
         prompt=str(req.get("prompt") or ""),
         messages=messages,
+        images=[_bytes(i) for i in req.get("images") or []],
         system=req.get("system"),
         raw=bool(req.get("raw")),
         context=[int(t) for t in req.get("context") or []],
@@ -145,6 +163,13 @@ def request_of(req: dict[str, Any]) -> Request:
         truncate=bool(req.get("truncate", True)),
         want_context=bool(req.get("want_context")),
     )
+
+
+def _bytes(image: str) -> bytes:
+    try:
+        return base64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError, TypeError) as e:
+        raise ImageError(f"image: invalid base64 data: {e}") from None
 
 
 def _logprobs(req: dict[str, Any]) -> int:
@@ -189,6 +214,7 @@ class Child:
         *,
         flash_attention: bool | None = None,
         kv_cache_type: str = "f16",
+        image_limits: ImageLimits | None = None,
     ) -> None:
         t0 = time.perf_counter_ns()
         source = Source(
@@ -205,6 +231,7 @@ class Child:
             spec.get("options"),
             flash_attention=flash_attention,
             kv_cache_type=kv_cache_type,
+            image_limits=image_limits,
         )
         parallel, num_ctx = 1, loaded.context_length
         if not loaded.is_embedding:
@@ -233,6 +260,7 @@ class Child:
             shift=bool(req.get("shift", True)),
             logprobs=_logprobs(req),
             grammar=prepared.grammar,
+            images=prepared.images,
         ):
             piece = _piece(rid, prepared, event)
             if not event.done:
@@ -309,6 +337,7 @@ def main() -> None:
             spec,
             flash_attention=envconfig.flash_attention(),
             kv_cache_type=envconfig.kv_cache_type(),
+            image_limits=ImageLimits(**envconfig.image_limits()),
         )
     except HerdError as e:
         child.send({"op": "error", "error": str(e), "type": type(e).__name__})

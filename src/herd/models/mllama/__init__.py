@@ -1,0 +1,3 @@
+from herd.models.mllama.model import Model
+
+__all__ = ["Model"]

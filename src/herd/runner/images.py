@@ -1,0 +1,122 @@
+"""Images in prompts: the encoder-output cache and the keys image placeholders have.
+
+A chat client sends the whole conversation every turn, images included, so the same image
+comes back again and again. Each distinct image (by the digest of its bytes) is encoded
+once and its output kept here, least recently used first out, like Ollama's
+multimodalStore; a request that brings it again finds it without running the encoder.
+
+A prompt is a list of ints. Text tokens are their ids (>= 0); an image's placeholder
+tokens get negative keys, one per row, that name the image and the row: equal keys mean
+the same image at the same row, so comparing two prompts for a common prefix (the slot's
+cache reuse) treats images as part of the prefix, and a different image at the same place
+ends it. `token` turns a key back into the id the model is given (the placeholder's).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from herd.models import BatchImage, Pixels
+
+ROWS = 1 << 16  # rows (placeholders) one image may have in a key
+
+
+@dataclass(frozen=True)
+class Image:
+    """A decoded, preprocessed image of a request, ready to encode."""
+
+    digest: str  # "sha256:<hex>" of the bytes as sent
+    pixels: Pixels
+    tokens: int  # its placeholders in the prompt
+
+
+class ImageCache:
+    """Encoded images by digest (at most `capacity` kept), and the keys of their rows.
+
+    `encode(pixels) -> np.ndarray` runs the model's encoder; `encoded` counts its runs.
+    """
+
+    def __init__(self, encode: Callable[[Pixels], np.ndarray], capacity: int = 32) -> None:
+        self._encode, self.capacity = encode, capacity
+        self._outputs: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._serials: dict[str, int] = {}  # digest -> the number in its keys
+        self.encoded = 0
+
+    def embedding(self, image: Image) -> np.ndarray:
+        """The encoder's output for the image: kept, or computed now and kept."""
+        out = self._outputs.get(image.digest)
+        if out is None:
+            out = self._encode(image.pixels)
+            self.encoded += 1
+            self._outputs[image.digest] = out
+            while len(self._outputs) > self.capacity:
+                self._outputs.popitem(last=False)
+        else:
+            self._outputs.move_to_end(image.digest)
+        return out
+
+    def keys(self, image: Image) -> list[int]:
+        """The keys of the image's placeholder rows (the same for the same bytes)."""
+        assert image.tokens < ROWS
+        serial = self._serials.setdefault(image.digest, len(self._serials))
+        base = -(serial * ROWS) - 1
+        return [base - row for row in range(image.tokens)]
+
+
+def split_key(key: int) -> tuple[int, int]:
+    """(image serial, row) of a placeholder's key."""
+    serial, row = divmod(-key - 1, ROWS)
+    return serial, row
+
+
+def span_start(items: list[int], i: int) -> int:
+    """Index of the first row of the image span holding items[i] (i itself for text, or
+    for the end of the list): where a prompt may be cut without splitting an image."""
+    if i >= len(items) or items[i] >= 0:
+        return i
+    return i - split_key(items[i])[1]
+
+
+def whole_spans(items: list[int], rows: dict[int, int]) -> list[int]:
+    """`items` without the rows of image spans that lost some of their rows (a truncated
+    prompt); `rows`: placeholders of each image serial."""
+    out: list[int] = []
+    i = 0
+    while i < len(items):
+        key = items[i]
+        if key >= 0:
+            out.append(key)
+            i += 1
+            continue
+        serial, row = split_key(key)
+        n = rows[serial]
+        span = items[i : i + n]
+        whole = row == 0 and len(span) == n and span == [key - r for r in range(n)]
+        if whole:
+            out += span
+            i += n
+        else:  # skip this partial run of the image's rows
+            i += 1
+            while i < len(items) and items[i] < 0 and split_key(items[i])[0] == serial:
+                if split_key(items[i])[1] == 0:
+                    break
+                i += 1
+    return out
+
+
+def batch_images(
+    items: list[int], offset: int, encoded: dict[int, tuple[np.ndarray, int]]
+) -> list[BatchImage]:
+    """The images whose spans start in `items` (batch rows from `offset` on)."""
+    out = []
+    for i, key in enumerate(items):
+        if key < 0:
+            serial, row = split_key(key)
+            if row == 0:
+                embedding, rows = encoded[serial]
+                out.append(BatchImage(offset + i, rows, embedding))
+    return out
