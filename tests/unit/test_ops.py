@@ -82,6 +82,11 @@ WEIGHTS: dict[str, tuple[np.ndarray, Q]] = {
     "exps.F32": (rand(4, 24, 64, seed=20), Q.F32),
     "exps.F16": (rand(4, 24, 64, seed=21), Q.F16),
     **{f"exps.{q.name}": (rand(4, 40, 256, seed=30 + i), q) for i, q in enumerate(QUANT_TYPES)},
+    # convolution kernels (Cout, C, KH, KW): non-square, a patch embedding's, quantized rows
+    "conv.F32": (rand(6, 3, 3, 5, seed=50), Q.F32),
+    "conv.F16": (rand(6, 3, 3, 5, seed=51), Q.F16),
+    "conv.Q8_0": (rand(4, 2, 2, 32, seed=52), Q.Q8_0),
+    "patch.F16": (rand(8, 3, 14, 14, seed=53), Q.F16),
 }
 
 
@@ -185,6 +190,9 @@ def _permuted(x: Any) -> Any:
 # expert routing: 6 tokens, 8 or 4 experts (the rows of a random matrix have no ties)
 ROUTER = rand(6, 8, seed=40)
 EXPERT_IDS = np.array([[0, 3], [2, 2], [3, 1], [1, 0], [0, 1], [3, 3]], np.int32)  # (T, K)
+
+
+IMG = rand(2, 3, 9, 11, seed=54)  # (N, C, H, W)
 
 
 # (id, build, inputs, nmse limit)
@@ -429,6 +437,55 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
         [rand(3, 2, 256, seed=5)],
         2e-4,
     ),
+    # images (N, C, H, W); F16 kernels are widened to F32 on ggml, so they match as F32
+    ("conv2d", lambda c, b, x, w: x.conv2d(w), [IMG, rand(4, 3, 3, 3, seed=1)], 1e-12),
+    (
+        "conv2d_stride_pad_dilation",
+        lambda c, b, x: x.conv2d(b.weight("conv.F32"), (2, 1), (1, 2), (1, 2)),
+        [IMG],
+        1e-12,
+    ),
+    ("conv2d_ints", lambda c, b, x: x.conv2d(b.weight("conv.F32"), 3, 2, 2), [IMG], 1e-12),
+    ("conv2d_F16", lambda c, b, x: x.conv2d(b.weight("conv.F16"), 2, (0, 1)), [IMG], 1e-12),
+    # quantized kernels multiply as linear's weights do (activations quantized too)
+    ("conv2d_Q8_0", lambda c, b, x: x.conv2d(b.weight("conv.Q8_0")), [rand(2, 2, 5, 40)], 2e-4),
+    (  # a patch embedding: kernel = stride, rows of channels with no copy
+        "conv2d_patch_rows",
+        lambda c, b, x: x.conv2d(b.weight("patch.F16"), 14).permute(0, 2, 3, 1).reshape(-1, 8),
+        [rand(1, 3, 28, 42, seed=55)],
+        1e-12,
+    ),
+    (
+        "conv2d_strided_then_op",
+        lambda c, b, x: x.permute(0, 1, 3, 2).conv2d(b.weight("conv.F32"), 1, 1).silu(),
+        [rand(1, 3, 11, 9, seed=56)],
+        1e-10,
+    ),
+    ("avg_pool2d", lambda c, b, x: x.avg_pool2d(4), [rand(1, 16, 16, 16, seed=57)], 1e-12),
+    (  # Gemma 3's projector: encoder rows (P, D) as a (1, D, 8, 8) map, pooled, rows again
+        "avg_pool2d_of_rows",
+        lambda c, b, x: (
+            x.reshape(1, 8, 8, 16)
+            .permute(0, 3, 1, 2)
+            .avg_pool2d(4)
+            .permute(0, 2, 3, 1)
+            .reshape(4, 16)
+        ),
+        [rand(64, 16, seed=58)],
+        1e-12,
+    ),
+    (
+        "avg_pool2d_stride_pad",
+        lambda c, b, x: x.avg_pool2d((3, 2), (2, 1), (1, 0)),
+        [IMG],
+        1e-12,
+    ),
+    (
+        "avg_pool2d_after_conv",
+        lambda c, b, x, w: x.conv2d(w, 1, 1).avg_pool2d(2, 1, 1),
+        [IMG, rand(4, 3, 3, 3, seed=1)],
+        1e-12,
+    ),
 ]
 
 
@@ -494,8 +551,83 @@ def test_table_covers_the_contract() -> None:
         "layer_norm",
         "l2_norm",
         "matmul_t",
+        "avg_pool2d",
     }
     assert ops - tested == set()
+
+
+CONV_CASES = [  # (x shape, kernel (Cout, C, KH, KW), stride, padding, dilation)
+    ((2, 3, 9, 11), (4, 3, 3, 3), 1, 0, 1),
+    ((2, 3, 9, 11), (5, 3, 2, 4), (2, 1), (1, 2), (1, 2)),
+    ((3, 2, 12, 7), (4, 2, 5, 1), (1, 3), (2, 0), (2, 1)),
+    ((1, 3, 28, 42), (8, 3, 14, 14), 14, 0, 1),  # a patch embedding
+]
+
+
+@pytest.mark.parametrize(("xs", "ws", "stride", "padding", "dilation"), CONV_CASES)
+def test_conv2d_matches_torch(
+    backends: Any,
+    xs: tuple[int, ...],
+    ws: tuple[int, ...],
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+) -> None:
+    """Both backends against torch's conv2d (computed in float64) to ~1e-5 relative."""
+    torch = pytest.importorskip("torch")
+    x, w = rand(*xs, seed=60), rand(*ws, seed=61)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x).double(), torch.from_numpy(w).double(), None, stride, padding, dilation
+    ).numpy()
+    for b in backends:
+        (got,) = run(b, lambda c, b, x, w: x.conv2d(w, stride, padding, dilation), [x, w])
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("name", ["conv.F32", "conv.F16", "patch.F16"])
+def test_conv2d_with_weights_matches_torch(backends: Any, name: str) -> None:
+    """A GGUF kernel (a tensor of no context): F16 ones match torch run on the same F16
+    values to F32 accuracy, as ggml widens them to F32 (ggml_conv_2d would round the
+    patches to F16 as well)."""
+    torch = pytest.importorskip("torch")
+    x = rand(2, 3, 28, 28, seed=62)
+    stride, padding = (14, 0) if name.startswith("patch") else ((1, 2), 1)
+    w, qtype = WEIGHTS[name]
+    stored = w.astype(np.float16).astype(np.float64) if qtype == Q.F16 else w
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x).double(), torch.from_numpy(stored).double(), None, stride, padding
+    ).numpy()
+    for b in backends:
+        (got,) = run(b, lambda c, b, x: x.conv2d(b.weight(name), stride, padding), [x])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("xs", "kernel", "stride", "padding"),
+    [
+        ((1, 32, 16, 16), 4, None, 0),  # Gemma 3: (1, D, 64, 64) pooled by 4 to 256 tokens
+        ((2, 3, 9, 11), (3, 2), (2, 1), (0, 1)),
+        ((2, 3, 9, 11), (2, 3), (1, 2), (1, 0)),
+        ((1, 4, 7, 7), 3, 2, 1),
+    ],
+)
+def test_avg_pool2d_matches_torch(
+    backends: Any, xs: tuple[int, ...], kernel: Any, stride: Any, padding: Any
+) -> None:
+    """torch's avg_pool2d (count_include_pad): bit for bit on the CPU, where both sum each
+    window in float32 row by row as torch does; a GPU kernel may round otherwise."""
+    torch = pytest.importorskip("torch")
+    x = rand(*xs, seed=63)
+    want = torch.nn.functional.avg_pool2d(torch.from_numpy(x), kernel, stride, padding).numpy()
+    backend, oracle = backends
+    (exact,) = run(oracle, lambda c, b, x: x.avg_pool2d(kernel, stride, padding), [x])
+    np.testing.assert_array_equal(exact, want)
+    (got,) = run(backend, lambda c, b, x: x.avg_pool2d(kernel, stride, padding), [x])
+    if ggml_gpus() and NUM_GPU != 0:
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    else:
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,36 @@ class Tensor(Protocol):
         layout), so attention reads them with no copy. Pass the result to `ctx.forward`.
         """
 
+    # images, NCHW in NumPy order: (batch, channels, height, width)
+    def conv2d(
+        self,
+        w: Tensor,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+    ) -> Tensor:
+        """2-D convolution (cross-correlation, as torch's conv2d) of self (N, C, H, W) with
+        a kernel w (Cout, C, KH, KW), possibly a weight -> (N, Cout, OH, OW), float32; a
+        view of (N, OH, OW, Cout) on some backends, so `permute(0, 2, 3, 1)` gives
+        contiguous rows of output channels (patch embeddings) without a copy.
+
+        stride, padding (zeros on both sides) and dilation: an int, or a (height, width)
+        pair. OH = (H + 2 ph - dh (KH - 1) - 1) // sh + 1, OW alike. No bias: add it after.
+        """
+
+    def avg_pool2d(
+        self,
+        kernel: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] = 0,
+    ) -> Tensor:
+        """Average pooling of self (N, C, H, W) -> (N, C, OH, OW), as torch's avg_pool2d
+        (count_include_pad=True: padded zeros count in each average; ceil_mode=False).
+
+        kernel, stride (None: the kernel) and padding (at most half the kernel): an int or
+        a (height, width) pair. OH = (H + 2 ph - KH) // sh + 1, OW alike.
+        """
+
     # shape ops
     def reshape(self, *shape: int) -> Tensor: ...
     def slice(self, axis: int, start: int, stop: int) -> Tensor: ...

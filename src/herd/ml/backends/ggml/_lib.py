@@ -84,6 +84,7 @@ TYPE_COUNT = 42  # types 0..41 exist in both ggml versions (0.25.3 adds Q2_0 as 
 ROPE_NORMAL, ROPE_NEOX = 0, 2
 BUFFER_USAGE_WEIGHTS = 1
 PREC_F32 = 10
+POOL_AVG = 1  # enum ggml_op_pool
 STATUS_SUCCESS = 0
 
 # context, graph, metadata
@@ -168,6 +169,10 @@ ggml_cast = _f("ggml_cast", P, P, P, I)
 ggml_flash_attn_ext = _f("ggml_flash_attn_ext", P, P, P, P, P, P, F, F, F)
 ggml_flash_attn_ext_set_prec = _f("ggml_flash_attn_ext_set_prec", None, P, I)
 ggml_rope_ext = _f("ggml_rope_ext", P, P, P, P, P, I, I, I, F, F, F, F, F, F)
+# (ctx, kernel: read for its shape only, image, s0, s1, p0, p1, d0, d1, is_2D, dst type)
+ggml_im2col = _f("ggml_im2col", P, P, P, P, I, I, I, I, I, I, B, I)
+# (ctx, a, op, k0, k1, s0, s1, p0, p1): averages divide by k0 * k1, padding included
+ggml_pool_2d = _f("ggml_pool_2d", P, P, P, I, I, I, I, I, F, F)
 
 # backends, buffers, allocation
 ggml_backend_cpu_init = _f("ggml_backend_cpu_init", P)

@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from herd.ml.backends.ggml import _lib as L
+from herd.ml.backends.ggml import conv
 from herd.ml.backends.ggml._lib import (
     TYPE_F16,
     TYPE_F32,
@@ -350,6 +351,9 @@ class GGMLTensor:
         p = L.ggml_flash_attn_ext(c.g, c.f32(q), c.src0(kh), c.src0(vh), m, scale, 0.0, 0.0)
         L.ggml_flash_attn_ext_set_prec(p, L.PREC_F32)
         return c.out(p, (t, hq, dv)).reshape(t, hq * dv)  # ggml gives (T, Hq, Dv)
+
+    # --- images (NCHW): conv.py ---------------------------------------------------------
+    conv2d, avg_pool2d = conv.conv2d, conv.avg_pool2d
 
     # --- shapes ----------------------------------------------------------------------
     def reshape(self, *shape: int) -> GGMLTensor:

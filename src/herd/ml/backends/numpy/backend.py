@@ -66,6 +66,37 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * (1.0 - t * np.exp(poly))).astype(np.float32)
 
 
+Pair = int | tuple[int, int]
+
+
+def _pair(v: Pair) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _windows(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    pad: tuple[int, int],
+    dilation: tuple[int, int],
+) -> np.ndarray:
+    """Every (KH, KW) window of x (N, C, H, W) zero-padded: a read-only view (N, C, OH,
+    OW, KH, KW), no copy beyond the padding."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, pad, dilation
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    n, c, h, w = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    assert oh > 0 and ow > 0, f"window ({kh}, {kw}) dilated ({dh}, {dw}) larger than {x.shape}"
+    s = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x,
+        (n, c, oh, ow, kh, kw),
+        (s[0], s[1], s[2] * sh, s[3] * sw, s[2] * dh, s[3] * dw),
+        writeable=False,
+    )
+
+
 class NumpyTensor:
     __slots__ = ("a", "_ctx")
 
@@ -247,6 +278,44 @@ class NumpyTensor:
     def set_columns(self, ids: NumpyTensor, src: NumpyTensor) -> NumpyTensor:
         self.a[..., ids.a] = src.a.reshape(self.a.shape[:-1] + (len(ids.a),))
         return NumpyTensor(self.a, context_of(ids, src))
+
+    # images (NCHW)
+    def conv2d(
+        self, w: NumpyTensor, stride: Pair = 1, padding: Pair = 0, dilation: Pair = 1
+    ) -> NumpyTensor:
+        x, k = self.a, w.a
+        assert x.ndim == 4 and k.ndim == 4 and x.shape[1] == k.shape[1], (
+            f"conv2d: x {x.shape} with w {k.shape}"
+        )
+        (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+        cout, _, kh, kw = k.shape
+        assert min(sh, sw, dh, dw) >= 1 and min(ph, pw) >= 0, (
+            f"conv2d: stride {stride}, padding {padding}, dilation {dilation}"
+        )
+        win = _windows(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw))  # (N, C, OH, OW, KH, KW)
+        n, c, oh, ow = win.shape[:4]
+        cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)  # im2col
+        y = cols @ k.reshape(cout, c * kh * kw).T  # (N*OH*OW, Cout)
+        # a view, as on ggml: (N, OH, OW, Cout) patch rows are its transpose, with no copy
+        return self._new(y.reshape(n, oh, ow, cout).transpose(0, 3, 1, 2), w)
+
+    def avg_pool2d(
+        self, kernel: Pair, stride: Pair | None = None, padding: Pair = 0
+    ) -> NumpyTensor:
+        (kh, kw), (ph, pw) = _pair(kernel), _pair(padding)
+        sh, sw = _pair(stride) if stride is not None else (kh, kw)
+        assert self.a.ndim == 4, f"avg_pool2d of {self.a.shape}: expected (N, C, H, W)"
+        assert min(kh, kw, sh, sw) >= 1 and 0 <= ph <= kh // 2 and 0 <= pw <= kw // 2, (
+            f"avg_pool2d: kernel {kernel}, stride {stride}, padding {padding}"
+        )
+        win = _windows(self.a, (kh, kw), (sh, sw), (ph, pw), (1, 1))  # (N, C, OH, OW, KH, KW)
+        # summed in float32 row by row, then divided by the whole window, padded zeros
+        # included: torch's CPU kernel and ggml's, in their order, hence bit for bit theirs
+        acc = np.zeros(win.shape[:4], np.float32)
+        for i in range(kh):
+            for j in range(kw):
+                acc += win[..., i, j]
+        return self._new(acc / np.float32(kh * kw))
 
     # shapes
     def reshape(self, *shape: int) -> NumpyTensor:
