@@ -1,3 +1,1 @@
-from herd.models.mllama.model import Model
-
-__all__ = ["Model"]
+"""mllama (Llama 3.2 Vision): its image processor so far; the model follows."""
