@@ -8,8 +8,9 @@ left here is the library's shape: calls in, dicts out, one runner run inline.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from herd.runner import (
 from herd.template.parsers import Parsed
 
 Progress = Callable[[str, "str | None", "int | None", "int | None"], None]
+ImageInput = str | os.PathLike[str] | bytes  # a path to an image file, or its bytes
 
 
 def _now() -> str:
@@ -140,12 +142,15 @@ class LLM:
         stream: bool = False,
         format: str | dict[str, Any] | None = None,
         think: bool | str | None = None,
+        images: Sequence[ImageInput] | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Ollama's /api/generate. `format`: "json" or a JSON schema the response must
         follow; `think`: True/False or "low"/"medium"/"high" for thinking models (the
-        thinking goes to `thinking`, apart from `response`)."""
+        thinking goes to `thinking`, apart from `response`); `images`: paths or bytes of
+        images for a model with vision."""
         request = Request(
             prompt=prompt,
+            images=image_bytes(images),
             system=system,
             raw=raw,
             context=context or (),
@@ -168,9 +173,13 @@ class LLM:
         format: str | dict[str, Any] | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Ollama's /api/chat. `tools`: function definitions the model may call (its calls
-        come back in `message.tool_calls`); `think` and `format` as in `generate`."""
+        come back in `message.tool_calls`); `think` and `format` as in `generate`; a
+        message's `images`: paths or bytes of images, as in `generate`."""
+        messages = [
+            {**m, "images": image_bytes(m["images"])} if m.get("images") else m for m in messages
+        ]
         request = Request(
-            messages=list(messages), tools=tools, think=think, format=format, options=options
+            messages=messages, tools=tools, think=think, format=format, options=options
         )
         chunks = self._stream(request, _chat_fields)
         return chunks if stream else _collect(chunks, "message")
@@ -188,7 +197,10 @@ class LLM:
         first_load = self._runner is None
         runner = self.runner(prepared.options)
         load = self.load_duration if first_load else 0
-        for event in runner.generate(prepared.tokens, prepared.options, grammar=prepared.grammar):
+        events = runner.generate(
+            prepared.tokens, prepared.options, grammar=prepared.grammar, images=prepared.images
+        )
+        for event in events:
             parsed = prepared.parse(event)
             out = {"model": self.name, "created_at": _now(), **shape(parsed), "done": event.done}
             if event.done:
@@ -197,9 +209,11 @@ class LLM:
             yield out
 
     def info(self) -> dict[str, Any]:
+        from herd.store.facts import capabilities
         from herd.store.ggufinfo import describe
 
         facts = describe(self.gguf)
+        template = self.template.source if self.template is not None else None
         return {
             "architecture": facts.architecture,
             "parameters": facts.parameter_count,
@@ -207,13 +221,36 @@ class LLM:
             "embedding_length": facts.embedding_length or 0,
             "quantization": facts.file_type,
             "backend": self.backend.name,
-            "template": self.template.source if self.template is not None else None,
+            "template": template,
+            "capabilities": capabilities(
+                facts.architecture, facts.kv, template, vision=self.loaded.vision is not None
+            ),
         }
 
     def close(self) -> None:
         if self._runner is not None:
             self._runner.release_graphs()
         self.loaded.close()
+
+
+def image_bytes(images: Sequence[ImageInput] | None) -> list[bytes]:
+    """Images as the pipeline takes them: bytes kept, paths read (HerdError when one
+    cannot be read; the pipeline says what is no image)."""
+    out = []
+    for image in images or ():
+        if isinstance(image, bytes | bytearray | memoryview):
+            out.append(bytes(image))
+            continue
+        if not isinstance(image, str | os.PathLike):
+            raise HerdError(f"an image must be a path or bytes, not {type(image).__name__}")
+        path = Path(image).expanduser()
+        try:
+            out.append(path.read_bytes())
+        except FileNotFoundError:
+            raise HerdError(f"image file not found: {path}") from None
+        except OSError as e:
+            raise HerdError(f"cannot read image file {path}: {e.strerror or e}") from None
+    return out
 
 
 def _generate_fields(p: Parsed) -> dict[str, Any]:

@@ -7,13 +7,14 @@ none answers (its log goes to ~/.herd/logs/server.log), which is what `herd run`
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -21,6 +22,9 @@ from herd import envconfig
 from herd.errors import HerdError, ModelNotFoundError, OptionError
 from herd.store.facts import ShowFacts, TensorFacts
 from herd.store.wheels import Progress
+
+if TYPE_CHECKING:
+    from herd.store.ggufinfo import GGUFFacts
 
 
 class ServerError(HerdError):
@@ -151,6 +155,7 @@ class RemoteLLM:
         stream: bool = False,
         format: str | dict[str, Any] | None = None,
         think: bool | str | None = None,
+        images: list[bytes] | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         body = self._body(
             prompt=prompt,
@@ -159,6 +164,7 @@ class RemoteLLM:
             raw=raw or None,
             format=format,
             think=think,
+            images=_base64(images) or None,
         )
         return self._run("/api/generate", body, stream)
 
@@ -172,9 +178,9 @@ class RemoteLLM:
         think: bool | str | None = None,
         format: str | dict[str, Any] | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        body = self._body(
-            messages=messages, options=options, tools=tools, think=think, format=format
-        )
+        # the conversation keeps its images as bytes; the API takes them in base64
+        sent = [{**m, "images": _base64(m["images"])} if m.get("images") else m for m in messages]
+        body = self._body(messages=sent, options=options, tools=tools, think=think, format=format)
         return self._run("/api/chat", body, stream)
 
     def _run(
@@ -196,7 +202,12 @@ class RemoteLLM:
             "embedding_length": info.get(f"{arch}.embedding_length"),
             "quantization": (show.get("details") or {}).get("quantization_level"),
             "template": show.get("template"),
+            "capabilities": show.get("capabilities") or [],
         }
+
+
+def _base64(images: list[bytes] | None) -> list[str]:
+    return [base64.b64encode(data).decode("ascii") for data in images or []]
 
 
 def remote_llm(client: Client, model: str, progress: Progress) -> RemoteLLM:
@@ -262,4 +273,18 @@ def show_facts(resp: dict[str, Any], name: str) -> ShowFacts:
         system=resp.get("system") or None,
         params=parse_parameters(resp.get("parameters") or ""),
         license=license,
+        projector=_projector(resp.get("projector_info")),
     )
+
+
+def _projector(info: Any) -> GGUFFacts | None:
+    """The projector's facts from /api/show's `projector_info` (None: no vision part)."""
+    from herd.store.ggufinfo import GGUFFacts
+
+    if not isinstance(info, dict) or not info:
+        return None
+    arch = str(info.get("general.architecture", ""))
+    kv = {k: v for k, v in info.items() if v is not None}
+    count = int(info.get("general.parameter_count") or 0)
+    width = info.get(f"{arch}.vision.embedding_length")
+    return GGUFFacts(arch, count, None, width, "", None, kv)

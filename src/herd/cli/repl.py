@@ -18,6 +18,7 @@ from herd.cli.stream import (
     _extra,
     _iterate,
     _out,
+    attach_images,
     parse_think,
     timings,
 )
@@ -79,7 +80,8 @@ HELP_PARAMETERS = """Available Parameters:
 class Repl:
     """Ollama's chat loop: `>>> ` prompt, `\"\"\"` multi-line input, slash commands.
 
-    The whole conversation (`messages`) goes to `llm.chat` every turn.
+    The whole conversation (`messages`) goes to `llm.chat` every turn, with the images
+    each message brought (the bytes of the files its prompt named, for a vision model).
     """
 
     def __init__(
@@ -155,7 +157,15 @@ class Repl:
     def send(self, text: str) -> None:
         """One chat turn; an engine error is reported and the turn dropped, the REPL goes on."""
         try:
-            self._turn(text)
+            text, images = attach_images(self.llm, text, self.write_err)
+        except HerdError as e:  # an image file it cannot read: nothing was sent
+            self.write(f"Error: {e}\n")
+            return
+        message: dict[str, Any] = {"role": "user", "content": text}
+        if images:
+            message["images"] = images
+        try:
+            self._turn(message)
         except HerdError as e:
             self.messages.pop()
             self.write(f"Error: {e}\n")
@@ -259,8 +269,8 @@ class Repl:
             self.messages.append(message)
         self.write("Set system message.\n")
 
-    def _turn(self, text: str) -> None:
-        self.messages.append({"role": "user", "content": text})
+    def _turn(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
         chunks = self.llm.chat(
             list(self.messages),
             options=dict(self.options) or None,

@@ -11,7 +11,16 @@ from herd.cli.client import remote_llm
 from herd.cli.env import LLM, CliEnv
 from herd.cli.progress import PullProgress
 from herd.cli.repl import Repl
-from herd.cli.stream import _err, _extra, _out, _response, parse_think, stream_out, timings
+from herd.cli.stream import (
+    _err,
+    _extra,
+    _out,
+    _response,
+    attach_images,
+    parse_think,
+    stream_out,
+    timings,
+)
 from herd.store import Store
 from herd.store.facts import is_model_path, load_facts
 
@@ -72,6 +81,9 @@ def run(
         if not text.strip():
             return  # Ollama loads the model and prints nothing for an empty prompt
         extra = _extra(think_value, fmt)
+        text, images = attach_images(llm, text)  # paths to images, for a vision model
+        if images:
+            extra["images"] = images
         answer, final = stream_out(
             llm.generate(text, stream=True, **extra),
             _response,

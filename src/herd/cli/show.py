@@ -44,6 +44,8 @@ def render_info(f: ShowFacts, verbose: bool = False) -> str:
     model_rows.append(["quantization", g.file_type])
     model_rows.append(["backend", _backend()])  # herd's own: which engine would run it
     out = [_section("Model", model_rows), _section("Capabilities", [[c] for c in f.capabilities])]
+    if f.projector_info is not None:
+        out.append(_section("Projector", _projector_rows(f.projector_info)))
     if f.params:
         out.append(
             _section(
@@ -63,6 +65,22 @@ def render_info(f: ShowFacts, verbose: bool = False) -> str:
             )
         )
     return "\n".join(out)
+
+
+def _projector_rows(info: dict[str, Any]) -> list[list[str]]:
+    """Ollama's Projector section: architecture, parameters, the vision tower's embedding
+    length and the projection's dimensions (each when the metadata has it)."""
+    from herd.store.ggufinfo import human_number
+
+    arch = str(info.get("general.architecture") or "")
+    rows = [["architecture", arch]] if arch else []
+    if isinstance(info.get("general.parameter_count"), int):
+        rows.append(["parameters", human_number(info["general.parameter_count"])])
+    for label, key in (("embedding length", "embedding_length"), ("dimensions", "projection_dim")):
+        value = info.get(f"{arch}.vision.{key}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            rows.append([label, f"{value:g}" if isinstance(value, float) else str(value)])
+    return rows
 
 
 def _go_list(values: list[Any]) -> str:

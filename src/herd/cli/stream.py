@@ -1,14 +1,18 @@
 """What `herd run` shows: streamed answers with their thinking, and `--verbose` timings;
-also the `--think`/`--format` arguments both the one-shot path and the REPL send."""
+also what both the one-shot path and the REPL send besides the text: the `--think` and
+`--format` arguments, and the images whose paths the prompt names."""
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
 
 from herd.cli.format import go_duration
+from herd.errors import HerdError
 
 Write = Callable[[str], None]
 
@@ -43,6 +47,57 @@ def _extra(think: bool | str | None, fmt: str | None) -> dict[str, Any]:
     if fmt:
         out["format"] = fmt
     return out
+
+
+# Ollama's CLI (cmd/interactive.go): a path from /, ./ or a backslash (or ~/, herd's),
+# maybe after a drive letter, up to the first image extension; spaces escaped or not
+# (a match that names no file stays text)
+IMAGE_PATH = re.compile(r"(?:[a-zA-Z]:)?(?:~/|\./|/|\\)[\S\\ ]+?\.(?i:jpg|jpeg|png|webp)\b")
+_ESCAPE = re.compile(r"\\([ ()\[\]{}$&;'\\*?~])")  # a shell's escapes: "\ " -> " "
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG (WebP: RIFF....WEBP)
+MAX_IMAGE_FILE = 100 * 1024 * 1024  # Ollama's CLI limit
+
+
+def attach_images(llm: Any, text: str, note: Write | None = None) -> tuple[str, list[bytes]]:
+    """The prompt without the image paths it names, and those images' bytes, for a model
+    with vision (`llm.info()["capabilities"]`); for any other model the paths stay text,
+    as in Ollama. `note` hears "Added image '<path>'" for each (default: stderr)."""
+    if not IMAGE_PATH.search(text) or "vision" not in (llm.info().get("capabilities") or []):
+        return text, []
+    return extract_images(text, note or _err)
+
+
+def extract_images(text: str, note: Write) -> tuple[str, list[bytes]]:
+    """Ollama's extractFileData: each path in `text` to an existing JPEG, PNG or WebP file
+    is read and removed from the text (with the quotes around it); a path to nothing is
+    left alone; HerdError for a file that is no such image or is over 100 MB."""
+    images: list[bytes] = []
+    for found in IMAGE_PATH.findall(text):
+        path = os.path.expanduser(_ESCAPE.sub(r"\1", found))
+        data = _read_image(path)
+        if data is None:
+            continue
+        note(f"Added image '{path}'\n")
+        for quoted in (f"'{path}'", f"'{found}'", f'"{path}"', f'"{found}"', found):
+            text = text.replace(quoted, "")
+        images.append(data)
+    return text.strip(), images
+
+
+def _read_image(path: str) -> bytes | None:
+    """The file's bytes; None when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if not (head.startswith(_MAGIC) or head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+                raise HerdError(f"couldn't process image '{path}': not a JPEG, PNG or WebP file")
+            if os.fstat(f.fileno()).st_size > MAX_IMAGE_FILE:
+                raise HerdError(f"couldn't process image '{path}': larger than 100MB")
+            return head + f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise HerdError(f"couldn't process image '{path}': {e.strerror or e}") from None
 
 
 def _response(chunk: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from herd.server.http import (
     read_json,
     watch,
 )
+from herd.server.images import check_images, has_images
 from herd.server.outputs import (
     check_format,
     check_think,
@@ -84,10 +85,7 @@ def _check_capabilities(name: str, facts: ShowFacts, body: dict[str, Any]) -> No
         raise BadRequestError(f'"{name}" does not support tools')
     if body.get("suffix") and "insert" not in caps:
         raise BadRequestError(f'"{name}" does not support insert')
-    images = body.get("images") or any(
-        m.get("images") for m in body.get("messages") or [] if isinstance(m, dict)
-    )
-    if images and "vision" not in caps:
+    if has_images(body) and "vision" not in caps:
         raise BadRequestError(f'"{name}" does not support vision')
     check_format(body.get("format"))
     top = body.get("top_logprobs")
@@ -164,6 +162,8 @@ class OllamaAPI:
             )
         # the runner's pipeline adds the model's SYSTEM and MESSAGEs and renders the template
         payload: dict[str, Any] = {"prompt": prompt, "raw": raw, "want_context": not raw}
+        if body.get("images"):
+            payload["images"] = check_images(body["images"])  # base64, as Ollama's runner
         if not raw:
             payload.update(system=system, context=context, template=template)
         payload.update(
@@ -206,7 +206,8 @@ class OllamaAPI:
                 },
             )
         payload = {
-            "messages": [_message(m) for m in messages],  # the runner adds SYSTEM, MESSAGEs
+            # the runner adds SYSTEM and MESSAGEs; images stay base64 for the pipe
+            "messages": [_message(m, i) for i, m in enumerate(messages)],
             "shift": body.get("shift", True) is not False,
             "truncate": body.get("truncate", True) is not False,
             **logprob_fields(body),
@@ -327,6 +328,12 @@ class OllamaAPI:
             "capabilities": facts.capabilities,
             "modified_at": local_time(mtime),
         }
+        projector = facts.projector_info
+        if projector is not None:
+            out["projector_info"] = {
+                k: _jsonable(v) if verbose or not _long(v) else None
+                for k, v in sorted(projector.items())
+            }
         if ref.system:
             out["system"] = ref.system
         if ref.messages:
@@ -408,7 +415,7 @@ def logprob_fields(body: dict[str, Any]) -> dict[str, Any]:
     return {"logprobs": True, "top_logprobs": int(body.get("top_logprobs") or 0)}
 
 
-def _message(m: Any) -> dict[str, Any]:
+def _message(m: Any, i: int = 0) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise BadRequestError("each message must be an object")
     role = m.get("role")
@@ -419,6 +426,9 @@ def _message(m: Any) -> dict[str, Any]:
         raise BadRequestError("message content must be a string")
     out = {k: v for k, v in m.items() if k != "images" and v is not None}
     out.update(role=role.lower(), content=content or "")
+    images = check_images(m.get("images"), f"messages[{i}].images")
+    if images:
+        out["images"] = images
     return out
 
 

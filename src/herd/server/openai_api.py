@@ -20,6 +20,7 @@ from herd.server.http import (
     sse,
     watch,
 )
+from herd.server.images import has_images, image_data
 from herd.server.ollama_api import _check_capabilities, normalize
 from herd.server.outputs import (
     fields,
@@ -57,22 +58,29 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def _text(content: Any) -> str:
-    """A message's content: a string, or parts of which herd reads the text ones."""
+def _content(content: Any) -> tuple[str, list[str]]:
+    """A message's content: a string, or parts; the text parts joined, and the images of
+    the `image_url` parts (base64, as Ollama's `images`)."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content or "", []
     if not isinstance(content, list):
         raise BadRequestError("invalid message content")
-    out = []
+    text, images = [], []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            out.append(str(part.get("text") or ""))
-        elif kind in ("image_url", "input_audio"):
-            raise BadRequestError("this model does not support images or audio")
+            text.append(str(part.get("text") or ""))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise BadRequestError("invalid message format")
+            images.append(image_data(url))
+        elif kind == "input_audio":
+            raise BadRequestError("this model does not support audio")
         else:
             raise BadRequestError(f"invalid message content part: {kind!r}")
-    return "".join(out)
+    return "".join(text), images
 
 
 def _logprobs(body: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
@@ -119,6 +127,8 @@ class OpenAIAPI:
         ref = self.service.model(body.get("model"))
         # tools, reasoning effort and response_format as Ollama's tools, think and format
         asked = {**openai_fields(body), "tools": body.get("tools")}
+        if has_images(payload):  # "does not support vision" for a text-only model
+            asked["images"] = True
         facts = await self.service.facts(ref)
         _check_capabilities(body["model"], facts, asked)
         payload = {**payload, **fields(asked, facts)}
@@ -134,8 +144,12 @@ class OpenAIAPI:
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise BadRequestError("each message needs a role")
-            msg = {k: v for k, v in m.items() if k not in ("content", "name") and v is not None}
-            msg.update(role=m["role"].lower(), content=_text(m.get("content")))
+            skip = ("content", "name", "images")  # images come only from content parts
+            msg = {k: v for k, v in m.items() if k not in skip and v is not None}
+            text, images = _content(m.get("content"))
+            msg.update(role=m["role"].lower(), content=text)
+            if images:
+                msg["images"] = images
             msgs.append(msg)
         msgs = from_openai_messages(msgs)
         # the runner's pipeline adds the model's SYSTEM and MESSAGEs

@@ -7,13 +7,14 @@ The CLI lays them out for a terminal (`cli/show.py`); the server answers them as
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from herd.modelfile import quote
-from herd.store.layout import MEDIA_ADAPTER, go_float
+from herd.store.layout import MEDIA_ADAPTER, MEDIA_PROJECTOR, go_float
 from herd.store.store import Store
 
 if TYPE_CHECKING:  # at run time only load_facts needs gguf (~100 ms that `herd list` skips)
@@ -42,20 +43,54 @@ class ShowFacts:
     adapters: list[Path] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    projector: GGUFFacts | None = None  # the projector layer's GGUF (llama.cpp's mmproj)
 
     @property
     def capabilities(self) -> list[str]:
-        arch, kv = self.gguf.architecture, self.gguf.kv
-        caps = ["embedding" if f"{arch}.pooling_type" in kv else "completion"]
-        if f"{arch}.vision.block_count" in kv:
-            caps.append("vision")
-        if self.template:
-            from herd.template.infer import template_capabilities
+        vision = self.projector is not None
+        return capabilities(self.gguf.architecture, self.gguf.kv, self.template, vision=vision)
 
-            caps += template_capabilities(self.template)  # tools, thinking
-        if self.template and ".Suffix" in self.template:
-            caps.append("insert")
-        return caps
+    @property
+    def projector_info(self) -> dict[str, Any] | None:
+        """/api/show's `projector_info`: the vision part's GGUF metadata with its
+        `general.parameter_count`, like `model_info`. From the projector layer when the
+        model has one (as Ollama); for a single GGUF that carries its vision tower
+        (Ollama's own layout, where Ollama gives none) the `<arch>.vision.*` keys and the
+        vision tensors' count, so `show` can describe the projector either way. None for
+        a model without vision."""
+        if self.projector is not None:
+            p = self.projector
+            return {**p.kv, "general.parameter_count": p.parameter_count}
+        arch, kv = self.gguf.architecture, self.gguf.kv
+        if f"{arch}.vision.block_count" not in kv:
+            return None
+        prefix = f"{arch}.vision."
+        count = sum(math.prod(t.shape) for t in self.tensors if t.name.startswith(VISION_TENSORS))
+        info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": count}
+        info.update((k, v) for k, v in kv.items() if k.startswith(prefix))
+        return info
+
+
+# the tensors of a vision tower and its projector in a single GGUF (Ollama's names)
+VISION_TENSORS = ("v.", "mm.")
+
+
+def capabilities(
+    arch: str, kv: dict[str, Any], template: str | None, *, vision: bool = False
+) -> list[str]:
+    """What a model can do, by Ollama's rules: `pooling_type` -> embedding, else
+    completion; `<arch>.vision.block_count` -> vision (`vision`: the model has it some
+    other way, a projector file); the template's tools, thinking and `.Suffix` (insert)."""
+    caps = ["embedding" if f"{arch}.pooling_type" in kv else "completion"]
+    if vision or f"{arch}.vision.block_count" in kv:
+        caps.append("vision")
+    if template:
+        from herd.template.infer import template_capabilities
+
+        caps += template_capabilities(template)  # tools, thinking
+    if template and ".Suffix" in template:
+        caps.append("insert")
+    return caps
 
 
 def is_model_path(model: str) -> bool:
@@ -78,6 +113,8 @@ def load_facts(model: str, store: Store) -> ShowFacts:
     facts = describe(g)
     manifest, _ = store.read_manifest(model)
     adapters = [store.blob_path(x.digest) for x in manifest.layers if x.media_type == MEDIA_ADAPTER]
+    projectors = [x.digest for x in manifest.layers if x.media_type == MEDIA_PROJECTOR]
+    projector = describe(open_gguf(store.blob_path(projectors[0]))) if projectors else None
     return ShowFacts(
         ref.name,
         ref.model_path,
@@ -91,6 +128,7 @@ def load_facts(model: str, store: Store) -> ShowFacts:
         adapters,
         ref.messages,
         ref.config,
+        projector,
     )
 
 
