@@ -15,6 +15,8 @@ in its `herd/models/<arch>/convert.py`, which provides:
     extra_tensors(cfg) -> [(name, array)]     optional: tensors made from the config
     dir_kv(cfg, src) -> dict                  optional: metadata from other files of the dir
     tokenizer_kv(cfg, kv) -> dict             optional: adjust the `tokenizer.*` metadata
+    vocab_config(cfg) -> dict                 optional: the config the vocabulary is read with
+                                              (a multimodal model's text_config: vocab_size)
 
 Every name and shape is checked against the config before a byte is written, so a missing,
 extra or misshapen tensor fails early, naming the file and tensor. Tensors then stream one
@@ -130,6 +132,8 @@ def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -
         return Q.F32
     if main == Q.Q8_0 and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16  # rows that do not split into Q8_0 blocks (llama.cpp falls back too)
+    if name.startswith("v.") and main == Q.Q8_0:
+        return Q.F16  # vision encoders stay unquantized, as Ollama's quantizer keeps `v.*`
     return main
 
 
@@ -211,7 +215,7 @@ def convert(
     kv.update(conv.kv(cfg))
     if hasattr(conv, "dir_kv"):
         kv.update(conv.dir_kv(cfg, src))
-    tok = vocab_kv(src, cfg)
+    tok = vocab_kv(src, getattr(conv, "vocab_config", lambda c: c)(cfg))
     hook = getattr(conv, "tokenizer_kv", None)
     kv.update(hook(cfg, tok) if hook is not None else tok)
     _write(out, conv.ARCH, kv, items, cfg, conv, progress)

@@ -1,18 +1,31 @@
-"""Gemma 3 (text): local sliding-window and global layers, QK-norm, sandwich norms, GeGLU.
+"""Gemma 3: local sliding-window and global layers, QK-norm, sandwich norms, GeGLU; with
+the vision tower in the file (Ollama's single-file layout), images too.
 
 RMSNorm weights are stored as `1 + w` in GGUF (folded at conversion), so every norm here
 is a plain RMSNorm.
+
+Images (`vision.py`): each becomes `tokens_per_image` soft tokens whose rows take the
+place of the placeholder tokens' embeddings (after the text embeddings' sqrt(d) scaling:
+transformers scales the text, not the image features), between "\n\n<start_of_image>"
+and "<end_of_image>\n\n" as transformers' processor expands the `<start_of_image>` its
+chat template writes. The placeholders of one image attend to each other in both
+directions (`Causal(bidirectional=True)`), in the window on local layers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal, Wrapper
 from herd.ml import Backend, Context, RopeOptions, Tensor
 from herd.models.base import Inputs
+from herd.models.gemma3 import process
+from herd.models.gemma3.vision import Projector, VisionConfig, VisionModel, pixels_input
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
 
@@ -132,7 +145,12 @@ class Block:
 
 @register("gemma3")
 class Model:
+    """The text model, and the `Vision` protocol when the file has the vision tower:
+    `vision` is then set (else None), and so are `image_token` and `image_text`, so that
+    `isinstance(model, Vision)` holds only for a file that can take images."""
+
     is_embedding = False
+    vision: VisionModel | None = None
 
     def __init__(self, config: GGUFConfig, backend: Backend) -> None:
         w = Weights(backend)
@@ -144,17 +162,54 @@ class Model:
         self.blk = [Block(w.scope(f"blk.{i}"), cfg, cfg.layer_types[i]) for i in range(cfg.n_layer)]
         self.output_norm = RMSNorm.bind(w, "output_norm", cfg.n_embd, cfg.eps)
         self.output = Linear.bind(w, "output", n_vocab, cfg.n_embd, fallback="token_embd.weight")
+        vcfg = VisionConfig.read(config)
+        if vcfg is not None:
+            self._init_vision(w, vcfg)
+        both = self.vision is not None  # image tokens see each other
         self.cache = Wrapper(
-            [Causal(self.shift, window=cfg.window), Causal(self.shift)], cfg.layer_types
+            [
+                Causal(self.shift, window=cfg.window, bidirectional=both),
+                Causal(self.shift, bidirectional=both),
+            ],
+            cfg.layer_types,
         )
+
+    def _init_vision(self, w: Weights, vcfg: VisionConfig) -> None:
+        self.vcfg = vcfg
+        self.vision = VisionModel(w.scope("v"), vcfg)
+        self.projector = Projector(w.scope("mm"), vcfg, self.cfg.n_embd)
+        # any id does as a placeholder (its embedding is replaced); an out-of-vocabulary
+        # one (a file whose token table stops before <image_soft_token>) would not
+        self.image_token = vcfg.image_token if vcfg.image_token < self.n_vocab else 0
+        self.image_text = ("\n\n<start_of_image>", "<end_of_image>\n\n")
 
     @classmethod
     def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
         return cls(config, backend)
 
+    # ---- Vision (only with the vision tower: see the class docstring) ------------------
+    def preprocess(self, image: Any) -> np.ndarray:
+        """(3, S, S) float32 pixels, as transformers' Gemma3ImageProcessor makes them."""
+        v = self.vcfg
+        return process.preprocess(image, v.image_size, v.mean, v.std)
+
+    def image_tokens(self, pixels: np.ndarray) -> int:
+        return self.vcfg.tokens_per_image
+
+    def encode(self, ctx: Context, pixels: np.ndarray) -> Tensor:
+        """(tokens_per_image, n_embd): the rows that replace the placeholders' embeddings."""
+        assert self.vision is not None, "gemma3: this file has no vision tower"
+        h = self.vision.forward(pixels_input(ctx, pixels))  # (P, Dv)
+        return self.projector.forward(ctx, h)
+
     def forward(self, ctx: Context, inputs: Inputs) -> Tensor:
         h = self.token_embd.forward(inputs.tokens)  # (T, D)
         h = h.scale(math.sqrt(self.cfg.n_embd))
+        if inputs.images:  # image rows in place of the placeholders' embeddings
+            assert inputs.image_index is not None
+            for image in inputs.images:
+                h = h.concat(image, 0)  # (T + image rows, D)
+            h = h.get_rows(inputs.image_index)  # (T, D)
         pos, last = inputs.positions, len(self.blk) - 1
         for i, block in enumerate(self.blk):
             self.cache.set_layer(i)
