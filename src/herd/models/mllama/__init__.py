@@ -1,1 +1,3 @@
-"""mllama (Llama 3.2 Vision): its image processor so far; the model follows."""
+from herd.models.mllama.model import Model
+
+__all__ = ["Model"]
