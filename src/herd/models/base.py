@@ -129,6 +129,8 @@ class Vision(Protocol):
     vision: Any  # the vision encoder; None where the file has none (a text-only Gemma 3)
     image_token: int
     image_text: tuple[str, str]
+    # most images a prompt may hold (0: any); a conversation with more keeps its latest
+    max_images: int
 
     def preprocess(self, image: Any) -> Pixels:
         """The model's input for a decoded RGB image (a `PIL.Image.Image`), exactly as the
@@ -166,6 +168,29 @@ class Cache(Protocol):
 
     # model side
     def set_layer(self, layer: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Projector:
+    """A separate projector file (llama.cpp's `mmproj` layout: `general.architecture`
+    "clip", the vision encoder and projector alone) opened on a backend of its own: its
+    metadata (`config.kv` holds every key, `clip.*` among them) and its weights."""
+
+    config: Config
+    backend: Backend
+
+
+@runtime_checkable
+class TakesProjector(Protocol):
+    """An architecture that can take its vision part from a projector file
+    (`load_model(config, backend, projector=...)`); one without this takes none."""
+
+    @classmethod
+    def from_gguf_with_projector(
+        cls, config: Config, backend: Backend, projector: Projector
+    ) -> Model:
+        """The text model bound to `backend`, its vision encoder to `projector.backend`;
+        the architecture checks that the projector fits it (projector type, widths)."""
 
 
 class Model(Protocol):

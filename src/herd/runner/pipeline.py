@@ -35,6 +35,7 @@ from typing import Any
 from herd.errors import (
     CapabilityError,
     ContextLengthError,
+    ImageError,
     UnsupportedModelError,
 )
 from herd.models import Vision
@@ -100,9 +101,10 @@ def prepare(loaded: Loaded, request: Request) -> Prepared:
     template = loaded.template
     if request.template:  # this request's own
         template = select_template(loaded.gguf.kv, request.template)
-    request, images = _tag_images(request)
-    if images and loaded.vision is None:
+    sent = _images(request)
+    if sent and loaded.vision is None:
         raise CapabilityError(f'"{loaded.name}" does not support vision')
+    request, images = _tag_images(request, sent, loaded.vision.max_images if sent else 0)
     text = _render(loaded, request, template, think)
     parser = _parser(loaded.name, template, request.tools, think, text)
     context = list(request.context)
@@ -118,15 +120,37 @@ def prepare(loaded: Loaded, request: Request) -> Prepared:
 _TAG = re.compile(r"\[img-(\d+)\]")
 
 
-def _tag_images(request: Request) -> tuple[Request, list[bytes]]:
+def _images(request: Request) -> list[list[bytes]]:
+    """The images of the request, by message (generate: one list)."""
+    if request.messages is None:
+        return [list(request.images)] if request.images else []
+    return [list(m["images"]) for m in request.messages if m.get("images")]
+
+
+def _tag_images(
+    request: Request, sent: list[list[bytes]], most: int
+) -> tuple[Request, list[bytes]]:
     """The request with Ollama's `[img-N]` tag for each image in its text, N counting the
     images in order: before the content of the message (or generate prompt) that brought
-    it, or in place of an `[img]` the text has; and the images' bytes by N."""
+    it, or in place of an `[img]` the text has; and the images' bytes by N. A model that
+    takes at most `most` images (0: any) gets the latest ones of the conversation (an
+    image of an earlier turn gives way to a newer one); more in one message is an error."""
+    if most and sent and len(sent[-1]) > most:
+        raise ImageError(
+            f"this model takes at most {most} image{'s' if most > 1 else ''} per message; "
+            f"{len(sent[-1])} were sent"
+        )
+    skip = max(0, sum(map(len, sent)) - most) if most else 0
     images: list[bytes] = []
+    seen = 0
 
     def tagged(content: str, data: Sequence[bytes]) -> str:
+        nonlocal seen
         prefix = ""
         for item in data:
+            seen += 1
+            if seen <= skip:  # an older image the model has no room for
+                continue
             tag = f"[img-{len(images)}]"
             images.append(bytes(item))
             if "[img]" in content:

@@ -150,6 +150,7 @@ class Model:
     `isinstance(model, Vision)` holds only for a file that can take images."""
 
     is_embedding = False
+    max_images = 0  # any number: each is its own span of soft tokens
     vision: VisionModel | None = None
 
     def __init__(self, config: GGUFConfig, backend: Backend) -> None:

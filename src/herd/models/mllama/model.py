@@ -94,6 +94,7 @@ def _layout(embedding: np.ndarray) -> tuple[int, int]:
 class Model:
     is_embedding = False
     image_text = ("", "")
+    max_images = 1  # one image's cross-attention states per sequence, as Ollama's mllama
 
     def __init__(self, config: GGUFConfig, backend: Backend) -> None:
         w = Weights(backend)
