@@ -374,3 +374,36 @@ def test_server_refuses_image_urls_it_would_have_to_fetch(server, photos) -> Non
             ],
             max_tokens=2,
         )
+
+
+# ---- mllama: one image per sequence ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_mllama(tmp_path_factory) -> Path:
+    from convert.test_mllama import _build as build_mllama
+
+    tmp = tmp_path_factory.mktemp("mllama")
+    build_mllama(tmp / "hf")
+    return convert(tmp / "hf", tmp / "model.gguf", "f32")
+
+
+def test_mllama_keeps_the_conversations_latest_image(tiny_mllama, photos) -> None:
+    from herd.errors import ImageError
+
+    llm = LLM(Source("tiny-mllama", tiny_mllama), backend="numpy", options={"num_ctx": 256})
+    image = llm.model.image_token
+    conversation = [
+        {"role": "user", "content": "What animal is this?", "images": [photos["cat"]]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And this?", "images": [photos["coffee"]]},
+    ]
+    prepared = prepare(llm.loaded, Request(messages=conversation))
+    assert prepared.tokens.count(image) == 1  # the older image gave way to the newer
+    ((start, kept),) = prepared.images
+    latest = prepare(llm.loaded, Request(messages=conversation[2:])).images[0][1]
+    assert kept.digest == latest.digest and start > len(prepared.tokens) // 2
+    first = llm.chat(conversation, options=GREEDY)
+    assert first["done"] and first["eval_count"] > 0
+    with pytest.raises(ImageError, match="at most 1 image per message; 2 were sent"):
+        llm.chat(
+            [{"role": "user", "content": "Compare", "images": [photos["cat"], photos["coffee"]]}]
+        )
