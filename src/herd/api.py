@@ -40,18 +40,21 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def resolve(model: str | Path, progress: Progress | None = None) -> Source:
-    """A .gguf path, or a store name (pulled from the catalog when missing)."""
+def resolve(
+    model: str | Path, progress: Progress | None = None, projector: str | Path | None = None
+) -> Source:
+    """A .gguf path, or a store name (pulled from the catalog when missing). `projector`:
+    a projector GGUF (llama.cpp's mmproj) to load with it, in place of a store model's."""
     text = str(model)
+    extra = Path(projector).expanduser() if projector is not None else None
     if text.endswith(".gguf") or Path(text).is_file() or "/" in text and Path(text).exists():
-        return Source(Path(text).name, Path(text))
+        return Source(Path(text).name, Path(text), projector=extra)
     from herd.registry import registry_puller
     from herd.store import resolve_or_pull
 
     ref = resolve_or_pull(text, progress=progress, registry=registry_puller())
-    return Source(
-        ref.name, Path(ref.model_path), ref.template, ref.system, ref.params, list(ref.messages)
-    )
+    return Source(ref.name, Path(ref.model_path), ref.template, ref.system, ref.params,
+                  list(ref.messages), extra or ref.projector)  # fmt: skip
 
 
 class LLM:
@@ -289,9 +292,12 @@ def load(
     backend: str | None = None,
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    projector: str | Path | None = None,
 ) -> LLM:
     """Load a model by store name (pulled if missing) or .gguf path.
 
-    `backend`: "auto" (default: HERD_BACKEND, else the fastest installed), "numpy", "ggml".
+    `backend`: "auto" (default: HERD_BACKEND, else the fastest installed), "numpy", "ggml";
+    `projector`: the model's projector GGUF (llama.cpp's mmproj, for a text GGUF that
+    takes images from a separate file); a store model brings its own projector layer.
     """
-    return LLM(resolve(model, progress), backend, options)
+    return LLM(resolve(model, progress, projector), backend, options)

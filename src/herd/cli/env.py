@@ -45,14 +45,18 @@ class LLM(Protocol):
     def info(self) -> dict[str, Any]: ...
 
 
-# (model: store name or .gguf Path, backend, progress) -> LLM; pulls a missing store model
-Loader = Callable[[str | Path, str | None, Progress], LLM]
+# (model: store name or .gguf Path, backend, progress[, projector=Path]) -> LLM; pulls a
+# missing store model; `projector` (a projector GGUF, `herd run --mmproj`) only when given
+Loader = Callable[..., LLM]
 
 
-def default_loader(model: str | Path, backend: str | None, progress: Progress) -> LLM:
+def default_loader(
+    model: str | Path, backend: str | None, progress: Progress, projector: Path | None = None
+) -> LLM:
     import herd  # the engine is imported only by commands that run a model
 
-    llm: LLM = herd.load(model, backend=backend, progress=progress)  # type: ignore[attr-defined]
+    load = herd.load  # type: ignore[attr-defined]
+    llm: LLM = load(model, backend=backend, progress=progress, projector=projector)
     return llm
 
 

@@ -39,6 +39,12 @@ from herd.store.facts import is_model_path, load_facts
 )
 @click.option("--hidethinking", is_flag=True, help="Hide thinking output (if any).")
 @click.option("--format", "fmt", default=None, help="Response format (e.g. json).")
+@click.option(
+    "--mmproj",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Projector GGUF (llama.cpp's mmproj) that gives the model images.",
+)
 @click.pass_obj
 def run(
     env: CliEnv,
@@ -49,6 +55,7 @@ def run(
     think: str | None,
     hidethinking: bool,
     fmt: str | None,
+    mmproj: Path | None,
 ) -> None:
     """Run a model: answer PROMPT (or stdin), or chat interactively."""
     prompts = list(prompt)
@@ -68,10 +75,14 @@ def run(
     progress = PullProgress()
     try:
         # like Ollama's CLI: a client of the server (started in the background if none
-        # runs); a .gguf file or an explicit --backend runs in this process instead
-        client = None if backend is not None or isinstance(target, Path) else env.connect(True)
+        # runs); a .gguf file, an explicit --backend or a --mmproj file (which the server
+        # cannot be handed) runs in this process instead
+        local = backend is not None or isinstance(target, Path) or mmproj is not None
+        client = None if local else env.connect(True)
         if client is not None:
             llm: LLM = remote_llm(client, model, progress)
+        elif mmproj is not None:
+            llm = env.loader(target, backend, progress, projector=mmproj.expanduser())
         else:
             llm = env.loader(target, backend, progress)
     finally:

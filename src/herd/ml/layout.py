@@ -174,6 +174,22 @@ def estimate(
     return Estimate(weights, cache, graph)
 
 
+def estimate_projector(kv: dict[str, Any], weights: int) -> Estimate:
+    """What a projector file (llama.cpp's mmproj: `clip.vision.*` metadata) needs beside
+    its text model: its weights, no cache, and the compute buffer of one image's encoding
+    in F32: the pixels, a few activations of every patch and one layer's attention
+    scores (heads x patches^2), which dominate at Gemma 3's 4096 patches."""
+    cfg = Config(kv, str(kv.get("general.architecture", "")))
+    size, patch = cfg.int("vision.image_size", 0), cfg.int("vision.patch_size", 0)
+    patches = (size // patch) ** 2 if patch else 0
+    n_embd = cfg.int("vision.embedding_length", 0)
+    n_ff = cfg.int("vision.feed_forward_length", 0)
+    heads = cfg.int("vision.attention.head_count", 0)
+    channels = cfg.int("vision.num_channels", 3)
+    graph = 4 * (channels * size * size + patches * (4 * n_embd + n_ff + heads * patches))
+    return Estimate(weights, [], graph)
+
+
 def _largest(cfg: Config, name: str) -> int:
     """A metadata number that may also be stored per layer (the largest then); 0 if absent."""
     value = cfg.get(name, 0)

@@ -1,6 +1,7 @@
 """Ollama's Modelfile format (`parser/parser.go`), with errors that point at line and column.
 
     FROM ./model.gguf            # a GGUF file, a directory, or a model name
+    FROM ./mmproj.gguf           # a second FROM: a projector GGUF (llama.cpp's mmproj)
     PARAMETER temperature 0.7    # Ollama's option names and types; `stop` repeats
     TEMPLATE \"\"\"{{ .Prompt }}\"\"\"   # bare to end of line, "quoted", or \"\"\"multi-line\"\"\"
     SYSTEM You are terse.
@@ -92,6 +93,12 @@ class Modelfile:
     @property
     def from_(self) -> Command:
         return next(c for c in self.commands if c.name == "model")
+
+    @property
+    def froms(self) -> list[Command]:
+        """Every FROM: the model, and (llama.cpp's two-file layout) its projector file;
+        which is which, the files say (`herd.store.create`)."""
+        return [c for c in self.commands if c.name == "model"]
 
     def values(self, name: str) -> list[Command]:
         return [c for c in self.commands if c.name == name and c.directive != "parameter"]
@@ -267,9 +274,17 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
         if directive == "parameter":
             parse_value(name, value, cmd, path) if name not in DEPRECATED else None
         commands.append(cmd)
-    if not any(c.name == "model" for c in commands):
+    froms = [c for c in commands if c.name == "model"]
+    if not froms:
         raise ModelfileError(
             "no FROM line: a Modelfile must say what model it builds on", path=path
+        )
+    if len(froms) > 2:
+        raise ModelfileError(
+            "too many FROM lines: at most two, a model and its projector file",
+            froms[2].line,
+            froms[2].column,
+            path,
         )
     return Modelfile(commands, path, warnings)
 

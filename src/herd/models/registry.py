@@ -11,7 +11,7 @@ from typing import TypeVar
 from herd.errors import UnsupportedModelError
 from herd.gguf import Config
 from herd.ml import Backend
-from herd.models.base import Model
+from herd.models.base import Model, Projector, TakesProjector
 
 _REGISTRY: dict[str, type[Model]] = {}
 
@@ -40,7 +40,9 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_model(config: Config, backend: Backend) -> Model:
+def load_model(config: Config, backend: Backend, projector: Projector | None = None) -> Model:
+    """The architecture `general.architecture` names, bound to `backend`'s weights; with
+    `projector` (a separate projector file), its vision part bound to that file's."""
     arch = config.arch
     if arch not in _REGISTRY and arch in _folders():
         importlib.import_module(f"herd.models.{arch}")
@@ -50,4 +52,9 @@ def load_model(config: Config, backend: Backend) -> Model:
         raise UnsupportedModelError(
             f"unsupported architecture {arch!r}; supported: {', '.join(supported_architectures())}"
         )
-    return _REGISTRY[arch].from_gguf(config, backend)
+    cls = _REGISTRY[arch]
+    if projector is None:
+        return cls.from_gguf(config, backend)
+    if not isinstance(cls, TakesProjector):
+        raise UnsupportedModelError(f"{arch} models take no projector file")
+    return cls.from_gguf_with_projector(config, backend, projector)

@@ -57,9 +57,12 @@ class Runner:
         reuse_graphs: bool = True,
         cache_type: str = "f16",
         vision: Vision | None = None,
+        encoder_backend: Backend | None = None,
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
-        OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images."""
+        OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images;
+        `encoder_backend`: the one holding its vision encoder (a projector file's), if
+        not `backend`."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
         if cache_type not in KV_CACHE_TYPES:
@@ -82,7 +85,7 @@ class Runner:
         with backend.new_context() as probe:
             self._reuse = reuse_graphs and isinstance(probe, GraphReuse)
         self._graphs: dict[str, tuple[object, _ReusableContext]] = {}  # kind -> (key, context)
-        self.vision = vision
+        self.vision, self.encoder_backend = vision, encoder_backend or backend
         self.images = ImageCache(self._encode) if vision is not None else None
 
     # ---- sequences ----------------------------------------------------------------------
@@ -167,7 +170,7 @@ class Runner:
     def _encode(self, pixels: Pixels) -> np.ndarray:
         """The vision encoder's output for one image, in a pass of its own."""
         assert self.vision is not None
-        with self.backend.new_context() as ctx:
+        with self.encoder_backend.new_context() as ctx:
             (out,) = ctx.compute(self.vision.encode(ctx, pixels))
         return out
 

@@ -1,5 +1,10 @@
 """A loaded model: the GGUF file opened on a backend, with its tokenizer and chat template.
 
+A model in llama.cpp's two-file layout comes with a projector file (`Source.projector`,
+an `mmproj` GGUF: `general.architecture` "clip"): it is opened on a second backend of
+the same kind (weights only: it holds no cache) and handed to the architecture
+(`load_model(..., projector=...)`), whose image encoder then runs on that backend.
+
 The library (`herd.api.LLM`) and the runner process (`herd.runner.serve`) both hold one
 and hand it to the request pipeline (`herd.runner.pipeline`). Configuration comes in as
 arguments: the entry points read the environment (the backend, flash attention, the KV
@@ -9,15 +14,17 @@ cache type), nothing here does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from herd.errors import GGUFError
 from herd.gguf import GGUFFile, open_gguf
-from herd.ml import BackendOptions, open_backend
+from herd.ml import Backend, BackendOptions, open_backend
 from herd.models import Batch, Model, Vision, batch_inputs, load_model
+from herd.models.base import Projector
 from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner.engine import Runner
@@ -35,6 +42,7 @@ class Source:
     system: str | None = None
     params: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # Modelfile MESSAGEs
+    projector: Path | None = None  # llama.cpp's mmproj GGUF (a store's projector layer)
 
 
 class Loaded:
@@ -61,19 +69,29 @@ class Loaded:
         self.defaults = Options().merged(source.params).merged(options)
         self.kv_cache_type = kv_cache_type
         self.image_limits = image_limits or ImageLimits()
-        self.backend = open_backend(
-            backend,
-            self.gguf,
-            BackendOptions(
-                num_thread=self.defaults.num_thread,
-                num_gpu=self.defaults.num_gpu,
-                num_ctx=self.defaults.num_ctx,
-                num_batch=self.defaults.num_batch,
-                flash_attention=flash_attention,
-                kv_cache_type=kv_cache_type,
-            ),
+        self.projector_gguf = open_projector(source.projector) if source.projector else None
+        opts = BackendOptions(
+            num_thread=self.defaults.num_thread,
+            num_gpu=self.defaults.num_gpu,
+            num_ctx=self.defaults.num_ctx,
+            num_batch=self.defaults.num_batch,
+            flash_attention=flash_attention,
+            kv_cache_type=kv_cache_type,
         )
-        self.model: Model = load_model(self.gguf.config(), self.backend)
+        self.backend = open_backend(backend, self.gguf, opts)
+        self.projector_backend: Backend | None = None
+        try:
+            projector = None
+            if self.projector_gguf is not None:
+                # the text model's kind of backend, for the weights only (no cache)
+                self.projector_backend = open_backend(
+                    self.backend.name, self.projector_gguf, replace(opts, num_ctx=0)
+                )
+                projector = Projector(self.projector_gguf.config(), self.projector_backend)
+            self.model: Model = load_model(self.gguf.config(), self.backend, projector)
+        except BaseException:
+            self.close()
+            raise
         self.tokenizer: Tokenizer = from_gguf(self.gguf)
         self.template: ChatTemplate | None = select_template(self.gguf.kv, source.template)
         self.load_duration = time.perf_counter_ns() - t0  # ns
@@ -102,7 +120,7 @@ class Loaded:
         """A runner (KV cache of `parallel` x num_ctx cells) for the load-time `options`."""
         return Runner(self.model, self.backend, self.tokenizer, options, self.context_length,
                       parallel=parallel, cache_type=self.kv_cache_type,
-                      vision=self.vision)  # fmt: skip
+                      vision=self.vision, encoder_backend=self.projector_backend)  # fmt: skip
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """(len(inputs), n_embd) float32: the embedding of each token list, as many in one
@@ -127,4 +145,20 @@ class Loaded:
         return out
 
     def close(self) -> None:
+        if self.projector_backend is not None:
+            self.projector_backend.close()
+            self.projector_backend = None
         self.backend.close()
+
+
+def open_projector(path: Path) -> GGUFFile:
+    """A projector file, checked to be one: GGUFError for anything else (a text model given
+    where the projector goes, a file that is no GGUF)."""
+    g = open_gguf(path)
+    arch = g.kv.get("general.architecture")
+    if arch != "clip":
+        raise GGUFError(
+            f"{path}: not a projector file: its general.architecture is {arch!r}, a projector "
+            "(llama.cpp's mmproj) has 'clip'"
+        )
+    return g

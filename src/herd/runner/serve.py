@@ -6,9 +6,9 @@ and talks to it in JSON lines, one object per line, over the child's stdin and s
 server; every reply carries the id it answers.
 
     server -> runner                                      runner -> server
-    {"op": "load", "path", "name", "template",            {"op": "ready", "parallel",
-     "system", "params", "backend", "options",              "num_ctx", "kv_usage",
-     "parallel"}                                            "load_duration"}
+    {"op": "load", "path", "projector", "name",           {"op": "ready", "parallel",
+     "template", "system", "params", "backend",             "num_ctx", "kv_usage",
+     "options", "parallel"}                                 "load_duration"}
                                                           | {"op": "error", "error", "type"}
     {"op": "completion", "id", "messages" | "prompt",     {"id", "text", "logprobs"?}  (0+)
      "images", "context", "template", "options", "shift", {"id", "done": true, "done_reason",
@@ -21,11 +21,12 @@ server; every reply carries the id it answers.
 
 An error answers `{"id", "error", "type"}` (`type` is the HerdError class name; the server
 rebuilds the error with `herd.errors.error_from_name`). `options` are complete (the server
-merged defaults < model parameters < request), by Ollama's names. Images are base64, as
-Ollama's API sends them: generate's in `images`, a chat message's in its `images`. The
-pipe ties the child's life to the server's: when the server dies, stdin closes and the
-runner exits; when the runner dies, stdout closes and the server fails the requests in
-flight.
+merged defaults < model parameters < request), by Ollama's names. `projector` is the
+path of the model's projector file (llama.cpp's mmproj layout), or null. Images are
+base64, as Ollama's API sends them: generate's in `images`, a chat message's in its
+`images`. The pipe ties the child's life to the server's: when the server dies, stdin
+closes and the runner exits; when the runner dies, stdout closes and the server fails the
+requests in flight.
 
 A completion goes through the request pipeline (`herd.runner.pipeline`, as the library's
 do) and then to an `Engine`: `submit(tokens, options, cancelled)` yields the runner's
@@ -224,6 +225,7 @@ class Child:
             spec.get("system"),
             spec.get("params"),
             list(spec.get("messages") or []),
+            Path(spec["projector"]) if spec.get("projector") else None,
         )
         loaded = self.loaded = Loaded(
             source,

@@ -9,7 +9,8 @@ buffers must fit in the memory left: idle models are evicted, shortest keep-aliv
 if it can never fit, InsufficientMemoryError names the sizes (`herd.ml.layout.estimate`,
 the numbers the backend's own fit check lays out). A request whose load-time options
 (`Options.load_key`: num_ctx, num_batch, num_gpu, ...) differ from the loaded runner's,
-or a model re-pulled with new content, reloads the runner once it is idle. A runner that
+or a model re-pulled or re-created with new content (its projector file included),
+reloads the runner once it is idle. A runner that
 dies fails its requests in flight (RunnerError, 500); the next request starts a new one.
 
 All of it runs on the server's event loop; the only blocking work (the runner's compute)
@@ -44,7 +45,8 @@ FOREVER_S = 2**63 / 1e9  # Ollama's "forever": time.Duration(math.MaxInt64)
 
 @dataclass
 class LoadSpec:
-    """A model to load (or find loaded): its store entry, GGUF facts and load options."""
+    """A model to load (or find loaded): its store entry, GGUF facts and load options;
+    for a model with a projector file (`ref.projector`), that file's facts and size."""
 
     name: str
     ref: ModelRef
@@ -52,6 +54,8 @@ class LoadSpec:
     file_size: int
     options: Options  # fully merged; the load-time fields pick the runner
     backend: str | None = None
+    projector: GGUFFacts | None = None
+    projector_size: int = 0
 
     def context_length(self) -> int:
         ctx = self.facts.context_length or self.options.num_ctx
@@ -60,8 +64,8 @@ class LoadSpec:
 
 def estimate_memory(spec: LoadSpec, parallel: int, kv_cache_type: str = "f16") -> int:
     """Bytes a runner needs: the file, a KV cache of `parallel` x num_ctx cells of
-    `kv_cache_type`, compute buffers (the estimate the backend's fit check lays out), and
-    the process itself."""
+    `kv_cache_type`, compute buffers (the estimate the backend's fit check lays out), the
+    projector file's weights and image-encoding buffers, and the process itself."""
     opts = spec.options
     need = layout.estimate(
         spec.facts.kv,
@@ -71,7 +75,27 @@ def estimate_memory(spec: LoadSpec, parallel: int, kv_cache_type: str = "f16") -
         kv_cache_type=kv_cache_type,
         sequences=parallel,
     )
-    return need.total + RUNNER_OVERHEAD
+    projector = 0
+    if spec.projector is not None:
+        projector = layout.estimate_projector(spec.projector.kv, spec.projector_size).total
+    return need.total + projector + RUNNER_OVERHEAD
+
+
+def load_message(spec: LoadSpec, backend: str | None, parallel: int) -> dict[str, Any]:
+    """The runner's `load` request for `spec` (`herd.runner.serve`'s protocol)."""
+    ref = spec.ref
+    return {
+        "name": spec.name,
+        "path": str(ref.model_path),
+        "projector": str(ref.projector) if ref.projector is not None else None,
+        "template": ref.template,
+        "system": ref.system,
+        "messages": list(ref.messages),
+        "params": ref.params,
+        "backend": backend,
+        "options": asdict(spec.options),
+        "parallel": parallel,
+    }
 
 
 # ---- one runner process -------------------------------------------------------------------
@@ -236,6 +260,7 @@ class Runner:
         return (
             self.proc.alive
             and self.spec.ref.digest == spec.ref.digest
+            and self.spec.ref.projector == spec.ref.projector  # Ollama's needsReload
             and self.spec.options.load_key() == spec.options.load_key()
         )
 
@@ -388,18 +413,7 @@ class Scheduler:
         proc = RunnerProcess(spec.name, self._on_exit)
         log.info("loading %s (%s, about %d MiB)", spec.name, spec.ref.model_path, estimate >> 20)
         ready = await proc.start(
-            {
-                "name": spec.name,
-                "path": str(spec.ref.model_path),
-                "template": spec.ref.template,
-                "system": spec.ref.system,
-                "messages": list(spec.ref.messages),
-                "params": spec.ref.params,
-                "backend": self.backend,
-                "options": asdict(spec.options),
-                "parallel": self.num_parallel,
-            },
-            self.load_timeout,
+            load_message(spec, self.backend, self.num_parallel), self.load_timeout
         )
         parallel = max(1, int(ready.get("parallel", 1)))
         runner = Runner(

@@ -60,8 +60,16 @@ class Service:
             raise BadRequestError("options must be an object")
         merged = Options(num_ctx=envconfig.context_length()).merged(ref.params).merged(options)
         facts = await self.facts(ref)
+        projector_size = ref.projector.stat().st_size if ref.projector is not None else 0
         return LoadSpec(
-            ref.name, ref, facts.gguf, ref.model_path.stat().st_size, merged, self.scheduler.backend
+            ref.name,
+            ref,
+            facts.gguf,
+            ref.model_path.stat().st_size,
+            merged,
+            self.scheduler.backend,
+            facts.projector,  # the projector layer's GGUF facts (None without one)
+            projector_size,
         )
 
     # ---- running

@@ -295,6 +295,8 @@ def _stage(store: Store, files: dict[str, str], folder: Path, what: str) -> Path
     ggufs = [n for n, blob in blobs.items() if n.endswith(".gguf") or _is_gguf(blob)]
     if not ggufs:
         raise BadRequestError("supplied file was not in GGUF format")
+    if what == "model" and len(ggufs) == 2 and _model_and_projector(folder, ggufs):
+        return folder  # llama.cpp's two-file layout: create tells the two apart
     if len(ggufs) > 1:
         raise BadRequestError(
             "only one adapter is currently supported"
@@ -302,6 +304,18 @@ def _stage(store: Store, files: dict[str, str], folder: Path, what: str) -> Path
             else "only one GGUF file per model is supported"
         )
     return folder / ggufs[0]
+
+
+def _model_and_projector(folder: Path, names: list[str]) -> bool:
+    """Two GGUFs, staged side by side, of which one is a projector (`clip`)."""
+    from herd.gguf import open_gguf
+
+    if not all(n.endswith(".gguf") and "/" not in n for n in names):
+        return False
+    with contextlib.suppress(HerdError):
+        archs = [open_gguf(folder / n).kv.get("general.architecture") for n in names]
+        return archs.count("clip") == 1
+    return False
 
 
 def _is_gguf(path: Path) -> bool:

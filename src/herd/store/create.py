@@ -1,11 +1,17 @@
 """`create`: build a model in the store from a Modelfile, the way Ollama's create does.
 
 Layers, in Ollama's order: the model (a GGUF copied in, a Hugging Face folder converted
-to an F16 GGUF, quantized if asked, or the layers of an existing model), adapters, then
-template, system, licenses, params and messages; then the config blob and, last, the
-manifest. Every blob goes in through a temp file and a rename, so a failure leaves no
-half-written blob and no manifest. A GGUF that already is a blob of the store (the server
-stages uploaded files as links to their blobs) is used in place.
+to an F16 GGUF, quantized if asked, or the layers of an existing model), its projector,
+adapters, then template, system, licenses, params and messages; then the config blob
+and, last, the manifest. Every blob goes in through a temp file and a rename, so a failure
+leaves no half-written blob and no manifest. A GGUF that already is a blob of the store
+(the server stages uploaded files as links to their blobs) is used in place.
+
+A model in llama.cpp's two-file layout takes two FROM lines, in either order: the text
+model (a GGUF, a folder or a model name) and its projector GGUF (`mmproj`), told apart
+by their contents (`general.architecture` "clip", or `general.type` "projector" or
+"mmproj": Ollama's projector layer). A folder holding exactly such a pair is both. A
+projector file replaces the one a FROM model has; without one, the model's is kept.
 """
 
 from __future__ import annotations
@@ -111,21 +117,7 @@ def _create(
         parser=modelfile.parser or "",
         requires=modelfile.requires or "",
     )
-    source = resolve_source(modelfile.from_, base, modelfile.path)
-    if isinstance(source, Path) and _is_hf_folder(source):
-        layers = [_converted_layer(store, source, report)]
-    elif isinstance(source, Path):
-        layers = [
-            _gguf_layer(
-                store,
-                _gguf_in(source, modelfile.from_, modelfile.path),
-                MEDIA_MODEL,
-                source.name,
-                report,
-            )
-        ]
-    else:
-        layers = _from_model(store, source, modelfile.from_, modelfile.path, config, report, pull)
+    layers = _from_layers(store, modelfile, base, config, report, pull)
     for cmd in modelfile.adapters:
         path = resolve_source(cmd, base, modelfile.path)
         assert isinstance(path, Path)
@@ -146,6 +138,9 @@ def _create(
     config.model_format = config.model_format or "gguf"
     config.model_family = facts.architecture
     config.model_families = [facts.architecture]
+    projector = next((x for x in layers if x.media_type == MEDIA_PROJECTOR), None)
+    if projector is not None:  # as Ollama: every GGUF layer's architecture ("clip")
+        config.model_families.append(open_gguf(store.blob_path(projector.digest)).architecture)
     config.model_type = facts.parameter_size
     config.file_type = facts.file_type
 
@@ -180,6 +175,115 @@ def _create(
         store.prune(x.digest for x in old.all_layers())
     report("success", None, None, None)
     return store.resolve(target)
+
+
+def _from_layers(
+    store: Store,
+    modelfile: Modelfile,
+    base: Path,
+    config: ConfigV2,
+    report: Progress,
+    pull: Puller | None,
+) -> list[Layer]:
+    """The layers the FROM lines stand for: a model's (its projector too, where it has
+    one) and a projector file's. What each file is comes from its header, and the pair is
+    checked before anything is copied."""
+    where = modelfile.path
+    sources: list[tuple[Command, Path | str, str]] = []  # (FROM, source, media type)
+    for cmd in modelfile.froms:
+        source = resolve_source(cmd, base, where)
+        if isinstance(source, str) or _is_hf_folder(source):
+            sources.append((cmd, source, MEDIA_MODEL))
+        else:
+            sources += [(cmd, p, _gguf_kind(_check_gguf(p))) for p in _ggufs_in(source, cmd, where)]
+    _check_pair(sources, where)
+    layers: list[Layer] = []
+    for cmd, source, kind in sources:
+        if kind != MEDIA_MODEL:
+            continue
+        if isinstance(source, str):
+            layers += _from_model(store, source, cmd, where, config, report, pull)
+        elif source.is_dir():
+            layers.append(_converted_layer(store, source, report))
+        else:
+            layers.append(_gguf_layer(store, source, MEDIA_MODEL, source.name, report))
+    for _, source, kind in sources:
+        if kind == MEDIA_PROJECTOR:
+            assert isinstance(source, Path)
+            model_at = next((i for i, x in enumerate(layers) if x.media_type == MEDIA_MODEL), -1)
+            layers = _without(layers, MEDIA_PROJECTOR)  # the FROM model's, replaced
+            layers.insert(model_at + 1, _gguf_layer(store, source, kind, source.name, report))
+    return layers
+
+
+def _check_pair(sources: list[tuple[Command, Path | str, str]], where: str) -> None:
+    """One model and at most one projector file: ModelfileError at the FROM that is not."""
+    models = [(c, s) for c, s, kind in sources if kind == MEDIA_MODEL]
+    projectors = [(c, s) for c, s, kind in sources if kind == MEDIA_PROJECTOR]
+    for cmd, source, kind in sources:
+        if kind == MEDIA_ADAPTER:
+            raise ModelfileError(
+                f"FROM {cmd.args}: {_shown(source)} is an adapter (general.type 'adapter'), "
+                "not a model: name it in an ADAPTER line",
+                cmd.line,
+                cmd.column,
+                where,
+            )
+    if len(models) > 1:
+        cmd, source = models[1]
+        first = models[0][1]
+        raise ModelfileError(
+            f"FROM {cmd.args}: two models ({_shown(first)} and {_shown(source)}); a second "
+            "FROM may only be a projector GGUF (llama.cpp's mmproj, general.architecture "
+            "'clip')",
+            cmd.line,
+            cmd.column,
+            where,
+        )
+    if len(projectors) > 1:
+        cmd, source = projectors[1]
+        raise ModelfileError(
+            f"FROM {cmd.args}: a second projector file ({_shown(source)}); a model takes one",
+            cmd.line,
+            cmd.column,
+            where,
+        )
+    if projectors and not models:
+        cmd, source = projectors[0]
+        raise ModelfileError(
+            f"FROM {cmd.args}: {_shown(source)} is a projector file (general.architecture "
+            "'clip'), not a model: add a FROM line for the text model it belongs to",
+            cmd.line,
+            cmd.column,
+            where,
+        )
+
+
+def _shown(source: Path | str) -> str:
+    return source.name if isinstance(source, Path) else source
+
+
+def _gguf_kind(g: GGUFFile) -> str:
+    """The layer a GGUF makes: adapter, projector (llama.cpp's mmproj, a `clip` file) or
+    model (Ollama's rules: `general.type`, plus the `clip` architecture)."""
+    kind = g.kv.get("general.type")
+    if kind == "adapter":
+        return MEDIA_ADAPTER
+    if g.kv.get("general.architecture") == "clip" or kind in ("projector", "mmproj"):
+        return MEDIA_PROJECTOR
+    return MEDIA_MODEL
+
+
+def _ggufs_in(path: Path, cmd: Command, where: str) -> list[Path]:
+    """The GGUF file(s) a FROM path stands for: the file, or a folder's one GGUF, or its
+    two when they are a model and its projector."""
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 2:
+            kinds = sorted(_gguf_kind(_check_gguf(p)) for p in files)
+            if kinds == sorted([MEDIA_MODEL, MEDIA_PROJECTOR]):
+                return files
+    return [_gguf_in(path, cmd, where)]
 
 
 def _gguf_in(path: Path, cmd: Command, where: str) -> Path:
@@ -246,10 +350,8 @@ def _check_gguf(path: Path) -> GGUFFile:
 def _gguf_layer(store: Store, path: Path, media_type: str, from_: str, report: Progress) -> Layer:
     """Copy a GGUF into the store (hashing as it goes) and return its layer."""
     g = _check_gguf(path)  # refuse anything that is not a readable GGUF before copying
-    if media_type == MEDIA_MODEL and g.kv.get("general.type") == "adapter":
-        media_type = MEDIA_ADAPTER
-    elif media_type == MEDIA_MODEL and g.kv.get("general.type") in ("projector", "mmproj"):
-        media_type = MEDIA_PROJECTOR
+    if media_type == MEDIA_MODEL:
+        media_type = _gguf_kind(g)
     blob = path.resolve()
     if blob.parent == store.blobs_dir.resolve() and _BLOB_NAME.fullmatch(blob.name):
         digest = "sha256:" + blob.name.removeprefix("sha256-")

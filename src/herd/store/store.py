@@ -27,6 +27,7 @@ from herd.store.layout import (
     MEDIA_MESSAGES,
     MEDIA_MODEL,
     MEDIA_PARAMS,
+    MEDIA_PROJECTOR,
     MEDIA_PROMPT,
     MEDIA_SYSTEM,
     MEDIA_TEMPLATE,
@@ -58,6 +59,7 @@ class ModelRef:
     digest: str  # hex sha256 of the manifest bytes (Ollama's model digest / ID)
     config: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
+    projector: Path | None = None  # the projector layer's blob (llama.cpp's mmproj layout)
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,14 @@ class Store:
                 f"model '{_shown(name)}' is incomplete: blob {model.digest} is "
                 "missing; pull it again"
             )
+        projector, projector_path = manifest.first(MEDIA_PROJECTOR), None
+        if projector is not None:
+            projector_path = self.blob_path(projector.digest)
+            if not projector_path.is_file():
+                raise HerdError(
+                    f"model '{_shown(name)}' is incomplete: projector blob "
+                    f"{projector.digest} is missing; pull it again"
+                )
         template = self._text(manifest.first(MEDIA_TEMPLATE, MEDIA_PROMPT))
         params = self._json(manifest.first(MEDIA_PARAMS)) or {}
         messages = self._json(manifest.first(MEDIA_MESSAGES)) or []
@@ -243,6 +253,7 @@ class Store:
             digest=hashlib.sha256(data).hexdigest(),
             config=self._config(manifest),
             messages=messages if isinstance(messages, list) else [],
+            projector=projector_path,
         )
 
     def delete(self, name: str | Name) -> None:
