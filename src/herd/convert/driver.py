@@ -17,6 +17,12 @@ in its `herd/models/<arch>/convert.py`, which provides:
     tokenizer_kv(cfg, kv) -> dict             optional: adjust the `tokenizer.*` metadata
     vocab_config(cfg) -> dict                 optional: the config the vocabulary is read with
                                               (a multimodal model's text_config: vocab_size)
+    tensor_qtype(name, shape, main) -> type | None   optional: a tensor type other than
+                                              `tensor_type`'s rule (None: the rule)
+    mmproj(cfg) -> (text, projector) | None   optional: llama.cpp's two-file layout
+                                              (`convert(..., mmproj=path)`): two objects with
+                                              this same contract, the projector's without a
+                                              vocabulary (`has_vocab = False`)
 
 Every name and shape is checked against the config before a byte is written, so a missing,
 extra or misshapen tensor fails early, naming the file and tensor. Tensors then stream one
@@ -137,9 +143,7 @@ def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -
     return main
 
 
-def _plan(
-    conv: ModuleType, cfg: dict[str, Any], refs: dict[str, TensorRef], main: Q
-) -> list[_Item]:
+def _plan(conv: Any, cfg: dict[str, Any], refs: dict[str, TensorRef], main: Q) -> list[_Item]:
     expected = {k: tuple(v) for k, v in conv.tensor_shapes(cfg).items()}
     items: list[_Item] = []
     seen: dict[str, str] = {}
@@ -172,7 +176,9 @@ def _plan(
                 f"{list(expected[name])} (GGUF {name})"
             )
         seen[name] = ref.file.name
-        items.append(_Item(name, ref.shape, tensor_type(name, ref.shape, main), ref))
+        qtype = getattr(conv, "tensor_qtype", lambda *a: None)(name, ref.shape, main)
+        qtype = tensor_type(name, ref.shape, main) if qtype is None else qtype
+        items.append(_Item(name, ref.shape, qtype, ref))
     missing = [n for n in expected if n not in seen]
     if missing:
         files = sorted({r.file.name for r in refs.values()})
@@ -191,35 +197,74 @@ def convert(
     *,
     name: str | None = None,
     progress: Progress | None = None,
+    mmproj: str | Path | None = None,
 ) -> Path:
     """Convert the Hugging Face directory `src` to the GGUF file `out`; returns `out`.
 
-    Nothing appears at `out` unless the whole file was written.
+    With `mmproj`, a model with a vision encoder goes into llama.cpp's two files: the text
+    model to `out`, the encoder and projector to `mmproj`.
+
+    Nothing appears at `out` (or `mmproj`) unless both files were written.
     """
     src, out = Path(src), Path(out)
     if outtype not in OUTTYPES:
         raise ConvertError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    file_type, main = OUTTYPES[outtype]
     cfg = read_config(src)
     conv = converter_for(cfg)
     refs = read_tensors(src)
     if hasattr(conv, "tensor_refs"):
         refs = conv.tensor_refs(cfg, refs)
-    items = _plan(conv, cfg, refs, main)
+    name = name or src.resolve().name
+    if mmproj is None:
+        _convert_part(conv, cfg, src, refs, out, outtype, name, progress)
+        return out
+    mmproj = Path(mmproj)
+    parts = getattr(conv, "mmproj", lambda c: None)(cfg)
+    if parts is None:
+        raise ConvertError(
+            f"{cfg['architectures'][0]}: no vision encoder to write a projector file for"
+        )
+    if mmproj.resolve() == out.resolve():
+        raise ConvertError(f"{out}: the text model and the projector need two files")
+    # both planned (every name and shape checked) before either is written
+    text, projector = ((part, _plan(part, cfg, refs, OUTTYPES[outtype][1])) for part in parts)
+    _convert_part(text[0], cfg, src, refs, out, outtype, name, progress, text[1])
+    try:
+        _convert_part(projector[0], cfg, src, refs, mmproj, outtype, name, progress, projector[1])
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _convert_part(
+    conv: Any,
+    cfg: dict[str, Any],
+    src: Path,
+    refs: dict[str, TensorRef],
+    out: Path,
+    outtype: str,
+    name: str,
+    progress: Progress | None,
+    items: list[_Item] | None = None,
+) -> None:
+    """One GGUF file: a converter module's (or one part's of `mmproj`)."""
+    file_type, main = OUTTYPES[outtype]
+    items = _plan(conv, cfg, refs, main) if items is None else items
     kv: dict[str, Any] = {
         "general.type": "model",
-        "general.name": name or src.resolve().name,
+        "general.name": name,
         "general.file_type": int(file_type),
         "general.quantization_version": GGML_QUANT_VERSION,
     }
     kv.update(conv.kv(cfg))
     if hasattr(conv, "dir_kv"):
         kv.update(conv.dir_kv(cfg, src))
-    tok = vocab_kv(src, getattr(conv, "vocab_config", lambda c: c)(cfg))
-    hook = getattr(conv, "tokenizer_kv", None)
-    kv.update(hook(cfg, tok) if hook is not None else tok)
+    if getattr(conv, "has_vocab", True):
+        tok = vocab_kv(src, getattr(conv, "vocab_config", lambda c: c)(cfg))
+        hook = getattr(conv, "tokenizer_kv", None)
+        kv.update(hook(cfg, tok) if hook is not None else tok)
     _write(out, conv.ARCH, kv, items, cfg, conv, progress)
-    return out
 
 
 def _write(
@@ -228,7 +273,7 @@ def _write(
     kv: dict[str, Any],
     items: list[_Item],
     cfg: dict[str, Any],
-    conv: ModuleType,
+    conv: Any,
     progress: Progress | None,
 ) -> None:
     if not out.parent.is_dir():

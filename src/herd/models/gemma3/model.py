@@ -1,5 +1,6 @@
 """Gemma 3: local sliding-window and global layers, QK-norm, sandwich norms, GeGLU; with
-the vision tower in the file (Ollama's single-file layout), images too.
+the vision tower in the file (Ollama's single-file layout) or in a projector file beside a
+text-only one (llama.cpp's `mmproj` layout: `from_gguf_with_projector`), images too.
 
 RMSNorm weights are stored as `1 + w` in GGUF (folded at conversion), so every norm here
 is a plain RMSNorm.
@@ -20,12 +21,24 @@ from typing import Any
 
 import numpy as np
 
+from herd.errors import WeightError
 from herd.gguf import Config as GGUFConfig
 from herd.kvcache import Causal, Wrapper
 from herd.ml import Backend, Context, RopeOptions, Tensor
 from herd.models.base import Inputs
+from herd.models.base import Projector as ProjectorFile
 from herd.models.gemma3 import process
-from herd.models.gemma3.vision import Projector, VisionConfig, VisionModel, pixels_input
+from herd.models.gemma3.vision import (
+    CLIP,
+    CLIP_PROJECTOR_TYPE,
+    IMAGE_TOKEN,
+    OLLAMA,
+    Names,
+    Projector,
+    VisionConfig,
+    VisionModel,
+    pixels_input,
+)
 from herd.models.registry import register
 from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
 
@@ -145,15 +158,18 @@ class Block:
 
 @register("gemma3")
 class Model:
-    """The text model, and the `Vision` protocol when the file has the vision tower:
-    `vision` is then set (else None), and so are `image_token` and `image_text`, so that
-    `isinstance(model, Vision)` holds only for a file that can take images."""
+    """The text model, and the `Vision` protocol when the file has the vision tower or a
+    projector file comes with it: `vision` is then set (else None), and so are
+    `image_token` and `image_text`, so that `isinstance(model, Vision)` holds only for a
+    model that can take images."""
 
     is_embedding = False
     max_images = 0  # any number: each is its own span of soft tokens
     vision: VisionModel | None = None
 
-    def __init__(self, config: GGUFConfig, backend: Backend) -> None:
+    def __init__(
+        self, config: GGUFConfig, backend: Backend, projector: ProjectorFile | None = None
+    ) -> None:
         w = Weights(backend)
         cfg = Config.read(config)
         n_vocab = backend.weight("token_embd.weight").shape[0]
@@ -164,8 +180,16 @@ class Model:
         self.output_norm = RMSNorm.bind(w, "output_norm", cfg.n_embd, cfg.eps)
         self.output = Linear.bind(w, "output", n_vocab, cfg.n_embd, fallback="token_embd.weight")
         vcfg = VisionConfig.read(config)
-        if vcfg is not None:
-            self._init_vision(w, vcfg)
+        if projector is not None:
+            if vcfg is not None:
+                raise WeightError(
+                    "this gemma3 file holds its own vision encoder (Ollama's single-file "
+                    "layout): it takes no projector file"
+                )
+            vcfg = _check_projector(config, projector, cfg.n_embd)
+            self._init_vision(Weights(projector.backend), vcfg, CLIP)
+        elif vcfg is not None:
+            self._init_vision(w, vcfg, OLLAMA)
         both = self.vision is not None  # image tokens see each other
         self.cache = Wrapper(
             [
@@ -175,10 +199,12 @@ class Model:
             cfg.layer_types,
         )
 
-    def _init_vision(self, w: Weights, vcfg: VisionConfig) -> None:
+    def _init_vision(self, w: Weights, vcfg: VisionConfig, names: Names) -> None:
+        """The encoder and projector bound to `w`: the model file's, or the projector
+        file's (whose backend `encode` then runs on)."""
         self.vcfg = vcfg
-        self.vision = VisionModel(w.scope("v"), vcfg)
-        self.projector = Projector(w.scope("mm"), vcfg, self.cfg.n_embd)
+        self.vision = VisionModel(w.scope("v"), vcfg, names)
+        self.projector = Projector(w.scope("mm"), vcfg, self.cfg.n_embd, names)
         # any id does as a placeholder (its embedding is replaced); an out-of-vocabulary
         # one (a file whose token table stops before <image_soft_token>) would not
         self.image_token = vcfg.image_token if vcfg.image_token < self.n_vocab else 0
@@ -187,6 +213,13 @@ class Model:
     @classmethod
     def from_gguf(cls, config: GGUFConfig, backend: Backend) -> Model:
         return cls(config, backend)
+
+    @classmethod
+    def from_gguf_with_projector(
+        cls, config: GGUFConfig, backend: Backend, projector: ProjectorFile
+    ) -> Model:
+        """A text-only file with llama.cpp's projector file (`mmproj`) for its images."""
+        return cls(config, backend, projector)
 
     # ---- Vision (only with the vision tower: see the class docstring) ------------------
     def preprocess(self, image: Any) -> np.ndarray:
@@ -223,3 +256,40 @@ class Model:
     def shift(self, ctx: Context, layer: int, key: Tensor, delta: Tensor) -> Tensor:
         rope = self.cfg.rope_local if self.cfg.layer_types[layer] == LOCAL else self.cfg.rope_global
         return key.rope(delta, rope)
+
+
+def _check_projector(config: GGUFConfig, projector: ProjectorFile, n_embd: int) -> VisionConfig:
+    """The projector file's vision config, once it is known to be Gemma 3's and to project
+    to this text model's width (WeightError otherwise)."""
+    c = projector.config
+    name = c.get("general.name", None)
+    what = f"projector {name!r}" if name else "the projector"
+    if c.arch != "clip":
+        raise WeightError(f"{what} is not a projector file (general.architecture {c.arch!r})")
+    # llama.cpp: a file with several modalities names each one's type
+    kind = c.get("vision.projector_type", c.get("projector_type", None))
+    if kind != CLIP_PROJECTOR_TYPE or not c.bool("has_vision_encoder", True):
+        raise WeightError(
+            f"{what} does not match the model: it is a {kind!r} projector, gemma3 takes "
+            f"{CLIP_PROJECTOR_TYPE!r}"
+        )
+    proj = f"mm.{CLIP.input_projection}.weight"  # (Dv, D_text)
+    if projector.backend.has_weight(proj):
+        width = projector.backend.weight(proj).shape[1]
+    else:  # binding reports the missing tensor
+        width = c.int("vision.projection_dim", n_embd)
+    if width != n_embd:
+        raise WeightError(
+            f"{what} does not match the model: it projects to {width} but the text "
+            f"model's embedding length is {n_embd}"
+        )
+    # a text-only file has none of herd's image keys: the placeholder by its text
+    return VisionConfig.read_clip(c, _token_id(config, "<image_soft_token>", IMAGE_TOKEN))
+
+
+def _token_id(config: GGUFConfig, text: str, default: int) -> int:
+    tokens = config.get("tokenizer.ggml.tokens", [])
+    try:
+        return tokens.index(text)
+    except ValueError:
+        return default

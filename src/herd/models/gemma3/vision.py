@@ -1,5 +1,9 @@
-"""Gemma 3's vision side: the SigLIP encoder and the multimodal projector (Ollama's `v.*` and
-`mm.*` tensors, `gemma3.vision.*` keys).
+"""Gemma 3's vision side: the SigLIP encoder and the multimodal projector, bound from either
+layout: Ollama's (`v.*` and `mm.*` tensors and `gemma3.vision.*` keys in the model file) or
+llama.cpp's projector file (`mmproj`: `general.architecture` "clip", `clip.vision.*` keys,
+gguf-py's `v.*`/`mm.*` names). The two differ in names only (`Names`): the projection
+matrix keeps transformers' (vision, text) layout and the soft-embedding norm its folded
+`1 + w` in both.
 
 An image (3, S, S) is cut into (S / p)^2 patches of p x p pixels, each embedded by one
 convolution step and given its learned position; SigLIP's pre-norm encoder layers
@@ -15,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, VisionProjectorType
 
 from herd.gguf import Config as GGUFConfig
 from herd.ml import Context, DType, Tensor
@@ -23,6 +28,70 @@ from herd.nn import LayerNorm, Linear, PatchEmbedding, RMSNorm, Weights, attenti
 # Gemma 3's image tokens where a file does not name them (Ollama's files do not):
 # <image_soft_token>, as transformers' Gemma3Config has it
 IMAGE_TOKEN = 262144
+# llama.cpp's projector type for Gemma 3 (`clip.projector_type`)
+CLIP_PROJECTOR_TYPE = VisionProjectorType.GEMMA3
+# llama.cpp's pooling window where a projector file names none (Gemma 3's 64x64 -> 16x16)
+CLIP_SCALE_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class Names:
+    """The tensor names of one layout, relative to the vision (`v.`) and projector (`mm.`)
+    scopes; per encoder layer under `v.blk.N.`."""
+
+    patch_embedding: str
+    position_embedding: str
+    layer_norm1: str
+    attn_q: str
+    attn_k: str
+    attn_v: str
+    attn_output: str
+    layer_norm2: str
+    fc1: str
+    fc2: str
+    post_layernorm: str
+    soft_emb_norm: str
+    input_projection: str
+
+
+def _clip(tensor: MODEL_TENSOR, scope: str) -> str:
+    """gguf-py's name of a projector-file tensor, without its scope (`v.`, `v.blk.{bid}.`)."""
+    name = TENSOR_NAMES[tensor]
+    assert name.startswith(scope), (name, scope)
+    return name[len(scope) :]
+
+
+_T, _BLK = MODEL_TENSOR, "v.blk.{bid}."
+OLLAMA = Names(
+    "patch_embedding",
+    "position_embedding",
+    "layer_norm1",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "layer_norm2",
+    "mlp.fc1",
+    "mlp.fc2",
+    "post_layernorm",
+    "mm_soft_emb_norm",
+    "mm_input_projection",
+)
+CLIP = Names(
+    _clip(_T.V_ENC_EMBD_PATCH, "v."),
+    _clip(_T.V_ENC_EMBD_POS, "v."),
+    _clip(_T.V_ENC_INPUT_NORM, _BLK),
+    _clip(_T.V_ENC_ATTN_Q, _BLK),
+    _clip(_T.V_ENC_ATTN_K, _BLK),
+    _clip(_T.V_ENC_ATTN_V, _BLK),
+    _clip(_T.V_ENC_ATTN_O, _BLK),
+    _clip(_T.V_ENC_POST_ATTN_NORM, _BLK),
+    _clip(_T.V_ENC_FFN_UP, _BLK),
+    _clip(_T.V_ENC_FFN_DOWN, _BLK),
+    _clip(_T.V_POST_NORM, "v."),
+    _clip(_T.V_MM_SOFT_EMB_NORM, "mm."),
+    _clip(_T.V_MM_INP_PROJ, "mm."),
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +131,27 @@ class VisionConfig:
             c.int("image_token_id", IMAGE_TOKEN),
         )
 
+    @classmethod
+    def read_clip(cls, c: GGUFConfig, image_token: int) -> VisionConfig:
+        """A projector file's (`c` with arch "clip": `clip.vision.*`); its soft tokens per
+        image follow from the pooling window (`projector.scale_factor`)."""
+        size, patch = c.int("vision.image_size"), c.int("vision.patch_size")
+        k = c.int("vision.projector.scale_factor", CLIP_SCALE_FACTOR)
+        return cls(
+            c.int("vision.block_count"),
+            c.int("vision.embedding_length"),
+            c.int("vision.feed_forward_length"),
+            c.int("vision.attention.head_count"),
+            c.float("vision.attention.layer_norm_epsilon", 1e-6),
+            size,
+            patch,
+            3,  # clip.cpp's images are RGB
+            (size // patch // k) ** 2,
+            tuple(c.get("vision.image_mean", [0.5] * 3)),
+            tuple(c.get("vision.image_std", [0.5] * 3)),
+            image_token,
+        )
+
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
@@ -73,16 +163,16 @@ class VisionConfig:
 
 
 class EncoderLayer:
-    def __init__(self, w: Weights, cfg: VisionConfig) -> None:
+    def __init__(self, w: Weights, cfg: VisionConfig, names: Names) -> None:
         d = cfg.n_embd
-        self.layer_norm1 = LayerNorm.bind(w, "layer_norm1", d, cfg.eps)
-        self.attn_q = Linear.bind(w, "attn_q", d, d, bias=True)
-        self.attn_k = Linear.bind(w, "attn_k", d, d, bias=True)
-        self.attn_v = Linear.bind(w, "attn_v", d, d, bias=True)
-        self.attn_output = Linear.bind(w, "attn_output", d, d, bias=True)
-        self.layer_norm2 = LayerNorm.bind(w, "layer_norm2", d, cfg.eps)
-        self.fc1 = Linear.bind(w, "mlp.fc1", cfg.n_ff, d, bias=True)
-        self.fc2 = Linear.bind(w, "mlp.fc2", d, cfg.n_ff, bias=True)
+        self.layer_norm1 = LayerNorm.bind(w, names.layer_norm1, d, cfg.eps)
+        self.attn_q = Linear.bind(w, names.attn_q, d, d, bias=True)
+        self.attn_k = Linear.bind(w, names.attn_k, d, d, bias=True)
+        self.attn_v = Linear.bind(w, names.attn_v, d, d, bias=True)
+        self.attn_output = Linear.bind(w, names.attn_output, d, d, bias=True)
+        self.layer_norm2 = LayerNorm.bind(w, names.layer_norm2, d, cfg.eps)
+        self.fc1 = Linear.bind(w, names.fc1, cfg.n_ff, d, bias=True)
+        self.fc2 = Linear.bind(w, names.fc2, d, cfg.n_ff, bias=True)
         self.cfg = cfg
 
     def forward(self, x: Tensor) -> Tensor:
@@ -101,14 +191,14 @@ class EncoderLayer:
 class VisionModel:
     """SigLIP: pixels (3, S, S) -> patch features (P, D), P = (S / p)^2."""
 
-    def __init__(self, w: Weights, cfg: VisionConfig) -> None:
+    def __init__(self, w: Weights, cfg: VisionConfig, names: Names = OLLAMA) -> None:
         d, n_patches = cfg.n_embd, cfg.patches_per_side**2
         self.patch_embedding = PatchEmbedding.bind(
-            w, "patch_embedding", d, cfg.n_channels, cfg.patch_size, bias=True
+            w, names.patch_embedding, d, cfg.n_channels, cfg.patch_size, bias=True
         )
-        self.position_embedding = w.get("position_embedding.weight", (n_patches, d))
-        self.blk = [EncoderLayer(w.scope(f"blk.{i}"), cfg) for i in range(cfg.n_layer)]
-        self.post_layernorm = LayerNorm.bind(w, "post_layernorm", d, cfg.eps)
+        self.position_embedding = w.get(f"{names.position_embedding}.weight", (n_patches, d))
+        self.blk = [EncoderLayer(w.scope(f"blk.{i}"), cfg, names) for i in range(cfg.n_layer)]
+        self.post_layernorm = LayerNorm.bind(w, names.post_layernorm, d, cfg.eps)
         self.cfg = cfg
 
     def forward(self, pixels: Tensor) -> Tensor:
@@ -122,10 +212,14 @@ class VisionModel:
 class Projector:
     """Patch features (P, Dv) -> soft tokens (tokens_per_image, D_text)."""
 
-    def __init__(self, w: Weights, cfg: VisionConfig, n_embd_text: int) -> None:
-        self.mm_soft_emb_norm = RMSNorm.bind(w, "mm_soft_emb_norm", cfg.n_embd, cfg.eps)
-        # (Dv, D_text): transformers' and Ollama's layout, x @ W rather than a Linear's x @ W.T
-        self.mm_input_projection = w.get("mm_input_projection.weight", (cfg.n_embd, n_embd_text))
+    def __init__(
+        self, w: Weights, cfg: VisionConfig, n_embd_text: int, names: Names = OLLAMA
+    ) -> None:
+        self.mm_soft_emb_norm = RMSNorm.bind(w, names.soft_emb_norm, cfg.n_embd, cfg.eps)
+        # (Dv, D_text): transformers' layout in both files, x @ W rather than a Linear's x @ W.T
+        self.mm_input_projection = w.get(
+            f"{names.input_projection}.weight", (cfg.n_embd, n_embd_text)
+        )
         self.cfg = cfg
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
