@@ -397,16 +397,16 @@ OUTTYPE_TOL = {"f16": (0.01, 0.01), "q8_0": (0.02, 0.1)}
 
 @pytest.mark.parametrize("outtype", list(OUTTYPE_TOL))
 def test_smaller_outtypes_run_close_to_transformers(converted, photos, outtype, tmp_path) -> None:
-    """F16 and Q8_0 files: the vision tower is never quantized (Ollama's rule for `v.*`),
-    the projector matrix may be (the model transposes it through F32), and the
-    text model's matrices take the outtype; outputs stay close on every backend."""
+    """F16 and Q8_0 files: the vision tower and the projector are never quantized
+    (Ollama's rule for `v.*` and `mm.*`), the text model's matrices take the outtype;
+    outputs stay close on every backend."""
     import torch
 
     model, ids, src, _ = converted
     path = convert(src, tmp_path / f"{outtype}.gguf", outtype)
     types = {n: t.type.name for n, t in open_gguf(path).tensors.items()}
     assert {types["v.blk.0.attn_q.weight"], types["v.patch_embedding.weight"]} == {"F16"}
-    assert types["mm.mm_input_projection.weight"] == outtype.upper()
+    assert types["mm.mm_input_projection.weight"] == "F16"
     assert types["blk.0.attn_q.weight"] == outtype.upper()
     image_tol, logits_tol = OUTTYPE_TOL[outtype]
     for backend in available_backends():
@@ -443,3 +443,15 @@ def test_refused_configs(converted, tmp_path, change, message) -> None:
     with pytest.raises(UnsupportedModelError, match=message):
         convert(src, tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_create_quantize_leaves_the_vision_tower_and_projector(converted) -> None:
+    """`herd create --quantize` (the store's quantizer) keeps `v.*` and `mm.*` as they are,
+    as Ollama's quantizer does, and quantizes the text model's matrices."""
+    from herd.store.quantize import plan
+
+    g = open_gguf(converted[3])
+    types = plan(g, "Q8_0")
+    vision = [n for n in g.tensors if n.startswith(("v.", "mm."))]
+    assert vision and all(types[n] == g.tensors[n].type for n in vision)
+    assert types["blk.0.attn_q.weight"].name == "Q8_0"

@@ -130,6 +130,10 @@ class _Item:
     array: np.ndarray | None = None
 
 
+# Ollama's quantizer leaves the vision (`v.`), audio (`a.`) and projector (`mm.`) tensors
+UNQUANTIZED = ("v.", "a.", "mm.")
+
+
 def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -> Q:
     """llama.cpp's rule: vectors, norms, biases and position tables stay F32."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
@@ -138,8 +142,8 @@ def tensor_type(name: str, shape: tuple[int, ...], main: GGMLQuantizationType) -
         return Q.F32
     if main == Q.Q8_0 and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16  # rows that do not split into Q8_0 blocks (llama.cpp falls back too)
-    if name.startswith("v.") and main == Q.Q8_0:
-        return Q.F16  # vision encoders stay unquantized, as Ollama's quantizer keeps `v.*`
+    if name.startswith(UNQUANTIZED) and main == Q.Q8_0:
+        return Q.F16  # vision towers and projectors stay unquantized, as Ollama keeps them
     return main
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 from gguf.quants import dequantize
 
+from herd.convert.driver import UNQUANTIZED
 from herd.errors import HerdError
 from herd.gguf import GGUFFile, TensorInfo, quants
 from herd.gguf.reader import DEFAULT_ALIGNMENT, raw_kv
@@ -130,6 +131,8 @@ def allows_quantization(t: TensorInfo) -> bool:
     if _n_dims(t) < 2 or not name.endswith("weight"):
         return False
     if name in ("position_embd.weight", "token_types.weight"):
+        return False
+    if name.startswith(UNQUANTIZED):  # vision, audio, projector: Ollama keeps them
         return False
     return not any(key in name for key in _NO_QUANTIZE)
 
