@@ -407,3 +407,13 @@ def test_mllama_keeps_the_conversations_latest_image(tiny_mllama, photos) -> Non
         llm.chat(
             [{"role": "user", "content": "Compare", "images": [photos["cat"], photos["coffee"]]}]
         )
+
+
+def test_library_reads_the_image_limits_from_the_environment(tiny, photos, monkeypatch) -> None:
+    from herd.errors import ImageError
+
+    _, _, path = tiny
+    monkeypatch.setenv("HERD_MAX_IMAGE_SIZE", "100KiB")  # the cat's PNG is ~220 KB
+    llm = _llm(path)
+    with pytest.raises(ImageError, match="over the limit of 102400 bytes"):
+        llm.generate("What is this?", images=[photos["cat"]], options=GREEDY)
