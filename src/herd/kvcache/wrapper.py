@@ -1,16 +1,18 @@
 """A cache per layer type, for models that mix them (Gemma's sliding-window and global
-layers). Model calls go to the cache of the current layer's type; runner calls fan out."""
+layers; mllama's self-attention and cross-attention layers). Model calls go to the cache
+of the current layer's type; runner calls fan out."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from herd.kvcache.causal import BatchLayout, Causal
+from herd.kvcache.encoder import Encoder
 from herd.ml import Backend, Context, DType, Tensor
 
 
 class Wrapper:
-    def __init__(self, caches: Sequence[Causal], layer_types: Sequence[int]) -> None:
+    def __init__(self, caches: Sequence[Causal | Encoder], layer_types: Sequence[int]) -> None:
         """`layer_types[i]` is the index in `caches` that layer i uses."""
         self.caches, self.layer_types = list(caches), list(layer_types)
         self.current = self.caches[0]
