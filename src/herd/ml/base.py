@@ -217,10 +217,13 @@ class FusedAttention(Protocol):
     when the query tensor has it, else composes attention from `matmul_t` and `softmax`."""
 
     def scaled_dot_product_attention(
-        self, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+        self, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, fused: bool | None = None
     ) -> Tensor:
         """q=self (T, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv), mask (T, S) or None
-        -> (T, Hq * Dv). Hq a multiple of Hkv: consecutive query heads share a K/V head."""
+        -> (T, Hq * Dv). Hq a multiple of Hkv: consecutive query heads share a K/V head.
+        `fused`: None, as the backend was opened (`BackendOptions.flash_attention`); True,
+        fused whatever that says (a vision encoder's attention, as llama.cpp's mtmd runs
+        it on every device: no cache, and a score matrix that would not fit a cache)."""
 
 
 class Context(Protocol):

@@ -21,6 +21,7 @@ def attention(
     cache: KVCache | None,
     mask: Tensor | None = None,
     rows: Tensor | None = None,
+    fused: bool | None = None,
 ) -> Tensor:
     """q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv) -> (T, Hq * Dv), or (N, Hq * Dv) for
     the N batch `rows` given.
@@ -32,7 +33,9 @@ def attention(
     whose logits are wanted, and every token's keys and values are stored all the same: a
     prompt's last layer then projects and attends one query instead of all.
     A cache may also hand a long batch's queries over in blocks (`blocks()`), each to
-    attend over only the cells its rows may see.
+    attend over only the cells its rows may see. `fused=True`: the backend's fused
+    attention whatever it was opened with (`FusedAttention`): vision encoders, whose
+    thousands of patches would otherwise make a score matrix of a GiB.
     """
     blocks: list[tuple[int, int, int, int, Tensor]] = []
     if cache is not None:
@@ -44,7 +47,7 @@ def attention(
         assert q.shape[0] == rows.shape[0], f"q has {q.shape[0]} rows for {rows.shape[0]}"
         mask = mask.get_rows(rows) if mask is not None else None
     if not blocks:
-        return _attend(q, k, v, mask, scale)
+        return _attend(q, k, v, mask, scale, fused)
     # each block of queries over only the cells its rows see: the causal triangle's upper
     # half is neither multiplied nor softmaxed (the masked cells it skips weigh exactly 0)
     out: Tensor | None = None
@@ -64,11 +67,13 @@ def query_rows(x: Tensor, pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Ten
     return x.get_rows(rows), pos.reshape(pos.shape[0], 1).get_rows(rows).reshape(n)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, fused: bool | None = None
+) -> Tensor:
     # the backend's own attention where its tensors have one; asked of the class, which
     # Python caches, not the instance (a protocol isinstance walks its members: ~8 us)
     if issubclass(type(q), FusedAttention):
-        return cast(FusedAttention, q).scaled_dot_product_attention(k, v, mask, scale)
+        return cast(FusedAttention, q).scaled_dot_product_attention(k, v, mask, scale, fused)
     t, hq, d = q.shape
     qh = q.permute(1, 0, 2)  # (Hq, T, D)
     kh = k.permute(1, 0, 2)  # (Hkv, S, D)

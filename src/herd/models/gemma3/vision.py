@@ -183,7 +183,9 @@ class EncoderLayer:
         k = self.attn_k.forward(h).reshape(n, cfg.n_head, hd)
         v = self.attn_v.forward(h).reshape(n, cfg.n_head, hd)
         # every patch sees every patch: no cache, no mask
-        x = x.add(self.attn_output.forward(attention(q, k, v, 1.0 / math.sqrt(hd), None)))
+        x = x.add(
+            self.attn_output.forward(attention(q, k, v, 1.0 / math.sqrt(hd), None, fused=True))
+        )
         h = self.fc2.forward(self.fc1.forward(self.layer_norm2.forward(x)).gelu())
         return x.add(h)
 

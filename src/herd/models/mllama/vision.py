@@ -111,7 +111,9 @@ class Layer:
         q = self.attn_q.forward(h).reshape(s, cfg.n_head, hd)
         k = self.attn_k.forward(h).reshape(s, cfg.n_head, hd)
         v = self.attn_v.forward(h).reshape(s, cfg.n_head, hd)
-        h = self.attn_output.forward(attention(q, k, v, 1.0 / math.sqrt(hd), None, mask=mask))
+        h = self.attn_output.forward(
+            attention(q, k, v, 1.0 / math.sqrt(hd), None, mask=mask, fused=True)
+        )
         x = x.add(h.mul(self.attn_gate) if self.attn_gate is not None else h)
         h = self.ffn_down.forward(self.ffn_up.forward(self.ffn_norm.forward(x)).gelu_erf())
         return x.add(h.mul(self.ffn_gate) if self.ffn_gate is not None else h)

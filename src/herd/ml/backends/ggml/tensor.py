@@ -323,16 +323,15 @@ class GGMLTensor:
         return c.out(RESHAPE[len(s)](c.g, out.p, *ne(s)[: len(s)]), s, self.gtype)
 
     def scaled_dot_product_attention(
-        self, k: GGMLTensor, v: GGMLTensor, mask: GGMLTensor | None, scale: float
-    ) -> GGMLTensor:
+        self, k: GGMLTensor, v: GGMLTensor, mask: GGMLTensor | None, scale: float,
+        fused: bool | None = None,
+    ) -> GGMLTensor:  # fmt: skip
         """Fused attention (nn's optional capability): q=self (T, Hq, D), k (S, Hkv, D),
-        v (S, Hkv, Dv), mask (T, S) or None -> (T, Hq * Dv), by ggml_flash_attn_ext.
-
-        GQA by broadcasting (Hq a multiple of Hkv). Off on the CPU by default
+        v (S, Hkv, Dv), mask (T, S) or None -> (T, Hq * Dv), by ggml_flash_attn_ext. GQA
+        by broadcasting (Hq a multiple of Hkv). Off on the CPU by default unless `fused`
         (BackendOptions.flash_attention), as in llama.cpp: then the composed ops nn would
         use, whose logits match llama.cpp's; flash attention accumulates V in F16 for an
-        F16 cache.
-        """
+        F16 cache."""
         c = self._c(k)
         (t, hq, d), (s, hkv, dk), dv = self.shape, k.shape, v.shape[2]
         assert d == dk and v.shape[:2] == (s, hkv) and hq % hkv == 0, (
@@ -341,7 +340,7 @@ class GGMLTensor:
         assert mask is None or mask.shape == (t, s), f"attention: mask {mask} for ({t}, {s})"
         q = self.permute(1, 0, 2)  # (Hq, T, D)
         kh, vh = k.permute(1, 0, 2), v.permute(1, 0, 2)  # (Hkv, S, D), (Hkv, S, Dv)
-        if not c.backend.flash_attention:
+        if not (c.backend.flash_attention if fused is None else fused):
             probs = q.matmul_t(kh).softmax(mask, scale)  # (Hq, T, S)
             # matmul_t copies V only when its rows are not contiguous (a transposed cache
             # hands them over as they are)
