@@ -157,8 +157,12 @@ def test_resent_image_is_not_encoded_again_and_changed_one_is(tiny, photos) -> N
         {"role": "assistant", "content": answer["message"]["content"]},
         {"role": "user", "content": "Is it sleeping?"},
     ]
+    preprocessed = []
+    original = llm.model.preprocess
+    llm.model.preprocess = lambda image: preprocessed.append(image) or original(image)
     again = llm.chat(second, options=GREEDY)
     assert runner.images.encoded == 1  # the image came back: its encoding was kept
+    assert preprocessed == []  # and so were its pixels
     whole = len(prepare(llm.loaded, Request(messages=second)).tokens)
     assert again["prompt_eval_count"] < whole - TOKENS  # the image's rows were reused too
     fresh = _llm(path).chat(second, options=GREEDY)  # everything computed anew
@@ -168,7 +172,7 @@ def test_resent_image_is_not_encoded_again_and_changed_one_is(tiny, photos) -> N
     # prefix ends where the image starts
     swapped = [{**second[0], "images": [photos["coffee"]]}, *second[1:]]
     other = llm.chat(swapped, options=GREEDY)
-    assert runner.images.encoded == 2
+    assert runner.images.encoded == 2 and len(preprocessed) == 1
     prepared = prepare(llm.loaded, Request(messages=swapped))
     start = prepared.images[0][0]
     assert other["prompt_eval_count"] == len(prepared.tokens) - start

@@ -14,15 +14,43 @@ ends it. `token` turns a key back into the id the model is given (the placeholde
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from herd.models import BatchImage, Pixels
 
 ROWS = 1 << 16  # rows (placeholders) one image may have in a key
+V = TypeVar("V")
+
+
+class LRU(Generic[V]):
+    """At most `capacity` values by key, the least recently used out first; thread-safe
+    (the server prepares requests on many threads)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: V) -> V:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
 
 
 @dataclass(frozen=True)
@@ -41,8 +69,8 @@ class ImageCache:
     """
 
     def __init__(self, encode: Callable[[Pixels], np.ndarray], capacity: int = 32) -> None:
-        self._encode, self.capacity = encode, capacity
-        self._outputs: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._encode = encode
+        self._outputs: LRU[np.ndarray] = LRU(capacity)
         self._serials: dict[str, int] = {}  # digest -> the number in its keys
         self.encoded = 0
 
@@ -50,13 +78,8 @@ class ImageCache:
         """The encoder's output for the image: kept, or computed now and kept."""
         out = self._outputs.get(image.digest)
         if out is None:
-            out = self._encode(image.pixels)
+            out = self._outputs.put(image.digest, self._encode(image.pixels))
             self.encoded += 1
-            self._outputs[image.digest] = out
-            while len(self._outputs) > self.capacity:
-                self._outputs.popitem(last=False)
-        else:
-            self._outputs.move_to_end(image.digest)
         return out
 
     def keys(self, image: Image) -> list[int]:

@@ -28,6 +28,7 @@ from herd.models.base import Projector
 from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner.engine import Runner
+from herd.runner.images import LRU, Image
 from herd.template import ChatTemplate, select_template
 from herd.tokenizer import Tokenizer, from_gguf
 
@@ -69,6 +70,7 @@ class Loaded:
         self.defaults = Options().merged(source.params).merged(options)
         self.kv_cache_type = kv_cache_type
         self.image_limits = image_limits or ImageLimits()
+        self.images: LRU[Image] = LRU(8)  # preprocessed images by digest (the pipeline's)
         self.projector_gguf = open_projector(source.projector) if source.projector else None
         opts = BackendOptions(
             num_thread=self.defaults.num_thread,
