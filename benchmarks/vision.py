@@ -201,7 +201,7 @@ def bench_herd(
     from herd.api import LLM
     from herd.models.imageproc import decode
     from herd.runner import Source
-    from herd.runner.images import ImageCache
+    from herd.runner.images import LRU, ImageCache
 
     png = photo_png()
     path = Path(files[outtype])
@@ -226,7 +226,8 @@ def bench_herd(
     prompt = evaluated = 0
     for _ in range(runs):
         runner.reset()  # no prefix cached, no image kept: a new conversation
-        runner.images = ImageCache(runner._encode, runner.images.capacity)
+        runner.images = ImageCache(runner._encode)  # nothing encoded
+        llm.loaded.images = LRU(8)  # nothing decoded and preprocessed
         t = time.perf_counter()
         answer = llm.chat(first, options=chat_opts)
         first_ms.append((time.perf_counter() - t) * 1e3)

@@ -33,9 +33,10 @@ from herd.tokenizer import from_gguf  # noqa: E402
 
 from .tiny import randomize, write_tokenizer  # noqa: E402
 
-TOL = 1e-4  # every backend; ggml with its exact GELU, as tests/conformance runs it
-EXTRA = {"ggml": {"exact_gelu": True}}
-# ggml's default tanh GELU reads an F16 table, as llama.cpp's: the text models' bound
+TOL = 1e-4  # every backend; ggml with its exact GELU and F32 attention in the encoder
+EXTRA = {"ggml": {"exact_gelu": True, "exact_attention": True}}
+# ggml's default tanh GELU reads an F16 table and its encoder attends with F16 K/V, as
+# llama.cpp's: the text models' bound
 TABLE_GELU_TOL = 3e-3
 
 IMAGE_SIZE, PATCH, TOKENS = 56, 7, 16  # 8x8 patches pooled 2x2 into 4x4 soft tokens

@@ -30,7 +30,7 @@ pytest.importorskip("skimage")
 
 from herd.convert import convert  # noqa: E402
 from herd.gguf import open_gguf  # noqa: E402
-from herd.ml import DType, available_backends, open_backend  # noqa: E402
+from herd.ml import BackendOptions, DType, available_backends, open_backend  # noqa: E402
 from herd.models import Batch, BatchImage, Vision, batch_inputs, load_model  # noqa: E402
 
 from .tiny import randomize, write_tokenizer  # noqa: E402
@@ -143,7 +143,10 @@ class Herd:
 
     def __init__(self, path: Path, backend: str, sequences: int = 1) -> None:
         gguf = open_gguf(path)
-        self.backend = open_backend(backend, gguf)
+        # the encoder's attention in F32 on ggml (its default casts K/V to F16, as
+        # llama.cpp's clip does: ~2e-4)
+        options = BackendOptions(exact_attention=backend == "ggml")
+        self.backend = open_backend(backend, gguf, options)
         self.model = load_model(gguf.config(), self.backend)
         self.model.cache.init(self.backend, DType.F32, sequences, 128, 128)
 

@@ -314,6 +314,9 @@ class BackendOptions:
     # tanh GELU composed from F32 ops, not ggml's kernel that reads an F16 table (~1e-3
     # relative, what llama.cpp runs, hence the default)
     exact_gelu: bool = False
+    # a vision encoder's fused attention reads K and V in F32, not cast to F16 as
+    # llama.cpp's clip casts them (~2e-4 relative; the F16 way encodes ~20% faster)
+    exact_attention: bool = False
     gpu_ops: bool = False  # tests: every supported op on the first GPU in use
     # tests: the devices to lay the model out on instead of the backend's own probe
     device_probe: Callable[[], Sequence[Any]] | None = None

@@ -67,7 +67,7 @@ class GGMLBackend:
     persistent tensors, the CPU backend and the Placer of every graph.
 
     Options (`BackendOptions`): `flash_attention` (None: on where layers run on a GPU),
-    `max_nodes`, `repack`, `exact_gelu`, `gpu_ops` and `device_probe` (a callable
+    `max_nodes`, `repack`, `exact_gelu`, `exact_attention`, `gpu_ops` and `device_probe` (a callable
     returning the `Device`s to lay the model out on, instead of ggml's).
     """
 
@@ -123,7 +123,7 @@ class GGMLBackend:
         # (llama.cpp's own flash attention differs from its default path by the same)
         fa = options.flash_attention
         self.flash_attention = bool(self.plan.gpus) if fa is None else fa
-        self.exact_gelu = options.exact_gelu
+        self.exact_gelu, self.exact_attention = options.exact_gelu, options.exact_attention
         try:
             self.cpu = L.ggml_backend_cpu_init()
             if not self.cpu:

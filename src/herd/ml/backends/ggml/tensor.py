@@ -347,7 +347,8 @@ class GGMLTensor:
             out = probs.matmul_t(vh.permute(0, 2, 1))  # (Hq, T, Dv)
             return out.permute(1, 0, 2).contiguous().reshape(t, hq * dv)
         m = c.f16(mask) if mask is not None else None
-        p = L.ggml_flash_attn_ext(c.g, c.f32(q), c.src0(kh), c.src0(vh), m, scale, 0.0, 0.0)
+        kv = c.src0 if fused is None or c.backend.exact_attention else c.f16  # see options
+        p = L.ggml_flash_attn_ext(c.g, c.f32(q), kv(kh), kv(vh), m, scale, 0.0, 0.0)
         L.ggml_flash_attn_ext_set_prec(p, L.PREC_F32)
         return c.out(p, (t, hq, dv)).reshape(t, hq * dv)  # ggml gives (T, Hq, Dv)
 
