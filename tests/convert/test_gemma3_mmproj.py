@@ -9,6 +9,8 @@ global layer, 16 soft tokens pooled 2x2 from 8x8 patches, its own image mean and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -293,16 +295,40 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
+# llama.cpp writes <start_of_image> and <end_of_image> around its marker; herd's image_text
+# has the blank lines of transformers' processor too: the prompt holds them
+MTMD_PROMPT = "Describe this photo\n\n<__media__>\n\nin detail"
+MTMD_GOLDEN = ROOT / "tests" / "testdata" / "convert" / "gemma3_mtmd.json"
+
+
+def _mtmd(files: dict[str, Any], photos: list[Any], tmp: Path) -> tuple[Any, np.ndarray]:
+    """llama.cpp's tokens, image embeddings and last logits, and the image it was given:
+    live where llama-cpp-python (with libmtmd) is installed, else the golden that
+    scripts/make_mtmd_goldens.py wrote with it, for this same model (its tensors' sha256
+    are checked) and image."""
+    try:
+        import llama_cpp.mtmd_cpp  # noqa: F401
+    except ImportError:
+        golden = json.loads(MTMD_GOLDEN.read_text())
+        made = {
+            f"{path.stem}:{n}": hashlib.sha256(open_gguf(path).raw(n).tobytes()).hexdigest()
+            for path in (files["text"], files["proj"])
+            for n in open_gguf(path).tensors
+        }
+        assert golden["prompt"] == MTMD_PROMPT
+        assert made == golden["sha256"], "the tiny model changed: scripts/make_mtmd_goldens.py"
+        ref = {k: np.asarray(golden[k], np.float32) for k in ("tokens", "image", "logits")}
+        return ref, np.asarray(golden["pixels"], np.uint8)
+    image = np.asarray(photos[0].resize((IMAGE_SIZE, IMAGE_SIZE)))  # (S, S, 3) uint8
+    return _llama_cpp(files, MTMD_PROMPT, image, tmp), image
+
+
 @pytest.mark.skipif("ggml" not in available_backends(), reason="ggml-python not installed")
 def test_llama_cpp_runs_herds_two_files_as_herd_does(files, photos, tmp_path) -> None:
     """libmtmd on herd's text + projector, one photo given as raw RGB already at the
     model's image size (neither side resizes): its image embeddings and the last prompt
     token's logits equal herd-ggml's on the same token sequence."""
-    pytest.importorskip("llama_cpp.mtmd_cpp", reason="llama-cpp-python without libmtmd")
-    image = np.asarray(photos[0].resize((IMAGE_SIZE, IMAGE_SIZE)))  # (S, S, 3) uint8
-    # llama.cpp writes <start_of_image> and <end_of_image> around its marker; herd's
-    # image_text has the blank lines of transformers' processor too: the prompt holds them
-    ref = _llama_cpp(files, "Describe this photo\n\n<__media__>\n\nin detail", image, tmp_path)
+    ref, image = _mtmd(files, photos, tmp_path)
     herd = TwoFiles(files["text"], files["proj"], "ggml", DType.F16)  # llama.cpp's cache
     tok = from_gguf(open_gguf(files["text"]))
     before, after = (
