@@ -29,8 +29,9 @@ engines' order, each round a fresh child, medians over rounds):
 
 Ratios are of times (herd/peer < 1: herd is faster). Engines that cannot run are
 skipped with the reason. The input is scikit-image's astronaut photograph as PNG.
-`herd-ggml-f16-flash` (herd with HERD_FLASH_ATTENTION=1; llama.cpp's mtmd turns flash
-attention on by itself, the table's note says) runs only when named in --engines.
+`herd-ggml-f16-flash` (herd with HERD_FLASH_ATTENTION=1: the text model's attention fused
+too; the encoder's always is, as llama.cpp's mtmd makes it) runs only when named in
+--engines.
 Every encoder layer costs the same: --vision-layers below 27 gives a quicker run whose
 encode times scale by layers. `--profile REPS` instead times the parts of one encoder
 layer at the real shape, herd's ggml against torch: where the time goes.
@@ -195,7 +196,8 @@ def convert_all(src: Path) -> dict[str, str]:
 def bench_herd(
     files: dict[str, str], outtype: str, threads: int, runs: int, flash: bool = False
 ) -> dict[str, Any]:
-    """`flash`: HERD_FLASH_ATTENTION=1 (off on the CPU by default, text and encoder alike)."""
+    """`flash`: HERD_FLASH_ATTENTION=1 (the text model's attention fused too; the vision
+    encoder's is fused whatever it says)."""
     if flash:
         os.environ["HERD_FLASH_ATTENTION"] = "1"  # this child's only
     from herd.api import LLM
@@ -531,8 +533,8 @@ def profile(files: dict[str, str], threads: int, reps: int) -> str:
     heads_ = ["herd f16", "herd f32", "herd f16 + flash attention", f"torch fp32 ({sdpa})",
               "torch eager"]  # fmt: skip
     lines = [
-        f"one encoder layer's parts, ms (median of {reps}; {machine(threads)}); herd's "
-        "flash attention is off on the CPU by default (HERD_FLASH_ATTENTION=1 turns it on)",
+        f"one encoder layer's parts, ms (median of {reps}; {machine(threads)}); the "
+        "attention rows: herd's ops composed, and fused (what its encoders run)",
         "",
         "| part | " + " | ".join(heads_) + " | herd f16 / torch |",
         "|---|" + "---|" * (len(cols) + 1),
