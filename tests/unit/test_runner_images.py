@@ -9,6 +9,7 @@ from herd.runner.images import (
     Image,
     ImageCache,
     batch_images,
+    fits,
     span_start,
     split_key,
     whole_spans,
@@ -84,3 +85,14 @@ def test_batch_images_by_row() -> None:
     out = batch_images([9, *keys, 8], 10, {serial: (emb, 2)})
     assert [(b.row, b.rows) for b in out] == [(11, 2)]
     assert out[0].embedding is emb
+
+
+def test_a_batch_takes_an_image_whole_or_not_at_all() -> None:
+    cache, _ = _cache()
+    keys = cache.keys(Image("sha256:a", None, 3))
+    images = {split_key(keys[0])[0]: (np.zeros((3, 2), np.float32), 3)}
+    items = [1, 2, *keys, 4]
+    assert fits(items, 10, False, images) == 6  # all of it fits
+    assert fits(items, 3, False, images) == 2  # the room ends inside the image: before it
+    assert fits(items[2:], 2, False, images) == 0  # the image waits for a batch of its own
+    assert fits(items[2:], 2, True, images) == 3  # which takes it whole past its room

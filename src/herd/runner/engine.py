@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -30,19 +30,17 @@ from herd.runner.images import (
     Image,
     ImageCache,
     batch_images,
+    fits,
     span_start,
     split_key,
     whole_spans,
 )
+from herd.runner.recorder import InputRecorder, ReusableContext
 from herd.runner.sequence import REPEAT_LIMIT, Event, Sequence, Slot, context_size
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
 from herd.sample.logprobs import logprobs
 from herd.tokenizer import StreamDecoder, Tokenizer
-
-
-class _ReusableContext(Context, GraphReuse, Protocol):
-    """A context whose graph can run again with new inputs (kept between steps)."""
 
 
 class Runner:
@@ -84,7 +82,7 @@ class Runner:
         # graph reuse, for backends whose contexts can rerun a built graph
         with backend.new_context() as probe:
             self._reuse = reuse_graphs and isinstance(probe, GraphReuse)
-        self._graphs: dict[str, tuple[object, _ReusableContext]] = {}  # kind -> (key, context)
+        self._graphs: dict[str, tuple[object, ReusableContext]] = {}  # kind -> (key, context)
         self.vision, self.encoder_backend = vision, encoder_backend or backend
         self.images = ImageCache(self._encode) if vision is not None else None
 
@@ -233,7 +231,7 @@ class Runner:
                         self._finish(seq, "length")
                         continue
                     self._shift(slot, seq.options.num_keep)
-                take = seq.pending[: self._chunk(seq, room, first=not tokens)]
+                take = seq.pending[: fits(seq.pending, room, not tokens, seq.images)]
                 if not take:  # an image longer than the room: a batch of its own next
                     continue
                 if seq.images:
@@ -266,20 +264,6 @@ class Runner:
             self.active = self.active[1:] + self.active[:1]
             return True
 
-    @staticmethod
-    def _chunk(seq: Sequence, room: int, first: bool) -> int:
-        """How many of the sequence's pending items go in this batch: up to `room`, but
-        an image's rows never split (its tokens attend to each other, and the model takes
-        its encoder output whole). An image longer than the room waits for a batch of its
-        own, and gets it whole even past `num_batch` (`first`: the batch is empty)."""
-        pending = seq.pending
-        if len(pending) <= room:
-            return len(pending)
-        cut = span_start(pending, room)
-        if cut == 0 and first:  # the image at the front: all of its rows
-            return seq.images[split_key(pending[0])[0]][1]
-        return cut
-
     def _compute(self, batch: Batch) -> np.ndarray:
         """Logits for the batch's outputs, reusing a kept graph when it fits.
 
@@ -302,7 +286,7 @@ class Runner:
             with self.backend.new_context() as ctx:
                 (logits,) = ctx.compute(self._forward(ctx, batch))
             return logits
-        recorder = _InputRecorder()
+        recorder = InputRecorder()
         self.cache.start_forward(recorder, batch)  # what _forward makes, recorded
         batch_inputs(recorder, batch)
         key = (tuple((a.shape, a.dtype.str) for a in recorder.arrays), self.cache.view_key())
@@ -474,9 +458,7 @@ class Runner:
             slot.cached = []
             rows, i = [], 0
             while i < len(items):
-                end = span_start(items, i + self.num_batch)
-                if end == i:  # an image longer than a batch: all of it
-                    end = i + encoded[split_key(items[i])[0]][1]
+                end = i + fits(items[i:], self.num_batch, True, encoded)
                 chunk = items[i:end]
                 batch = Batch.single(self._token_ids(chunk), i, slot.id, "all")
                 batch.images = batch_images(chunk, 0, encoded)
@@ -504,33 +486,3 @@ class Runner:
             for slot in self.slots:
                 self.cache.remove(slot.id, 0, None)
                 slot.cached = []
-
-
-class _InputRecorder:
-    """A Context that only records the arrays given to `input`, in order: the inputs of a
-    pass, made by `cache.start_forward` and `batch_inputs`, which call nothing else."""
-
-    def __init__(self) -> None:
-        self.arrays: list[np.ndarray] = []
-
-    def input(self, array: Any, dtype: DType = DType.F32) -> Any:
-        kind = np.int32 if dtype == DType.I32 else np.float32
-        self.arrays.append(np.ascontiguousarray(array, dtype=kind))
-
-    def attach(self, t: Tensor) -> Tensor:
-        raise NotImplementedError("a recorder makes inputs only")
-
-    def forward(self, *tensors: Tensor) -> None:
-        raise NotImplementedError("a recorder makes inputs only")
-
-    def compute(self, *outputs: Tensor) -> list[np.ndarray]:
-        raise NotImplementedError("a recorder makes inputs only")
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _InputRecorder:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass

@@ -104,6 +104,22 @@ def span_start(items: list[int], i: int) -> int:
     return i - split_key(items[i])[1]
 
 
+def fits(
+    items: list[int], room: int, whole: bool, images: dict[int, tuple[np.ndarray, int]]
+) -> int:
+    """How many of `items` go in a batch with `room` left: up to `room`, but an image's
+    rows never split (they attend to each other, and the model takes the encoder output
+    whole). An image longer than the room waits for a batch of its own and then, `whole`
+    (the batch is empty), goes in whole even past `num_batch`. `images`: (encoder
+    output, rows) by image serial."""
+    if len(items) <= room:
+        return len(items)
+    cut = span_start(items, room)
+    if cut == 0 and whole:  # the image at the front: all of its rows
+        return images[split_key(items[0])[0]][1]
+    return cut
+
+
 def whole_spans(items: list[int], rows: dict[int, int]) -> list[int]:
     """`items` without the rows of image spans that lost some of their rows (a truncated
     prompt); `rows`: placeholders of each image serial."""
