@@ -32,7 +32,7 @@ from herd.gguf.writer import write_gguf  # noqa: E402
 from herd.ml import DType, available_backends, open_backend  # noqa: E402
 from herd.models import Vision, load_model  # noqa: E402
 from herd.models.base import Projector  # noqa: E402
-from herd.models.gemma3.convert import clip_name  # noqa: E402
+from herd.models.gemma3.mmproj import clip_name  # noqa: E402
 from herd.tokenizer import from_gguf  # noqa: E402
 
 from .test_gemma3_vision import (  # noqa: E402
