@@ -28,7 +28,7 @@ install: $(BIN)/python
 	$(GGML_INSTALL)
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,mlx]"
 	$(GGML_INSTALL)
 
 run: install

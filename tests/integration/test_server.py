@@ -325,6 +325,9 @@ def test_keep_alive_load_unload_and_ps(server: Server) -> None:
         ps = {m.model: m for m in client.ps().models}
         assert "brief:1" in ps and ps["brief:1"].context_length == 4096
         assert ps["brief:1"].size > 90_000_000 and ps["brief:1"].size_vram == 0
+        # herd's own fields: the engine (the server runs HERD_BACKEND=numpy) and its device
+        raw = {m["model"]: m for m in httpx.get(f"{server.url}/api/ps").json()["models"]}
+        assert raw["brief:1"]["backend"] == "numpy" and raw["brief:1"]["device_name"] == "cpu"
         gone = client.chat("brief:1", [], keep_alive=0)
         assert gone.done_reason == "unload"
         assert "brief:1" not in [m.model for m in client.ps().models]
@@ -434,7 +437,7 @@ def test_cli_uses_the_server(server: Server, monkeypatch: pytest.MonkeyPatch) ->
     assert "architecture" in shown.stdout and "llama" in shown.stdout
     assert "num_predict" in shown.stdout
     ps = CliRunner().invoke(cli, ["ps"])
-    assert SHORT in ps.stdout and "100% CPU" in ps.stdout
+    assert SHORT in ps.stdout and "100% CPU (numpy)" in ps.stdout
     stop = CliRunner().invoke(cli, ["stop", SHORT])
     assert stop.exit_code == 0, stop.output
     assert SHORT not in CliRunner().invoke(cli, ["ps"]).stdout

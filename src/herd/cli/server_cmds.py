@@ -59,6 +59,8 @@ def ps_cmd() -> None:
         else:
             cpu = round(100 * (size - vram) / size)
             processor = f"{cpu}%/{100 - cpu}% CPU/GPU"
+        if m.get("backend"):  # herd's server says which engine runs it
+            processor += f" ({m['backend']})"
         rows.append(
             [
                 m["name"],

@@ -1,13 +1,17 @@
 """Backends by name. Each is imported only when asked for, so a missing optional
 dependency (ggml-python) never breaks the others.
 
-`auto` picks the fastest backend that imports: ggml, else numpy.
+`auto` picks the fastest backend that imports: MLX on Apple silicon (Metal), else ggml,
+else numpy. Elsewhere MLX runs only when named (`HERD_BACKEND=mlx`): its CPU and CUDA
+builds work, but ggml is the faster CPU engine.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import platform
+import sys
 from collections.abc import Callable
 
 from herd.errors import BackendError
@@ -18,6 +22,7 @@ log = logging.getLogger(__name__)
 
 # name -> (module, factory attribute); preference order for "auto"
 _BACKENDS: dict[str, tuple[str, str]] = {
+    "mlx": ("herd.ml.backends.mlx", "open_mlx"),
     "ggml": ("herd.ml.backends.ggml", "open_ggml"),
     "numpy": ("herd.ml.backends.numpy.backend", "open_numpy"),
 }
@@ -37,6 +42,11 @@ def _factory(name: str) -> Factory | None:
         return None
 
 
+def _auto_candidates() -> list[str]:
+    apple_silicon = sys.platform == "darwin" and platform.machine() == "arm64"
+    return [n for n in _BACKENDS if n != "mlx" or apple_silicon]
+
+
 def available_backends() -> list[str]:
     return [name for name in _BACKENDS if _factory(name) is not None]
 
@@ -45,7 +55,7 @@ def resolve_backend_name(name: str | None) -> str:
     """Map a requested name (None/"auto" included) to an importable backend name."""
     requested = (name or "auto").lower()
     if requested == "auto":
-        for candidate in _BACKENDS:
+        for candidate in _auto_candidates():
             if _factory(candidate) is not None:
                 return candidate
         raise BackendError("no compute backend could be imported")

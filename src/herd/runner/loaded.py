@@ -113,6 +113,20 @@ class Loaded:
         """The model's trained context (tokens)."""
         return self.model.context_length
 
+    @property
+    def processor(self) -> dict[str, str]:
+        """Which backend runs the model and on what (`herd ps`): the GPUs a ggml model is
+        laid out on, else the device the backend computes on."""
+        gpus = getattr(self.backend, "gpus", None)  # ggml: only the GPUs in use
+        if gpus is not None:
+            names = [g.device.info.name for g in gpus]
+            kind = "gpu" if names else "cpu"
+        else:
+            devices = self.backend.devices()
+            names = [d.name for d in devices[:1]]
+            kind = devices[0].kind if devices else "cpu"
+        return {"backend": self.backend.name, "device": kind, "device_name": ", ".join(names)}
+
     def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:

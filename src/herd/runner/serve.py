@@ -8,7 +8,8 @@ server; every reply carries the id it answers.
     server -> runner                                      runner -> server
     {"op": "load", "path", "projector", "name",           {"op": "ready", "parallel",
      "template", "system", "params", "backend",             "num_ctx", "kv_usage",
-     "options", "parallel"}                                 "load_duration"}
+     "options", "parallel"}                                 "load_duration", "backend",
+                                                            "device", "device_name"}
                                                           | {"op": "error", "error", "type"}
     {"op": "completion", "id", "messages" | "prompt",     {"id", "text", "logprobs"?}  (0+)
      "images", "context", "template", "options", "shift", {"id", "done": true, "done_reason",
@@ -247,6 +248,7 @@ class Child:
                 "num_ctx": num_ctx,
                 "kv_usage": 0.0,
                 "load_duration": time.perf_counter_ns() - t0,
+                **loaded.processor,
             }
         )
 

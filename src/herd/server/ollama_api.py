@@ -449,8 +449,11 @@ def ps_entry(r: Runner, facts: ShowFacts) -> dict[str, Any]:
         "digest": r.spec.ref.digest,
         "details": details(r.spec.ref.config, facts),
         "expires_at": expires.astimezone().isoformat(),
-        "size_vram": 0,
+        # a model on a GPU counts whole (ggml's partial offload is not apportioned yet)
+        "size_vram": r.estimate if r.processor.get("device") == "gpu" else 0,
         "context_length": r.spec.context_length(),
+        # herd's own fields (Ollama's clients ignore them): the engine and its device
+        **{k: r.processor[k] for k in ("backend", "device_name") if k in r.processor},
     }
 
 

@@ -251,6 +251,8 @@ class Runner:
     kv_usage: float = 0.0
     load_duration: int = 0  # ns
     loaded_at: float = field(default_factory=time.time)
+    # the runner's ready message: backend, device ("cpu"/"gpu"), device_name
+    processor: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -423,6 +425,9 @@ class Scheduler:
             parallel,
             asyncio.Semaphore(parallel),
             load_duration=time.perf_counter_ns() - t0,
+            processor={
+                k: str(ready[k]) for k in ("backend", "device", "device_name") if k in ready
+            },
         )
         self.runners[spec.name] = runner
         self._notify()
