@@ -22,7 +22,7 @@ import numpy as np
 
 from herd.errors import GGUFError
 from herd.gguf import GGUFFile, open_gguf
-from herd.ml import Backend, BackendOptions, open_backend
+from herd.ml import Backend, BackendOptions, DeviceInfo, open_backend
 from herd.models import Batch, Model, Vision, batch_inputs, load_model
 from herd.models.base import Projector
 from herd.models.imageproc import ImageLimits
@@ -117,14 +117,17 @@ class Loaded:
     def processor(self) -> dict[str, str]:
         """Which backend runs the model and on what (`herd ps`): the GPUs a ggml model is
         laid out on, else the device the backend computes on."""
-        gpus = getattr(self.backend, "gpus", None)  # ggml: only the GPUs in use
+        gpus = getattr(self.backend, "gpus", None)  # the GPUs in use (ggml probes more)
         if gpus is not None:
-            names = [g.device.info.name for g in gpus]
+            # ggml's are its GPU handles, MLX's their DeviceInfo
+            names = [g.name if isinstance(g, DeviceInfo) else g.device.info.name for g in gpus]
             kind = "gpu" if names else "cpu"
         else:
             devices = self.backend.devices()
             names = [d.name for d in devices[:1]]
             kind = devices[0].kind if devices else "cpu"
+        if not names:
+            names = [d.name for d in self.backend.devices() if d.kind == "cpu"][:1]
         return {"backend": self.backend.name, "device": kind, "device_name": ", ".join(names)}
 
     def tokenize(
