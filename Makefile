@@ -48,5 +48,5 @@ lint: install-test
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 bench: install-test
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench,mlx]"
 	$(BIN)/python -m benchmarks.compare
