@@ -262,3 +262,27 @@ def _decode_like(c: Any, b: Any, cache: Any, x: Any, pos: Any, cell: Any) -> Any
     q = x.reshape(1, 2, 32).repeat(1, 4, 32)  # 4 query heads over 2
     out = q.scaled_dot_product_attention(keys, keys, mask, 0.2)  # (1, 128)
     return out.slice(1, 0, 64).linear(b.weight("emb.Q8_0"))  # (1, 20)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K, Q.F32])
+def test_large_weights_split_over_cpu_streams_give_the_same_product(
+    tmp_path: Path, qtype: Q
+) -> None:
+    """On the CPU, a weight of 512+ rows is cut into one row slice per thread, computed on
+    streams side by side: the product equals the whole weight's bit for bit (quantized,
+    dequantized-dense and plain weights alike), and smaller weights stay whole."""
+    from herd.ml.backends.mlx.backend import MIN_SPLIT_ROWS
+
+    rows = MIN_SPLIT_ROWS + 100  # uneven slices
+    p = write(tmp_path / "big.gguf", {"w": (rand(rows, 256, seed=7), qtype), **WEIGHTS})
+    x = rand(5, 256, seed=8)
+    outs = []
+    for threads in (1, 3):
+        b = open_backend("mlx", open_gguf(p), BackendOptions(num_gpu=0, num_thread=threads))
+        assert len(b.weight("w").w.parts) == (3 if threads == 3 else 0)
+        assert [len(s.shape) for s in b.weight("w.F32").w.parts] == []  # 8 rows: whole
+        with b.new_context() as ctx:
+            (y,) = ctx.compute(ctx.input(x).linear(b.weight("w")))
+        outs.append(y)
+    assert sum(s.shape[0] for s in b.weight("w").w.parts) == rows
+    assert np.array_equal(outs[0], outs[1])

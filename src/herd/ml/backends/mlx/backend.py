@@ -9,18 +9,22 @@ front means a file MLX cannot read fails at open, never in the middle of an answ
 
 The device is MLX's default (a GPU where MLX has one) unless `num_gpu` is 0, which forces
 the CPU. MLX runs a model on one device: a positive `num_gpu` means "the GPU", not a layer
-count, and without a GPU the model runs on the CPU, as ggml does. MLX has no thread
-setting for its CPU kernels, so `num_thread` is ignored (as are ggml's tuning knobs).
+count, and without a GPU the model runs on the CPU, as ggml does. MLX's CPU kernels are
+single-threaded (each stream runs on one thread, and the Linux wheel's dense matmul is
+the reference BLAS); on the CPU this backend splits each large weight's rows over
+`num_thread` streams (default: the physical cores) and runs the slices side by side.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import re
 
 import mlx.core as mx
+import psutil
 from gguf import GGMLQuantizationType as Q
 
 from herd.errors import BackendError, GGUFError, OutOfMemoryError
@@ -45,6 +49,9 @@ _ALLOC = {
     DType.BF16: mx.bfloat16,
     DType.I32: mx.int32,
 }
+# weights with fewer rows are not split over CPU streams (a slice's product is then too
+# small to pay for the streams' synchronization)
+MIN_SPLIT_ROWS = 512
 # KV cache block types: MLX has no such arrays; the cache is kept in F16 instead
 _CACHE_AS_F16 = (DType.Q8_0, DType.Q4_0)
 
@@ -78,6 +85,14 @@ class MlxBackend:
                 f"{size(info.free_memory)} is available"
             )
         mx.set_default_device(self.device)
+        threads = options.num_thread or psutil.cpu_count(logical=False) or 1
+        # the CPU streams a large weight's row slices run on (none on a GPU: one kernel
+        # already uses the whole device)
+        self.streams = (
+            [mx.new_stream(mx.cpu) for _ in range(threads)]
+            if self.device == mx.cpu and threads > 1
+            else []
+        )
         self._load()
         self._cache_config = CacheConfig(
             v_transposed=False,  # SDPA reads values as rows (S, Hkv, Dv)
@@ -107,6 +122,10 @@ class MlxBackend:
             arrays = [a for a in (w.dense, w.packed, w.scales, w.biases) if a is not None]
             mx.eval(*arrays)  # copied out of the mapping now: its pages can go
             self.gguf.release(info.offset, info.nbytes)
+            if self.streams and len(w.shape) == 2 and w.shape[0] >= MIN_SPLIT_ROWS:
+                n, cuts = w.shape[0], len(self.streams)
+                bounds = [n * i // cuts for i in range(cuts + 1)]
+                w.parts = [w.rows(a, b) for a, b in itertools.pairwise(bounds)]
             self._weights[info.name] = MlxTensor(w.dense, None, w)
             self.weight_bytes += w.nbytes
             if w.dequantized_from is not None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import mlx.core as mx
@@ -62,6 +62,10 @@ class MlxWeight:
     dequantized_from: str | None = None
     # the tensor's size in the GGUF file, so nbytes - gguf_nbytes is what MLX's form costs
     gguf_nbytes: int = 0
+    # a 2-D weight's rows in consecutive slices (views, no copy), one per CPU stream:
+    # MLX's CPU kernels run on one thread each, so `linear` computes the slices side by
+    # side (the backend sets them; empty: one whole product)
+    parts: list[MlxWeight] = field(default_factory=list)
 
     @property
     def quantized(self) -> bool:
@@ -71,6 +75,18 @@ class MlxWeight:
     def nbytes(self) -> int:
         arrays = (self.dense, self.packed, self.scales, self.biases)
         return sum(a.nbytes for a in arrays if a is not None)
+
+    def rows(self, start: int, stop: int) -> MlxWeight:
+        """Rows [start, stop) of a 2-D weight: views of its arrays."""
+        assert len(self.shape) == 2, "rows of a 2-D weight"
+
+        def cut(a: mx.array | None) -> mx.array | None:
+            return None if a is None else a[start:stop]
+
+        return MlxWeight(
+            (stop - start, self.shape[1]), self.gguf_type, cut(self.dense), cut(self.packed),
+            cut(self.scales), cut(self.biases), self.bits, self.group_size, self.dequantized_from,
+        )  # fmt: skip
 
     def to_dense(self, dtype: mx.Dtype = mx.float32) -> mx.array:
         if self.dense is not None:

@@ -64,6 +64,18 @@ def packed(t: MlxTensor) -> tuple[mx.array, mx.array, mx.array | None, int, int]
     return q.packed, q.scales, q.biases, q.group_size, q.bits
 
 
+def _linear(x: mx.array, w: MlxWeight, stream: mx.Stream | None) -> mx.array:
+    """x @ w.T in float32 on `stream` (None: the default one)."""
+    if w.packed is not None:
+        # float32 activations against the packed weight: MLX widens the scales itself
+        y = mx.quantized_matmul(
+            x, w.packed, w.scales, w.biases, True, w.group_size, w.bits, stream=stream
+        )
+        return y.astype(mx.float32)
+    assert w.dense is not None
+    return mx.matmul(x, w.dense.astype(mx.float32, stream=stream).T, stream=stream)
+
+
 def ints(t: MlxTensor) -> mx.array:
     """t's values as an int32 array (indices, positions)."""
     a = t.a if t.a is not None else f32(t)
@@ -219,12 +231,14 @@ class MlxTensor:
         ws, xs = w.shape, self.shape
         assert len(ws) == 2 and ws[1] == xs[-1], f"linear: x {xs} @ w.T with w {ws}"
         x = f32(self)
-        q = packed(w)
-        if q is not None:
-            # float32 activations against the packed weight: MLX widens the scales itself
-            wq, scales, biases, group, bits = q
-            y = mx.quantized_matmul(x, wq, scales, biases, True, group, bits)
-            return self._new(y.astype(mx.float32), w)
+        if w.w is not None and w.w.parts:
+            # the weight's row slices on the CPU streams side by side (MLX's CPU kernels
+            # are single-threaded): the columns of y in order, the same values
+            streams = _ctx(self).backend.streams
+            ys = [_linear(x, part, st) for part, st in zip(w.w.parts, streams, strict=True)]
+            return self._new(mx.concatenate(ys, axis=-1), w)
+        if w.w is not None:
+            return self._new(_linear(x, w.w, None), w)
         return self._new(x @ f32(w).T, w)
 
     def matmul_t(self, other: MlxTensor) -> MlxTensor:
