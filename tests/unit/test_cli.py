@@ -550,15 +550,24 @@ def test_human_duration(seconds: float, text: str) -> None:
     assert human_duration(seconds) == text
 
 
-@pytest.mark.parametrize("choice", ["numpy", "nosuch"])
+@pytest.mark.parametrize("choice", ["numpy", "mlx", "nosuch"])
 def test_show_says_which_backend_runs_the_model(
     models: Store, monkeypatch: pytest.MonkeyPatch, choice: str
 ) -> None:
+    """The backend HERD_BACKEND resolves to and the device it would compute on."""
+    from herd.ml import available_backends, default_devices
+
+    if choice == "mlx" and "mlx" not in available_backends():
+        pytest.skip("mlx not installed (pip install -e '.[mlx]')")
     monkeypatch.setenv("HERD_BACKEND", choice)
     r = invoke(["show", "tiny:1"])
     assert r.exit_code == 0, r.output
     line = next(x for x in r.stdout.splitlines() if x.strip().startswith("backend"))
-    expected = "numpy" if choice == "numpy" else "none (unknown backend 'nosuch'"
+    expected = {
+        "numpy": "numpy (cpu)",
+        "mlx": f"mlx ({default_devices('mlx')[0].name})",  # the CPU, named, or the GPU
+        "nosuch": "none (unknown backend 'nosuch'",
+    }[choice]
     assert line.split(None, 1)[1].startswith(expected), line
 
 

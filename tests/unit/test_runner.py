@@ -33,9 +33,9 @@ class LetterTokenizer:
         return id == self.eog
 
 
-def make_runner(path, parallel=1, num_ctx=256, tokenizer=None) -> Runner:
+def make_runner(path, parallel=1, num_ctx=256, tokenizer=None, backend="numpy") -> Runner:
     g = open_gguf(path)
-    backend = open_backend("numpy", g)
+    backend = open_backend(backend, g)
     model = load_model(g.config(), backend)
     return Runner(
         model,
@@ -56,9 +56,16 @@ def run(runner, tokens, options=GREEDY, **kw):
     return events[-1], "".join(e.text for e in events)
 
 
-def test_concurrent_sequences_match_running_alone(tiny_llama_path):
-    alone = [run(make_runner(tiny_llama_path), p)[0].tokens for p in PROMPTS]
-    runner = make_runner(tiny_llama_path, parallel=3)
+@pytest.mark.parametrize("backend", ["numpy", "mlx"])
+def test_concurrent_sequences_match_running_alone(tiny_llama_path, backend):
+    """Three clients at once, decoded in one batch: each gets the tokens it gets alone
+    (on MLX too: its batches go through the same runner)."""
+    from herd.ml import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not installed (pip install -e '.[{backend}]')")
+    alone = [run(make_runner(tiny_llama_path, backend=backend), p)[0].tokens for p in PROMPTS]
+    runner = make_runner(tiny_llama_path, parallel=3, backend=backend)
     runner.start()
     try:
         results: dict[int, tuple[int, ...]] = {}
@@ -169,15 +176,17 @@ def test_teacher_forced_logits_match_decode(tiny_llama_path):
     assert tuple(greedy) == final.tokens
 
 
-def test_reused_decode_graphs_cross_the_padding_boundary(tiny_llama_path):
-    """ggml reruns the decode graph while the attended range is unchanged; 70 steps cross
-    the 32-cell padding twice and must give exactly the tokens of building every graph."""
+@pytest.mark.parametrize("backend_name", ["ggml", "mlx"])
+def test_reused_decode_graphs_cross_the_padding_boundary(tiny_llama_path, backend_name):
+    """ggml reruns the decode graph while the attended range is unchanged (MLX replays
+    its recorded ops); 70 steps cross the 32-cell padding twice and must give exactly the
+    tokens of building every graph."""
     from herd.ml import available_backends
 
-    if "ggml" not in available_backends():
-        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    if backend_name not in available_backends():
+        pytest.skip(f"{backend_name} not installed (pip install -e '.[{backend_name}]')")
     g = open_gguf(tiny_llama_path)
-    backend = open_backend("ggml", g)
+    backend = open_backend(backend_name, g)
     model = load_model(g.config(), backend)
     model.cache.padding = 32  # the default (128) would not be crossed within this context
     results = []

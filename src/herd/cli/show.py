@@ -23,15 +23,18 @@ def _head(text: str, n: int = 2) -> list[list[str]]:
 
 
 def _backend() -> str:
-    """The compute backend HERD_BACKEND (default auto) resolves to on this machine."""
+    """The compute backend HERD_BACKEND (default auto) resolves to on this machine, and
+    the devices it would run a model on."""
     from herd import envconfig
     from herd.errors import BackendError
-    from herd.ml import resolve_backend_name
+    from herd.ml import default_devices, resolve_backend_name
 
     try:
-        return resolve_backend_name(envconfig.backend())
+        name = resolve_backend_name(envconfig.backend())
+        devices = default_devices(name)
     except BackendError as e:
         return f"none ({e})"
+    return f"{name} ({', '.join(d.name for d in devices)})"
 
 
 def render_info(f: ShowFacts, verbose: bool = False) -> str:

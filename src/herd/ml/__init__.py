@@ -14,7 +14,12 @@ from herd.ml.base import (
     Tensor,
     context_of,
 )
-from herd.ml.registry import available_backends, open_backend, resolve_backend_name
+from herd.ml.registry import (
+    available_backends,
+    default_devices,
+    open_backend,
+    resolve_backend_name,
+)
 
 __all__ = [
     "KV_CACHE_TYPES",
@@ -30,6 +35,7 @@ __all__ = [
     "Tensor",
     "available_backends",
     "context_of",
+    "default_devices",
     "open_backend",
     "resolve_backend_name",
 ]

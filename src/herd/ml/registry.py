@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from herd.errors import BackendError
 from herd.gguf import GGUFFile
-from herd.ml.base import Backend, BackendOptions
+from herd.ml.base import Backend, BackendOptions, DeviceInfo
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,14 @@ def resolve_backend_name(name: str | None) -> str:
     if _factory(requested) is None:
         raise BackendError(f"backend {requested!r} is not installed")
     return requested
+
+
+def default_devices(name: str) -> list[DeviceInfo]:
+    """The devices backend `name` computes on by default on this machine, without opening
+    a model (`herd show`): each backend module's `default_devices()`."""
+    module = importlib.import_module(_BACKENDS[resolve_backend_name(name)][0])
+    devices: list[DeviceInfo] = module.default_devices()
+    return devices
 
 
 def open_backend(

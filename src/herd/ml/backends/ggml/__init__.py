@@ -21,6 +21,15 @@ shapes at the ctypes boundary), `_lib.py` (the ctypes bindings).
 
 from herd.ml.backends.ggml.backend import GGMLBackend, open_ggml
 from herd.ml.backends.ggml.context import GGMLContext
+from herd.ml.backends.ggml.devices import probe_devices
 from herd.ml.backends.ggml.tensor import GGMLTensor
+from herd.ml.base import DeviceInfo
 
-__all__ = ["GGMLBackend", "GGMLContext", "GGMLTensor", "open_ggml"]
+
+def default_devices() -> list[DeviceInfo]:
+    """The GPUs layers go to by default (num_gpu -1), else the CPU."""
+    infos = [d.info for d in probe_devices()]
+    return [d for d in infos if d.kind == "gpu"] or [d for d in infos if d.kind == "cpu"]
+
+
+__all__ = ["GGMLBackend", "GGMLContext", "GGMLTensor", "default_devices", "open_ggml"]

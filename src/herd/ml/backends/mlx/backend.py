@@ -196,6 +196,11 @@ class MlxBackend:
         self._weights.clear()
 
 
+def default_devices() -> list[DeviceInfo]:
+    """The device a model runs on by default (num_gpu -1): the GPU where MLX has one."""
+    return [_cpu_info() if _pick_device(BackendOptions()) == mx.cpu else _gpu_info()]
+
+
 def _pick_device(options: BackendOptions) -> mx.Device:
     has_gpu = mx.metal.is_available() or mx.cuda.is_available()
     if options.num_gpu == 0:

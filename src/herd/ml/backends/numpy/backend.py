@@ -424,12 +424,16 @@ class NumpyBackend:
         return CacheConfig(v_transposed=True, pad=128, mask_dtype=DType.F32, flash_attention=False)
 
     def devices(self) -> list[DeviceInfo]:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        return [DeviceInfo("cpu", "cpu", total, free)]
+        return default_devices()
 
     def close(self) -> None:
         self._weights.clear()
+
+
+def default_devices() -> list[DeviceInfo]:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return [DeviceInfo("cpu", "cpu", total, free)]
 
 
 def open_numpy(gguf: GGUFFile, options: BackendOptions | None = None) -> NumpyBackend:
