@@ -20,8 +20,9 @@ then re-quantized by mlx-lm to 4 bits in groups of 32; made once, before the rou
 cached), and generates with its own `generate_step`.
 
 MLX has no thread setting: on the CPU each op runs on its stream's one thread, and the Linux
-wheel's BLAS is netlib's reference one (single-threaded), so herd-mlx and mlx-lm use one core
-whatever --threads says (both alike; ggml and llama.cpp use --threads). Their device: MLX's
+wheel's BLAS is netlib's reference one (single-threaded), so mlx-lm uses one core whatever
+--threads says; herd-mlx cuts each large weight's rows over --threads CPU streams (its own
+way round that), and ggml and llama.cpp use --threads. The MLX engines' device: MLX's
 default (Metal on Apple silicon, the GPU with mlx[cuda], else the CPU) unless --num-gpu 0
 forces the CPU; --num-gpu unset still means the CPU for herd-ggml and llama.cpp, as before.
 On a Mac, `--engines herd-mlx,mlx-lm` runs both on Metal with no other flag (with
