@@ -28,19 +28,8 @@ def rope_cos_sin(
         inv_freq = inv_freq / freq_factors.astype(np.float64)[:half]
     extrap = positions.astype(np.float64)[:, None] * inv_freq[None, :]
     interp = extrap * opts.freq_scale
-    mscale = opts.attn_factor
-    if opts.ext_factor != 0.0:
-        low = max(0.0, math.floor(_corr_dim(opts.dims, opts.orig_ctx, opts.beta_fast, opts.base)))
-        high = min(
-            opts.dims - 1.0,
-            math.ceil(_corr_dim(opts.dims, opts.orig_ctx, opts.beta_slow, opts.base)),
-        )
-        y = (i - low) / max(0.001, high - low)
-        ramp = (1.0 - np.clip(y, 0.0, 1.0)) * opts.ext_factor
-        theta = interp * (1.0 - ramp) + extrap * ramp
-        mscale *= 1.0 + 0.1 * math.log(1.0 / opts.freq_scale)
-    else:
-        theta = interp
+    ramp, mscale = yarn_ramp(opts, i)
+    theta = interp if ramp is None else interp * (1.0 - ramp) + extrap * ramp
     return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
 
 
@@ -62,3 +51,17 @@ def apply_rope(
         out[..., 0 : opts.dims : 2] = a * cos - b * sin
         out[..., 1 : opts.dims : 2] = a * sin + b * cos
     return out
+
+
+def yarn_ramp(opts: RopeOptions, i: np.ndarray) -> tuple[np.ndarray | None, float]:
+    """YaRN's per-frequency ramp (0: interpolate, 1: extrapolate) for frequency indices i,
+    and the factor rotated dims are multiplied by; (None, attn_factor) without YaRN."""
+    if opts.ext_factor == 0.0:
+        return None, opts.attn_factor
+    low = max(0.0, math.floor(_corr_dim(opts.dims, opts.orig_ctx, opts.beta_fast, opts.base)))
+    high = min(
+        opts.dims - 1.0, math.ceil(_corr_dim(opts.dims, opts.orig_ctx, opts.beta_slow, opts.base))
+    )
+    y = (i - low) / max(0.001, high - low)
+    ramp = (1.0 - np.clip(y, 0.0, 1.0)) * opts.ext_factor
+    return ramp, opts.attn_factor * (1.0 + 0.1 * math.log(1.0 / opts.freq_scale))

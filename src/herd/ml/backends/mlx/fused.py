@@ -4,14 +4,13 @@ transposed at the boundary; average pooling composed so that it sums as torch do
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from herd.ml.base import RopeOptions
-from herd.ml.rope import _corr_dim
+from herd.ml.rope import yarn_ramp
 
 if TYPE_CHECKING:
     from herd.ml.backends.mlx.tensor import MlxTensor
@@ -33,19 +32,8 @@ def rope_freqs(opts: RopeOptions) -> tuple[np.ndarray, float]:
     half = opts.dims // 2
     i = np.arange(half, dtype=np.float64)
     inv_freq = opts.base ** (-2.0 * i / opts.dims)
-    mscale = opts.attn_factor
-    if opts.ext_factor != 0.0:
-        low = max(0.0, math.floor(_corr_dim(opts.dims, opts.orig_ctx, opts.beta_fast, opts.base)))
-        high = min(
-            opts.dims - 1.0,
-            math.ceil(_corr_dim(opts.dims, opts.orig_ctx, opts.beta_slow, opts.base)),
-        )
-        y = (i - low) / max(0.001, high - low)
-        ramp = (1.0 - np.clip(y, 0.0, 1.0)) * opts.ext_factor
-        mult = opts.freq_scale * (1.0 - ramp) + ramp
-        mscale *= 1.0 + 0.1 * math.log(1.0 / opts.freq_scale)
-    else:
-        mult = np.full(half, opts.freq_scale)
+    ramp, mscale = yarn_ramp(opts, i)
+    mult = np.full(half, opts.freq_scale) if ramp is None else opts.freq_scale * (1 - ramp) + ramp
     return (1.0 / (inv_freq * mult)).astype(np.float32), mscale
 
 
