@@ -13,7 +13,7 @@ from herd.gguf.writer import write_gguf
 from herd.ml import BackendOptions, DeviceInfo
 from herd.ml.layout import plan
 from herd.options import Options
-from herd.server import scheduler as sched
+from herd.server import loadspec as sched
 from herd.store import ModelRef
 from herd.store.ggufinfo import describe
 
