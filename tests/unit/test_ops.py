@@ -831,7 +831,7 @@ def test_string_array_past_the_end_is_refused(tmp_path: Path, cut: str) -> None:
     else:
         data[at : at + 8] = (1 << 60).to_bytes(8, "little")
     (tmp_path / "s.gguf").write_bytes(bytes(data))
-    with pytest.raises(GGUFError, match="string array runs past the end of the file"):
+    with pytest.raises(GGUFError, match=r"'tokenizer.ggml.tokens'.* runs past the end of the file"):
         open_gguf(tmp_path / "s.gguf")
 
 

@@ -18,7 +18,7 @@ def _section(header: str, rows: list[list[str]]) -> str:
 def _head(text: str, n: int = 2) -> list[list[str]]:
     """The first n non-empty lines, then "..." when there are more (Ollama's show)."""
     lines = [x.strip() for x in text.splitlines() if x.strip()]
-    rows = [[x] for x in lines[:n]]
+    rows = [[_clip(x)] for x in lines[:n]]
     return rows + [["..."]] if len(lines) > n else rows
 
 
@@ -61,12 +61,9 @@ def render_info(f: ShowFacts, verbose: bool = False) -> str:
     if f.license:
         out.append(_section("License", _head("\n".join(f.license))))
     if verbose:
-        out.append(_section("Metadata", [[k, _short(v)] for k, v in sorted(g.kv.items())]))
-        out.append(
-            _section(
-                "Tensors", [[t.name, t.type, _go_list(list(reversed(t.shape)))] for t in f.tensors]
-            )
-        )
+        out.append(_section("Metadata", [[_clip(k), _short(v)] for k, v in sorted(g.kv.items())]))
+        tensors = [[_clip(t.name), t.type, _go_list(list(reversed(t.shape)))] for t in f.tensors]
+        out.append(_section("Tensors", tensors))
     return "\n".join(out)
 
 
@@ -90,12 +87,24 @@ def _go_list(values: list[Any]) -> str:
     return "[" + " ".join(str(v) for v in values) + "]"
 
 
+MAX_TEXT = 200  # characters of one name or value `show -v` prints (a file may hold MBs)
+
+
+def _clip(text: str) -> str:
+    """A name or value cut to MAX_TEXT characters, with a marker saying how much is left."""
+    if len(text) <= MAX_TEXT:
+        return text
+    return f"{text[:MAX_TEXT]}...(+{len(text) - MAX_TEXT} characters)"
+
+
 def _short(value: Any) -> str:
-    """Long arrays elided as Ollama's verbose show does: "[a b ...+49150 more]"."""
+    """Long arrays elided as Ollama's verbose show does: "[a b ...+49150 more]"; long
+    strings and items cut (`_clip`)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if not isinstance(value, list):
-        return str(value)
+        return _clip(str(value))
+    value = [_clip(str(v)) for v in value[:64]] + value[64:]  # at most 64 are ever shown
     width, shown = 1, 0
     for i, item in enumerate(value):
         w = len(str(item)) + (2 if i else 0)

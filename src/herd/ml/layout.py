@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from herd.errors import OutOfMemoryError
+from herd.errors import GGUFError, OutOfMemoryError
 from herd.gguf import Config, GGUFFile
+from herd.gguf.reader import as_int
 from herd.ml.base import BackendOptions, DeviceInfo
 
 INPUT_TENSORS = ("token_embd.", "position_embd.", "token_norm_embd.", "token_types.")
@@ -117,6 +118,7 @@ def check_fit(needs: Sequence[DeviceNeed], num_gpu: int) -> None:
         )
 
 
+MAX_LAYERS = 4096  # llama.cpp allows 512; a corrupt count must not size lists
 GPU_OVERHEAD = 256 << 20  # per GPU in use: driver context, kernels, allocator slack
 # bytes per KV cache element, block scales included (q8_0: 34 bytes per 32, q4_0: 18)
 KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
@@ -156,13 +158,17 @@ def estimate(
     cfg = Config(kv, str(kv.get("general.architecture", "")))
     if n_layers is None:
         n_layers = cfg.int("block_count", 0)
+    if not 0 <= n_layers <= MAX_LAYERS:  # before lists of n_layers are made
+        raise GGUFError(
+            f"metadata key {cfg.key('block_count')}: {n_layers} layers (0 to {MAX_LAYERS})"
+        )
     n_ctx = min(num_ctx, cfg.int("context_length", num_ctx))
     n_head = _largest(cfg, "attention.head_count")
     n_embd = cfg.int("embedding_length", 0)
     cache = [0] * n_layers
     if n_ctx and n_head and n_layers:
         heads = cfg.get("attention.head_count_kv", n_head)
-        kv_heads = [int(h) for h in heads] if isinstance(heads, list) else [int(heads)] * n_layers
+        kv_heads = _per_layer(cfg, "attention.head_count_kv", heads, n_layers)
         kv_heads += [kv_heads[-1] if kv_heads else n_head] * (n_layers - len(kv_heads))
         k_dim = cfg.int("attention.key_length", n_embd // n_head)
         v_dim = cfg.int("attention.value_length", n_embd // n_head)
@@ -193,7 +199,17 @@ def estimate_projector(kv: dict[str, Any], weights: int) -> Estimate:
 def _largest(cfg: Config, name: str) -> int:
     """A metadata number that may also be stored per layer (the largest then); 0 if absent."""
     value = cfg.get(name, 0)
-    return max((int(v) for v in value), default=0) if isinstance(value, list) else int(value)
+    return max(_per_layer(cfg, name, value, 1), default=0)
+
+
+def _per_layer(cfg: Config, name: str, value: Any, n_layers: int) -> list[int]:
+    """A count stored once or per layer, as non-negative ints: GGUFError naming the key for
+    anything else (metadata comes from an untrusted file)."""
+    values = value if isinstance(value, list) else [value] * n_layers
+    out = [as_int(cfg.key(name), v) for v in values]  # GGUFError on a wrong type
+    if any(v < 0 for v in out):
+        raise GGUFError(f"metadata key {cfg.key(name)}: negative value in {values[:8]}")
+    return out
 
 
 def _vocab_size(cfg: Config) -> int:
@@ -233,6 +249,10 @@ def plan(
     cfg = Config(gguf.kv, str(gguf.kv.get("general.architecture", "")))
     blocks = [int(m.group(1)) for n in gguf.tensors if (m := _BLOCK.match(n))]
     n_layers = max(cfg.int("block_count", 0), max(blocks, default=-1) + 1)
+    if n_layers > MAX_LAYERS:  # a corrupt count or tensor name must not size the lists below
+        raise GGUFError(
+            f"{gguf.path}: {n_layers} layers (block_count, blk.N names): over {MAX_LAYERS}"
+        )
     where = {name: tensor_layer(name, n_layers) for name in gguf.tensors}
     weights = [0] * (n_layers + 1)
     for name, layer in where.items():

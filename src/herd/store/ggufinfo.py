@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ def describe(g: GGUFFile) -> GGUFFacts:
 
 
 def _int(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """A number of the metadata as an int; None for anything else (NaN, a string)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return int(value) if number and math.isfinite(value) else None
 
 
 def file_type_name(g: GGUFFile) -> str:

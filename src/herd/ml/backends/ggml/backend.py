@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from herd.errors import BackendError, GGUFError, OutOfMemoryError
+from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
 from herd.gguf import GGUFFile
 from herd.ml.backends.ggml import _lib as L
 from herd.ml.backends.ggml._lib import TYPE_F32, ggml_mul_mat
@@ -256,6 +256,8 @@ class GGMLBackend:
         return name in self._weights
 
     def weight(self, name: str) -> GGMLTensor:
+        if name not in self._weights:  # a model asking for what the file lacks
+            raise WeightError(f"{name}: missing from the model file")
         return self._weights[name]
 
     def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> GGMLTensor:

@@ -27,7 +27,7 @@ import mlx.core as mx
 import psutil
 from gguf import GGMLQuantizationType as Q
 
-from herd.errors import BackendError, GGUFError, OutOfMemoryError
+from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
 from herd.gguf import GGUFFile
 from herd.gguf.reader import tensor_nbytes
 from herd.ml.backends.mlx import quant
@@ -150,6 +150,8 @@ class MlxBackend:
         return name in self._weights
 
     def weight(self, name: str) -> MlxTensor:
+        if name not in self._weights:  # a model asking for what the file lacks
+            raise WeightError(f"{name}: missing from the model file")
         return self._weights[name]
 
     def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> MlxTensor:

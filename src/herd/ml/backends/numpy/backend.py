@@ -17,7 +17,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
-from herd.errors import BackendError, GGUFError
+from herd.errors import BackendError, GGUFError, WeightError
 from herd.gguf import GGUFFile
 from herd.ml.base import (
     BackendOptions,
@@ -393,6 +393,8 @@ class NumpyBackend:
         return name in self.gguf.tensors
 
     def weight(self, name: str) -> NumpyTensor:
+        if name not in self.gguf.tensors:  # a model asking for what the file lacks
+            raise WeightError(f"{name}: missing from the model file")
         if name not in self._weights:
             self._weights[name] = NumpyTensor(self._load(name), None)
         return self._weights[name]
