@@ -53,19 +53,22 @@ def cli(ctx: click.Context) -> None:
 def pull_cmd(model: str, insecure: bool) -> None:
     """Pull a model from the catalog or a registry."""
     client = _server()
-    if client is not None:  # the server pulls into its own store
-        with PullProgress() as progress:
-            client.pull(model, progress, insecure)
-        return
-    from herd.registry import Options, registry_puller
+    try:
+        if client is not None:  # the server pulls into its own store (and stops when we go)
+            with PullProgress() as progress:
+                client.pull(model, progress, insecure)
+            return
+        from herd.registry import Options, registry_puller
 
-    with PullProgress() as progress:
-        pull(
-            model,
-            store=Store(),
-            progress=progress,
-            registry=registry_puller(Options(insecure=insecure)),
-        )
+        with PullProgress() as progress:
+            pull(
+                model,
+                store=Store(),
+                progress=progress,
+                registry=registry_puller(Options(insecure=insecure)),
+            )
+    except KeyboardInterrupt:
+        _interrupted(f"pull interrupted: `herd pull {model}` resumes it")
 
 
 @cli.command("push")
@@ -75,8 +78,17 @@ def push_cmd(model: str, insecure: bool) -> None:
     """Push a model to its registry (the host part of its name)."""
     from herd.registry import Options, push
 
-    with PullProgress() as progress:
-        push(Store(), model, Options(insecure=insecure), progress)
+    try:
+        with PullProgress() as progress:
+            push(Store(), model, Options(insecure=insecure), progress)
+    except KeyboardInterrupt:
+        _interrupted(f"push interrupted: `herd push {model}` starts it again")
+
+
+def _interrupted(message: str) -> None:
+    """Ctrl-C: one line instead of a traceback, exit status 130 like a shell's."""
+    click.echo(f"Error: {message}", err=True)
+    click.get_current_context().exit(130)
 
 
 @cli.command("create")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from datetime import datetime
 
 import click
@@ -21,9 +23,33 @@ def serve_cmd() -> None:
     HERD_MAX_QUEUE, HERD_NUM_PARALLEL, HERD_CONTEXT_LENGTH, HERD_LOAD_TIMEOUT,
     HERD_MEMORY_LIMIT, HERD_API_KEY, HERD_ORIGINS, HERD_BACKEND, HERD_DEBUG.
     """
+    _check_free(envconfig.host())  # before the server logs that it listens
     from herd.server import serve
 
     serve()
+
+
+def _check_free(host: envconfig.HostURL) -> None:
+    """Bind the address as uvicorn will (SO_REUSEADDR) and let it go: a port another server
+    holds is a one-line error naming the address, not a false "listening on" line."""
+    address = f"{host.bind_host}:{host.port}"
+    try:
+        infos = socket.getaddrinfo(host.bind_host, host.port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise HerdError(f"cannot listen on {address}: {e}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except OSError as e:
+        hint = (
+            " (is another herd or ollama server running? set HERD_HOST to use another port)"
+            if e.errno == errno.EADDRINUSE
+            else ""
+        )
+        reason = (e.strerror or str(e)).lower()
+        raise HerdError(f"cannot listen on {address}: {reason}{hint}") from None
 
 
 def _client() -> Client:

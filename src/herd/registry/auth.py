@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import secrets
 import struct
@@ -24,6 +25,7 @@ from herd import envconfig
 from herd.errors import RegistryError
 
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
+MAX_TOKEN_BODY = 1 << 20  # a token answer is a few kB; more is a broken or hostile server
 
 
 def parse_challenge(header: str) -> dict[str, str]:
@@ -72,17 +74,24 @@ def fetch_token(
         empty = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
         headers["Authorization"] = sign_request(key, f"GET,{url},{empty}".encode())
     try:
-        resp = http.get(url, headers=headers)
+        with http.stream("GET", url, headers=headers) as resp:
+            data = bytearray()
+            for chunk in resp.iter_bytes():
+                data += chunk
+                if len(data) > MAX_TOKEN_BODY:
+                    raise RegistryError(
+                        f"token server {realm.host} sent more than {MAX_TOKEN_BODY} bytes", 401
+                    )
     except httpx.HTTPError as e:
         raise RegistryError(f"cannot reach token server {realm.host}: {e}", 401) from e
     if resp.status_code >= 400:
-        text = resp.text[:200].strip()
+        text = bytes(data[:200]).decode("utf-8", "replace").strip()
         raise RegistryError(
             f"token server {realm.host} answered {resp.status_code}{': ' + text if text else ''}",
             401,
         )
     try:
-        body = resp.json()
+        body = json.loads(data)
         token = body.get("token") or body.get("access_token")
     except (ValueError, AttributeError):
         token = None

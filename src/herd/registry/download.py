@@ -7,34 +7,44 @@ preallocated) while each part's progress is kept in `sha256-<hex>-partial-N` (Ol
 JSON), so an interrupted pull resumes where it stopped, even one Ollama started. Unlike
 Ollama, the sha256 is checked *before* the partial file is renamed into place: a blob with
 the wrong bytes never enters the store. The manifest is written last.
+
+A registry that misbehaves gets bounded patience (numbers in `client.Options`): sizes over
+`max_blob`, over the manifest's or over the free disk space are refused before a file is
+made; a 416 restarts the blob from 0 once, then fails; bytes with the wrong sha256 are
+downloaded again `digest_retries` times, then refused; cut, stalled or dripping bodies and
+5xx answers are retried `max_retries` times per part with backoff. A full disk removes what
+this pull wrote and says so.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
-import json
 import os
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from herd import envconfig
 from herd.errors import DownloadError, HerdError, RegistryError
-from herd.registry.client import MANIFEST_V2, Client, Options
+from herd.registry.client import MANIFEST_V2, MAX_MANIFEST, Client, Options
+from herd.registry.parts import (
+    Fetch,
+    RangeRefused,
+    plan_parts,
+    read_parts,
+    remove_partial,
+    state_path,
+    write_part,
+)
 from herd.store.layout import Layer, Manifest, fsync_dir, parse_digest
 from herd.store.names import Name
-from herd.store.store import ModelRef, Store, to_name
+from herd.store.store import ModelRef, Store, is_disk_full, to_name
 
 Progress = Callable[[str, str | None, int | None, int | None], None]
 _CHUNK = 1 << 20
-_SAVE_EVERY = 8 << 20  # persist part state at least this often (bytes)
+_write_part = write_part  # the name tests patch to fill the disk
 
 
 def _quiet(status: str, digest: str | None, total: int | None, completed: int | None) -> None:
@@ -50,21 +60,35 @@ def pull(
     """Pull `name` from its registry into `store`; returns the stored model."""
     report = progress or _quiet
     n = to_name(name)
-    with Client(n, options) as client:
+    added: list[str] = []  # blobs this pull brought in: a full disk takes them out again
+    shown = n.display_shortest()
+    with (
+        store.disk_full_guard(f"pulling {shown}", DownloadError, lambda: store.prune(added)),
+        Client(n, options) as client,
+    ):
         report("pulling manifest", None, None, None)
         resp = client.request(
-            "GET", client.url("manifests", n.tag), headers={"Accept": MANIFEST_V2}, what="manifest"
+            "GET",
+            client.url("manifests", n.tag),
+            headers={"Accept": MANIFEST_V2, "Accept-Encoding": "identity"},
+            what="manifest",
+            attempts=client.options.max_retries,
         )
-        data = resp.content
-        where = f"manifest of {n.display_shortest()} from {n.host}"
-        manifest = _checked_manifest(data, where)
+        data = client.read_limited(resp, MAX_MANIFEST, "a manifest")
+        where = f"manifest of {shown} from {n.host}"
+        manifest = _checked_manifest(data, where, client.options)
         try:
             old = store.read_manifest(n)[0]
         except HerdError:
             old = None
         blobs = list(dict.fromkeys([*manifest.layers, manifest.config]))
+        missing = [x for x in blobs if not store.has_blob(x.digest)]
+        store.check_space(
+            sum(x.size - _resumed(store, x) for x in missing), f"pulling {shown}", DownloadError
+        )
         for layer in blobs:
-            download_blob(client, store, layer, report)
+            if not download_blob(client, store, layer, report):
+                added.append(layer.digest)
         report("verifying sha256 digest", None, None, None)  # done per blob, before commit
         report("writing manifest", None, None, None)
         store.write_manifest(n, data)
@@ -77,192 +101,160 @@ def pull(
     return store.resolve(n)
 
 
-def _checked_manifest(data: bytes, where: str) -> Manifest:
+def _checked_manifest(data: bytes, where: str, options: Options) -> Manifest:
     manifest = Manifest.from_bytes(data, where)  # digests validated: no path tricks
     for layer in manifest.all_layers():
         if layer.size < 0:
             raise RegistryError(f"{where}: layer {layer.digest} has a negative size")
+        if layer.size > options.max_blob:
+            raise RegistryError(
+                f"{where}: layer {layer.digest} claims {layer.size} bytes, more than "
+                f"herd accepts for one blob ({options.max_blob})"
+            )
     return manifest
 
 
-@dataclass
-class _Part:
-    n: int
-    offset: int
-    size: int
-    completed: int = 0
-
-    def to_json(self) -> bytes:
-        # Ollama's jsonBlobDownloadPart, as json.Encoder writes it
-        return (
-            json.dumps(
-                {
-                    "N": self.n,
-                    "Offset": self.offset,
-                    "Size": self.size,
-                    "Completed": self.completed,
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n"
-        )
+def _partial(store: Store, digest: str) -> Path:
+    return store.blobs_dir / f"sha256-{parse_digest(digest)}-partial"
 
 
-def _write_part(path: Path, part: _Part) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(part.to_json())
-    os.replace(tmp, path)
-
-
-def _read_parts(partial: Path) -> list[_Part] | None:
-    """Saved part states, or None when absent or not a consistent set (then start over)."""
-    files = sorted(
-        partial.parent.glob(partial.name + "-*"), key=lambda p: p.name.rsplit("-", 1)[-1].zfill(8)
-    )
-    files = [p for p in files if p.name.rsplit("-", 1)[-1].isdigit()]
-    if not files:
-        return None
-    parts = []
-    try:
-        for p in files:
-            obj = json.loads(p.read_bytes())
-            parts.append(
-                _Part(int(obj["N"]), int(obj["Offset"]), int(obj["Size"]), int(obj["Completed"]))
-            )
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    parts.sort(key=lambda x: x.offset)
-    offset = 0
-    for i, part in enumerate(parts):
-        if part.n != i or part.offset != offset or not 0 <= part.completed <= part.size:
-            return None
-        offset += part.size
-    return parts
-
-
-def _remove_partial(partial: Path) -> None:
-    for p in partial.parent.glob(partial.name + "*"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+def _resumed(store: Store, layer: Layer) -> int:
+    """Bytes of `layer` an earlier pull left in its partial file (they need no new space)."""
+    parts = read_parts(_partial(store, layer.digest), layer.size or None)
+    return sum(p.completed for p in parts) if parts else 0
 
 
 def download_blob(client: Client, store: Store, layer: Layer, report: Progress) -> bool:
     """Bring one blob into the store; True when it was already there (not re-verified)."""
+    partial = _partial(store, layer.digest)
     try:
-        return _download_blob(client, store, layer, report)
+        return _download_blob(client, store, layer, partial, report)
     except OSError as e:
         # the disk can fill anywhere: part files, preallocation, the flush on close
-        if e.errno != errno.ENOSPC:
+        if not is_disk_full(e):
             raise
+        remove_partial(partial)  # what it holds is the space that ran out
         raise DownloadError(
-            f"disk full while pulling blob {layer.digest} into "
-            f"{store.blobs_dir}; free some space and pull again (it resumes)"
+            f"no space left on device (disk full) while pulling blob {layer.digest} into "
+            f"{store.blobs_dir}; free some space and pull again"
         ) from e
 
 
-def _download_blob(client: Client, store: Store, layer: Layer, report: Progress) -> bool:
+def _download_blob(
+    client: Client, store: Store, layer: Layer, partial: Path, report: Progress
+) -> bool:
     digest = layer.digest
     hexdigest = parse_digest(digest)
-    status = f"pulling {hexdigest[:12]}"
     final = store.blob_path(digest)
     if final.is_file():
         size = final.stat().st_size
-        report(status, digest, size, size)
+        report(f"pulling {hexdigest[:12]}", digest, size, size)
         return True
     store.blobs_dir.mkdir(parents=True, exist_ok=True)
-    partial = store.blobs_dir / f"sha256-{hexdigest}-partial"
-    blob_url = client.url("blobs", digest)
     what = f"blob {digest} ({layer.media_type or 'config'})"
-    parts = _read_parts(partial) if partial.is_file() else None
-    if parts is None:
-        _remove_partial(partial)
-        resp = client.request("HEAD", blob_url, what=what)
-        resp.close()
+    restarted, downloads = False, 0
+    while True:
         try:
-            total = int(resp.headers.get("content-length", ""))
-        except ValueError:
-            raise RegistryError(f"registry {client.host} sent no size for {what}") from None
-        if layer.size and total != layer.size:
-            raise DownloadError(f"{what}: registry says {total} bytes, manifest says {layer.size}")
-        parts = _plan_parts(total, client.options)
-        for part in parts:
-            _write_part(Path(f"{partial}-{part.n}"), part)
-    total = sum(p.size for p in parts)
-    done = [sum(p.completed for p in parts)]
-    lock = threading.Lock()
-    report(status, digest, total, done[0])
-
-    with open(partial, "a+b") as f:
-        f.truncate(total)  # sparse preallocation, as Ollama does
-    direct, direct_auth = _direct_url(client, blob_url, what)
-
-    def on_bytes(n: int) -> None:
-        with lock:
-            done[0] += n
-            report(status, digest, total, done[0])
-
-    todo = [p for p in parts if p.completed < p.size]
-    errors: list[BaseException] = []
-    if todo:
-        with (
-            open(partial, "r+b") as f,
-            ThreadPoolExecutor(max_workers=min(len(todo), client.options.parts)) as pool,
-        ):
-            futures = [
-                pool.submit(
-                    _download_part,
-                    client,
-                    direct,
-                    direct_auth,
-                    f,
-                    part,
-                    Path(f"{partial}-{part.n}"),
-                    on_bytes,
-                    lock,
-                    what,
-                )
-                for part in todo
-            ]
-            for fut in futures:
-                with contextlib.suppress(BaseException):
-                    fut.result()
-                if fut.exception() is not None:
-                    errors.append(fut.exception())  # type: ignore[arg-type]
-    if errors:
-        disk_full = next(
-            (e for e in errors if isinstance(e, OSError) and e.errno == errno.ENOSPC), None
-        )
-        raise disk_full or errors[0]  # a full disk first: download_blob names it
-
-    # every byte is here: check it before it may become a blob
-    h = hashlib.sha256()
-    with open(partial, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    if h.hexdigest() != hexdigest:
-        _remove_partial(partial)
-        raise DownloadError(
-            f"digest mismatch for {what}: got sha256:{h.hexdigest()}; "
-            "the download was discarded, pull again"
-        )
+            _fill(client, store, layer, partial, report, what)
+        except RangeRefused as e:
+            remove_partial(partial)
+            if restarted:
+                raise RegistryError(
+                    f"registry {client.host} refused a byte range of {what} again after "
+                    f"the download restarted from 0 ({e}); its copy does not match the manifest"
+                ) from None
+            restarted = True  # a stale partial file or a changed blob: start over, once
+            continue
+        downloads += 1
+        got = _sha256(partial)
+        if got == hexdigest:
+            break
+        remove_partial(partial)
+        if downloads > client.options.digest_retries:
+            raise DownloadError(
+                f"digest mismatch for {what}: got sha256:{got} in {downloads} download(s) "
+                f"from {client.host}; nothing was kept, pull again later"
+            )
     with open(partial, "rb") as f:
         os.fsync(f.fileno())
     os.replace(partial, final)
     fsync_dir(store.blobs_dir)
-    for part in parts:
-        with contextlib.suppress(OSError):
-            Path(f"{partial}-{part.n}").unlink()
+    remove_partial(partial)  # the part states
     return False
 
 
-def _plan_parts(total: int, options: Options) -> list[_Part]:
-    size = min(max(total // options.parts, options.part_min), options.part_max)
-    size = max(size, 1)
-    parts, offset = [], 0
-    while offset < total:
-        parts.append(_Part(len(parts), offset, min(size, total - offset)))
-        offset += parts[-1].size
-    return parts
+def _fill(
+    client: Client,
+    store: Store,
+    layer: Layer,
+    partial: Path,
+    report: Progress,
+    what: str,
+) -> None:
+    """Download every missing byte of `layer` into `partial` (resuming saved parts). No
+    file is made before the sizes are checked and the registry served a first byte; a
+    failure before any byte arrived leaves no file at all."""
+    status = f"pulling {parse_digest(layer.digest)[:12]}"
+    blob_url = client.url("blobs", layer.digest)
+    parts = read_parts(partial, layer.size or None) if partial.is_file() else None
+    if parts is None:
+        remove_partial(partial)
+        total = _remote_size(client, blob_url, layer, what)
+        store.check_space(total, f"pulling {what}", DownloadError)
+        parts = plan_parts(total, client.options)
+    total = sum(p.size for p in parts)
+    todo = [p for p in parts if p.completed < p.size]
+    direct, direct_auth = _direct_url(client, blob_url, what) if todo else (blob_url, True)
+    for part in parts:
+        _write_part(state_path(partial, part), part)
+    with open(partial, "a+b") as f:
+        f.truncate(total)  # sparse preallocation, as Ollama does (size checked above)
+    done = [sum(p.completed for p in parts)]
+    lock = threading.Lock()
+    report(status, layer.digest, total, done[0])
+
+    def on_bytes(n: int) -> None:
+        with lock:
+            done[0] += n
+            report(status, layer.digest, total, done[0])
+
+    if not todo:
+        return
+    with open(partial, "r+b") as f:
+        fetch = Fetch(client, direct, direct_auth, f, partial, on_bytes, what)
+        try:
+            fetch.run(todo)
+        except BaseException:
+            if not any(p.completed for p in parts):
+                fetch.discard()  # nothing to resume: keep no empty partial file
+                remove_partial(partial)
+            raise
+
+
+def _remote_size(client: Client, url: httpx.URL, layer: Layer, what: str) -> int:
+    """The blob's size by HEAD, checked against the manifest and `max_blob`."""
+    resp = client.request("HEAD", url, what=what, attempts=client.options.max_retries)
+    resp.close()
+    declared = resp.headers.get("content-length", "")
+    if not declared.isdigit():
+        raise RegistryError(f"registry {client.host} sent no size for {what}")
+    total = int(declared)
+    if layer.size and total != layer.size:
+        raise DownloadError(f"{what}: registry says {total} bytes, manifest says {layer.size}")
+    if total > client.options.max_blob:
+        raise RegistryError(
+            f"registry {client.host} says {what} is {total} bytes, more than herd accepts "
+            f"for one blob ({client.options.max_blob})"
+        )
+    return total
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _direct_url(client: Client, url: httpx.URL, what: str) -> tuple[httpx.URL, bool]:
@@ -270,9 +262,19 @@ def _direct_url(client: Client, url: httpx.URL, what: str) -> tuple[httpx.URL, b
 
     Redirects within the registry are followed; the first one to another host is where the
     parts are fetched from, without the registry's token (as Ollama does)."""
-    resp = client.request(
-        "GET", url, headers={"Range": "bytes=0-0"}, stream=True, what=what, cross_host=True
-    )
+    try:
+        resp = client.request(
+            "GET",
+            url,
+            headers={"Range": "bytes=0-0"},
+            what=what,
+            cross_host=True,
+            attempts=client.options.max_retries,
+        )
+    except RegistryError as e:
+        if e.status == 416:
+            raise RangeRefused(str(e), 416) from None
+        raise
     resp.close()
     if resp.is_redirect:
         target = resp.url.join(resp.headers["location"])
@@ -282,100 +284,6 @@ def _direct_url(client: Client, url: httpx.URL, what: str) -> tuple[httpx.URL, b
             )
         return target, False
     return resp.url, True
-
-
-def _download_part(
-    client: Client,
-    url: httpx.URL,
-    with_auth: bool,
-    f: object,
-    part: _Part,
-    state: Path,
-    on_bytes: Callable[[int], None],
-    lock: threading.Lock,
-    what: str,
-) -> None:
-    last: BaseException | None = None
-    tries = 0
-    while tries < client.options.max_retries:
-        try:
-            _fetch_range(client, url, with_auth, f, part, state, on_bytes, lock)
-            return
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise
-            last = e
-        except (httpx.HTTPError, RegistryError, _Short) as e:
-            last = e
-            if isinstance(e, RegistryError) and e.status in (401, 403, 404):
-                break  # asking again will not help
-        finally:
-            _write_part(state, part)
-        tries += 1
-        if tries < client.options.max_retries:
-            time.sleep(client.options.backoff * 2 ** (tries - 1))
-    raise DownloadError(
-        f"{what}: part {part.n} failed after {tries} attempt(s): {last}; pull again to resume"
-    ) from last
-
-
-class _Short(Exception):
-    """The server closed the body before the end of the range."""
-
-
-def _fetch_range(
-    client: Client,
-    url: httpx.URL,
-    with_auth: bool,
-    f: object,
-    part: _Part,
-    state: Path,
-    on_bytes: Callable[[int], None],
-    lock: threading.Lock,
-) -> None:
-    start, stop = part.offset + part.completed, part.offset + part.size - 1
-    headers = {"Range": f"bytes={start}-{stop}"}
-    if with_auth:
-        resp = client.request("GET", url, headers=headers, stream=True, what="blob part")
-    else:
-        resp = client.http.send(client.http.build_request("GET", url, headers=headers), stream=True)
-        if resp.status_code >= 400:
-            resp.close()
-            raise RegistryError(
-                f"{url.host} answered {resp.status_code} for a blob part", resp.status_code
-            )
-    try:
-        if resp.status_code != 206 and not (
-            resp.status_code == 200
-            and start == 0
-            and part.size == int(resp.headers.get("content-length", -1))
-        ):
-            raise RegistryError(
-                f"{url.host} ignored the Range request (status {resp.status_code})",
-                resp.status_code,
-            )
-        unsaved = 0
-        for chunk in resp.iter_raw():  # as received: a cut connection loses nothing
-            chunk = chunk[: part.size - part.completed]
-            if not chunk:
-                break
-            with lock:
-                f.seek(part.offset + part.completed)  # type: ignore[attr-defined]
-                f.write(chunk)  # type: ignore[attr-defined]
-            part.completed += len(chunk)
-            unsaved += len(chunk)
-            on_bytes(len(chunk))
-            if unsaved >= _SAVE_EVERY:
-                with lock:
-                    f.flush()  # type: ignore[attr-defined]
-                _write_part(state, part)
-                unsaved = 0
-        with lock:
-            f.flush()  # type: ignore[attr-defined]
-    finally:
-        resp.close()
-    if part.completed < part.size:
-        raise _Short(f"connection closed after {part.completed} of {part.size} bytes")
 
 
 def registry_puller(options: Options | None = None) -> Callable[[Store, Name, Progress], ModelRef]:

@@ -66,7 +66,12 @@ def upload_blob(client: Client, store: Store, layer: Layer, report: Progress) ->
     path = store.blob_path(digest)
     total = path.stat().st_size
     try:
-        client.request("HEAD", client.url("blobs", digest), what=f"blob {digest}").close()
+        client.request(
+            "HEAD",
+            client.url("blobs", digest),
+            what=f"blob {digest}",
+            attempts=client.options.max_retries,
+        ).close()
         report(status, digest, total, total)
         return
     except RegistryError as e:
@@ -115,11 +120,16 @@ def upload_blob(client: Client, store: Store, layer: Layer, report: Progress) ->
         if resp.status_code == 307:  # upload this part straight to storage
             done[0] = before
             direct = resp.url.join(resp.headers["location"])
-            put = client.http.put(
-                direct,
-                content=body(),
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)},
+            put = client.http.send(
+                client.http.build_request(
+                    "PUT",
+                    direct,
+                    content=body(),
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(n)},
+                ),
+                stream=True,  # its body is not needed: never read one without bound
             )
+            put.close()
             if put.status_code >= 400:
                 raise RegistryError(
                     f"uploading part to {direct.host} failed: {put.status_code}", put.status_code

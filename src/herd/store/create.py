@@ -71,15 +71,16 @@ def create(
     target = store.existing(names.parse(name))
     before = set(store.blobs_dir.iterdir()) if store.blobs_dir.is_dir() else set()
     try:
-        return _create(
-            store,
-            target,
-            modelfile,
-            Path(base_dir),
-            quantize_to,
-            progress or (lambda *a: None),
-            pull,
-        )
+        with store.disk_full_guard(f"creating {name}"):  # the finally below undoes it
+            return _create(
+                store,
+                target,
+                modelfile,
+                Path(base_dir),
+                quantize_to,
+                progress or (lambda *a: None),
+                pull,
+            )
     finally:
         # intermediate blobs (an unquantized copy) and those of a failed create go away
         new = set(store.blobs_dir.iterdir()) - before if store.blobs_dir.is_dir() else set()

@@ -292,8 +292,9 @@ class BlobWriter:
 
     def discard(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):  # a full disk fails the flush: remove it anyway
+                file.close()
         with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
 

