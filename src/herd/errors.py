@@ -106,6 +106,11 @@ class BadRequestError(HerdError):
     """The request body is not what the endpoint takes (bad JSON, a field of the wrong type)."""
 
 
+class InvalidTokenError(BadRequestError):
+    """A token id a request carries (`context` on /api/generate) that is not in the
+    model's vocabulary: refused before it reaches a backend, whose lookup would abort."""
+
+
 class UnauthorizedError(HerdError):
     """A missing or wrong API key."""
 
@@ -125,6 +130,11 @@ class InsufficientMemoryError(HerdError):
 class RunnerError(HerdError):
     """A runner process failed: it crashed, did not load in time, or raised something that
     is not a HerdError (a bug)."""
+
+
+class NonFiniteError(HerdError):
+    """The model produced non-finite values (NaN or infinity) for a request: broken weights
+    or a numeric overflow. The request ends; the runner goes on serving the others."""
 
 
 class NotImplementedYetError(HerdError):

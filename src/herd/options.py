@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field, fields, replace
@@ -67,7 +68,7 @@ class Options:
                 continue
             if value is None:
                 continue
-            changes[name] = _coerce(name, spec.type, value)
+            changes[name] = check_range(name, _coerce(name, spec.type, value))
         return replace(self, **changes)
 
     def load_key(self) -> tuple[Any, ...]:
@@ -112,8 +113,56 @@ def _table() -> dict[str, OptionSpec]:
 OPTIONS: dict[str, OptionSpec] = _table()
 LOAD_TIME = tuple(name for name, spec in OPTIONS.items() if spec.load_time)
 
+# ---- ranges: what a value may be before it reaches a runner --------------------------------
+INT32 = 2**31
+FLOAT32_MAX = 3.4028234663852886e38  # Ollama keeps float32s: beyond is no float32 at all
+# ggml's GGML_MAX_N_THREADS is 512; more threads than 4 per core only thrash (and the issue
+# saw num_thread 1e30 end in bad_alloc)
+MAX_THREADS = min(512, max(64, 4 * (os.cpu_count() or 1)))
+# inclusive bounds; ints not listed are Go int32s, floats any finite float32
+RANGES: dict[str, tuple[float, float]] = {
+    "num_ctx": (0, INT32 - 1),
+    "num_batch": (0, INT32 - 1),
+    "num_gpu": (-1, INT32 - 1),  # -1: as many layers as fit
+    "main_gpu": (0, INT32 - 1),
+    "num_thread": (0, MAX_THREADS),  # 0: the backend's default
+    "draft_num_predict": (0, INT32 - 1),
+    "num_keep": (-1, INT32 - 1),  # -1: keep the whole prompt
+    "seed": (-1, INT32 - 1),  # -1: random
+    "num_predict": (-2, INT32 - 1),  # -1: no limit, -2: until the context is full
+    "repeat_last_n": (-1, INT32 - 1),  # -1: the whole context
+}
+
+
+def check_range(name: str, value: Any) -> Any:
+    """`value` (already of the option's type) if it is within the option's range, else an
+    OptionError naming the option: no NaN, infinity or number beyond what a runner takes."""
+    kind = OPTIONS[name].type
+    if kind is float:
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise OptionError(f"option {name!r} must be a finite number, not {shown(value)}")
+        if name == "repeat_penalty" and value <= 0:  # logits are divided by it
+            raise OptionError(f"option {name!r} must be greater than 0, not {shown(value)}")
+    elif kind is int:
+        low, high = RANGES.get(name, (-INT32, INT32 - 1))
+        if not low <= value <= high:
+            raise OptionError(
+                f"option {name!r} must be between {low} and {high}, not {shown(value)}"
+            )
+    return value
+
 
 # ---- JSON values (requests, stored model parameters) ---------------------------------------
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: repr, cut to `limit` characters (a request may
+    send megabytes where a number belongs)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _coerce(name: str, kind: type, value: Any) -> Any:
     if kind is tuple:
         items = [value] if isinstance(value, str) else value
@@ -123,9 +172,9 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise OptionError(f"option {name!r} must be true or false, not {value!r}")
+        raise OptionError(f"option {name!r} must be true or false, not {shown(value)}")
     if isinstance(value, bool):
-        raise OptionError(f"option {name!r} must be a number, not {value!r}")
+        raise OptionError(f"option {name!r} must be a number, not {shown(value)}")
     if kind is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -136,15 +185,13 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise OptionError(f"option {name!r} must be an integer, not {value!r}")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
+        raise OptionError(f"option {name!r} must be an integer, not {shown(value)}")
+    try:
+        if isinstance(value, int | float | str):
             return float(value)
-        except ValueError:
-            pass
-    raise OptionError(f"option {name!r} must be a number, not {value!r}")
+    except (ValueError, OverflowError):  # not a number; an int beyond any float
+        pass
+    raise OptionError(f"option {name!r} must be a number, not {shown(value)}")
 
 
 # ---- text values (Modelfile PARAMETER, `/set parameter`) -----------------------------------
@@ -167,9 +214,9 @@ def parse_text(name: str, values: list[str]) -> Any:
     first = values[0]
     bad = OptionError(f"invalid {spec.kind} value [{' '.join(values)}]")  # Go prints [a b]
     if spec.type is int:
-        if not _INT.fullmatch(first):
+        if not _INT.fullmatch(first) or len(first) > 20:  # beyond int64 in any case
             raise bad
-        return int(first, 10)
+        return check_range(name, int(first, 10))
     if spec.type is float:
         try:
             value = float(first.replace("_", "x"))  # Go rejects '_' separators; so do we
@@ -177,7 +224,7 @@ def parse_text(name: str, values: list[str]) -> Any:
             value = math.nan
         if not math.isfinite(value):
             raise bad
-        return _float32(value)
+        return check_range(name, _float32(value))
     if first in _TRUE or first in _FALSE:
         return first in _TRUE
     raise bad

@@ -131,6 +131,12 @@ def test_create_from_a_hugging_face_folder(server: Server, tmp_path: Path) -> No
     assert shown.details.family == "bert"
     vector = client.embed("tiny-bert:1", "hello world").embeddings[0]
     assert len(vector) == 8 and abs(float(np.linalg.norm(vector)) - 1) < 1e-4
+    # The OpenAI SDK asks for base64 by default and decodes it to floats itself
+    sdk = server.openai().embeddings
+    by_default = sdk.create(model="tiny-bert:1", input="hello world").data[0].embedding
+    as_floats = sdk.create(model="tiny-bert:1", input="hello world", encoding_format="float")
+    np.testing.assert_allclose(by_default, vector, atol=1e-6)
+    np.testing.assert_allclose(as_floats.data[0].embedding, vector, atol=1e-6)
     client.delete("tiny-bert:1")
 
 

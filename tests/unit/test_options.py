@@ -129,3 +129,53 @@ def test_parse_text_like_format_params(name: str, values: list[str], expected: A
 def test_parse_text_errors(name: str, values: list[str], message: str) -> None:
     with pytest.raises(OptionError, match=re.escape(message)):
         parse_text(name, values)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"temperature": "NaN"}, "option 'temperature' must be a finite number, not nan"),
+        ({"repeat_penalty": "nan"}, "option 'repeat_penalty' must be a finite number"),
+        ({"presence_penalty": float("inf")}, "must be a finite number, not inf"),
+        ({"frequency_penalty": "-Infinity"}, "must be a finite number, not -inf"),
+        ({"top_p": 1e39}, "must be a finite number, not 1e+39"),  # beyond float32
+        ({"temperature": 10**400}, "option 'temperature' must be a number"),  # beyond float
+        ({"repeat_penalty": 0}, "option 'repeat_penalty' must be greater than 0"),
+        ({"num_thread": 1e30}, "option 'num_thread' must be between 0 and"),
+        ({"num_thread": -1}, "option 'num_thread' must be between 0 and"),
+        ({"seed": 2**63}, "option 'seed' must be between -1 and 2147483647"),
+        ({"seed": -2}, "option 'seed' must be between -1 and 2147483647"),
+        ({"num_predict": -3}, "option 'num_predict' must be between -2 and 2147483647"),
+        ({"num_ctx": 2**31}, "option 'num_ctx' must be between 0 and 2147483647"),
+        ({"top_k": -(2**31) - 1}, "option 'top_k' must be between -2147483648 and"),
+        ({"top_k": "x" * 10_000}, "option 'top_k' must be an integer, not 'xxxxx"),
+    ],
+)
+def test_merged_refuses_values_no_runner_can_take(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(OptionError, match=re.escape(message)) as e:
+        Options().merged(values)
+    assert len(str(e.value)) < 200  # a request's megabytes are never quoted back whole
+
+
+def test_num_thread_bound_is_within_the_machine_and_ggml() -> None:
+    import os
+
+    from herd.options import MAX_THREADS
+
+    assert 64 <= MAX_THREADS <= 512 and MAX_THREADS >= min(512, 4 * (os.cpu_count() or 1))
+    assert Options().merged({"num_thread": MAX_THREADS}).num_thread == MAX_THREADS
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("num_thread", "100000", "option 'num_thread' must be between 0 and"),
+        ("num_ctx", "9" * 30, "invalid int value"),
+        ("seed", "-7", "option 'seed' must be between -1"),
+        ("repeat_penalty", "0", "option 'repeat_penalty' must be greater than 0"),
+        ("temperature", "1e39", "option 'temperature' must be a finite number"),
+    ],
+)
+def test_parse_text_refuses_values_out_of_range(name: str, text: str, message: str) -> None:
+    with pytest.raises(OptionError, match=re.escape(message)):
+        parse_text(name, [text])

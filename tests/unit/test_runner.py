@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_grammar import JsonTokenizer
 
-from herd.errors import CapabilityError, ContextLengthError, HerdError, UnsupportedModelError
+from herd.errors import CapabilityError, ContextLengthError, HerdError
 from herd.gguf import open_gguf
 from herd.ml import open_backend
 from herd.models import load_model
@@ -321,7 +321,7 @@ class FakeLoaded:
                  defaults: Options | None = None, is_embedding: bool = False) -> None:  # fmt: skip
         self.name, self.template, self.defaults = "m", template, defaults or Options()
         self.source = Source("m", Path("m.gguf"), system=system)
-        self.is_embedding, self.context_length = is_embedding, 512
+        self.is_embedding, self.context_length, self.n_vocab = is_embedding, 512, 1 << 21
         self.tokenizer = JsonTokenizer()  # for grammars
         self.calls: list[tuple[str, bool, bool]] = []
 
@@ -400,5 +400,5 @@ def test_embedding_inputs_are_cut_keeping_the_last_token():
     assert len(inputs[1]) == 512 and inputs[1][-1] == ord("!")
     with pytest.raises(ContextLengthError, match="exceeds the context length"):
         prepare_embed(loaded, [long], truncate=False)
-    with pytest.raises(UnsupportedModelError, match='"m" does not support embeddings'):
+    with pytest.raises(CapabilityError, match='"m" does not support embeddings'):
         prepare_embed(FakeLoaded(), ["ab"], truncate=True)

@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 import pytest
 
+from herd.errors import NonFiniteError
 from herd.options import Options
 from herd.sample import Sampler, logprobs
 from herd.sample import transforms as t
@@ -195,9 +196,9 @@ def test_draws_follow_softmax(kw: dict, keep: int | None) -> None:
 
 def test_nan_logits_raise() -> None:
     logits = row(1.0, float("nan"), 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(NonFiniteError, match="non-finite"):
         Sampler(temperature=0).sample(logits, [])
-    with pytest.raises(ValueError):
+    with pytest.raises(NonFiniteError, match="non-finite"):
         Sampler(seed=1, top_k=0).sample(logits, [])
 
 

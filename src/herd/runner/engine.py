@@ -13,34 +13,38 @@ events they stream are in `herd.runner.sequence`.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from typing import Any
 
 import numpy as np
 
-from herd.errors import CapabilityError, HerdError
+from herd.errors import CapabilityError, HerdError, NonFiniteError, RunnerError
 from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, GraphReuse, Tensor
 from herd.models import Batch, BatchImage, Model, Pixels, Vision, batch_inputs
 from herd.options import Options
+from herd.runner.faults import check_tokens, request_error
 from herd.runner.images import (
     Image,
     ImageCache,
     batch_images,
     fits,
+    place_images,
     span_start,
-    split_key,
+    token_ids,
     whole_spans,
 )
 from herd.runner.recorder import InputRecorder, ReusableContext
-from herd.runner.sequence import REPEAT_LIMIT, Event, Sequence, Slot, context_size
+from herd.runner.sequence import Event, Sequence, Slot, context_size, truncate
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
-from herd.sample.logprobs import logprobs
+from herd.sample.logprobs import api_logprob
 from herd.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger("herd.runner")
 
 
 class Runner:
@@ -79,21 +83,18 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # the batch thread's health, for the runner process's watchdog (herd.runner.faults)
+        self.failure: BaseException | None = None  # what ended the batch thread
+        self.step_started: float | None = None  # monotonic time the running compute began
         # graph reuse, for backends whose contexts can rerun a built graph
         with backend.new_context() as probe:
             self._reuse = reuse_graphs and isinstance(probe, GraphReuse)
         self._graphs: dict[str, tuple[object, ReusableContext]] = {}  # kind -> (key, context)
         self.vision, self.encoder_backend = vision, encoder_backend or backend
         self.images = ImageCache(self._encode) if vision is not None else None
+        self.image_token = None if vision is None else vision.image_token
 
     # ---- sequences ----------------------------------------------------------------------
-    def _truncate(self, tokens: list[int], keep: int) -> list[int]:
-        """Ollama's prompt truncation: first `keep` tokens + the most recent ones."""
-        if len(tokens) < self.num_ctx:
-            return tokens
-        keep = min(max(keep, 0), self.num_ctx - 1)
-        return tokens[:keep] + tokens[len(tokens) - (self.num_ctx - 1 - keep) :]
-
     def _claim_slot(self, tokens: list[int]) -> tuple[Slot, int]:
         """The free slot sharing the longest prefix with tokens; stale entries removed."""
         free = [s for s in self.slots if not s.busy]
@@ -127,7 +128,7 @@ class Runner:
         if not tokens:
             raise HerdError("empty prompt")
         items, encoded = self._place_images(tokens, images)
-        tokens = self._truncate(items, options.num_keep)
+        tokens = truncate(items, options.num_keep, self.num_ctx)
         if encoded:  # truncation may have cut into an image: it goes whole or not at all
             tokens = whole_spans(tokens, {k: rows for k, (_, rows) in encoded.items()})
         slot, reused = self._claim_slot(tokens)
@@ -141,7 +142,7 @@ class Runner:
             sampler,
             StreamDecoder(self.tokenizer),
             StopMatcher(list(options.stop)),
-            self._token_ids(tokens),
+            token_ids(self.image_token, tokens),
             queue.SimpleQueue(),
             cancelled or threading.Event(),
             evaluated=len(tokens) - reused,
@@ -153,17 +154,11 @@ class Runner:
     def _place_images(
         self, tokens: list[int], images: Seq[tuple[int, Image]]
     ) -> tuple[list[int], dict[int, tuple[np.ndarray, int]]]:
-        """The prompt with each image's placeholders (at its start index) replaced by the
-        image's keys, and the images' encoder outputs (kept or computed now) by serial."""
-        items, encoded = list(tokens), {}
-        if images and self.images is None:
-            raise CapabilityError("this model does not take images")
-        for start, image in images:
-            assert self.images is not None
-            keys = self.images.keys(image)
-            items[start : start + image.tokens] = keys
-            encoded[split_key(keys[0])[0]] = (self.images.embedding(image), image.tokens)
-        return items, encoded
+        """The prompt's ids checked against the vocabulary before any backend sees them
+        (ggml's row lookup aborts the process on one out of range), then `place_images`."""
+        spans = [range(start, start + image.tokens) for start, image in images]
+        check_tokens(tokens, self.model.n_vocab, skip=spans)
+        return place_images(self.images, tokens, images)
 
     def _encode(self, pixels: Pixels) -> np.ndarray:
         """The vision encoder's output for one image, in a pass of its own."""
@@ -171,13 +166,6 @@ class Runner:
         with self.encoder_backend.new_context() as ctx:
             (out,) = ctx.compute(self.vision.encode(ctx, pixels))
         return out
-
-    def _token_ids(self, items: list[int]) -> list[int]:
-        """Token ids of prompt items: image keys become the placeholder token."""
-        if self.vision is None:
-            return list(items)
-        image_token = self.vision.image_token
-        return [k if k >= 0 else image_token for k in items]
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if not seq.stops.stopped and reason != "":  # release text held back
@@ -201,6 +189,32 @@ class Runner:
         seq.done = True
         seq.slot.busy = False
 
+    def _fail(self, seq: Sequence, error: HerdError) -> None:
+        """End one sequence with an error; its slot is freed and its cells forgotten (what
+        a failed pass wrote there is not to be reused as a prefix)."""
+        if seq.done:
+            return
+        seq.done = True
+        seq.events.put(Event(done=True, done_reason="error", error=error))
+        slot = seq.slot
+        slot.busy = False
+        try:
+            self.cache.remove(slot.id, 0, None)
+        finally:
+            slot.cached = []
+
+    def _fail_all(self, error: HerdError) -> None:
+        """The batch thread is ending: every sequence it holds or was handed fails."""
+        with self.lock:
+            while not self.incoming.empty():
+                self.active.append(self.incoming.get())
+            for seq in self.active:
+                try:
+                    self._fail(seq, error)
+                except Exception:  # the cache is as broken as the rest: the error is out
+                    log.exception("freeing sequence %d", seq.slot.id)
+            self.active = []
+
     # ---- the batch loop -----------------------------------------------------------------
     def step(self) -> bool:
         """Run one batch over the active sequences; False when there was nothing to do."""
@@ -218,6 +232,7 @@ class Runner:
             seqs: list[int] = []
             outputs: list[int] = []
             owners: list[Sequence] = []
+            members: list[Sequence] = []  # every sequence with tokens in the batch
             images: list[BatchImage] = []
             for seq in self.active:
                 room = self.num_batch - len(tokens)
@@ -237,6 +252,7 @@ class Runner:
                 if seq.images:
                     images += batch_images(take, len(tokens), seq.images)
                 start = len(slot.cached)
+                members.append(seq)
                 tokens += take
                 positions += range(start, start + len(take))
                 seqs += [slot.id] * len(take)
@@ -257,31 +273,30 @@ class Runner:
                     np.array(outputs, np.int32),
                     images,
                 )
-                logits = self._compute(batch)
+                self.step_started = time.monotonic()
+                try:
+                    logits = self._compute(batch)
+                except Exception as e:  # the pass failed: its sequences end, the others go on
+                    self._drop_graphs()  # a graph that failed midway is not rerun
+                    error = request_error(e)
+                    for seq in members:
+                        self._fail(seq, error)
+                    logits, owners = np.zeros((0, 0), np.float32), []
+                finally:
+                    self.step_started = None
                 for seq, row in zip(owners, logits, strict=True):
-                    self._advance(seq, row)
+                    try:
+                        self._advance(seq, row)
+                    except Exception as e:  # this request's sampler, grammar or text
+                        self._fail(seq, request_error(e))
             # rotate so a long prompt cannot starve the others
             self.active = self.active[1:] + self.active[:1]
             return True
 
     def _compute(self, batch: Batch) -> np.ndarray:
-        """Logits for the batch's outputs, reusing a kept graph when it fits.
-
-        Graph backends (ggml) can run a built graph again with new input values. A batch
-        differs from the last one of its kind (decode step or prompt) only in its inputs
-        (tokens, positions, cache cells, mask) as long as their shapes and the attended
-        cache range stay the same: for decode steps, the cache's padding keeps that true
-        for many steps in a row; for prompts, when one of the same length comes at the same
-        place (llama.cpp reuses its graphs alike). The inputs are recorded by running only
-        the input-making part of a forward pass (`cache.start_forward` and `batch_inputs`,
-        which the runner makes before `model.forward`, see `_forward`); when they match the
-        kept graph, it is rerun and `model.forward` is skipped. Its logits are then a
-        read-only view of the graph's output: read them before the next step.
-
-        One graph is kept per kind, the last decode graph (in a compute buffer of its own)
-        and the last prompt graph (in the backend's shared one), and a kind's old graph is
-        freed before its new one is built: memory peaks as without reuse.
-        """
+        """Logits for the batch's outputs, reusing a kept graph when it fits (how and when:
+        `herd.runner.recorder`). Rerun, they are a read-only view of the graph's output:
+        read them before the next step."""
         if not self._reuse:
             with self.backend.new_context() as ctx:
                 (logits,) = ctx.compute(self._forward(ctx, batch))
@@ -315,6 +330,11 @@ class Runner:
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
         if not seq.t_first:
             seq.t_first = time.perf_counter_ns()
+        if not np.isfinite(logits.max()):  # NaN and +inf propagate to the max
+            raise NonFiniteError(
+                "the model produced non-finite values (NaN or infinity) in its output; "
+                "its weights may be corrupt"
+            )
         token = seq.sampler.sample(logits, seq.history)
         grammar = seq.sampler.grammar
         if grammar is not None:
@@ -327,13 +347,15 @@ class Runner:
             self._finish(seq, "stop")
             return
         piece = seq.decoder.add(token)
-        if self._stuck(seq, piece):
+        if seq.stuck(piece):
             self._finish(seq, "stop")
             return
         seq.generated.append(token)
         seq.history.append(token)
         text, stopped = seq.stops.feed(piece)
-        lp = (self._logprob(logits, token, seq.logprobs),) if seq.logprobs >= 0 else ()
+        lp = (
+            (api_logprob(self.tokenizer, logits, token, seq.logprobs),) if seq.logprobs >= 0 else ()
+        )
         if text or lp:
             seq.events.put(Event(text=text, logprobs=lp))
         if stopped or (grammar is not None and grammar.done):  # a closed JSON value ends it
@@ -342,34 +364,6 @@ class Runner:
             self._finish(seq, "length")
         else:
             seq.pending = [token]
-
-    @staticmethod
-    def _stuck(seq: Sequence, piece: str) -> bool:
-        """Ollama's guard against a model stuck on one token: the answer ends, without this
-        token, when the same text, spaces stripped, comes more than REPEAT_LIMIT times in a
-        row after itself."""
-        piece = piece.strip()
-        if piece == seq.last_piece:
-            seq.repeats += 1
-        else:
-            seq.last_piece, seq.repeats = piece, 0
-        return seq.repeats > REPEAT_LIMIT
-
-    def _logprob(self, logits: np.ndarray, token: int, top_n: int) -> dict[str, Any]:
-        """Ollama's api.Logprob of `token`, over the raw logits row."""
-
-        def entry(id: int, value: float) -> dict[str, Any]:
-            raw = self.tokenizer.piece(id, special=True)
-            out: dict[str, Any] = {"token": raw.decode("utf-8", errors="replace"), "logprob": value}
-            if raw:
-                out["bytes"] = list(raw)
-            return out
-
-        value, top = logprobs(logits, token, top_n)
-        out = entry(token, value)
-        if top:
-            out["top_logprobs"] = [entry(i, v) for i, v in top]
-        return out
 
     def _shift(self, slot: Slot, keep: int) -> None:
         """Context full: drop half of what follows the first `keep` tokens (re-roping keys)."""
@@ -402,6 +396,8 @@ class Runner:
         an earlier request brought the same one. Closing the iterator (a client that
         went away) cancels the sequence.
         """
+        if self.failure is not None:  # the batch thread died: nothing would serve it
+            raise RunnerError(f"the model's engine stopped: {self.failure!r}")
         with self.lock:
             seq = self._new_sequence(
                 tokens, options, cancelled, shift, logprobs, grammar, images=images
@@ -413,7 +409,14 @@ class Runner:
                 if self._thread is None:
                     while seq.events.empty():
                         self.step()
-                event = seq.events.get()
+                try:
+                    event = seq.events.get(timeout=1.0)
+                except queue.Empty:  # the batch thread fails what it holds when it dies
+                    if self.failure is not None and seq.events.empty():
+                        raise RunnerError(f"the model's engine stopped: {self.failure!r}") from None
+                    continue
+                if event.error is not None:
+                    raise event.error
                 yield event
                 if event.done:
                     return
@@ -429,10 +432,15 @@ class Runner:
             return
 
         def loop() -> None:
-            while not self._stop.is_set():
-                if not self.step():
-                    self._wake.wait(0.05)
-                    self._wake.clear()
+            try:
+                while not self._stop.is_set():
+                    if not self.step():
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+            except BaseException as e:  # a bug outside any one request: no more steps
+                self.failure = e
+                log.error("the runner's batch thread died", exc_info=e)
+                self._fail_all(RunnerError(f"the model's engine stopped: {e!r}"))
 
         self._thread = threading.Thread(target=loop, name="herd-runner", daemon=True)
         self._thread.start()
@@ -460,7 +468,7 @@ class Runner:
             while i < len(items):
                 end = i + fits(items[i:], self.num_batch, True, encoded)
                 chunk = items[i:end]
-                batch = Batch.single(self._token_ids(chunk), i, slot.id, "all")
+                batch = Batch.single(token_ids(self.image_token, chunk), i, slot.id, "all")
                 batch.images = batch_images(chunk, 0, encoded)
                 with self.backend.new_context() as ctx:
                     (out,) = ctx.compute(self._forward(ctx, batch))
@@ -476,9 +484,12 @@ class Runner:
     def release_graphs(self) -> None:
         """Free the kept graphs and their compute buffers (before the backend closes)."""
         with self.lock:
-            for _, ctx in self._graphs.values():
-                ctx.close()
-            self._graphs.clear()
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        graphs, self._graphs = list(self._graphs.values()), {}
+        for _, ctx in graphs:
+            ctx.close()
 
     def reset(self) -> None:
         """Forget every cached prefix."""

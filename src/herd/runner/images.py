@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import numpy as np
 
+from herd.errors import CapabilityError
 from herd.models import BatchImage, Pixels
 
 ROWS = 1 << 16  # rows (placeholders) one image may have in a key
@@ -159,3 +160,27 @@ def batch_images(
                 embedding, rows = encoded[serial]
                 out.append(BatchImage(offset + i, rows, embedding))
     return out
+
+
+def place_images(
+    cache: ImageCache | None, tokens: list[int], images: Sequence[tuple[int, Image]]
+) -> tuple[list[int], dict[int, tuple[np.ndarray, int]]]:
+    """The prompt with each image's placeholders (at its start index) replaced by the
+    image's keys, and the images' encoder outputs (kept or computed now) by serial."""
+    items, encoded = list(tokens), {}
+    if images and cache is None:
+        raise CapabilityError("this model does not take images")
+    for start, image in images:
+        assert cache is not None
+        keys = cache.keys(image)
+        items[start : start + image.tokens] = keys
+        encoded[split_key(keys[0])[0]] = (cache.embedding(image), image.tokens)
+    return items, encoded
+
+
+def token_ids(image_token: int | None, items: list[int]) -> list[int]:
+    """Token ids of prompt items: image keys become the placeholder token (`image_token`;
+    None for a model without images)."""
+    if image_token is None:
+        return list(items)
+    return [k if k >= 0 else image_token for k in items]

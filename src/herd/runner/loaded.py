@@ -109,6 +109,11 @@ class Loaded:
         return model if isinstance(model, Vision) and model.vision is not None else None
 
     @property
+    def n_vocab(self) -> int:
+        """Token ids the model takes: 0 to n_vocab - 1."""
+        return self.model.n_vocab
+
+    @property
     def context_length(self) -> int:
         """The model's trained context (tokens)."""
         return self.model.context_length

@@ -16,7 +16,8 @@ the engine's events -> Ollama's answer. The library (`herd.api`) and the runner 
                                   message that brought them (or where its text has
                                   `[img]`), become the model's image text and placeholders;
                                   a model without vision: "does not support vision"
-    tokens                        `context` (an earlier answer's) + the prompt, which gets
+    tokens                        `context` (an earlier answer's; ids outside the
+                                  vocabulary: InvalidTokenError) + the prompt, which gets
                                   BOS/EOS only when it starts the sequence; special tokens
                                   in the text are parsed (a raw prompt is fully templated)
     context length                one check: over it, ContextLengthError with
@@ -36,11 +37,11 @@ from herd.errors import (
     CapabilityError,
     ContextLengthError,
     ImageError,
-    UnsupportedModelError,
 )
 from herd.models import Vision
 from herd.models.imageproc import decode, digest
 from herd.options import Options
+from herd.runner.faults import check_tokens
 from herd.runner.images import Image
 from herd.runner.loaded import Loaded
 from herd.runner.sequence import Event, context_size
@@ -106,8 +107,18 @@ def prepare(loaded: Loaded, request: Request) -> Prepared:
         raise CapabilityError(f'"{loaded.name}" does not support vision')
     request, images = _tag_images(request, sent, loaded.vision.max_images if sent else 0)
     text = _render(loaded, request, template, think)
+    # before tokenizing (hundreds of bytes a character): a template's output far past any
+    # context (a request's `printf "%9999999d"`) must not cost gigabytes (the HTTP fuzz run)
+    limit = max(256 * 1024, 32 * context_size(options, loaded.context_length))
+    if len(text) > limit:
+        raise ContextLengthError(
+            f"the prompt is {len(text)} characters, far more than the context can hold "
+            f"(limit {limit})"
+        )
     parser = _parser(loaded.name, template, request.tools, think, text)
     context = list(request.context)
+    if context:  # an earlier answer's, or forged
+        check_tokens(context, loaded.n_vocab, "context")
     tokens, placed = _tokenize(loaded, text, images, add_special=not context)
     placed = [(len(context) + start, image) for start, image in placed]
     tokens = context + tokens
@@ -275,7 +286,7 @@ def prepare_embed(
     """The token lists of `texts`, each cut to the context keeping its last token (the
     [SEP] an encoder pools or ends on), and how many tokens they had before cutting."""
     if not loaded.is_embedding:
-        raise UnsupportedModelError(f'"{loaded.name}" does not support embeddings')
+        raise CapabilityError(f'"{loaded.name}" does not support embeddings')
     n_ctx, inputs, count = loaded.context_length, [], 0
     for text in texts:
         ids = loaded.tokenize(text)

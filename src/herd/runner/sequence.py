@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from herd.errors import HerdError
 from herd.options import Options
 from herd.runner.stop import StopMatcher
 from herd.sample import Sampler
@@ -32,6 +33,8 @@ class Event:
     eval_duration: int = 0  # ns
     # per generated token, Ollama's api.Logprob: {token, logprob, bytes, top_logprobs}
     logprobs: tuple[dict[str, Any], ...] = ()
+    # the request failed (done is set too): `generate` raises it to the request's reader
+    error: HerdError | None = None
 
 
 @dataclass
@@ -66,6 +69,17 @@ class Sequence:
     # the prompt's images by the serial in their keys: encoded output and placeholder rows
     images: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
 
+    def stuck(self, piece: str) -> bool:
+        """Ollama's guard against a model stuck on one token: the answer ends, without this
+        token, when the same text, spaces stripped, comes more than REPEAT_LIMIT times in a
+        row after itself."""
+        piece = piece.strip()
+        if piece == self.last_piece:
+            self.repeats += 1
+        else:
+            self.last_piece, self.repeats = piece, 0
+        return self.repeats > REPEAT_LIMIT
+
 
 REPEAT_LIMIT = 30  # Ollama's: the 31st repeat of one token's text ends the answer
 
@@ -74,3 +88,11 @@ def context_size(options: Options, context_length: int) -> int:
     """The context (tokens) of each sequence: `num_ctx`, at most what the model was
     trained for."""
     return max(8, min(options.num_ctx, context_length))
+
+
+def truncate(tokens: list[int], keep: int, num_ctx: int) -> list[int]:
+    """Ollama's prompt truncation: first `keep` tokens + the most recent ones."""
+    if len(tokens) < num_ctx:
+        return tokens
+    keep = min(max(keep, 0), num_ctx - 1)
+    return tokens[:keep] + tokens[len(tokens) - (num_ctx - 1 - keep) :]

@@ -18,6 +18,7 @@ server; every reply carries the id it answers.
     {"op": "embed", "id", "input", "truncate"}            {"id", "embeddings",
                                                             "prompt_eval_count"}
     {"op": "cancel", "id"}                                (the completion ends early)
+                                                          {"op": "alive"} every second
     end of stdin                                          the process exits
 
 An error answers `{"id", "error", "type"}` (`type` is the HerdError class name; the server
@@ -27,7 +28,12 @@ path of the model's projector file (llama.cpp's mmproj layout), or null. Images 
 base64, as Ollama's API sends them: generate's in `images`, a chat message's in its
 `images`. The pipe ties the child's life to the server's: when the server dies, stdin
 closes and the runner exits; when the runner dies, stdout closes and the server fails the
-requests in flight.
+requests in flight. A watchdog (`herd.runner.faults.Watchdog`) sends the `alive` heartbeat
+while the engine can serve and ends the process when it cannot (its batch thread died, or
+one step is stuck); the server kills a runner it has not heard from for
+`herd.server.runner_process.SILENCE_S` while requests wait on it. No request can end the
+process: a request's error (a token id out of the vocabulary, non-finite logits, a bug)
+is that request's error reply.
 
 A completion goes through the request pipeline (`herd.runner.pipeline`, as the library's
 do) and then to an `Engine`: `submit(tokens, options, cancelled)` yields the runner's
@@ -50,15 +56,16 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from herd import envconfig
-from herd.errors import HerdError, ImageError
+from herd.errors import BadRequestError, HerdError, ImageError, RunnerError
 from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner.engine import Runner
+from herd.runner.faults import Watchdog, request_error
 from herd.runner.images import Image
 from herd.runner.loaded import Loaded, Source
 from herd.runner.pipeline import Prepared, Request, finish, prepare, prepare_embed
@@ -123,6 +130,8 @@ class BatchEngine:
         while not self.free.acquire(timeout=0.05):
             if cancelled.is_set():
                 return
+            if self.runner.failure is not None:  # no slot will ever be freed
+                raise RunnerError(f"the model's engine stopped: {self.runner.failure!r}")
         try:
             # ends with the done Event, which the runner sends (also for a cancelled
             # sequence) once the slot is free again
@@ -156,7 +165,7 @@ def request_of(req: dict[str, Any]) -> Request:
         images=[_bytes(i) for i in req.get("images") or []],
         system=req.get("system"),
         raw=bool(req.get("raw")),
-        context=[int(t) for t in req.get("context") or []],
+        context=_ids(req.get("context")),
         template=req.get("template"),
         tools=req.get("tools"),
         think=req.get("think"),
@@ -165,6 +174,18 @@ def request_of(req: dict[str, Any]) -> Request:
         truncate=bool(req.get("truncate", True)),
         want_context=bool(req.get("want_context")),
     )
+
+
+def _ids(value: Any) -> list[int]:
+    """A request's token ids (`context`): a list of integers (the vocabulary is checked in
+    the pipeline)."""
+    if not value:
+        return []
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise BadRequestError("context must be a list of integer token ids")
+    return value
 
 
 def _bytes(image: str) -> bytes:
@@ -196,13 +217,14 @@ def _piece(rid: int, prepared: Prepared, event: Event) -> dict[str, Any]:
 
 # ---- the process ----------------------------------------------------------------------------
 class Child:
-    def __init__(self, out: IO[str]) -> None:
-        self.out = out
+    def __init__(self, out: IO[str], exit: Callable[[int], None] = os._exit) -> None:
+        self.out, self.exit = out, exit  # exit: how the watchdog ends the process
         self.write_lock = threading.Lock()
         self.cancels: dict[int, threading.Event] = {}
         self.loaded: Loaded | None = None
         self.engine: Engine | None = None  # None for embedding models: they cannot generate
         self.embed_lock = threading.Lock()
+        self.watchdog: Watchdog | None = None
 
     def send(self, msg: dict[str, Any]) -> None:
         line = json.dumps(msg, ensure_ascii=False, separators=(",", ":")) + "\n"
@@ -241,6 +263,8 @@ class Child:
             parallel = max(1, int(spec.get("parallel") or 1))
             self.engine = BatchEngine(loaded.new_runner(loaded.defaults, parallel), parallel)
             num_ctx = self.engine.num_ctx
+        runner = self.engine.runner if isinstance(self.engine, BatchEngine) else None
+        self.watchdog = Watchdog(runner, self.send, self.exit)
         self.send(
             {
                 "op": "ready",
@@ -251,6 +275,7 @@ class Child:
                 **loaded.processor,
             }
         )
+        self.watchdog.start()  # heartbeats after the ready line
 
     def completion(self, req: dict[str, Any], cancelled: threading.Event) -> None:
         assert self.loaded is not None
@@ -295,11 +320,12 @@ class Child:
                 self.completion(req, cancelled)
             else:
                 self.embed(req)
-        except HerdError as e:
-            self.send({"id": req["id"], "error": str(e), "type": type(e).__name__})
-        except Exception as e:  # a bug: report it to the request, keep serving the others
-            log.exception("request %s failed", req.get("id"))
-            self.send({"id": req["id"], "error": f"runner error: {e}", "type": "RuntimeError"})
+        except Exception as e:  # this request's error; the others go on
+            error = request_error(e)  # a bug (not a HerdError) is logged, a RunnerError
+            # the nearest herd.errors class: the server rebuilds only those (GoTemplateError
+            # travels as TemplateError, a 400, not as an unknown name's 500)
+            kind = next(c for c in type(error).__mro__ if c.__module__ == "herd.errors")
+            self.send({"id": req["id"], "error": str(error), "type": kind.__name__})
         finally:
             self.cancels.pop(req["id"], None)
 
@@ -307,8 +333,14 @@ class Child:
         for line in lines:
             if not line.strip():
                 continue
-            req = json.loads(line)
-            op = req.get("op")
+            try:
+                req = json.loads(line)
+                op = req.get("op")
+                if op in ("completion", "embed", "cancel") and not isinstance(req.get("id"), int):
+                    raise ValueError("a request without an integer id")
+            except (ValueError, AttributeError) as e:  # the server's bug: this line only
+                log.error("ignoring a malformed request line (%s): %.200s", e, line)
+                continue
             if op == "cancel":
                 event = self.cancels.get(req.get("id"))
                 if event is not None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
+from herd.errors import OptionError
 from herd.sample import transforms as t
 
 
@@ -55,6 +57,18 @@ class Sampler:
         rng: np.random.Generator | None = None,
         grammar: Constraint | None = None,
     ) -> None:
+        # NaN passes every clamp below and ends in a draw from NaN probabilities: refused
+        # here too, for callers that build options without the server's checks
+        for name, value in (
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("min_p", min_p),
+            ("repeat_penalty", repeat_penalty),
+            ("presence_penalty", presence_penalty),
+            ("frequency_penalty", frequency_penalty),
+        ):
+            if not math.isfinite(float(value)):
+                raise OptionError(f"option {name!r} must be a finite number, not {value!r}")
         self.temperature = max(float(temperature), 0.0)
         self.top_k = int(top_k)
         self.top_p = min(max(float(top_p), 0.0), 1.0)
@@ -64,7 +78,8 @@ class Sampler:
         self.presence_penalty = float(presence_penalty)
         self.frequency_penalty = float(frequency_penalty)
         if rng is None:
-            rng = np.random.default_rng(None if seed == -1 else seed)
+            # a negative seed other than -1 wraps (NumPy takes no negative seeds)
+            rng = np.random.default_rng(None if seed == -1 else seed % 2**64)
         self.rng = rng
         self.grammar = grammar
         self._scratch: t.Logits | None = None  # penalized logits, reused across tokens

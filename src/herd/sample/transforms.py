@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from herd.errors import NonFiniteError
+
 Logits = npt.NDArray[np.float32]
 Ids = npt.NDArray[np.intp]
 Probs = npt.NDArray[np.float64]
@@ -54,7 +56,7 @@ def greedy(logits: Logits) -> int:
     """The highest logit's id; NaN logits are an error (a broken model must not emit tokens)."""
     token = int(np.argmax(logits))
     if np.isnan(logits[token]):
-        raise ValueError("sampler: logits contain NaN")
+        raise NonFiniteError("the model produced non-finite values (NaN logits)")
     return token
 
 
@@ -121,6 +123,9 @@ def draw(probs: Probs, rng: np.random.Generator) -> int:
     cum = np.cumsum(probs)
     total = float(cum[-1]) if len(cum) else float("nan")
     if not np.isfinite(total) or total <= 0.0:
-        raise ValueError("sampler: no probability mass to draw from (NaN or -inf logits)")
+        raise NonFiniteError(
+            "the model produced non-finite values: no probability to draw from (NaN or "
+            "infinite logits)"
+        )
     r = rng.random() * total
     return min(int(np.searchsorted(cum, r, side="right")), len(cum) - 1)

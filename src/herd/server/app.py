@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herd import envconfig
 from herd.errors import UnauthorizedError
+from herd.server.errors import openai_type
 from herd.server.http import JSON, error_response
 from herd.server.metrics import Metrics
 from herd.server.ollama_api import OllamaAPI
@@ -92,6 +93,7 @@ class APIKey:
 
     def __init__(self, app: ASGIApp, key: str) -> None:
         self.app, self.key = app, key
+        self.expected = key.encode("utf-8")  # compared as bytes: any header is comparable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -101,10 +103,11 @@ class APIKey:
             or scope["method"] == "OPTIONS"
         ):
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.key):
+        # raw header bytes, compared in constant time: a non-ASCII or malformed header is a
+        # wrong key (401), never an error (compare_digest refuses non-ASCII str)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
             return await self.app(scope, receive, send)
         response = error_response(
             UnauthorizedError("unauthorized"), openai=scope["path"].startswith("/v1/")
@@ -177,7 +180,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        return JSON({"error": getattr(exc, "detail", "not found")}, status_code=status)
+        message = str(getattr(exc, "detail", "") or "not found")
+        if request.url.path.startswith("/v1/"):  # OpenAI's error shape on its routes
+            error = {"message": message, "type": openai_type(status), "param": None, "code": None}
+            return JSON({"error": error}, status_code=status)
+        return JSON({"error": message}, status_code=status)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

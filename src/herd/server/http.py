@@ -8,12 +8,13 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from herd import envconfig
@@ -45,20 +46,113 @@ def dumps(value: Any) -> str:
 
 class JSON(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return dumps(content).encode()
+        # "replace": a lone surrogate that reached an answer (a path, a header) is no reason
+        # to fail the answer
+        return dumps(content).encode("utf-8", "replace")
+
+
+# Limits on a request body, stated once: what a real request needs is far below them
+MAX_BODY = 32 * 2**20  # bytes of JSON (base64 images included); uploads use /api/blobs
+MAX_DEPTH = 64  # nested arrays and objects; Python's own parser fails near 1,000
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a maybe-lone surrogate, in JSON text
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The whole body, refused past `limit` bytes before it is all read; ClientGone when the
+    client leaves half-way."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadRequestError(f"request body too large (limit {limit} bytes)")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequestError(f"request body too large (limit {limit} bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return b"".join(chunks)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN or Infinity (literal or beyond float range), nested at most
+    MAX_DEPTH deep, no lone surrogate in any string. BadRequestError otherwise."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequestError(f"invalid JSON: body is not UTF-8 (byte {e.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadRequestError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:
+        raise BadRequestError(f"invalid JSON: {str(e)[:200]}") from None
+    if _too_deep(value, MAX_DEPTH):
+        raise BadRequestError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):  # pairs are fine; a lone one is no Unicode text
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequestError("invalid JSON: a string holds a lone surrogate") from None
+    return value
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (iterative: no recursion)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request's JSON object; BadRequestError as Ollama words it otherwise."""
-    body = await request.body()
+    """The request's JSON object (see parse_json); BadRequestError as Ollama words it
+    otherwise."""
+    body = await read_body(request)
     if not body.strip():
         raise BadRequestError("missing request body")
-    try:
-        value = json.loads(body)
-    except ValueError as e:
-        raise BadRequestError(f"invalid JSON: {e}") from None
+    value = parse_json(body)
     if not isinstance(value, dict):
         raise BadRequestError("request body must be a JSON object")
+    return value
+
+
+def flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    """A JSON boolean field (absent or null: `default`); 400 for anything else."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequestError(f"field '{name}' must be true or false")
+    return value
+
+
+def int_field(
+    body: dict[str, Any], name: str, low: int, high: int, default: int | None = None
+) -> int | None:
+    """A JSON integer field within [low, high] (absent or null: `default`); 400 else."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequestError(f"field '{name}' must be an integer between {low} and {high}")
     return value
 
 
@@ -85,7 +179,10 @@ def keep_alive_of(body: dict[str, Any]) -> float | None:
     if isinstance(value, bool):
         raise BadRequestError("keep_alive must be a number of seconds or a duration")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past any float: no duration at all
+            raise BadRequestError("keep_alive is out of range") from None
     elif isinstance(value, str):
         try:
             seconds = (
@@ -198,6 +295,8 @@ def error_response(e: BaseException, openai: bool = False) -> Response:
     if status >= 500 and not isinstance(e, HerdError):
         log.exception("request failed", exc_info=e)
     message = str(e) or type(e).__name__
+    if len(message) > 4096:  # errors may quote the request; never a whole request back
+        message = message[:4093] + "..."
     if openai:
         return JSON(
             {
@@ -220,7 +319,7 @@ def handles_errors(openai: bool = False) -> Callable[[Handler], Handler]:
         async def run(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ClientGone:
+            except (ClientGone, ClientDisconnect):
                 return Response(status_code=499)
             except Exception as e:
                 return error_response(e, openai)

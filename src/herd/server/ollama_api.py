@@ -3,6 +3,7 @@ reference §7."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -15,12 +16,14 @@ from starlette.routing import Route
 
 import herd
 from herd.errors import BadRequestError, DownloadError, HerdError
-from herd.server import store_api
+from herd.server import store_api, validate
 from herd.server.http import (
     JSON,
     field_of,
     first_item,
+    flag,
     handles_errors,
+    int_field,
     keep_alive_of,
     local_time,
     ndjson,
@@ -72,6 +75,15 @@ def details(ref_config: dict[str, Any], facts: ShowFacts | None = None) -> dict[
 
 def _name(body: dict[str, Any]) -> Any:
     return body.get("model") or body.get("name")
+
+
+def _check_fields(body: dict[str, Any]) -> None:
+    """The generate/chat fields every request may carry, typed (400s otherwise)."""
+    for name in ("stream", "raw", "shift", "truncate", "logprobs"):
+        flag(body, name, False)
+    for name in ("prompt", "suffix", "system", "template"):
+        validate.text(body, name)
+    validate.tools(body.get("tools"))
 
 
 def _check_capabilities(name: str, facts: ShowFacts, body: dict[str, Any]) -> None:
@@ -131,6 +143,7 @@ class OllamaAPI:
     ) -> tuple[str, ModelRef, ShowFacts, Any, float | None]:
         name = _name(body)
         ref = self.service.model(name)
+        _check_fields(body)
         facts = await self.service.facts(ref)
         _check_capabilities(name, facts, body)
         keep_alive = keep_alive_of(body)
@@ -152,8 +165,10 @@ class OllamaAPI:
         prompt = field_of(body, "prompt", str, "")
         system = field_of(body, "system", str)
         template = field_of(body, "template", str)
-        context = field_of(body, "context", list)
-        raw = bool(field_of(body, "raw", bool, False))
+        if template:
+            await asyncio.to_thread(validate.go_template, template)
+        context = validate.context(body.get("context"))
+        raw = flag(body, "raw", False)
         if raw and (template or system or context):
             raise BadRequestError("raw mode does not support template, system, or context")
         if not prompt and not body.get("images"):
@@ -167,11 +182,12 @@ class OllamaAPI:
         if not raw:
             payload.update(system=system, context=context, template=template)
         payload.update(
-            shift=body.get("shift", True) is not False,
-            truncate=body.get("truncate", True) is not False,
+            shift=flag(body, "shift", True),
+            truncate=flag(body, "truncate", True),
             **logprob_fields(body),
             **fields(body, facts, tools=False),
         )
+        validate.text_fits(payload, spec.context_length())
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
@@ -207,12 +223,13 @@ class OllamaAPI:
             )
         payload = {
             # the runner adds SYSTEM and MESSAGEs; images stay base64 for the pipe
-            "messages": [_message(m, i) for i, m in enumerate(messages)],
-            "shift": body.get("shift", True) is not False,
-            "truncate": body.get("truncate", True) is not False,
+            "messages": [validate.ollama_message(m, i) for i, m in enumerate(messages)],
+            "shift": flag(body, "shift", True),
+            "truncate": flag(body, "truncate", True),
             **logprob_fields(body),
             **fields(body, facts),
         }
+        validate.text_fits(payload, spec.context_length())
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +252,7 @@ class OllamaAPI:
         self, request: Request, events: Any, shape: Any, body: dict[str, Any], key: str
     ) -> Response:
         first = await first_item(request, events)
-        if body.get("stream", True) is not False:
+        if flag(body, "stream", True):
             return _ndjson_skip_empty(first, events, shape)
         last, whole, logprobs = await join_answer(request, first, events)
         final = shape(last)
@@ -257,16 +274,19 @@ class OllamaAPI:
         texts = [value] if isinstance(value, str) else value if value is not None else []
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise BadRequestError("input must be a string or a list of strings")
-        dimensions = field_of(body, "dimensions", int)
+        dimensions = int_field(body, "dimensions", 0, 2**31 - 1)
+        truncate = flag(body, "truncate", True)
         keep_alive = keep_alive_of(body)
         spec = await self.service.load_spec(ref, body.get("options"))
         t0 = time.perf_counter_ns()
         if not texts:
             await watch(request, self.service.scheduler.load_only(spec, keep_alive))
             return JSON({"model": _name(body), "embeddings": []})
+        for text in texts:  # each input is tokenized (and truncated) on its own
+            validate.text_fits({"prompt": text}, spec.context_length())
         vectors, count, load_ns = await watch(
             request,
-            self.service.embed(spec, keep_alive, texts, body.get("truncate", True) is not False),
+            self.service.embed(spec, keep_alive, texts, truncate),
         )
         return JSON(
             {
@@ -287,6 +307,7 @@ class OllamaAPI:
         if not prompt:
             await watch(request, self.service.scheduler.load_only(spec, keep_alive))
             return JSON({"embedding": []})
+        validate.text_fits({"prompt": prompt}, spec.context_length())
         vectors, _, _ = await watch(request, self.service.embed(spec, keep_alive, [prompt]))
         return JSON({"embedding": vectors[0] if vectors else []})
 
@@ -310,7 +331,7 @@ class OllamaAPI:
         body = await read_json(request)
         ref = self.service.model(_name(body))
         facts = await self.service.facts(ref)
-        verbose = bool(body.get("verbose"))
+        verbose = flag(body, "verbose", False)
         store = self.service.store
         mtime = store.manifest_path(store.existing(ref.name)).stat().st_mtime
         info = {
@@ -410,26 +431,9 @@ def _ndjson_skip_empty(first: dict[str, Any], events: Any, shape: Any) -> Respon
 def logprob_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The runner's logprobs request (validated by _check_capabilities): token
     log-probabilities, computed over the raw logits, with `top_logprobs` alternatives."""
-    if not body.get("logprobs"):
+    if not flag(body, "logprobs", False):
         return {}
     return {"logprobs": True, "top_logprobs": int(body.get("top_logprobs") or 0)}
-
-
-def _message(m: Any, i: int = 0) -> dict[str, Any]:
-    if not isinstance(m, dict):
-        raise BadRequestError("each message must be an object")
-    role = m.get("role")
-    if not isinstance(role, str) or not role:
-        raise BadRequestError("message role is required")
-    content = m.get("content")
-    if content is not None and not isinstance(content, str):
-        raise BadRequestError("message content must be a string")
-    out = {k: v for k, v in m.items() if k != "images" and v is not None}
-    out.update(role=role.lower(), content=content or "")
-    images = check_images(m.get("images"), f"messages[{i}].images")
-    if images:
-        out["images"] = images
-    return out
 
 
 def normalize(v: list[float], dimensions: int | None) -> list[float]:

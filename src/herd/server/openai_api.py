@@ -3,19 +3,24 @@ as Ollama's `openai` middleware does (reference §7.9)."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from herd.errors import BadRequestError, ModelNotFoundError, NotImplementedYetError
+from herd.errors import BadRequestError, ModelNotFoundError
+from herd.server import validate
 from herd.server.http import (
     JSON,
     first_item,
+    flag,
     handles_errors,
+    int_field,
     read_json,
     sse,
     watch,
@@ -38,24 +43,37 @@ FINISH = {"stop": "stop", "length": "length"}
 
 
 def _options(body: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI sampling fields as Ollama options (temperature and top_p default to 1)."""
+    """OpenAI sampling fields as Ollama options (temperature and top_p default to 1), typed
+    as OpenAI's schema types them: numbers are JSON numbers, never strings like "NaN"."""
     opts: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        opts["num_predict"] = max_tokens
-    for src, dst in (
-        ("seed", "seed"),
-        ("frequency_penalty", "frequency_penalty"),
-        ("presence_penalty", "presence_penalty"),
-    ):
-        if body.get(src) is not None:
-            opts[dst] = body[src]
-    opts["temperature"] = body["temperature"] if body.get("temperature") is not None else 1.0
-    opts["top_p"] = body["top_p"] if body.get("top_p") is not None else 1.0
+    for name in ("max_completion_tokens", "max_tokens"):
+        max_tokens = int_field(body, name, -1, 2**31 - 1)
+        if max_tokens is not None:
+            opts["num_predict"] = max_tokens
+            break
+    seed = int_field(body, "seed", -1, 2**31 - 1)
+    if seed is not None:
+        opts["seed"] = seed
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = validate.number(body, name)
+        if value is not None:
+            opts[name] = value
+    temperature, top_p = validate.number(body, "temperature"), validate.number(body, "top_p")
+    opts["temperature"] = 1.0 if temperature is None else temperature
+    opts["top_p"] = 1.0 if top_p is None else top_p
     stop = body.get("stop")
     if stop is not None:
-        opts["stop"] = [stop] if isinstance(stop, str) else stop
+        opts["stop"] = [stop] if isinstance(stop, str) else validate.strings(stop, "stop")
     return opts
+
+
+def encode(vector: list[float], dims: int, encoding: str | None) -> list[float] | str:
+    """The normalized vector as JSON floats, or for `encoding_format: "base64"` (the OpenAI
+    SDK's default) base64 of its little-endian float32 bytes, as OpenAI and Ollama send it."""
+    vector = normalize(vector, dims)
+    if encoding != "base64":
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
 def _content(content: Any) -> tuple[str, list[str]]:
@@ -69,7 +87,7 @@ def _content(content: Any) -> tuple[str, list[str]]:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            text.append(str(part.get("text") or ""))
+            text.append(validate.text(part, "text", "a text part's text") or "")
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
@@ -92,7 +110,7 @@ def _logprobs(body: dict[str, Any], legacy: bool = False) -> dict[str, Any]:
             return {}
         top = value
     else:
-        if not value:
+        if not flag(body, "logprobs", False):
             return {}
         top = body.get("top_logprobs") or 0
     if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
@@ -126,13 +144,14 @@ class OpenAIAPI:
     async def _completion(self, body: dict[str, Any], payload: dict[str, Any]) -> Any:
         ref = self.service.model(body.get("model"))
         # tools, reasoning effort and response_format as Ollama's tools, think and format
-        asked = {**openai_fields(body), "tools": body.get("tools")}
+        asked = {**openai_fields(body), "tools": validate.tools(body.get("tools"))}
         if has_images(payload):  # "does not support vision" for a text-only model
             asked["images"] = True
         facts = await self.service.facts(ref)
         _check_capabilities(body["model"], facts, asked)
         payload = {**payload, **fields(asked, facts)}
         spec = await self.service.load_spec(ref, _options(body))
+        validate.text_fits(payload, spec.context_length())
         return self.service.completion(Completion(spec, None, payload))
 
     async def chat(self, request: Request) -> Response:
@@ -140,14 +159,12 @@ class OpenAIAPI:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequestError("[] is too short - 'messages'")
+        stream, include_usage = flag(body, "stream", False), validate.include_usage(body)
         msgs = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise BadRequestError("each message needs a role")
-            skip = ("content", "name", "images")  # images come only from content parts
-            msg = {k: v for k, v in m.items() if k not in skip and v is not None}
+        for i, m in enumerate(messages):
+            msg = validate.openai_message(m, i)  # images come only from content parts
             text, images = _content(m.get("content"))
-            msg.update(role=m["role"].lower(), content=text)
+            msg["content"] = text
             if images:
                 msg["images"] = images
             msgs.append(msg)
@@ -163,9 +180,8 @@ class OpenAIAPI:
             "system_fingerprint": "fp_ollama",
         }
         first = await first_item(request, events)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
-        if body.get("stream"):
+        if stream:
             called = []  # whether a tool call went out: the finish reason says so
 
             def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -214,7 +230,8 @@ class OpenAIAPI:
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise BadRequestError("prompt must be a string")
-        if body.get("suffix"):
+        stream, include_usage = flag(body, "stream", False), validate.include_usage(body)
+        if validate.text(body, "suffix"):
             raise BadRequestError(f'"{body.get("model")}" does not support insert')
         # a generate request: the runner's pipeline adds the model's SYSTEM and MESSAGEs
         events = await self._completion(body, {"prompt": prompt, **_logprobs(body, legacy=True)})
@@ -227,8 +244,7 @@ class OpenAIAPI:
             "system_fingerprint": "fp_ollama",
         }
         first = await first_item(request, events)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        if body.get("stream"):
+        if stream:
 
             def chunks(msg: dict[str, Any]) -> list[dict[str, Any]]:
                 done = bool(msg.get("done"))
@@ -279,18 +295,21 @@ class OpenAIAPI:
         texts = [value] if isinstance(value, str) else value
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise BadRequestError("invalid input: expected a string or a list of strings")
-        if body.get("encoding_format") not in (None, "float"):
-            raise NotImplementedYetError('only encoding_format "float" is supported')
+        dims = int_field(body, "dimensions", 0, 2**31 - 1)
+        encoding = body.get("encoding_format")
+        if encoding not in (None, "float", "base64"):
+            raise BadRequestError('encoding_format must be "float" or "base64"')
         ref = self.service.model(body.get("model"))
         spec = await self.service.load_spec(ref, None)
+        for text in texts:  # each input is tokenized (and truncated) on its own
+            validate.text_fits({"prompt": text}, spec.context_length())
         vectors, count, _ = await watch(request, self.service.embed(spec, None, texts))
-        dims = body.get("dimensions") if isinstance(body.get("dimensions"), int) else None
         return JSON(
             {
                 "object": "list",
                 "model": body["model"],
                 "data": [
-                    {"object": "embedding", "embedding": normalize(v, dims), "index": i}
+                    {"object": "embedding", "embedding": encode(v, dims, encoding), "index": i}
                     for i, v in enumerate(vectors)
                 ],
                 "usage": {"prompt_tokens": count, "total_tokens": count},

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from herd.errors import BadRequestError
 from herd.sample.grammar import format_grammar
-from herd.server.http import close, watch
+from herd.server.http import close, parse_json, watch
 from herd.store.facts import ShowFacts
 from herd.template.ollama_data import THINK_LEVELS
 
@@ -176,11 +176,13 @@ def from_openai_messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for call in m.get("tool_calls") or []:
             fn = dict(call.get("function") or {})
             args = fn.get("arguments")
-            if isinstance(args, str):
+            if isinstance(args, str):  # strict, as a request body: no NaN, no deep nesting
                 try:
-                    fn["arguments"] = json.loads(args) if args.strip() else {}
-                except json.JSONDecodeError:
-                    raise BadRequestError(f"invalid tool call arguments: {args}") from None
+                    fn["arguments"] = parse_json(args.encode("utf-8")) if args.strip() else {}
+                except (BadRequestError, UnicodeEncodeError):
+                    raise BadRequestError(f"invalid tool call arguments: {args[:200]}") from None
+                if not isinstance(fn["arguments"], dict):
+                    raise BadRequestError(f"invalid tool call arguments: {args[:200]}")
             if call.get("id"):
                 names[str(call["id"])] = str(fn.get("name", ""))
             calls.append({**call, "function": fn})

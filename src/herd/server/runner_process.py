@@ -1,7 +1,13 @@
 """The server's end of the pipe to one runner child process (`python -m herd.runner.serve`;
 its docstring has the protocol): start with a `load`, one queue of replies per request id,
 cancellation when a request's reader goes away, and every request in flight failed with a
-RunnerError when the process dies."""
+RunnerError when the process dies.
+
+Liveness: a runner sends a heartbeat line every second while its engine can serve
+(`herd.runner.faults.Watchdog`; it exits when its engine cannot). A runner that sends no
+line at all for `SILENCE_S` seconds while requests wait on it (frozen, swapped out, stuck
+with its heartbeat thread) is killed, and those requests fail with a RunnerError saying
+so; the next request starts a new runner. No request waits on a runner forever."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,12 +26,23 @@ from herd.errors import RunnerError, error_from_name
 
 log = logging.getLogger("herd.server")
 
+SILENCE_S = 30.0  # a runner this long without a line while requests wait on it is killed
+
 
 class RunnerProcess:
     """The server's end of the pipe to one `python -m herd.runner.serve`."""
 
-    def __init__(self, name: str, on_exit: Callable[[RunnerProcess], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        on_exit: Callable[[RunnerProcess], None],
+        silence_s: float | None = None,
+    ) -> None:
         self.name, self.on_exit = name, on_exit
+        self.silence_s = SILENCE_S if silence_s is None else silence_s
+        self.last_heard = time.monotonic()
+        self.monitor: asyncio.Task[None] | None = None
+        self.why: str | None = None  # why the server ended the process, for its requests
         self.proc: asyncio.subprocess.Process | None = None
         self.streams: dict[int, asyncio.Queue[Any]] = {}
         self.ids = itertools.count(1)
@@ -70,7 +88,9 @@ class RunnerProcess:
             await self.kill()
             raise error_from_name(str(msg.get("type", "")), str(msg.get("error", "load failed")))
         self.ready, self.alive = msg, True
+        self.last_heard = time.monotonic()
         self.reader = asyncio.create_task(self._read())
+        self.monitor = asyncio.create_task(self._monitor())
         return msg
 
     async def _readline(self) -> bytes:
@@ -80,8 +100,13 @@ class RunnerProcess:
     async def _read(self) -> None:
         try:
             while line := await self._readline():
-                msg = json.loads(line)
-                queue = self.streams.get(msg.get("id"))
+                self.last_heard = time.monotonic()
+                try:
+                    msg = json.loads(line)
+                    queue = self.streams.get(msg.get("id"))
+                except (ValueError, AttributeError, TypeError):  # not the protocol: skipped
+                    log.error("runner for %s sent a malformed line: %.200r", self.name, line)
+                    continue
                 if queue is not None:
                     queue.put_nowait(msg)
         finally:
@@ -90,12 +115,34 @@ class RunnerProcess:
             if not self.stopping:
                 log.error("runner for %s stopped unexpectedly (exit code %s)", self.name, code)
             error = RunnerError(
-                "model runner has unexpectedly stopped, this may be due to resource "
+                self.why
+                or "model runner has unexpectedly stopped, this may be due to resource "
                 "limitations or an internal error, check the herd server log for details"
             )
             for queue in self.streams.values():
                 queue.put_nowait(error)
             self.on_exit(self)
+
+    async def _monitor(self) -> None:
+        """Kill the process once it has been silent for `silence_s` with requests waiting."""
+        while self.alive:
+            await asyncio.sleep(min(1.0, self.silence_s / 4))
+            silent = time.monotonic() - self.last_heard
+            if self.alive and self.streams and silent > self.silence_s:
+                log.error(
+                    "runner for %s has sent nothing for %.0fs with %d requests waiting; "
+                    "killing it (pid %s)",
+                    self.name,
+                    silent,
+                    len(self.streams),
+                    self.pid,
+                )
+                self.why = (
+                    f"model runner stopped responding (nothing for {self.silence_s:g}s) and "
+                    "was stopped; the next request starts a new one"
+                )
+                await self.kill()
+                return
 
     def _write(self, msg: dict[str, Any]) -> None:
         assert self.proc is not None and self.proc.stdin is not None
@@ -145,6 +192,8 @@ class RunnerProcess:
         if self.reader is not None:
             with contextlib.suppress(Exception):
                 await self.reader
+        if self.monitor is not None:
+            self.monitor.cancel()
 
     async def kill(self) -> None:
         self.stopping = True

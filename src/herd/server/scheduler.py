@@ -11,7 +11,8 @@ the numbers the backend's own fit check lays out). A request whose load-time opt
 (`Options.load_key`: num_ctx, num_batch, num_gpu, ...) differ from the loaded runner's,
 or a model re-pulled or re-created with new content (its projector file included),
 reloads the runner once it is idle. A runner that
-dies fails its requests in flight (RunnerError, 500); the next request starts a new one.
+dies fails its requests in flight (RunnerError, 500); requests queued for one of its slots
+and the next requests go to a new one.
 
 All of it runs on the server's event loop; the only blocking work (the runner's compute)
 happens in the child processes.
@@ -117,12 +118,19 @@ class Scheduler:
         self.pending += 1
         self.waiting[spec.name] = self.waiting.get(spec.name, 0) + 1
         try:
-            runner, load_ns = await self._runner_for(spec, keep_alive)
-            try:
-                await runner.slots.acquire()
-            except BaseException:
+            while True:
+                runner, load_ns = await self._runner_for(spec, keep_alive)
+                try:
+                    await runner.slots.acquire()
+                except BaseException:
+                    self._release(runner)
+                    raise
+                if runner.proc.alive:
+                    break
+                # it died while this request queued for a slot: the next round starts a
+                # new runner instead of failing a request the dead one never saw
+                runner.slots.release()
                 self._release(runner)
-                raise
         finally:
             self.pending -= 1
             self.waiting[spec.name] -= 1

@@ -37,7 +37,7 @@ from herd.errors import (
 )
 from herd.modelfile import DEPRECATED, Command, Modelfile
 from herd.options import OPTIONS
-from herd.server.http import JSON, first_item, ndjson
+from herd.server.http import JSON, first_item, flag, ndjson
 from herd.store import Store, names, pull
 from herd.store.layout import parse_digest
 from herd.store.wheels import Progress
@@ -50,10 +50,15 @@ async def progress_response(request: Request, body: dict[str, Any], work: Work) 
     """Run `work(progress)` on a thread; stream its ProgressResponses as NDJSON (or, with
     `stream: false`, answer the last status). An error before the first line gets its own
     status code, as Ollama's streamResponse does."""
+    streaming = flag(body, "stream", True)  # checked before any work starts
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
+    gone: list[bool] = []  # the stream ended: a client that left stops the work
+
     def progress(status: str, digest: str | None, total: int | None, completed: int | None) -> None:
+        if gone:  # raised in the work's thread: a pull stops at its next chunk
+            raise DownloadError("stopped: the client disconnected")
         item: dict[str, Any] = {"status": status}
         if digest and digest.startswith("sha256:"):  # not server paths ("file:...")
             item["digest"] = digest
@@ -71,13 +76,16 @@ async def progress_response(request: Request, body: dict[str, Any], work: Work) 
     loop.run_in_executor(None, run)
 
     async def items() -> AsyncIterator[dict[str, Any]]:
-        while (item := await queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item if isinstance(item, HerdError) else DownloadError(str(item))
-            yield item
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item if isinstance(item, HerdError) else DownloadError(str(item))
+                yield item
+        finally:
+            gone.append(True)
 
     stream = items()
-    if body.get("stream", True) is not False:
+    if streaming:
         first = await first_item(request, stream)
         return ndjson(first, stream, lambda x: x)
     last: dict[str, Any] = {}
@@ -106,7 +114,7 @@ def _model_name(body: dict[str, Any]) -> str:
 # ---- the endpoints -------------------------------------------------------------------------
 async def pull_model(request: Request, body: dict[str, Any], store: Store) -> Response:
     name = _model_name(body)
-    registry = _registry_puller(bool(body.get("insecure")))
+    registry = _registry_puller(flag(body, "insecure", False))
     return await progress_response(
         request, body, lambda report: pull(name, store=store, progress=report, registry=registry)
     )
@@ -117,7 +125,7 @@ async def push_model(request: Request, body: dict[str, Any], store: Store) -> Re
 
     name = _model_name(body)
     store.resolve(name)  # ModelNotFoundError: 404 before anything streams
-    options = Options(insecure=bool(body.get("insecure")))
+    options = Options(insecure=flag(body, "insecure", False))
     return await progress_response(request, body, lambda report: push(store, name, options, report))
 
 
@@ -125,6 +133,7 @@ async def create_model(request: Request, body: dict[str, Any], store: Store) -> 
     from herd.store.create import create
 
     name = _model_name(body)
+    flag(body, "stream", True)  # a 400 before anything is staged
     store.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".herd-create-", dir=store.root))
     try:
@@ -185,17 +194,20 @@ def recipe(store: Store, body: dict[str, Any], staging: Path) -> tuple[Modelfile
 
     template = _string(body, "template")
     if template is not None:
-        from herd.template import parse_template
+        from herd.server.validate import go_template
 
-        parse_template(template)  # TemplateError: 400, before anything is written
+        # TemplateError: 400, before anything is written; Go only, as Ollama takes it (a
+        # Jinja template from a request would be code the request runs in the sandbox)
+        go_template(template)
         add("template", template)
     system = _string(body, "system")
     if system is not None:
         add("system", system)
     licenses = body.get("license")
-    for text in [licenses] if isinstance(licenses, str) else licenses or []:
-        if not isinstance(text, str):
-            raise BadRequestError("license must be a string or a list of strings")
+    licenses = [licenses] if isinstance(licenses, str) else licenses or []
+    if not isinstance(licenses, list) or not all(isinstance(t, str) for t in licenses):
+        raise BadRequestError("license must be a string or a list of strings")
+    for text in licenses:
         add("license", text)
     params = body.get("parameters")
     if params is not None and not isinstance(params, dict):

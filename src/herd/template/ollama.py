@@ -16,7 +16,7 @@ import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from herd.template.gotemplate import Func, GoTemplate, GoTemplateError
+from herd.template.gotemplate import MAX_OUTPUT, Func, GoTemplate, GoTemplateError
 from herd.template.gotemplate.errors import position
 from herd.template.gotemplate.gojson import MarshalError, marshal
 from herd.template.gotemplate.nodes import (
@@ -156,8 +156,12 @@ class Template:
         out: list[str] = []
         turn = {"System": "", "Prompt": "", "Response": ""}
 
+        def run(root: Any = None) -> None:  # all turns together within one output bound
+            left = MAX_OUTPUT - sum(map(len, out))
+            out.append(self._go.execute({**turn, **thinking}, root=root, max_output=left))
+
         def flush() -> None:
-            out.append(self._go.execute({**turn, **thinking}))
+            run()
             turn.update(System="", Prompt="", Response="")
 
         for m in messages:
@@ -171,7 +175,7 @@ class Template:
                 turn["Prompt"] = m.Content
             elif m.Role == "assistant":
                 turn["Response"] = m.Content
-        out.append(self._go.execute({**turn, **thinking}, root=cut_after_response(self._go.root)))
+        run(cut_after_response(self._go.root))
         return "".join(out)
 
     def render(

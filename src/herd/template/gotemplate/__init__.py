@@ -64,4 +64,12 @@ class GoTemplate:
         return state.execute(self.name if name is None else name, data, root)
 
 
-__all__ = ["BUILTINS", "Func", "FuncError", "GoTemplate", "GoTemplateError", "Tree"]
+__all__ = [
+    "BUILTINS",
+    "MAX_OUTPUT",
+    "Func",
+    "FuncError",
+    "GoTemplate",
+    "GoTemplateError",
+    "Tree",
+]

@@ -239,8 +239,8 @@ class Evaluator(StateBase):
         except FuncError as e:
             self.at(node)
             self.errorf(f"error calling {name}: {e}")
-        if isinstance(result, str) and len(result) > self.max_output:
-            self.errorf(f"{name} result exceeds {self.max_output} characters")
+        if isinstance(result, str):
+            self.made_string(name, result)
         return result
 
     def call(self, node: Node, callee: Node | None, argv: list[Any], final: Any) -> Any:

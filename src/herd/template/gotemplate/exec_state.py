@@ -13,6 +13,9 @@ from herd.template.gotemplate.parser import Tree
 
 MAX_STEPS = 2_000_000  # nodes walked and commands run per execution
 MAX_OUTPUT = 16 * 1024 * 1024  # characters written, and the size of any string made
+# characters of all the strings functions make in one execution: variables can hold many
+# strings of MAX_OUTPUT each, so each one's bound alone does not bound memory
+MAX_MADE = 4 * MAX_OUTPUT
 MAX_DEPTH = 100  # nested {{template}} calls (Go: 100000; Python's stack is smaller)
 
 
@@ -45,6 +48,7 @@ class StateBase:
         self.steps = 0
         self.out: list[str] = []
         self.size = 0
+        self.made = 0
 
     # ---- errors -----------------------------------------------------------------------
     def at(self, node: Node) -> None:
@@ -65,6 +69,14 @@ class StateBase:
         self.steps += 1
         if self.steps > self.max_steps:
             self.errorf(f"execution exceeds {self.max_steps} steps")
+
+    def made_string(self, name: str, s: str) -> None:
+        """Count a string a function made against the bounds (before anyone keeps it)."""
+        if len(s) > self.max_output:
+            self.errorf(f"{name} result exceeds {self.max_output} characters")
+        self.made += len(s)
+        if self.made > MAX_MADE:
+            self.errorf(f"execution makes more than {MAX_MADE} characters of strings")
 
     def write(self, s: str) -> None:
         self.size += len(s)

@@ -351,6 +351,18 @@ def sprintln(*args: Any) -> str:
     return " ".join(format_value(a) for a in args) + "\n"
 
 
+def _parsenum(fmt: str, i: int) -> tuple[int, bool, int]:
+    """Go's fmt.parsenum: (number, whether there was one, next index). A number that grows
+    past 1e6 ends the parse at the end of the format (so "%.1000000000f" prints %!(NOVERB),
+    never a billion digits)."""
+    num, isnum, n = 0, False, len(fmt)
+    while i < n and "0" <= fmt[i] <= "9":
+        if num > _MAX_WIDTH:
+            return 0, False, n
+        num, isnum, i = num * 10 + ord(fmt[i]) - 48, True, i + 1
+    return num, isnum, i
+
+
 def sprintf(fmt: str, *args: Sequence[Any] | Any) -> str:
     """fmt.Sprintf with Go's verbs, flags, widths, precisions, argument indexes and its
     in-band error notation (%!d(string=x), %!v(MISSING), %!(EXTRA ...))."""
@@ -394,12 +406,9 @@ def sprintf(fmt: str, *args: Sequence[Any] | Any) -> str:
                 bad_width = True
             argnum += 1
         else:
-            start = i
-            while i < n and fmt[i].isdigit():
-                i += 1
-            if i > start:
-                f.wid = int(fmt[start:i])
-                bad_width = f.wid > _MAX_WIDTH
+            num, isnum, i = _parsenum(fmt, i)
+            if isnum:
+                f.wid = num
         if i < n and fmt[i] == ".":
             i += 1
             argnum, i, ok2 = _arg_index(fmt, i, argnum, len(args))
@@ -413,11 +422,7 @@ def sprintf(fmt: str, *args: Sequence[Any] | Any) -> str:
                     bad_prec = True
                 argnum += 1
             else:
-                start = i
-                while i < n and fmt[i].isdigit():
-                    i += 1
-                f.prec = int(fmt[start:i] or "0")
-                bad_prec = f.prec > _MAX_WIDTH
+                f.prec, _, i = _parsenum(fmt, i)  # "%.f": precision 0
         argnum, i, ok3 = _arg_index(fmt, i, argnum, len(args))
         ok = ok and ok3
         if i >= n:
