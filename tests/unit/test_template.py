@@ -214,3 +214,47 @@ def test_messages_are_not_mutated() -> None:
     messages = [{"role": "user", "content": "hi", "tool_calls": None}]
     JinjaTemplate("{{ messages | length }}").render(messages)
     assert messages == [{"role": "user", "content": "hi", "tool_calls": None}]
+
+
+# Each makes a string or list far larger than the template and its inputs; the bound must
+# refuse it before allocating (a MemoryError caught afterwards would say "MemoryError").
+GROWTH = {
+    "tilde-doubling": "{% set ns = namespace(s='x') %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "plus-doubling": "{% set ns = namespace(s=['x']) %}{% for i in range(64) %}"
+    "{% set ns.s = ns.s + ns.s %}{% endfor %}",
+    "center": "{{ 'x'|center(10**12) }}",
+    "ljust": "{{ 'x'.ljust(10**12) }}",
+    "percent-width": "{{ '%999999999999s' % 'x' }}",
+    "percent-star": "{{ '%*s' % (10**12, 'x') }}",
+    "format-width": "{{ '{:>{w}}'.format(1, w=10**12) }}",
+    "format-filter": "{{ '%999999999999s'|format('x') }}",
+    "replace": "{% set s = 'x' * 100000 %}{{ s|replace('x', s) }}",
+    "join": "{% set s = 'x' * 100000 %}{{ range(100000)|join(s) }}",
+    "str-join": "{% set s = 'x' * 100000 %}{{ s.join(range(100000)|map('string')) }}",
+    "indent": "{{ ('\n' * 100000)|indent(100000) }}",
+    "expandtabs": "{{ ('\t' * 100000).expandtabs(100000) }}",
+    "tojson-indent": "{{ [[[[[1]]]]]|tojson(indent=10**9) }}",
+    "lipsum": "{{ lipsum(10**9) }}",
+}
+
+
+@pytest.mark.parametrize("source", GROWTH.values(), ids=GROWTH.keys())
+def test_growth_is_refused_before_it_allocates(source: str) -> None:
+    with pytest.raises(TemplateError, match="result too large"):
+        JinjaTemplate(source).render(USER)
+
+
+def test_bounded_operations_render_as_jinja_does() -> None:
+    """The checked operators, methods and filters give what Jinja's own sandbox gives."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    source = (
+        "{{ 'a' ~ 'b' }} {{ [1] + [2] }} {{ '%d-%s' % (3, 'x') }} {{ 'x'|center(5) }}|"
+        "{{ '{}!'.format('hi') }} {{ ['a', 'b']|join(', ') }} {{ '%5.2f'|format(3.14159) }} "
+        "{{ 'ab'|replace('a', 'z') }} {{ 'a\nb'|indent(2) }} {{ 3 % 2 }} {{ 2 ** 3 }} "
+        "{{ 'a b'.split()|join('-') }} {{ [{'n': 'q'}, {'n': 'r'}]|join(',', attribute='n') }} "
+        "{{ 'x'.rjust(3, '.') }} {{ '{:>{w}}'.format(1, w=4) }} {{ 'q'.join(['1', '2']) }}"
+    )
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    assert JinjaTemplate(source).render(USER) == plain.from_string(source).render()
