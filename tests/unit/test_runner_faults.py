@@ -306,9 +306,8 @@ def test_server_fails_requests_of_a_runner_that_stops_answering(model_path: Path
 
 
 def test_a_prompt_cancelled_midway_frees_its_slot_and_cells(model_path: Path) -> None:
-    """A client gone mid-prompt: the slot is free at the next step; the cells computed so
-    far stay as the slot's reusable prefix, and the next prompt that is not its
-    continuation takes them back."""
+    """A client gone mid-prompt: its slot and the cells computed so far are free at the
+    next step."""
     r = loaded(model_path).new_runner(Options(num_ctx=128, num_batch=4), 1)
     prompt = [1, *range(10, 40)]
     cancelled = threading.Event()
@@ -320,6 +319,7 @@ def test_a_prompt_cancelled_midway_frees_its_slot_and_cells(model_path: Path) ->
     cancelled.set()
     r.step()
     assert seq.done and not r.slots[0].busy and not r.active
+    assert r.cache.used_cells() == 0 and r.slots[0].cached == []
     other = [1, 50, 51, 52]
     assert len(answer(r, other)) == 8
-    assert r.cache.used_cells() == len(other) + 8 - 1  # the cancelled prompt's cells: gone
+    assert r.cache.used_cells() == len(other) + 8 - 1

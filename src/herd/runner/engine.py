@@ -196,7 +196,10 @@ class Runner:
             return
         seq.done = True
         seq.events.put(Event(done=True, done_reason="error", error=error))
-        slot = seq.slot
+        self._forget(seq.slot)
+
+    def _forget(self, slot: Slot) -> None:
+        """Free a slot and its cells now."""
         slot.busy = False
         try:
             self.cache.remove(slot.id, 0, None)
@@ -222,8 +225,9 @@ class Runner:
             while not self.incoming.empty():
                 self.active.append(self.incoming.get())
             for seq in self.active:
-                if seq.cancelled.is_set() and not seq.done:
-                    self._finish(seq, "")
+                if seq.cancelled.is_set() and not seq.done:  # its client left: nobody
+                    self._finish(seq, "")  # is waiting for this context, free its cells
+                    self._forget(seq.slot)
             self.active = [s for s in self.active if not s.done]
             if not self.active:
                 return False
