@@ -14,7 +14,7 @@ CPU_CMAKE_ARGS := $(shell $(PY) scripts/cpu_cmake_args.py)
 GGML_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS) -DGGML_LLAMAFILE=ON
 LLAMA_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS)
 
-.PHONY: run test install install-test lint bench
+.PHONY: run test install install-test lint bench fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,3 +50,12 @@ lint: install-test
 bench: install-test
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench,mlx]"
 	$(BIN)/python -m benchmarks.compare
+
+# The long fuzz and fault runs behind the README's "Reliability" figures (about 20 minutes
+# on 2 cores); `make test` runs bounded versions of the same properties in seconds. Each
+# script prints its seed; SEED=N reruns the same mutants and requests.
+SEED ?= 22
+fuzz: install-test
+	$(BIN)/python scripts/fuzz_gguf.py --mutants 10000 --seed $(SEED)
+	$(BIN)/python scripts/fuzz_http.py --requests 5000 --seed $(SEED)
+	$(BIN)/python scripts/load_faults.py --clients 32 --seconds 150 --seed $(SEED)

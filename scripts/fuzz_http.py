@@ -370,7 +370,7 @@ def hostile_raw(
         elif kind == "huge" and rng.random() < 0.05:  # past the 32 MiB limit (rarely: slow)
             body = b'{"model": "' + MODEL.encode() + b'", "prompt": "' + b"x" * (33 << 20) + b'"}'
         else:
-            body = encode(rng.choice(DEEP))
+            kind, body = "deep", encode(rng.choice(DEEP))
         head = request_head(port, method, path, len(body))
         return method, path, kind, exchange(port, head, body, timeout=timeout)
     if phase == "transport":
@@ -514,6 +514,9 @@ def normal(port: int, timeout: float) -> bool:
 
 
 # ---- the run -------------------------------------------------------------------------------
+LONG_LINE = 16 * 1024  # h11's max_incomplete_event_size: a request line it stops reading
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--requests", type=int, default=5000)
@@ -550,10 +553,16 @@ def main() -> int:
                     answer = exchange(port, head, body or b"", timeout=args.timeout)
                     sent = (body or b"")[:200].decode("utf-8", "replace")
                 statuses[str(answer.status) if answer.status else answer.note.split(":")[0]] += 1
-                if answer.status is None:
+                if answer.status is None and len(path) > LONG_LINE:
+                    # h11 stops reading a request line past its limit and closes: the
+                    # client, still sending, sees a reset (nginx answers 414 instead)
+                    kinds["closed by uvicorn: a request line over its limit"] += 1
+                elif answer.status is None and sent == "huge":  # refused at 32 MiB; the
+                    kinds["closed: a body past the limit, its client still sending"] += 1
+                elif answer.status is None:
                     notes[f"{phase}: {answer.note}"] += 1
                     if phase != "transport":  # there, the client leaving is the point
-                        unanswered.append(f"{phase} {method} {path} {sent[:120]!r}")
+                        unanswered.append(f"{phase} {method} {path[:100]} {sent[:120]!r}")
                 elif answer.status >= 500:
                     fivexx.append(f"{phase} {method} {path} {sent!r} -> {answer.data[-300:]!r}")
                 elif answer.status == 400 and b"Invalid HTTP request received." in answer.data:
@@ -582,7 +591,7 @@ def main() -> int:
     for kind, n in sorted(kinds.items()):
         print(f"  of which {kind}: {n}")
     print("no answer (client side):", dict(notes) or 0)
-    for line in unanswered[:10]:
+    for line in unanswered[:40]:
         print("  ", line)
     print(f"5xx: {len(fivexx)}")
     for line in fivexx[:20]:
