@@ -75,8 +75,9 @@ def test_chat_uses_the_template_and_keeps_history(llm):
         ],
         options=GREEDY,
     )
-    # the second turn re-sends the first: only the new tokens are computed
-    assert second["prompt_eval_count"] < 30
+    # the second turn re-sends the first: only the new tokens are computed (Ollama's count
+    # is the whole prompt; the reused part is prompt_cached_count)
+    assert second["prompt_eval_count"] - second["prompt_cached_count"] < 30
 
 
 def test_logits_are_one_row_per_token(llm):

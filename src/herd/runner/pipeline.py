@@ -23,7 +23,11 @@ the engine's events -> Ollama's answer. The library (`herd.api`) and the runner 
     context length                one check: over it, ContextLengthError with
                                   `truncate: false`, else cut (the runner keeps `num_keep`
                                   and the latest tokens; an embedding keeps its last token)
-    final event                   counters, and `context` (prompt + answer) when wanted
+    output parser by name         the model's PARSER (Modelfile), when herd has it; else
+                                  the formats the template writes
+    final event                   counters (`prompt_eval_count`: the whole prompt, as
+                                  Ollama's; `prompt_cached_count`: its reused part), and
+                                  `context` (prompt + answer) when wanted
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from herd.runner.sequence import Event, context_size
 from herd.sample.grammar import Grammar
 from herd.template import ChatTemplate, select_template
 from herd.template.infer import infer_thinking_tags, supports_tools
-from herd.template.parsers import OutputParser, Parsed
+from herd.template.parsers import NAMED, OutputParser, Parsed
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Request:
     options: dict[str, Any] | None = None  # by Ollama's names
     truncate: bool = True  # False: ContextLengthError for a prompt over the context
     want_context: bool = False  # the final event gives prompt + answer tokens (generate)
+    parser: str = ""  # the model's PARSER (Modelfile): herd.template.parsers.NAMED
 
 
 @dataclass
@@ -115,7 +120,7 @@ def prepare(loaded: Loaded, request: Request) -> Prepared:
             f"the prompt is {len(text)} characters, far more than the context can hold "
             f"(limit {limit})"
         )
-    parser = _parser(loaded.name, template, request.tools, think, text)
+    parser = _parser(loaded.name, template, request.tools, think, text, request.parser)
     context = list(request.context)
     if context:  # an earlier answer's, or forged
         check_tokens(context, loaded.n_vocab, "context")
@@ -252,24 +257,34 @@ def _parser(
     tools: list[dict[str, Any]] | None,
     think: bool | str | None,
     prompt: str,
+    parser: str = "",
 ) -> OutputParser | None:
     """The output parser for tools and thinking (None without either); errors in Ollama's
-    words when the template cannot do what is asked."""
-    if think not in (None, False) and not all(infer_thinking_tags(template)):
+    words when the template (or the model's named parser) cannot do what is asked."""
+    named = NAMED.get(parser)  # Ollama's rule: the parser's support, or the template's
+    thinks = (named is not None and named.thinking) or all(infer_thinking_tags(template))
+    if think not in (None, False) and not thinks:
         raise CapabilityError(f'"{name}" does not support thinking')
-    if tools and not supports_tools(template):
+    if tools and not ((named is not None and named.tools) or supports_tools(template)):
         raise CapabilityError(f'"{name}" does not support tools')
     if not tools and think in (None, False):
         return None
-    return OutputParser(template, tools=tools, think=think, prompt=prompt)
+    return OutputParser(template, tools=tools, think=think, prompt=prompt, named=named)
 
 
 def finish(prepared: Prepared, event: Event) -> dict[str, Any]:
     """Ollama's fields of the final answer: why it ended, the counters (durations in ns),
-    and `context` (the prompt's tokens and the answer's) when the request wants it."""
+    and `context` (the prompt's tokens and the answer's) when the request wants it.
+
+    `prompt_eval_count` is the whole prompt, its cached part included, as Ollama reports
+    it (its runner counts the sequence's inputs before the cache is consulted; at HEAD,
+    llama-server's cache_n + prompt_n); `prompt_cached_count` (herd's) is the part reused
+    from the cache, which OpenAI calls `cached_tokens`. `prompt_eval_duration` covers only
+    the computed part."""
     out: dict[str, Any] = {
         "done_reason": event.done_reason,
-        "prompt_eval_count": event.prompt_eval_count,
+        "prompt_eval_count": event.prompt_eval_count + event.prompt_cached_count,
+        "prompt_cached_count": event.prompt_cached_count,
         "prompt_eval_duration": event.prompt_eval_duration,
         "eval_count": event.eval_count,
         "eval_duration": event.eval_duration,

@@ -27,7 +27,10 @@ class Event:
     done: bool = False
     done_reason: str = ""
     tokens: tuple[int, ...] = ()  # tokens generated (final event: all of them)
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # prompt tokens computed for this request
+    # prompt tokens reused from the slot's cache (not computed): with prompt_eval_count,
+    # the whole prompt
+    prompt_cached_count: int = 0
     prompt_eval_duration: int = 0  # ns
     eval_count: int = 0
     eval_duration: int = 0  # ns
@@ -58,6 +61,7 @@ class Sequence:
     events: queue.SimpleQueue[Event]
     cancelled: threading.Event
     evaluated: int
+    cached: int = 0  # the prompt's first tokens, reused from the slot's cache
     shift: bool = True
     logprobs: int = -1  # top alternatives to report per token; -1: no logprobs
     generated: list[int] = field(default_factory=list)

@@ -13,8 +13,11 @@ server; every reply carries the id it answers.
                                                           | {"op": "error", "error", "type"}
     {"op": "completion", "id", "messages" | "prompt",     {"id", "text", "logprobs"?}  (0+)
      "images", "context", "template", "options", "shift", {"id", "done": true, "done_reason",
-     "truncate", "want_context", "logprobs",                "prompt_eval_count", ...,
-     "top_logprobs", "tools", "think", "format"}            "context", "kv_usage"}
+     "truncate", "want_context", "logprobs",                "prompt_eval_count",
+     "top_logprobs", "tools", "think", "format",            "prompt_cached_count", ...,
+     "parser", "render_only"}                               "context", "kv_usage"}
+                                                          render_only: {"id", "done": true,
+                                                            "rendered", "image_count"}
     {"op": "embed", "id", "input", "truncate"}            {"id", "embeddings",
                                                             "prompt_eval_count"}
     {"op": "cancel", "id"}                                (the completion ends early)
@@ -42,7 +45,11 @@ do) and then to an `Engine`: `submit(tokens, options, cancelled)` yields the run
 shared KV cache) behind it; another engine slots in by implementing the same members.
 
 With `tools` or `think`, pieces carry `thinking` and `tool_calls` beside `text`, which is
-then only the content. `format` ("json" or a JSON schema) constrains decoding.
+then only the content. `format` ("json" or a JSON schema) constrains decoding. `parser`
+is the model's PARSER (Modelfile), which replaces the formats the template implies.
+`render_only` (Ollama's `_debug_render_only`) answers the rendered prompt and generates
+nothing. The final reply's `prompt_eval_count` is the whole prompt, as Ollama counts it;
+`prompt_cached_count` is the part reused from the slot's cache.
 """
 
 from __future__ import annotations
@@ -173,6 +180,7 @@ def request_of(req: dict[str, Any]) -> Request:
         options=req.get("options"),
         truncate=bool(req.get("truncate", True)),
         want_context=bool(req.get("want_context")),
+        parser=str(req.get("parser") or ""),
     )
 
 
@@ -281,6 +289,17 @@ class Child:
         assert self.loaded is not None
         rid = req["id"]
         prepared = prepare(self.loaded, request_of(req))  # an embedding model stops here
+        if req.get("render_only"):  # the prompt as the model would see it, nothing run
+            self.send(
+                {
+                    "id": rid,
+                    "done": True,
+                    "rendered": prepared.text,
+                    "image_count": len(prepared.images),
+                    "prompt_eval_count": len(prepared.tokens),  # /v1/messages/count_tokens
+                }
+            )
+            return
         assert self.engine is not None
         for event in self.engine.submit(
             prepared.tokens,

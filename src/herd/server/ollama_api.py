@@ -51,11 +51,16 @@ log = logging.getLogger("herd.server")
 COUNTERS = (
     "total_duration",
     "load_duration",
-    "prompt_eval_count",
+    "prompt_eval_count",  # the whole prompt, cached part included, as Ollama counts it
     "prompt_eval_duration",
     "eval_count",
     "eval_duration",
+    "prompt_cached_count",  # herd's: the prompt's part reused from the cache
 )
+
+# The Ollama release whose API herd implements: the reference's HEAD (fb3076099) is the
+# v0.33.0-rc2 tag. Tools that gate features on Ollama's version read this.
+OLLAMA_VERSION = "0.33.0-rc2"
 
 
 def details(ref_config: dict[str, Any], facts: ShowFacts | None = None) -> dict[str, Any]:
@@ -135,7 +140,7 @@ class OllamaAPI:
         return Response("Ollama is running", media_type="text/plain")
 
     async def version(self, request: Request) -> Response:
-        return JSON({"version": herd.__version__})
+        return JSON({"version": OLLAMA_VERSION, "herd_version": herd.__version__})
 
     # ---- generation
     async def _prepare(
@@ -188,6 +193,9 @@ class OllamaAPI:
             **fields(body, facts, tools=False),
         )
         validate.text_fits(payload, spec.context_length())
+        if flag(body, "_debug_render_only", False):
+            c = Completion(spec, keep_alive, payload)
+            return await self._render_only(request, c, name, "response")
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +238,9 @@ class OllamaAPI:
             **fields(body, facts),
         }
         validate.text_fits(payload, spec.context_length())
+        if flag(body, "_debug_render_only", False):
+            c = Completion(spec, keep_alive, payload)
+            return await self._render_only(request, c, name, "message")
         events = self.service.completion(Completion(spec, keep_alive, payload))
 
         def shape(msg: dict[str, Any]) -> dict[str, Any]:
@@ -247,6 +258,13 @@ class OllamaAPI:
             return out
 
         return await self._respond(request, events, shape, body, "message")
+
+    async def _render_only(self, request: Request, c: Completion, name: str, key: str) -> Response:
+        """Ollama's `_debug_render_only`: one object (streamed or not), nothing generated."""
+        info = await watch(request, self.service.render_only(c))
+        empty: Any = {"role": "", "content": ""} if key == "message" else ""
+        out = {"model": name, "created_at": now_utc(), key: empty, "done": False}
+        return JSON({**out, "_debug_info": info})
 
     async def _respond(
         self, request: Request, events: Any, shape: Any, body: dict[str, Any], key: str

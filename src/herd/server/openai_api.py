@@ -122,9 +122,18 @@ def _choice_logprobs(msg: dict[str, Any]) -> dict[str, Any] | None:
     return {"content": msg["logprobs"]} if msg.get("logprobs") else None
 
 
-def _usage(final: dict[str, Any]) -> dict[str, int]:
+def _usage(final: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage: `prompt_tokens` is the whole prompt (the runner's prompt_eval_count,
+    counted as Ollama counts it), the part reused from the cache said in
+    `prompt_tokens_details.cached_tokens`."""
     p, c = int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = int(final.get("prompt_cached_count", 0))
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 class OpenAIAPI:
@@ -141,7 +150,10 @@ class OpenAIAPI:
             Route("/v1/models/{model:path}", e(self.model), methods=["GET"]),
         ]
 
-    async def _completion(self, body: dict[str, Any], payload: dict[str, Any]) -> Any:
+    async def _completion(
+        self, body: dict[str, Any], payload: dict[str, Any], render: bool = False
+    ) -> Any:
+        """The runner's events for a request (`render`: the awaitable of its `_debug_info`)."""
         ref = self.service.model(body.get("model"))
         # tools, reasoning effort and response_format as Ollama's tools, think and format
         asked = {**openai_fields(body), "tools": validate.tools(body.get("tools"))}
@@ -152,6 +164,8 @@ class OpenAIAPI:
         payload = {**payload, **fields(asked, facts)}
         spec = await self.service.load_spec(ref, _options(body))
         validate.text_fits(payload, spec.context_length())
+        if render:
+            return self.service.render_only(Completion(spec, None, payload))
         return self.service.completion(Completion(spec, None, payload))
 
     async def chat(self, request: Request) -> Response:
@@ -170,7 +184,9 @@ class OpenAIAPI:
             msgs.append(msg)
         msgs = from_openai_messages(msgs)
         # the runner's pipeline adds the model's SYSTEM and MESSAGEs
-        events = await self._completion(body, {"messages": msgs, **_logprobs(body)})
+        render = flag(body, "_debug_render_only", False)
+        payload = {"messages": msgs, **_logprobs(body)}
+        events = await self._completion(body, payload, render)
         model, cid, created = body["model"], f"chatcmpl-{secrets.randbelow(1000)}", int(time.time())
         base = {
             "id": cid,
@@ -179,6 +195,17 @@ class OpenAIAPI:
             "model": model,
             "system_fingerprint": "fp_ollama",
         }
+        if render:  # Ollama's: an empty chat.completion with `_debug_info`, streamed or not
+            empty = {"index": 0, "message": {"role": "", "content": ""}, "finish_reason": None}
+            return JSON(
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [empty],
+                    "usage": _usage({}),
+                    "_debug_info": await watch(request, events),
+                }
+            )
         first = await first_item(request, events)
 
         if stream:

