@@ -290,3 +290,9 @@ def _size(value: str) -> int | None:
 def log_dir() -> Path:
     """Where a background `herd serve` (started by `herd run`) writes server.log."""
     return Path.home() / ".herd" / "logs"
+
+
+def package_index() -> str:
+    """The package index the built-in catalog's wheels come from (a PEP 503/691 "simple"
+    index): HERD_PYPI_URL, else pip's PIP_INDEX_URL, else PyPI's."""
+    return _get("HERD_PYPI_URL") or _get("PIP_INDEX_URL") or "https://pypi.org/simple/"

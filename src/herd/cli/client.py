@@ -183,6 +183,17 @@ class RemoteLLM:
         body = self._body(messages=sent, options=options, tools=tools, think=think, format=format)
         return self._run("/api/chat", body, stream)
 
+    def embed_text(
+        self, text: str, truncate: bool | None = None, dimensions: int | None = None
+    ) -> list[float]:
+        """One input's vector from /api/embed."""
+        body = self._body(input=text, truncate=truncate, dimensions=dimensions)
+        result = self.client.request("POST", "/api/embed", body)
+        vectors = (result or {}).get("embeddings") or []
+        if not vectors:
+            raise HerdError("no embeddings returned")
+        return [float(v) for v in vectors[0]]
+
     def _run(
         self, path: str, body: dict[str, Any], stream: bool
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -210,13 +221,15 @@ def _base64(images: list[bytes] | None) -> list[str]:
     return [base64.b64encode(data).decode("ascii") for data in images or []]
 
 
-def remote_llm(client: Client, model: str, progress: Progress) -> RemoteLLM:
+def remote_llm(
+    client: Client, model: str, progress: Progress, keep_alive: str | None = None
+) -> RemoteLLM:
     """Like `ollama run`: show the model, pulling it through the server when missing."""
     try:
         client.request("POST", "/api/show", {"model": model})
     except ModelNotFoundError:
         client.pull(model, progress)
-    return RemoteLLM(client, model)
+    return RemoteLLM(client, model, keep_alive)
 
 
 # ---- `herd show` from /api/show -------------------------------------------------------------
@@ -274,6 +287,7 @@ def show_facts(resp: dict[str, Any], name: str) -> ShowFacts:
         params=parse_parameters(resp.get("parameters") or ""),
         license=license,
         projector=_projector(resp.get("projector_info")),
+        messages=[m for m in resp.get("messages") or [] if isinstance(m, dict)],
     )
 
 

