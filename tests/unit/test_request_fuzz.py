@@ -252,6 +252,41 @@ OPENAI = {
     "response_format": field(st.sampled_from([{"type": "json_object"}, {"type": "xml"}])),
     "reasoning_effort": field(st.sampled_from(["low", "none", "lots"])),
 }  # fmt: skip
+A_BLOCK = field(st.fixed_dictionaries(
+    {"type": field(st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking"]))},
+    optional={"text": TEXT, "id": TEXT, "name": TEXT, "tool_use_id": TEXT, "thinking": TEXT,
+              "input": field(st.dictionaries(st.text(max_size=3), JUNK, max_size=2)),
+              "content": TEXT, "source": field(st.fixed_dictionaries({}, optional={
+                  "type": field(st.sampled_from(["base64", "url"])), "data": IMAGES,
+                  "media_type": field(st.sampled_from(["image/png", "text/plain"]))}))},
+))  # fmt: skip
+A_MESSAGE = field(st.fixed_dictionaries(
+    {"role": field(st.sampled_from(["user", "assistant", "system"]))},
+    optional={"content": TEXT | field(st.lists(A_BLOCK, max_size=2))},
+))  # fmt: skip
+ANTHROPIC = {
+    "max_tokens": field(st.integers(-2, 100)), "system": TEXT | field(st.lists(A_BLOCK)),
+    "stream": BOOL, "temperature": field(st.floats(0, 1)), "top_p": field(st.floats(0, 1)),
+    "top_k": field(st.integers(-1, 50)), "stop_sequences": field(st.lists(st.text(max_size=3))),
+    "tools": field(st.lists(field(st.fixed_dictionaries({}, optional={
+        "name": TEXT, "description": TEXT, "input_schema": field(st.just({"type": "object"}))
+    })), max_size=2)),
+    "thinking": field(st.fixed_dictionaries({"type": field(st.sampled_from(
+        ["enabled", "disabled", "maybe"]))}, optional={"budget_tokens": field(st.integers())})),
+    "tool_choice": field(st.sampled_from([{"type": "auto"}, {"type": "any"}, {"type": "no"}])),
+}  # fmt: skip
+R_ITEM = field(st.fixed_dictionaries({}, optional={
+    "type": field(st.sampled_from(["message", "function_call", "function_call_output", "x"])),
+    "role": field(st.sampled_from(["user", "assistant", "system", "developer"])),
+    "content": TEXT | field(st.lists(field(st.fixed_dictionaries(
+        {"type": field(st.sampled_from(["input_text", "input_image", "output_text"]))},
+        optional={"text": TEXT, "image_url": field(st.sampled_from(
+            ["data:image/png;base64,aGVsbG8=", "http://x/y.png"]))})), max_size=2)),
+    "call_id": TEXT, "name": TEXT, "arguments": TEXT, "output": TEXT,
+}))  # fmt: skip
+R_TOOL = field(st.fixed_dictionaries({"type": field(st.sampled_from(["function", "web"]))},
+    optional={"name": TEXT, "description": TEXT,
+              "parameters": field(st.just({"type": "object"}))}))  # fmt: skip
 ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
     "/api/generate": ("POST", {
         "prompt": TEXT, "system": TEXT, "suffix": TEXT, "raw": BOOL, "images": IMAGES,
@@ -284,6 +319,19 @@ ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
     "/v1/embeddings": ("POST", {"input": field(st.text(max_size=5)),
                                 "encoding_format": field(st.just("float")),
                                 "dimensions": field(st.integers(-1, 4))}),
+    "/v1/messages": ("POST", {"messages": field(st.lists(A_MESSAGE, max_size=3)), **ANTHROPIC}),
+    "/v1/messages/count_tokens": ("POST", {"messages": field(st.lists(A_MESSAGE, max_size=3)),
+                                           "system": TEXT, "tools": ANTHROPIC["tools"]}),
+    "/v1/responses": ("POST", {
+        "input": field(st.text(max_size=20) | st.lists(R_ITEM, max_size=3)),
+        "instructions": TEXT, "stream": BOOL, "max_output_tokens": field(st.integers(-2, 100)),
+        "temperature": field(st.floats(0, 2)), "top_p": field(st.floats(0, 1)),
+        "tools": field(st.lists(R_TOOL, max_size=2)), "previous_response_id": TEXT,
+        "tool_choice": field(st.sampled_from(["auto", "none", "required", {"type": "x"}])),
+        "text": field(st.fixed_dictionaries({}, optional={"format": field(st.sampled_from(
+            [{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"}]))})),
+        "reasoning": field(st.fixed_dictionaries({}, optional={"effort": field(
+            st.sampled_from(["low", "high", "max"]))})), "store": BOOL}),
 }  # fmt: skip
 
 

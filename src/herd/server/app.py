@@ -26,11 +26,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herd import envconfig
 from herd.errors import UnauthorizedError
+from herd.server.anthropic_api import AnthropicAPI
+from herd.server.anthropic_stream import error_body
 from herd.server.errors import openai_type
 from herd.server.http import JSON, error_response
 from herd.server.metrics import Metrics
 from herd.server.ollama_api import OllamaAPI
 from herd.server.openai_api import OpenAIAPI
+from herd.server.responses_api import ResponsesAPI
 from herd.server.scheduler import Scheduler
 from herd.server.service import Service
 from herd.store import Store
@@ -109,6 +112,12 @@ class APIKey:
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
             return await self.app(scope, receive, send)
+        if scope["path"].startswith("/v1/messages"):  # the anthropic SDK sends `x-api-key`
+            key = dict(scope["headers"]).get(b"x-api-key", b"")
+            if key and hmac.compare_digest(key.strip(), self.expected):
+                return await self.app(scope, receive, send)
+            body = error_body(401, "unauthorized")
+            return await JSON(body, status_code=401)(scope, receive, send)
         response = error_response(
             UnauthorizedError("unauthorized"), openai=scope["path"].startswith("/v1/")
         )
@@ -181,6 +190,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         message = str(getattr(exc, "detail", "") or "not found")
+        if request.url.path.startswith("/v1/messages"):  # Anthropic's shape on its routes
+            return JSON(error_body(status, message), status_code=status)
         if request.url.path.startswith("/v1/"):  # OpenAI's error shape on its routes
             error = {"message": message, "type": openai_type(status), "param": None, "code": None}
             return JSON({"error": error}, status_code=status)
@@ -200,7 +211,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         finally:
             await scheduler.shutdown()
 
-    routes = [*ollama.routes(), *openai.routes(), Route("/metrics", metrics_route, methods=["GET"])]
+    routes = [
+        *ollama.routes(),
+        *openai.routes(),
+        *AnthropicAPI(service).routes(),
+        *ResponsesAPI(service).routes(),
+        Route("/metrics", metrics_route, methods=["GET"]),
+    ]
     app = Starlette(
         routes=routes,
         middleware=[

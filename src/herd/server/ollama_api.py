@@ -1,5 +1,5 @@
-"""Ollama's API (`/api/*`): the fields, defaults, status codes and NDJSON streams of
-reference §7."""
+"""Ollama's API (`/api/*`): the fields, defaults, status codes and NDJSON streams
+Ollama's server has."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """OpenAI compatibility (`/v1/*`), translated to the same requests the Ollama API makes,
-as Ollama's `openai` middleware does (reference §7.9)."""
+as Ollama's `openai` middleware does."""
 
 from __future__ import annotations
 

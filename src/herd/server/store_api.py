@@ -1,5 +1,5 @@
 """Requests that change the store: `/api/create`, `/api/push`, `/api/pull`, with Ollama's
-progress streams (reference §7.2, §9, §10).
+progress streams.
 
 A create request is Ollama's CreateRequest: the model comes from `from` (a model name) or
 from `files` ({file name: digest} of blobs uploaded first with `POST /api/blobs/:digest`),
