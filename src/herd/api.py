@@ -31,6 +31,7 @@ from herd.runner import (
     prepare,
     prepare_embed,
 )
+from herd.runner.rerank import prepare_rerank, ranked, scores_of
 from herd.template.parsers import Parsed
 
 Progress = Callable[[str, "str | None", "int | None", "int | None"], None]
@@ -55,7 +56,8 @@ def resolve(
 
     ref = resolve_or_pull(text, progress=progress, registry=registry_puller())
     return Source(ref.name, Path(ref.model_path), ref.template, ref.system, ref.params,
-                  list(ref.messages), extra or ref.projector)  # fmt: skip
+                  list(ref.messages), extra or ref.projector,
+                  [(p, 1.0) for p in ref.adapters], ref.draft)  # fmt: skip
 
 
 class LLM:
@@ -121,6 +123,25 @@ class LLM:
             out = out[:, :dimensions]
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_n: int | None = None,
+        return_documents: bool = False,
+    ) -> list[dict[str, Any]]:
+        """A cross-encoder's scores of `documents` for `query`, best first: dicts with
+        `index` (into `documents`), `relevance_score` (the raw logit, as llama.cpp's server
+        returns it; its sigmoid is CrossEncoder's 0..1 score) and, with `return_documents`,
+        `document` ({"text"}); the first `top_n`. A document that does not fit the context
+        beside the query is cut; a query that leaves no room is refused."""
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
+                                  or top_n < 1):  # fmt: skip
+            raise HerdError(f"top_n must be a positive integer, not {top_n!r}")
+        docs = list(documents)
+        pairs, _ = prepare_rerank(self.loaded, query, docs)
+        return ranked(scores_of(self.loaded.rerank(pairs)), docs, top_n, return_documents)
 
     def render(
         self,
@@ -295,11 +316,23 @@ def load(
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     projector: str | Path | None = None,
+    adapters: Sequence[str | Path | tuple[str | Path, float]] = (),
+    draft: str | Path | None = None,
 ) -> LLM:
     """Load a model by store name (pulled if missing) or .gguf path.
 
     `backend`: "auto" (default: HERD_BACKEND, else the fastest installed), "numpy", "ggml";
     `projector`: the model's projector GGUF (llama.cpp's mmproj, for a text GGUF that
     takes images from a separate file); a store model brings its own projector layer.
+    `adapters`: LoRA GGUFs (llama.cpp's format; `herd convert PEFT_DIR --base ...`), a path or
+    (path, scale), applied after a store model's own ADAPTER layers (scale 1).
+    `draft`: a draft model (store name or .gguf path) with the same vocabulary, for
+    speculative decoding (`herd.runner.speculate`), in place of a store model's DRAFT.
     """
-    return LLM(resolve(model, progress, projector), backend, options)
+    source = resolve(model, progress, projector)
+    for a in adapters:
+        path, scale = a if isinstance(a, tuple) else (a, 1.0)
+        source.adapters.append((Path(path).expanduser(), float(scale)))
+    if draft is not None:
+        source.draft = resolve(draft, progress).path
+    return LLM(source, backend, options)

@@ -94,6 +94,11 @@ class ConvertError(HerdError):
     """A Hugging Face directory that cannot be converted (bad file, tensor, or config)."""
 
 
+class AdapterError(HerdError):
+    """A LoRA adapter that is not one, or that does not fit its base model (architecture,
+    a tensor the base lacks, shapes), named by tensor."""
+
+
 class ContextLengthError(HerdError):
     """A prompt longer than the context with `truncate: false`."""
 
@@ -109,6 +114,11 @@ class BadRequestError(HerdError):
 class InvalidTokenError(BadRequestError):
     """A token id a request carries (`context` on /api/generate) that is not in the
     model's vocabulary: refused before it reaches a backend, whose lookup would abort."""
+
+
+class DraftError(BadRequestError):
+    """A speculative-decoding draft model that cannot draft for its target (another
+    vocabulary, an embedding model)."""
 
 
 class UnauthorizedError(HerdError):

@@ -39,7 +39,12 @@ class Options:
     num_thread: int = _option(0, load_time=True)  # 0: the backend's default
     use_mmap: bool = _option(True, load_time=True)  # accepted; the file is mapped where it can be
     # per request
-    draft_num_predict: int = _option(4)  # speculative decoding: accepted, not used yet
+    # speculative decoding (herd.runner.speculate): tokens proposed at first per step,
+    # then adapted to the acceptance rate within 1..16; 0 turns speculation off
+    draft_num_predict: int = _option(4)
+    # prompt-lookup decoding: proposals follow an earlier occurrence of the last n-gram of
+    # up to this many tokens (llama-cpp-python's max_ngram_size); 0: off (herd's option)
+    lookup_ngram: int = _option(0)
     num_keep: int = _option(4)
     seed: int = _option(-1)
     num_predict: int = _option(-1)
@@ -127,6 +132,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "main_gpu": (0, INT32 - 1),
     "num_thread": (0, MAX_THREADS),  # 0: the backend's default
     "draft_num_predict": (0, INT32 - 1),
+    "lookup_ngram": (0, 64),
     "num_keep": (-1, INT32 - 1),  # -1: keep the whole prompt
     "seed": (-1, INT32 - 1),  # -1: random
     "num_predict": (-2, INT32 - 1),  # -1: no limit, -2: until the context is full

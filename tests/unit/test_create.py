@@ -168,9 +168,17 @@ def test_create_errors_leave_store_unchanged(
 
 
 def test_adapter_layer_round_trips(src: Path) -> None:
-    write_gguf(src / "lora.gguf", template=None, extra={"general.type": "adapter"})
+    # a LoRA that fits its base (create checks it: tests/unit/test_lora_checks.py)
+    z = np.zeros
+    writer.write_gguf(src / "base.gguf", "llama", {"llama.embedding_length": 8},
+                      [("token_embd.weight", z((16, 8), np.float32), None),
+                       ("output.weight", z((16, 8), np.float32), None)])  # fmt: skip
+    lora = {"general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 4.0}
+    writer.write_gguf(src / "lora.gguf", "llama", lora,
+                      [("output.weight.lora_a", z((2, 8), np.float32), None),
+                       ("output.weight.lora_b", z((16, 2), np.float32), None)])  # fmt: skip
     store = Store(src / "models")
-    create(store, "with-lora:1", parse("FROM ./tiny.gguf\nADAPTER ./lora.gguf"), base_dir=src)
+    create(store, "with-lora:1", parse("FROM ./base.gguf\nADAPTER ./lora.gguf"), base_dir=src)
     manifest, _ = store.read_manifest("with-lora:1")
     adapter = manifest.layers[1]
     assert (adapter.media_type, adapter.from_) == (MEDIA_ADAPTER, "lora.gguf")

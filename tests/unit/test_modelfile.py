@@ -93,7 +93,7 @@ ERRORS = [
     ('FROM m\nSYSTEM """never closed\nmore', 'no closing """', 2, 8),
     ('FROM m\nSYSTEM "never closed', 'no closing "', 2, 8),
     ("FROM m\nREQUIRES banana", "REQUIRES must be a valid semver", 2, 10),
-    ("FROM m\nDRAFT ./d.gguf", "DRAFT", 2, 1),
+    ("FROM m\nDRAFT", "DRAFT needs a value", 2, 6),
 ]
 
 

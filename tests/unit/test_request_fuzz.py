@@ -287,7 +287,14 @@ R_ITEM = field(st.fixed_dictionaries({}, optional={
 R_TOOL = field(st.fixed_dictionaries({"type": field(st.sampled_from(["function", "web"]))},
     optional={"name": TEXT, "description": TEXT,
               "parameters": field(st.just({"type": "object"}))}))  # fmt: skip
+RERANK = {
+    "query": TEXT, "top_n": field(st.integers(-1, 5)), "return_documents": BOOL,
+    "documents": field(st.lists(TEXT | field(st.fixed_dictionaries({}, optional={
+        "text": TEXT})), max_size=3)), "options": OPTIONS_FIELD, "keep_alive": JUNK,
+}  # fmt: skip
 ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "/api/rerank": ("POST", RERANK),
+    "/v1/rerank": ("POST", RERANK),
     "/api/generate": ("POST", {
         "prompt": TEXT, "system": TEXT, "suffix": TEXT, "raw": BOOL, "images": IMAGES,
         "template": field(TEMPLATES), "context": field(st.lists(

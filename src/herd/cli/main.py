@@ -128,7 +128,10 @@ def _interrupted(message: str) -> None:
 @click.option(
     "-q", "--quantize", default=None, help="Quantize the model to this type (e.g. q4_K_M, q8_0)."
 )
-def create_cmd(model: str, modelfile: str | None, quantize: str | None) -> None:
+@click.option("--draft-quantize", default=None, help="Quantize the DRAFT model to this type.")
+def create_cmd(
+    model: str, modelfile: str | None, quantize: str | None, draft_quantize: str | None
+) -> None:
     """Create a model from a Modelfile."""
     from pathlib import Path
 
@@ -155,6 +158,7 @@ def create_cmd(model: str, modelfile: str | None, quantize: str | None) -> None:
             pull=lambda store, name, report: pull(
                 name, store=store, progress=report, registry=registry_puller()
             ),
+            draft_quantize=draft_quantize,
         )
 
 

@@ -6,6 +6,7 @@
     TEMPLATE \"\"\"{{ .Prompt }}\"\"\"   # bare to end of line, "quoted", or \"\"\"multi-line\"\"\"
     SYSTEM You are terse.
     ADAPTER ./lora.gguf
+    DRAFT ./draft.gguf           # a draft model (GGUF, folder or model name): speculative decoding
     LICENSE \"\"\"MIT ...\"\"\"        # repeatable
     MESSAGE user Hello           # roles: system, user, assistant
     REQUIRES 0.6.0
@@ -122,6 +123,11 @@ class Modelfile:
     @property
     def adapters(self) -> list[Command]:
         return self.values("adapter")
+
+    @property
+    def draft(self) -> Command | None:
+        """The DRAFT line: a draft model for speculative decoding (at most one)."""
+        return next(iter(self.values("draft")), None)
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -261,14 +267,8 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
                     )
                 role = key
             col += len(key)
-        if directive == "draft":
-            raise s.error(
-                "DRAFT (a speculative-decoding draft model) is not supported",
-                s.row,
-                col - len(word),
-            )
         value, vrow, vcol = _value(s, col)
-        if directive in ("from", "adapter") and not value:
+        if directive in ("from", "adapter", "draft") and not value:
             raise s.error(f"{word.upper()} needs a value", vrow, vcol)
         cmd = Command(name, value, vrow + 1, vcol + 1, directive, role)
         if directive == "parameter":
@@ -284,6 +284,14 @@ def parse(data: bytes | str, path: str = "Modelfile") -> Modelfile:
             "too many FROM lines: at most two, a model and its projector file",
             froms[2].line,
             froms[2].column,
+            path,
+        )
+    drafts = [c for c in commands if c.name == "draft"]
+    if len(drafts) > 1:
+        raise ModelfileError(
+            "too many DRAFT lines: a model takes one draft model",
+            drafts[1].line,
+            drafts[1].column,
             path,
         )
     return Modelfile(commands, path, warnings)
@@ -332,7 +340,7 @@ def expand_path(value: str, base_dir: Path) -> Path:
 
 
 def resolve_source(cmd: Command, base_dir: Path, path: str = "Modelfile") -> Path | str:
-    """A FROM/ADAPTER value as an existing path, or (FROM only) a model name.
+    """A FROM/ADAPTER/DRAFT value as an existing path, or (FROM, DRAFT) a model name.
 
     Like Ollama, anything that is not an existing file or folder is a model name; values
     that can only be paths (./x, /x, ~/x, *.gguf) report "not found" here instead.

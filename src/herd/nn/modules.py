@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from herd.ml import Tensor
+from herd.nn.lora import Lora
 from herd.nn.weights import Weights
 
 
 class Linear:
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        self.weight, self.bias = weight, bias
+    """`x W^T + b`, plus `B (A x)` where the weight has LoRA adapters (`herd.nn.lora`):
+    applied beside the base weight, which stays as stored (possibly quantized)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, lora: Lora | None = None):
+        self.weight, self.bias, self.lora = weight, bias, lora
 
     @classmethod
     def bind(
@@ -23,15 +27,18 @@ class Linear:
     ) -> Linear:
         """`bias=None`: use the bias when the file has one."""
         weight = w.get(f"{name}.weight", (n_out, n_in), fallback=fallback)
+        lora = w.lora(f"{name}.weight", (n_out, n_in))
         b = None
         if bias is None:
             b = w.optional(f"{name}.bias", (n_out,))
         elif bias:
             b = w.get(f"{name}.bias", (n_out,))
-        return cls(weight, b)
+        return cls(weight, b, lora)
 
     def forward(self, x: Tensor) -> Tensor:
         y = x.linear(self.weight)
+        if self.lora is not None:
+            y = y.add(x.linear(self.lora.a).linear(self.lora.b))
         return y.add(self.bias) if self.bias is not None else y
 
 

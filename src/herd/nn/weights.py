@@ -1,13 +1,15 @@
 """Binding GGUF tensors to modules by name, with declared shapes.
 
 Models name their weights as GGUF does (`blk.3.attn_q.weight`); a wrong or missing tensor
-fails at load, naming it, instead of deep inside a forward pass.
+fails at load, naming it, instead of deep inside a forward pass. On an `Adapted` backend
+(`herd.nn.lora`) a weight may also have a LoRA adapter, which `Linear.bind` takes.
 """
 
 from __future__ import annotations
 
 from herd.errors import WeightError
 from herd.ml import Backend, Tensor
+from herd.nn.lora import Adapted, Lora
 
 
 class Weights:
@@ -18,6 +20,19 @@ class Weights:
 
     def scope(self, name: str) -> Weights:
         return Weights(self.backend, f"{self.prefix}{name}.")
+
+    def lora(self, name: str, shape: tuple[int, int]) -> Lora | None:
+        """The adapter of weight `prefix + name` (n_out, n_in), if the backend has one."""
+        backend, full = self.backend, self.prefix + name
+        lora = backend.lora(full) if isinstance(backend, Adapted) else None
+        if lora is not None:
+            (r, n_in), (n_out, r_b) = lora.a.shape, lora.b.shape
+            if (n_out, n_in) != tuple(shape) or r != r_b:
+                raise WeightError(
+                    f"{full}: its adapter's A {(r, n_in)} and B {(n_out, r_b)} do not fit "
+                    f"{tuple(shape)}"
+                )
+        return lora
 
     def has(self, name: str) -> bool:
         return self.backend.has_weight(self.prefix + name)

@@ -19,13 +19,15 @@ import threading
 import time
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from herd.errors import CapabilityError, HerdError, NonFiniteError, RunnerError
+from herd.errors import CapabilityError, HerdError, RunnerError
 from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, GraphReuse, Tensor
 from herd.models import Batch, BatchImage, Model, Pixels, Vision, batch_inputs
 from herd.options import Options
+from herd.runner.emit import emit, finish
 from herd.runner.faults import check_tokens, request_error
 from herd.runner.images import (
     Image,
@@ -38,11 +40,14 @@ from herd.runner.images import (
     whole_spans,
 )
 from herd.runner.recorder import InputRecorder, ReusableContext
-from herd.runner.sequence import Event, Sequence, Slot, context_size, truncate
+from herd.runner.sequence import Event, Sequence, Slot, context_size, finite, truncate
+from herd.runner.speculate import propose, speculation, verify
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
-from herd.sample.logprobs import api_logprob
 from herd.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from herd.runner.draft import Drafter
 
 log = logging.getLogger("herd.runner")
 
@@ -60,11 +65,12 @@ class Runner:
         cache_type: str = "f16",
         vision: Vision | None = None,
         encoder_backend: Backend | None = None,
+        draft: Drafter | None = None,
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
         OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images;
         `encoder_backend`: the one holding its vision encoder (a projector file's), if
-        not `backend`."""
+        not `backend`. `draft`: a draft model's proposer (`herd.runner.speculate`)."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
         if cache_type not in KV_CACHE_TYPES:
@@ -93,6 +99,7 @@ class Runner:
         self.vision, self.encoder_backend = vision, encoder_backend or backend
         self.images = ImageCache(self._encode) if vision is not None else None
         self.image_token = None if vision is None else vision.image_token
+        self.draft = draft
 
     # ---- sequences ----------------------------------------------------------------------
     def _claim_slot(self, tokens: list[int]) -> tuple[Slot, int]:
@@ -150,6 +157,7 @@ class Runner:
             shift=shift,
             logprobs=logprobs,
             images=encoded,
+            spec=None if encoded else speculation(options, sampler, self.draft is not None),
         )
 
     def _place_images(
@@ -167,29 +175,6 @@ class Runner:
         with self.encoder_backend.new_context() as ctx:
             (out,) = ctx.compute(self.vision.encode(ctx, pixels))
         return out
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        if not seq.stops.stopped and reason != "":  # release text held back
-            tail, _ = seq.stops.feed(seq.decoder.flush())
-            tail += "" if seq.stops.stopped else seq.stops.flush()
-            if tail:
-                seq.events.put(Event(text=tail))
-        now = time.perf_counter_ns()
-        first = seq.t_first or now
-        seq.events.put(
-            Event(
-                done=True,
-                done_reason=reason,
-                tokens=tuple(seq.generated),
-                prompt_eval_count=seq.evaluated,
-                prompt_cached_count=seq.cached,
-                prompt_eval_duration=first - seq.t_start,
-                eval_count=len(seq.generated),
-                eval_duration=now - first,
-            )
-        )
-        seq.done = True
-        seq.slot.busy = False
 
     def _fail(self, seq: Sequence, error: HerdError) -> None:
         """End one sequence with an error; its slot is freed and its cells forgotten (what
@@ -228,11 +213,12 @@ class Runner:
                 self.active.append(self.incoming.get())
             for seq in self.active:
                 if seq.cancelled.is_set() and not seq.done:  # its client left: nobody
-                    self._finish(seq, "")  # is waiting for this context, free its cells
+                    finish(seq, "")  # is waiting for this context, free its cells
                     self._forget(seq.slot)
             self.active = [s for s in self.active if not s.done]
             if not self.active:
                 return False
+            propose(self, self.active)  # speculative decoding's proposals, if any
             tokens: list[int] = []
             positions: list[int] = []
             seqs: list[int] = []
@@ -249,23 +235,28 @@ class Runner:
                 slot = seq.slot
                 if len(slot.cached) + 1 > self.num_ctx:  # context full while generating
                     if not seq.shift:
-                        self._finish(seq, "length")
+                        finish(seq, "length")
                         continue
                     self._shift(slot, seq.options.num_keep)
                 take = seq.pending[: fits(seq.pending, room, not tokens, seq.images)]
                 if not take:  # an image longer than the room: a batch of its own next
                     continue
+                extra: list[int] = []
+                if seq.spec is not None:  # proposals follow a decoding token, room allowing
+                    extra = seq.spec.tokens[: room - len(take)] if take == seq.pending else []
+                    seq.spec.tokens, seq.spec.q = extra, seq.spec.q[: len(extra)]
                 if seq.images:
                     images += batch_images(take, len(tokens), seq.images)
                 start = len(slot.cached)
                 members.append(seq)
+                seq.pending = seq.pending[len(take) :]
+                take += extra  # proposals: a row for each, and the last token's
                 tokens += take
                 positions += range(start, start + len(take))
                 seqs += [slot.id] * len(take)
                 slot.cached += take
-                seq.pending = seq.pending[len(take) :]
                 if not seq.pending:
-                    outputs.append(len(tokens) - 1)
+                    outputs += range(len(tokens) - 1 - len(extra), len(tokens))
                     owners.append(seq)
             if tokens:
                 ids = np.array(tokens, np.int32)
@@ -290,9 +281,15 @@ class Runner:
                     logits, owners = np.zeros((0, 0), np.float32), []
                 finally:
                     self.step_started = None
-                for seq, row in zip(owners, logits, strict=True):
+                at = 0
+                for seq in owners:
+                    n = 1 + (len(seq.spec.tokens) if seq.spec is not None else 0)
+                    rows, at = logits[at : at + n], at + n
                     try:
-                        self._advance(seq, row)
+                        if n > 1:
+                            verify(self, seq, rows)
+                        else:
+                            self._advance(seq, rows[0])
                     except Exception as e:  # this request's sampler, grammar or text
                         self._fail(seq, request_error(e))
             # rotate so a long prompt cannot starve the others
@@ -334,42 +331,8 @@ class Runner:
         return self.model.forward(ctx, batch_inputs(ctx, batch))
 
     def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        if not seq.t_first:
-            seq.t_first = time.perf_counter_ns()
-        if not np.isfinite(logits.max()):  # NaN and +inf propagate to the max
-            raise NonFiniteError(
-                "the model produced non-finite values (NaN or infinity) in its output; "
-                "its weights may be corrupt"
-            )
-        token = seq.sampler.sample(logits, seq.history)
-        grammar = seq.sampler.grammar
-        if grammar is not None:
-            try:
-                grammar.accept(token)
-            except HerdError:  # cannot happen with a sound mask; end the answer, not the loop
-                self._finish(seq, "stop")
-                return
-        if self.tokenizer.is_eog(token):
-            self._finish(seq, "stop")
-            return
-        piece = seq.decoder.add(token)
-        if seq.stuck(piece):
-            self._finish(seq, "stop")
-            return
-        seq.generated.append(token)
-        seq.history.append(token)
-        text, stopped = seq.stops.feed(piece)
-        lp = (
-            (api_logprob(self.tokenizer, logits, token, seq.logprobs),) if seq.logprobs >= 0 else ()
-        )
-        if text or lp:
-            seq.events.put(Event(text=text, logprobs=lp))
-        if stopped or (grammar is not None and grammar.done):  # a closed JSON value ends it
-            self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.limit:
-            self._finish(seq, "length")
-        else:
-            seq.pending = [token]
+        finite(logits)
+        emit(self.tokenizer, seq, seq.sampler.sample(logits, seq.history), logits)
 
     def _shift(self, slot: Slot, keep: int) -> None:
         """Context full: drop half of what follows the first `keep` tokens (re-roping keys)."""
@@ -491,6 +454,8 @@ class Runner:
         """Free the kept graphs and their compute buffers (before the backend closes)."""
         with self.lock:
             self._drop_graphs()
+        if self.draft is not None:
+            self.draft.runner.release_graphs()
 
     def _drop_graphs(self) -> None:
         graphs, self._graphs = list(self._graphs.values()), {}
@@ -499,6 +464,8 @@ class Runner:
 
     def reset(self) -> None:
         """Forget every cached prefix."""
+        if self.draft is not None:
+            self.draft.runner.reset()
         with self.lock:
             for slot in self.slots:
                 self.cache.remove(slot.id, 0, None)

@@ -20,13 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from herd.errors import GGUFError
+from herd.errors import CapabilityError, GGUFError
 from herd.gguf import GGUFFile, open_gguf
 from herd.ml import Backend, BackendOptions, DeviceInfo, open_backend
 from herd.models import Batch, Model, Vision, batch_inputs, load_model
 from herd.models.base import Projector
 from herd.models.imageproc import ImageLimits
+from herd.models.rank import Ranker
+from herd.nn.lora import Adapted
 from herd.options import Options
+from herd.runner.adapters import adapted, check_bound
+from herd.runner.draft import Drafter, check_draft
 from herd.runner.engine import Runner
 from herd.runner.images import LRU, Image
 from herd.template import ChatTemplate, select_template
@@ -44,6 +48,8 @@ class Source:
     params: dict[str, Any] | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)  # Modelfile MESSAGEs
     projector: Path | None = None  # llama.cpp's mmproj GGUF (a store's projector layer)
+    adapters: list[tuple[Path, float]] = field(default_factory=list)  # LoRA GGUFs, scales
+    draft: Path | None = None  # a speculative-decoding draft model's GGUF (Modelfile DRAFT)
 
 
 class Loaded:
@@ -66,6 +72,7 @@ class Loaded:
     ) -> None:
         t0 = time.perf_counter_ns()
         self.source, self.name = source, source.name
+        self.draft: Loaded | None = None  # on the same kind of backend, checked to fit
         self.gguf: GGUFFile = open_gguf(source.path)
         self.defaults = Options().merged(source.params).merged(options)
         self.kv_cache_type = kv_cache_type
@@ -90,17 +97,36 @@ class Loaded:
                     self.backend.name, self.projector_gguf, replace(opts, num_ctx=0)
                 )
                 projector = Projector(self.projector_gguf.config(), self.projector_backend)
-            self.model: Model = load_model(self.gguf.config(), self.backend, projector)
+            bound: Backend = self.backend
+            if source.adapters:  # LoRA: Linear.bind takes each weight's from the wrapper
+                bound = adapted(self.backend, self.gguf, source.adapters)
+            self.model: Model = load_model(self.gguf.config(), bound, projector)
+            if isinstance(bound, Adapted):
+                check_bound(bound, self.gguf.architecture)
         except BaseException:
             self.close()
             raise
         self.tokenizer: Tokenizer = from_gguf(self.gguf)
         self.template: ChatTemplate | None = select_template(self.gguf.kv, source.template)
+        if source.draft is not None:
+            try:
+                self.draft = Loaded(Source(source.draft.name, source.draft), self.backend.name,
+                                    options, flash_attention=flash_attention,
+                                    kv_cache_type=kv_cache_type)  # fmt: skip
+                check_draft(self, self.draft)
+            except BaseException:
+                self.close()
+                raise
         self.load_duration = time.perf_counter_ns() - t0  # ns
 
     @property
     def is_embedding(self) -> bool:
         return self.model.is_embedding
+
+    @property
+    def is_rank(self) -> bool:
+        """A cross-encoder (rerank model): scores pairs, computes no embeddings."""
+        return isinstance(self.model, Ranker)
 
     @property
     def vision(self) -> Vision | None:
@@ -142,13 +168,17 @@ class Loaded:
 
     def new_runner(self, options: Options, parallel: int = 1) -> Runner:
         """A runner (KV cache of `parallel` x num_ctx cells) for the load-time `options`."""
+        draft = None if self.draft is None else Drafter(self.draft.new_runner(options, parallel))
         return Runner(self.model, self.backend, self.tokenizer, options, self.context_length,
                       parallel=parallel, cache_type=self.kv_cache_type,
-                      vision=self.vision, encoder_backend=self.projector_backend)  # fmt: skip
+                      vision=self.vision, encoder_backend=self.projector_backend,
+                      draft=draft)  # fmt: skip
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """(len(inputs), n_embd) float32: the embedding of each token list, as many in one
         forward pass as fit the context, each its own sequence."""
+        if self.is_rank:
+            raise CapabilityError(f'"{self.name}" does not support embeddings')
         rows, batch = [], []
         for ids in inputs:
             if sum(map(len, batch)) + len(ids) > self.context_length:
@@ -168,7 +198,36 @@ class Loaded:
             (out,) = ctx.compute(self.model.forward(ctx, batch_inputs(ctx, b)))
         return out
 
+    def rerank(self, pairs: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        """(len(pairs), n_labels) float32 raw classifier logits of (token ids, token types)
+        pairs (`herd.runner.rerank.prepare_rerank`), as many per pass as fit the context."""
+        assert isinstance(self.model, Ranker)
+        rows, batch = [], []
+        for pair in pairs:
+            if sum(len(ids) for ids, _ in batch) + len(pair[0]) > self.context_length:
+                rows.append(self._rank_batch(batch))
+                batch = []
+            batch.append(pair)
+        if batch:
+            rows.append(self._rank_batch(batch))
+        return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+
+    def _rank_batch(self, batch: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        assert isinstance(self.model, Ranker)
+        ids = [p[0] for p in batch]
+        b = Batch(np.concatenate(ids).astype(np.int32),
+                  np.concatenate([np.arange(len(x), dtype=np.int32) for x in ids]),
+                  np.concatenate([np.full(len(x), k, np.int32) for k, x in enumerate(ids)]),
+                  np.zeros(0, np.int32))  # fmt: skip
+        types = np.concatenate([np.asarray(p[1], np.int32) for p in batch])
+        with self.backend.new_context() as ctx:
+            (out,) = ctx.compute(self.model.rank(ctx, batch_inputs(ctx, b), types))
+        return out
+
     def close(self) -> None:
+        if self.draft is not None:
+            self.draft.close()
+            self.draft = None
         if self.projector_backend is not None:
             self.projector_backend.close()
             self.projector_backend = None

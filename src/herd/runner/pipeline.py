@@ -26,8 +26,9 @@ the engine's events -> Ollama's answer. The library (`herd.api`) and the runner 
     output parser by name         the model's PARSER (Modelfile), when herd has it; else
                                   the formats the template writes
     final event                   counters (`prompt_eval_count`: the whole prompt, as
-                                  Ollama's; `prompt_cached_count`: its reused part), and
-                                  `context` (prompt + answer) when wanted
+                                  Ollama's; `prompt_cached_count`: its reused part;
+                                  `draft_proposed`/`draft_accepted` when it speculated),
+                                  and `context` (prompt + answer) when wanted
 """
 
 from __future__ import annotations
@@ -289,6 +290,9 @@ def finish(prepared: Prepared, event: Event) -> dict[str, Any]:
         "eval_count": event.eval_count,
         "eval_duration": event.eval_duration,
     }
+    if event.draft_proposed:  # speculative decoding (herd's): proposed, kept
+        out["draft_proposed"] = event.draft_proposed
+        out["draft_accepted"] = event.draft_accepted
     if prepared.want_context:
         out["context"] = prepared.tokens + list(event.tokens)
     return out

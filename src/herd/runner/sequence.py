@@ -8,15 +8,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from herd.errors import HerdError
+from herd.errors import HerdError, NonFiniteError
 from herd.options import Options
 from herd.runner.stop import StopMatcher
 from herd.sample import Sampler
 from herd.tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from herd.runner.speculate import Speculation
 
 
 @dataclass
@@ -38,6 +41,9 @@ class Event:
     logprobs: tuple[dict[str, Any], ...] = ()
     # the request failed (done is set too): `generate` raises it to the request's reader
     error: HerdError | None = None
+    # speculative decoding (final event): tokens proposed, and how many the target kept
+    draft_proposed: int = 0
+    draft_accepted: int = 0
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Sequence:
     repeats: int = 0  # it came again (Ollama starts from "" too)
     # the prompt's images by the serial in their keys: encoded output and placeholder rows
     images: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
+    spec: Speculation | None = None  # speculative decoding (`herd.runner.speculate`)
 
     def stuck(self, piece: str) -> bool:
         """Ollama's guard against a model stuck on one token: the answer ends, without this
@@ -86,6 +93,15 @@ class Sequence:
 
 
 REPEAT_LIMIT = 30  # Ollama's: the 31st repeat of one token's text ends the answer
+
+
+def finite(logits: np.ndarray) -> None:
+    """NonFiniteError for a logits row with NaN or +inf (both propagate to the max)."""
+    if not np.isfinite(logits.max()):
+        raise NonFiniteError(
+            "the model produced non-finite values (NaN or infinity) in its output; "
+            "its weights may be corrupt"
+        )
 
 
 def context_size(options: Options, context_length: int) -> int:

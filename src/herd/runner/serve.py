@@ -8,7 +8,7 @@ server; every reply carries the id it answers.
     server -> runner                                      runner -> server
     {"op": "load", "path", "projector", "name",           {"op": "ready", "parallel",
      "template", "system", "params", "backend",             "num_ctx", "kv_usage",
-     "options", "parallel"}                                 "load_duration", "backend",
+     "options", "parallel", "draft"}                       "load_duration", "backend",
                                                             "device", "device_name"}
                                                           | {"op": "error", "error", "type"}
     {"op": "completion", "id", "messages" | "prompt",     {"id", "text", "logprobs"?}  (0+)
@@ -20,6 +20,9 @@ server; every reply carries the id it answers.
                                                             "rendered", "image_count"}
     {"op": "embed", "id", "input", "truncate"}            {"id", "embeddings",
                                                             "prompt_eval_count"}
+    {"op": "rerank", "id", "query", "documents",          {"id", "results": [{"index",
+     "top_n"}                                               "relevance_score"}] (best
+                                                            first), "prompt_eval_count"}
     {"op": "cancel", "id"}                                (the completion ends early)
                                                           {"op": "alive"} every second
     end of stdin                                          the process exits
@@ -76,6 +79,7 @@ from herd.runner.faults import Watchdog, request_error
 from herd.runner.images import Image
 from herd.runner.loaded import Loaded, Source
 from herd.runner.pipeline import Prepared, Request, finish, prepare, prepare_embed
+from herd.runner.rerank import prepare_rerank, ranked, scores_of
 from herd.runner.sequence import Event
 from herd.sample.grammar import Grammar
 
@@ -257,6 +261,8 @@ class Child:
             spec.get("params"),
             list(spec.get("messages") or []),
             Path(spec["projector"]) if spec.get("projector") else None,
+            [(Path(p), 1.0) for p in spec.get("adapters") or []],
+            draft=Path(spec["draft"]) if spec.get("draft") else None,
         )
         loaded = self.loaded = Loaded(
             source,
@@ -333,10 +339,22 @@ class Child:
             vectors = [[float(x) for x in v] for v in self.loaded.embed(inputs)]
         self.send({"id": req["id"], "embeddings": vectors, "prompt_eval_count": count})
 
+    def rerank(self, req: dict[str, Any]) -> None:
+        assert self.loaded is not None
+        docs = [str(d) for d in req.get("documents") or []]
+        pairs, count = prepare_rerank(self.loaded, str(req.get("query") or ""), docs)
+        with self.embed_lock:  # an encoder, as embedding models: one pass at a time
+            scores = scores_of(self.loaded.rerank(pairs))
+        top_n = req.get("top_n")
+        results = ranked(scores, docs, int(top_n) if top_n else None)
+        self.send({"id": req["id"], "results": results, "prompt_eval_count": count})
+
     def handle(self, req: dict[str, Any], cancelled: threading.Event) -> None:
         try:
             if req["op"] == "completion":
                 self.completion(req, cancelled)
+            elif req["op"] == "rerank":
+                self.rerank(req)
             else:
                 self.embed(req)
         except Exception as e:  # this request's error; the others go on
@@ -355,7 +373,9 @@ class Child:
             try:
                 req = json.loads(line)
                 op = req.get("op")
-                if op in ("completion", "embed", "cancel") and not isinstance(req.get("id"), int):
+                if op in ("completion", "embed", "rerank", "cancel") and not isinstance(
+                    req.get("id"), int
+                ):
                     raise ValueError("a request without an integer id")
             except (ValueError, AttributeError) as e:  # the server's bug: this line only
                 log.error("ignoring a malformed request line (%s): %.200s", e, line)
@@ -364,7 +384,7 @@ class Child:
                 event = self.cancels.get(req.get("id"))
                 if event is not None:
                     event.set()
-            elif op in ("completion", "embed"):
+            elif op in ("completion", "embed", "rerank"):
                 cancelled = self.cancels[req["id"]] = threading.Event()
                 threading.Thread(target=self.handle, args=(req, cancelled), daemon=True).start()
             else:

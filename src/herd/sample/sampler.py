@@ -86,6 +86,22 @@ class Sampler:
 
     def sample(self, logits: t.Logits, history: Sequence[int] = ()) -> int:
         """Choose the next token id from `logits` (n_vocab,), given the tokens so far."""
+        ids, weights = self._candidates(logits, history)
+        if weights is None:
+            return int(ids[0])
+        return int(ids[t.draw(weights, self.rng)])
+
+    def distribution(self, logits: t.Logits, history: Sequence[int] = ()) -> tuple[t.Ids, t.Probs]:
+        """The distribution `sample` draws from, as (ids, probabilities summing to 1): the
+        target of speculative decoding's acceptance rule. Greedy: all mass on one id."""
+        ids, weights = self._candidates(logits, history)
+        if weights is None:
+            return ids, np.ones(1)
+        return ids, weights / float(weights.sum())
+
+    def _candidates(self, logits: t.Logits, history: Sequence[int]) -> tuple[t.Ids, t.Probs | None]:
+        """The ids `sample` may choose and their (unnormalised) weights; weights None:
+        greedy, the one id."""
         if self._scratch is None or self._scratch.shape != logits.shape:
             self._scratch = np.empty_like(logits)
         logits = t.penalize(
@@ -100,9 +116,9 @@ class Sampler:
         if self.grammar is not None:
             logits = self.grammar.mask(logits, self._scratch)
         if self.temperature == 0.0:
-            return t.greedy(logits)
+            return np.array([t.greedy(logits)], np.intp), None
         ids, values = t.top_k(logits, self.top_k)
         probs = t.softmax(t.temperature(values, self.temperature))
         probs = probs[: t.top_p(probs, self.top_p)]
         probs = probs[: t.min_p(probs, self.min_p)]
-        return int(ids[t.draw(probs, self.rng)])
+        return ids[: len(probs)], probs

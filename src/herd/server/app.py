@@ -33,6 +33,7 @@ from herd.server.http import JSON, error_response
 from herd.server.metrics import Metrics
 from herd.server.ollama_api import OllamaAPI
 from herd.server.openai_api import OpenAIAPI
+from herd.server.rerank_api import RerankAPI
 from herd.server.responses_api import ResponsesAPI
 from herd.server.scheduler import Scheduler
 from herd.server.service import Service
@@ -216,6 +217,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *openai.routes(),
         *AnthropicAPI(service).routes(),
         *ResponsesAPI(service).routes(),
+        *RerankAPI(service).routes(),
         Route("/metrics", metrics_route, methods=["GET"]),
     ]
     app = Starlette(

@@ -57,6 +57,7 @@ COUNTERS = (
     "eval_duration",
     "prompt_cached_count",  # herd's: the prompt's part reused from the cache
 )
+SPECULATION = ("draft_proposed", "draft_accepted")  # herd's: only when it speculated
 
 # The Ollama release whose API herd implements: the reference's HEAD (fb3076099) is the
 # v0.33.0-rc2 tag. Tools that gate features on Ollama's version read this.
@@ -210,6 +211,7 @@ class OllamaAPI:
                 if "context" in msg:
                     out["context"] = msg["context"]
                 out.update((k, msg.get(k, 0)) for k in COUNTERS)
+                out.update((k, msg[k]) for k in SPECULATION if k in msg)
             return out
 
         return await self._respond(request, events, shape, body, "response")
@@ -255,6 +257,7 @@ class OllamaAPI:
             if msg.get("done"):
                 out["done_reason"] = msg.get("done_reason", "stop")
                 out.update((k, msg.get(k, 0)) for k in COUNTERS)
+                out.update((k, msg[k]) for k in SPECULATION if k in msg)
             return out
 
         return await self._respond(request, events, shape, body, "message")

@@ -167,7 +167,7 @@ class RunnerProcess:
                 if "error" in msg:
                     finished = True
                     raise error_from_name(str(msg.get("type", "")), str(msg["error"]))
-                finished = bool(msg.get("done")) or "embeddings" in msg
+                finished = bool(msg.get("done")) or "embeddings" in msg or "results" in msg
                 yield msg
                 if finished:
                     return

@@ -151,3 +151,28 @@ class Service:
             )
         finally:
             lease.release()
+
+    async def rerank(
+        self,
+        spec: LoadSpec,
+        keep_alive: float | None,
+        query: str,
+        documents: list[str],
+        top_n: int | None,
+    ) -> tuple[list[dict[str, Any]], int, int]:
+        """(results best first: index, relevance_score; prompt tokens, load ns); the runner
+        raises when the model can't rerank or the query does not fit."""
+        lease = await self.scheduler.lease(spec, keep_alive)
+        try:
+            result: dict[str, Any] = {}
+            async for msg in lease.runner.proc.request(
+                {"op": "rerank", "query": query, "documents": documents, "top_n": top_n}
+            ):
+                result = msg
+            return (
+                list(result.get("results") or []),
+                int(result.get("prompt_eval_count", 0)),
+                lease.load_duration,
+            )
+        finally:
+            lease.release()

@@ -3,11 +3,12 @@ progress streams.
 
 A create request is Ollama's CreateRequest: the model comes from `from` (a model name) or
 from `files` ({file name: digest} of blobs uploaded first with `POST /api/blobs/:digest`),
-plus `adapters`, `template`, `system`, `license`, `parameters`, `messages`, `quantize`. It
-becomes the Modelfile it stands for and goes to `herd.store.create`, the code behind
-`herd create`. The uploaded files are staged as links in a temporary folder inside the
-store, so FROM names a GGUF file or a Hugging Face folder as it would on the command line;
-a GGUF blob is used in place, never copied.
+plus `adapters`, `draft_files` (a DRAFT model's files) and `draft_quantize`, `template`,
+`system`, `license`, `parameters`, `messages`, `quantize`. It becomes the Modelfile it
+stands for and goes to `herd.store.create`, the code behind `herd create`. The uploaded
+files are staged as links in a temporary folder inside the store, so FROM names a GGUF
+file or a Hugging Face folder as it would on the command line; a GGUF blob is used in
+place, never copied.
 
 Everything a client can get wrong (names, digests, missing blobs, file types, template,
 parameter types, quantization type) is checked before the stream starts, so it answers
@@ -138,6 +139,7 @@ async def create_model(request: Request, body: dict[str, Any], store: Store) -> 
     staging = Path(tempfile.mkdtemp(prefix=".herd-create-", dir=store.root))
     try:
         modelfile, quantize = recipe(store, body, staging)
+        draft_quantize = _draft_quantize(body)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -153,6 +155,7 @@ async def create_model(request: Request, body: dict[str, Any], store: Store) -> 
                 quantize_to=quantize,
                 progress=report,
                 pull=lambda s, n, r: pull(n, store=s, progress=r, registry=registry),
+                draft_quantize=draft_quantize,
             )
         except ModelfileError as e:
             raise BadRequestError(e.message) from None
@@ -191,6 +194,9 @@ def recipe(store: Store, body: dict[str, Any], staging: Path) -> tuple[Modelfile
     adapters = _digests(body, "adapters")
     if adapters:
         add("adapter", str(_stage(store, adapters, staging / "adapter", "adapter")))
+    drafts = _digests(body, "draft_files")  # Ollama's DRAFT: a GGUF or a Hugging Face folder
+    if drafts:
+        add("draft", str(_stage(store, drafts, staging / "draft", "draft")))
 
     template = _string(body, "template")
     if template is not None:
@@ -250,6 +256,23 @@ def recipe(store: Store, body: dict[str, Any], staging: Path) -> tuple[Modelfile
     return modelfile, quantize
 
 
+def _draft_quantize(body: dict[str, Any]) -> str | None:
+    """CreateRequest's `draft_quantize` (the draft layer's type), checked up front."""
+    value = body.get("draft_quantize")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise BadRequestError("draft_quantize must be a string")
+    if not body.get("draft_files"):
+        raise BadRequestError("--draft-quantize requires a DRAFT model")  # Ollama's words
+    from herd.store.quantize import parse_file_type
+
+    try:
+        return parse_file_type(value)
+    except HerdError as e:
+        raise BadRequestError(str(e)) from None
+
+
 def _string(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
@@ -299,11 +322,11 @@ def _stage(store: Store, files: dict[str, str], folder: Path, what: str) -> Path
         link.symlink_to(blob)
         blobs[name] = blob
     if any(n.endswith(".safetensors") for n in files):
-        if what == "adapter":
+        if what == "adapter" and "adapter_config.json" not in files:
             raise BadRequestError(
-                "safetensors adapters are not supported yet: convert the adapter to GGUF"
+                "a safetensors adapter needs its adapter_config.json (a PEFT LoRA folder)"
             )
-        return folder
+        return folder  # a Hugging Face model, or a PEFT adapter create converts
     ggufs = [n for n, blob in blobs.items() if n.endswith(".gguf") or _is_gguf(blob)]
     if not ggufs:
         raise BadRequestError("supplied file was not in GGUF format")

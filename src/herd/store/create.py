@@ -2,10 +2,11 @@
 
 Layers, in Ollama's order: the model (a GGUF copied in, a Hugging Face folder converted
 to an F16 GGUF, quantized if asked, or the layers of an existing model), its projector,
-adapters, then template, system, licenses, params and messages; then the config blob
-and, last, the manifest. Every blob goes in through a temp file and a rename, so a failure
-leaves no half-written blob and no manifest. A GGUF that already is a blob of the store
-(the server stages uploaded files as links to their blobs) is used in place.
+adapters, a draft model (`herd.store.draft`), then template, system, licenses, params and
+messages; then the config blob and, last, the manifest. Every blob goes in through a temp
+file and a rename, so a failure leaves no half-written blob and no manifest. A GGUF that
+already is a blob of the store (the server stages uploaded files as links to their blobs)
+is used in place.
 
 A model in llama.cpp's two-file layout takes two FROM lines, in either order: the text
 model (a GGUF, a folder or a model name) and its projector GGUF (`mmproj`), told apart
@@ -28,6 +29,8 @@ from herd.errors import GGUFError, HerdError, ModelfileError, ModelNotFoundError
 from herd.gguf import GGUFFile, open_gguf
 from herd.modelfile import Command, Modelfile, resolve_source
 from herd.store import names, quantize
+from herd.store.adapters import checked_adapter, is_peft_dir
+from herd.store.draft import draft_config, with_draft
 from herd.store.ggufinfo import describe
 from herd.store.layout import (
     CONFIG_V1,
@@ -65,6 +68,7 @@ def create(
     quantize_to: str | None = None,
     progress: Progress | None = None,
     pull: Puller | None = None,
+    draft_quantize: str | None = None,
 ) -> ModelRef:
     """Create (or replace) model `name` from `modelfile`; FROM paths are relative to
     `base_dir`. `progress(status, digest, total, completed)` gets Ollama's create steps."""
@@ -80,6 +84,7 @@ def create(
                 quantize_to,
                 progress or (lambda *a: None),
                 pull,
+                draft_quantize,
             )
     finally:
         # intermediate blobs (an unquantized copy) and those of a failed create go away
@@ -99,6 +104,7 @@ def _create(
     quantize_to: str | None,
     report: Progress,
     pull: Puller | None,
+    draft_quantize: str | None = None,
 ) -> ModelRef:
     if quantize_to is not None:
         quantize_to = quantize.parse_file_type(quantize_to)
@@ -120,14 +126,16 @@ def _create(
         requires=modelfile.requires or "",
     )
     layers = _from_layers(store, modelfile, base, config, report, pull)
-    for cmd in modelfile.adapters:
+    model_layer = next((x for x in layers if x.media_type == MEDIA_MODEL), None)
+    for cmd in modelfile.adapters:  # each checked against the model (or converted) first
         path = resolve_source(cmd, base, modelfile.path)
-        assert isinstance(path, Path)
-        layers.append(
-            _gguf_layer(
-                store, _gguf_in(path, cmd, modelfile.path), MEDIA_ADAPTER, path.name, report
-            )
-        )
+        assert isinstance(path, Path) and model_layer is not None
+        src = path if is_peft_dir(path) else _gguf_in(path, cmd, modelfile.path)
+        with tempfile.TemporaryDirectory(prefix=".herd-convert-", dir=store.root) as tmp:
+            gguf = checked_adapter(src, store.blob_path(model_layer.digest), Path(tmp), cmd,
+                                   modelfile.path, report)  # fmt: skip
+            layers.append(_gguf_layer(store, gguf, MEDIA_ADAPTER, path.name, report))
+    layers = with_draft(store, modelfile, base, layers, report, pull, draft_quantize)
 
     layers = [
         _maybe_quantize(store, x, quantize_to, report) if x.media_type == MEDIA_MODEL else x
@@ -169,6 +177,7 @@ def _create(
         layers = _without(layers, MEDIA_MESSAGES)
         layers.append(text_layer(go_json(modelfile.messages), MEDIA_MESSAGES))
 
+    config.draft = draft_config(store, layers)  # a DRAFT's, or one FROM's model had
     config.diff_ids = [x.digest for x in layers]
     config_layer = store.write_blob(config.to_bytes(), CONFIG_V1)
     report("writing manifest", None, None, None)
@@ -298,8 +307,8 @@ def _gguf_in(path: Path, cmd: Command, where: str) -> Path:
         return files[0]
     if hf and not files:
         raise ModelfileError(
-            f"{cmd.args} is a Hugging Face folder ({', '.join(sorted(hf)[:3])}); herd "
-            "converts those in FROM, not in ADAPTER: convert the adapter to GGUF first",
+            f"{cmd.args} is a Hugging Face folder ({', '.join(sorted(hf)[:3])}) without an "
+            "adapter_config.json: ADAPTER takes a LoRA GGUF or a PEFT adapter folder",
             cmd.line,
             cmd.column,
             where,
@@ -346,7 +355,7 @@ def _check_gguf(path: Path) -> GGUFFile:
     try:
         return open_gguf(path)
     except GGUFError as e:
-        raise HerdError(f"{e} (only GGUF files can be used in FROM and ADAPTER)") from None
+        raise HerdError(f"{e} (only GGUF files can be used in FROM, ADAPTER and DRAFT)") from None
 
 
 def _gguf_layer(store: Store, path: Path, media_type: str, from_: str, report: Progress) -> Layer:

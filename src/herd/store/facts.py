@@ -44,6 +44,7 @@ class ShowFacts:
     messages: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     projector: GGUFFacts | None = None  # the projector layer's GGUF (llama.cpp's mmproj)
+    draft: Path | None = None  # the draft layer's blob (Modelfile DRAFT)
 
     @property
     def capabilities(self) -> list[str]:
@@ -91,10 +92,14 @@ def capabilities(
     parser: str = "",
 ) -> list[str]:
     """What a model can do, by Ollama's rules: `pooling_type` -> embedding, else
-    completion; `<arch>.vision.block_count` -> vision (`vision`: the model has it some
-    other way, a projector file); the template's or the named parser's (PARSER) tools and
-    thinking; the template's `.Suffix` (insert)."""
+    completion (herd's: `pooling_type` 4, llama.cpp's rank, or a classifier's labels
+    without one -> rerank alone, a cross-encoder that neither embeds nor completes);
+    `<arch>.vision.block_count` -> vision (`vision`: the model has it some other way, a
+    projector file); the template's or the named parser's (PARSER) tools and thinking;
+    the template's `.Suffix` (insert)."""
     caps = ["embedding" if f"{arch}.pooling_type" in kv else "completion"]
+    if is_rank(arch, kv):
+        caps = ["rerank"]
     if vision or f"{arch}.vision.block_count" in kv:
         caps.append("vision")
     if template or parser:
@@ -107,6 +112,13 @@ def capabilities(
     if template and ".Suffix" in template:
         caps.append("insert")
     return caps
+
+
+def is_rank(arch: str, kv: dict[str, Any]) -> bool:
+    """A rerank model: pooling type 4 (rank), or classifier labels and no pooling type
+    (llama.cpp's conversions of BERT cross-encoders, run with --reranking)."""
+    pooling = kv.get(f"{arch}.pooling_type")
+    return pooling == 4 or pooling is None and f"{arch}.classifier.output_labels" in kv
 
 
 def is_model_path(model: str) -> bool:
@@ -145,6 +157,7 @@ def load_facts(model: str, store: Store) -> ShowFacts:
         ref.messages,
         ref.config,
         projector,
+        ref.draft,
     )
 
 
@@ -182,6 +195,8 @@ def render_modelfile(f: ShowFacts) -> str:
         f"FROM {f.model_path}",
     ]
     lines.extend(f"ADAPTER {quote(str(p))}" for p in f.adapters)
+    if f.draft is not None:  # Ollama's Model.String(): after the adapters
+        lines.append(f"DRAFT {quote(str(f.draft))}")
     if f.template_layer is not None:
         lines.append(f"TEMPLATE {quote(f.template_layer)}")
     if f.system:

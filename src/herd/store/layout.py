@@ -24,6 +24,7 @@ CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 MEDIA_MODEL = "application/vnd.ollama.image.model"
 MEDIA_ADAPTER = "application/vnd.ollama.image.adapter"
 MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
+MEDIA_DRAFT = "application/vnd.ollama.image.draft"  # a speculative-decoding draft model GGUF
 MEDIA_TEMPLATE = "application/vnd.ollama.image.template"
 MEDIA_PROMPT = "application/vnd.ollama.image.prompt"  # legacy name of the template layer
 MEDIA_SYSTEM = "application/vnd.ollama.image.system"
@@ -196,6 +197,7 @@ class ConfigV2:
     parser: str = ""
     requires: str = ""  # minimum Ollama version (semver without "v")
     diff_ids: list[str] = field(default_factory=list)
+    draft: dict[str, str] | None = None  # Ollama's Draft: model_format, architecture
 
     def to_bytes(self) -> bytes:
         obj: dict[str, Any] = {
@@ -208,6 +210,8 @@ class ConfigV2:
         for key in ("renderer", "parser", "requires"):  # omitempty in Go
             if getattr(self, key):
                 obj[key] = getattr(self, key)
+        if self.draft:  # `draft,omitempty`, after the fields above in Go's declaration order
+            obj["draft"] = self.draft
         obj.update(
             {
                 "architecture": "amd64",

@@ -25,6 +25,8 @@ from herd.errors import HerdError, InvalidNameError, ModelNotFoundError
 from herd.store import names
 from herd.store.layout import (
     CONFIG_V1,
+    MEDIA_ADAPTER,
+    MEDIA_DRAFT,
     MEDIA_LICENSE,
     MEDIA_MESSAGES,
     MEDIA_MODEL,
@@ -62,6 +64,8 @@ class ModelRef:
     config: dict[str, Any] = field(default_factory=dict)
     messages: list[dict[str, Any]] = field(default_factory=list)
     projector: Path | None = None  # the projector layer's blob (llama.cpp's mmproj layout)
+    adapters: list[Path] = field(default_factory=list)  # the adapter layers' blobs (LoRA)
+    draft: Path | None = None  # the draft layer's blob (Modelfile DRAFT: speculative decoding)
 
 
 @dataclass(frozen=True)
@@ -313,6 +317,10 @@ class Store:
             config=self._config(manifest),
             messages=messages if isinstance(messages, list) else [],
             projector=projector_path,
+            adapters=[
+                self.blob_path(x.digest) for x in manifest.layers if x.media_type == MEDIA_ADAPTER
+            ],
+            draft=self._layer_blob(manifest.first(MEDIA_DRAFT), _shown(name)),
         )
 
     def delete(self, name: str | Name) -> None:
@@ -356,6 +364,18 @@ class Store:
             except OSError:
                 return  # not empty
             d = d.parent
+
+    def _layer_blob(self, layer: Layer | None, shown: str) -> Path | None:
+        """A GGUF layer's blob, which must be there (a model that resolves loads whole)."""
+        if layer is None:
+            return None
+        path = self.blob_path(layer.digest)
+        if not path.is_file():
+            raise HerdError(
+                f"model '{shown}' is incomplete: blob {layer.digest} ({layer.media_type}) is "
+                "missing; pull it again"
+            )
+        return path
 
     def _text(self, layer: Layer | None) -> str | None:
         if layer is None:

@@ -1,7 +1,13 @@
-"""Hugging Face BERT encoders (BertModel, sentence-transformers directories) -> GGUF.
+"""Hugging Face BERT encoders (BertModel, sentence-transformers directories) and
+cross-encoders (BertForSequenceClassification, sentence-transformers' CrossEncoder) -> GGUF.
 
-Names follow llama.cpp's bert architecture. The pooler and the masked-LM / next-sentence
-heads are dropped (only embeddings are served). A sentence-transformers directory names its
+Names follow llama.cpp's bert architecture. An encoder's pooler and the masked-LM /
+next-sentence heads are dropped (only embeddings are served). A cross-encoder keeps its
+head under llama.cpp's names: the pooler (dense, tanh in the model) as `cls`, the
+classifier as `cls.output`, with `bert.pooling_type` 4 (rank) and the label names in
+`bert.classifier.output_labels`, so llama.cpp loads the file as a reranker too (its own
+converter drops the pooler, which changes the scores). One label only: a classifier with
+more is not a reranker. A sentence-transformers directory names its
 pooling in `modules.json` -> `<Pooling path>/config.json`; that becomes `bert.pooling_type`
 (1 mean, 2 CLS, 3 last token), as llama.cpp's converter writes it.
 The driver contract (names, shapes, hooks) is described in `herd/convert/driver.py`.
@@ -19,9 +25,9 @@ import numpy as np
 from herd.errors import UnsupportedModelError
 
 ARCH = "bert"
-HF_ARCHITECTURES = ("BertModel", "BertForMaskedLM")
+HF_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForSequenceClassification")
 
-POOLING_MEAN, POOLING_CLS, POOLING_LAST = 1, 2, 3
+POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = 1, 2, 3, 4
 
 _L = r"encoder\.layer\.(\d+)\."
 _NAMES = [
@@ -39,6 +45,29 @@ _NAMES = [
     (_L + r"output\.LayerNorm\.(weight|bias)", r"blk.\1.layer_output_norm.\2"),
 ]
 _DROPPED = ("embeddings.position_ids", "pooler.", "cls.predictions.", "cls.seq_relationship.")
+_HEAD = {
+    "pooler.dense.weight": "cls.weight",
+    "pooler.dense.bias": "cls.bias",
+    "classifier.weight": "cls.output.weight",
+    "classifier.bias": "cls.output.bias",
+}
+
+
+def is_rank(cfg: dict[str, Any]) -> bool:
+    """A cross-encoder: a sequence-classification head (checked to have one label)."""
+    return (cfg.get("architectures") or [""])[0] == "BertForSequenceClassification"
+
+
+def labels(cfg: dict[str, Any]) -> list[str]:
+    """The classifier's label names by index; UnsupportedModelError unless exactly one."""
+    id2label = cfg.get("id2label") or {}
+    names = [str(id2label[k]) for k in sorted(id2label, key=int)] or ["LABEL_0"]
+    if len(names) != 1 or int(cfg.get("num_labels", 1)) != 1:
+        raise UnsupportedModelError(
+            f"bert: a sequence classifier with {max(len(names), int(cfg.get('num_labels', 1)))}"
+            " labels is not a reranker (a cross-encoder has one label, its relevance logit)"
+        )
+    return names
 
 
 def kv(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -47,7 +76,14 @@ def kv(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedModelError(f"bert: hidden_act {act!r} is not supported (only gelu)")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError("bert: only absolute position embeddings are supported")
+    head: dict[str, Any] = {}
+    if is_rank(cfg):
+        head = {
+            f"{ARCH}.pooling_type": POOLING_RANK,
+            f"{ARCH}.classifier.output_labels": labels(cfg),
+        }
     return {
+        **head,
         "general.architecture": ARCH,
         f"{ARCH}.block_count": cfg["num_hidden_layers"],
         f"{ARCH}.context_length": cfg.get("max_position_embeddings", 512),
@@ -60,9 +96,10 @@ def kv(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def dir_kv(cfg: dict[str, Any], src: Path) -> dict[str, Any]:
-    """`bert.pooling_type` from a sentence-transformers directory's Pooling module."""
+    """`bert.pooling_type` from a sentence-transformers directory's Pooling module (a
+    cross-encoder's is rank, whatever the directory says)."""
     modules = src / "modules.json"
-    if not modules.is_file():
+    if is_rank(cfg) or not modules.is_file():
         return {}
     pooling = next(
         (
@@ -112,6 +149,10 @@ def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         for norm in ("attn_output_norm", "layer_output_norm"):
             out[b + norm + ".weight"] = (d,)
             out[b + norm + ".bias"] = (d,)
+    if is_rank(cfg):
+        n = len(labels(cfg))  # refuses more than one, before a byte is written
+        out.update({"cls.weight": (d, d), "cls.bias": (d,)})
+        out.update({"cls.output.weight": (n, d), "cls.output.bias": (n,)})
     return out
 
 
@@ -121,6 +162,8 @@ def gguf_name(cfg: dict[str, Any], hf_name: str) -> str | None:
         name = name[: -len(".gamma")] + ".weight"
     elif name.endswith(".beta"):
         name = name[: -len(".beta")] + ".bias"
+    if is_rank(cfg) and name in _HEAD:
+        return _HEAD[name]
     if name.startswith(_DROPPED):
         return None
     for pattern, repl in _NAMES:
