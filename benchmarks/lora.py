@@ -9,7 +9,9 @@ query heads and 3 KV heads of 64), written as a llama.cpp LoRA GGUF. Both models
 loaded once, on the same backend and threads; each round decodes --tokens tokens greedily
 after a 64-token prompt, plain then adapted then adapted then plain (ABBA, so drift on a
 shared machine falls on both), and the figures are the medians over --rounds. The target
-(issue 19): at most 10% slower at rank 16.
+(issue 19): at most 10% slower at rank 16. llama.cpp (llama-cpp-python, as pip builds it)
+runs the same file with and without the same adapter GGUF in the same rounds, when
+importable: the cost of an adapter in the engine herd is measured against.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def decode_tps(llm: Any, tokens: list[int], n: int, threads: int) -> float:
     return n / (time.perf_counter() - t)
 
 
+class LlamaCpp:
+    """llama.cpp on the same file, optionally with the same adapter GGUF (`lora_path`)."""
+
+    def __init__(self, model: Path, threads: int, lora: Path | None) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(model), n_ctx=512, n_batch=512, n_threads=threads,
+                         n_threads_batch=threads, n_gpu_layers=0, verbose=False,
+                         lora_path=str(lora) if lora else None)  # fmt: skip
+
+    def decode_tps(self, tokens: list[int], n: int) -> float:
+        self.llm.reset()
+        self.llm.eval(tokens)
+        token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        t = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval([token])
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        return n / (time.perf_counter() - t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2:135m")
@@ -74,22 +97,37 @@ def main() -> None:
 
     opts = {"num_thread": args.threads, "num_gpu": 0, "num_ctx": 512}
     plain = herd.load(args.model, args.backend, opts)
-    with tempfile.TemporaryDirectory() as tmp:
-        lora = make_adapter(plain.loaded.source.path, Path(tmp) / "lora.gguf", args.rank)
-        adapted = herd.load(args.model, args.backend, opts, adapters=[lora])
+    tmp = tempfile.TemporaryDirectory()
+    model = plain.loaded.source.path
+    lora = make_adapter(model, Path(tmp.name) / "lora.gguf", args.rank)
+    adapted = herd.load(args.model, args.backend, opts, adapters=[lora])
     tokens = plain.tokenize(PROMPT)[:64]
     for llm in (plain, adapted):  # warm-up: graphs built, pages touched
         decode_tps(llm, tokens, 16, args.threads)
-    runs: dict[str, list[float]] = {"plain": [], "lora": []}
+    peers: dict[str, LlamaCpp] = {}
+    try:
+        peers = {"llama.cpp": LlamaCpp(model, args.threads, None),
+                 "llama.cpp+lora": LlamaCpp(model, args.threads, lora)}  # fmt: skip
+    except ImportError:
+        print("# llama-cpp-python is not installed: herd only (pip install -e '.[bench]')")
+    runs: dict[str, list[float]] = {"plain": [], "lora": [], **{k: [] for k in peers}}
     for _ in range(args.rounds):
         for name, llm in (("plain", plain), ("lora", adapted), ("lora", adapted), ("plain", plain)):
             runs[name].append(decode_tps(llm, tokens, args.tokens, args.threads))
+        for name in (*peers, *reversed(peers)):
+            runs[name].append(peers[name].decode_tps(tokens, args.tokens))
     base, with_lora = statistics.median(runs["plain"]), statistics.median(runs["lora"])
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.threads} threads, {args.backend}, {args.model}, decode {args.tokens} tokens, "
           f"median of {2 * args.rounds} runs each")  # fmt: skip
     print(f"decode tok/s  plain {base:7.1f}   rank-{args.rank} LoRA on q,k,v,o {with_lora:7.1f}"
           f"   lora/plain {with_lora / base:.3f} (target >= 0.90)")  # fmt: skip
+    if peers:
+        lp, ll = statistics.median(runs["llama.cpp"]), statistics.median(runs["llama.cpp+lora"])
+        print(f"llama.cpp     plain {lp:7.1f}   rank-{args.rank} LoRA on q,k,v,o {ll:7.1f}"
+              f"   lora/plain {ll / lp:.3f}   herd/llama.cpp plain {base / lp:.2f}x,"
+              f" with LoRA {with_lora / ll:.2f}x")  # fmt: skip
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from test_runner import LetterTokenizer, make_runner
 from herd.errors import DraftError
 from herd.options import Options
 from herd.runner.draft import Drafter, check_draft
-from herd.runner.speculate import K_MAX, K_MIN, Speculation, accept, lookup
+from herd.runner.speculate import K_MAX, K_MIN, PAUSE_MAX, Speculation, accept, lookup
 from herd.sample import Sampler
 
 BACKENDS = ["numpy", "ggml"]
@@ -116,6 +116,27 @@ def test_k_adapts_within_bounds():
     assert spec.k == K_MIN
     full = 4 + 6 + 8 + 10 + 12 + 14 + 16 * 5
     assert (spec.proposed, spec.accepted) == (full + sum(range(1, 17)) + 14, full)
+
+
+def test_fully_rejected_steps_back_off_and_an_acceptance_resets():
+    spec = Speculation(k=4, lookup=2)
+    sat_out = []
+    for _ in range(5):  # five fully rejected steps: pauses of 1, 2, 4, 8, 16 steps
+        spec.update(spec.k, 0)
+        n = 0
+        while spec.sits_out():
+            n += 1
+        sat_out.append(n)
+    assert sat_out == [1, 2, 4, 8, 16]
+    for _ in range(3):
+        spec.update(spec.k, 0)
+        while spec.sits_out():
+            pass
+    assert spec.pause == PAUSE_MAX
+    spec.update(1, 1)  # one accepted proposal: no pause, and the next rejection starts at 1
+    assert not spec.sits_out()
+    spec.update(spec.k, 0)
+    assert spec.sits_out() and not spec.sits_out()
 
 
 # ---- prompt lookup ------------------------------------------------------------------------
