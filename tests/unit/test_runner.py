@@ -402,3 +402,16 @@ def test_embedding_inputs_are_cut_keeping_the_last_token():
         prepare_embed(loaded, [long], truncate=False)
     with pytest.raises(CapabilityError, match='"m" does not support embeddings'):
         prepare_embed(FakeLoaded(), ["ab"], truncate=True)
+
+
+def test_a_new_prompt_takes_an_empty_slot_before_a_cached_prefix(tiny_llama_path):
+    """Two free slots, neither sharing a prefix with a new prompt: it goes to the empty
+    one, so the first conversation's cached prefix is still there for its next turn."""
+    runner = make_runner(tiny_llama_path, parallel=2)
+    options = Options(temperature=0, num_predict=4)
+    first, other = [1, 5, 9, 13, 1, 5, 9], [2, 4, 8, 16, 32]
+    list(runner.generate(first, options))
+    list(runner.generate(other, options))
+    again = list(runner.generate(first + [13], options))[-1]
+    assert again.prompt_cached_count == len(first)
+    assert sorted(len(s.cached) > 0 for s in runner.slots) == [True, True]

@@ -103,7 +103,9 @@ class Runner:
 
     # ---- sequences ----------------------------------------------------------------------
     def _claim_slot(self, tokens: list[int]) -> tuple[Slot, int]:
-        """The free slot sharing the longest prefix with tokens; stale entries removed."""
+        """The free slot sharing the longest prefix with tokens; stale entries removed. On
+        a tie, the slot holding the fewest cells: an empty slot before one whose cached
+        prefix another request may still reuse."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             raise HerdError("no free sequence slot")
@@ -114,7 +116,7 @@ class Runner:
                 n += 1
             return n
 
-        slot = max(free, key=common)
+        slot = max(free, key=lambda s: (common(s), -len(s.cached)))
         n = span_start(tokens, common(slot))  # an image's rows are computed together
         if n < len(slot.cached):
             self.cache.remove(slot.id, n, None)
