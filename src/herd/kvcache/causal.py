@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from herd.errors import CacheFullError
+from herd.kvcache import compact
 from herd.ml import Backend, Context, DType, Tensor
 
 # model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
@@ -78,6 +79,7 @@ class Causal:
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.layer = 0
+        self.moved = 0  # cells moved to keep the cache compact (`_move`)
         self._step: tuple[int, int, int] | None = None  # see _next_step
         self._planned: BatchLayout | None = None  # the batch the inputs below are for
         # values kept transposed, (Hkv, Dv, cells), where the backend asks for it:
@@ -122,7 +124,15 @@ class Causal:
         seqs = batch.sequences
         first = int(seqs[0])
         one_sequence = n == 1 or bool((seqs == first).all())
-        locs = self._place(is_free, free, first, n) if one_sequence else free[:n]
+        group = np.array([first]) if one_sequence else np.unique(seqs)
+        mine = self.member[:, group].any(axis=1)
+        if one_sequence:
+            locs = self._place(is_free, free, first, n)
+        else:  # the free cells nearest the sequences' own
+            locs = compact.near(free, mine, n)
+        if compact.scattered(mine, locs, self.padding):  # see herd.kvcache.compact
+            src, dst, locs = compact.gather(self.pos, self.member, group, n, self.padding)
+            self._move(src, dst)
         self.pos[locs] = batch.positions
         self.member[locs] = False
         self.member[locs, seqs] = True
@@ -161,16 +171,15 @@ class Causal:
         (first to last cell) covers little else: taking the lowest free cells instead
         scattered a new conversation among the cached ones of other slots (one sequence
         decoded 1.5x slower after 8 cached conversations, attending 1408 cells for 164).
-        A sequence that keeps a cached prefix still spans from it to its new stretch."""
+        A sequence that keeps a cached prefix far from its new stretch moves it there
+        (`compact.scattered`, in `_plan`)."""
         mine = np.flatnonzero(self.member[:, seq])
         if len(mine):
             start = int(mine[-1]) + 1
             if start + n <= self.size and is_free[start : start + n].all():
                 return np.arange(start, start + n)
         need = n + self.padding
-        # starts and ends of the runs of free cells
-        edges = np.flatnonzero(np.diff(np.concatenate(([False], is_free, [False])).astype(np.int8)))
-        starts, ends = edges[::2], edges[1::2]
+        starts, ends = compact.free_runs(is_free)
         fits = np.flatnonzero(ends - starts >= need)
         if len(fits):
             start = int(starts[fits[0]])
@@ -272,6 +281,52 @@ class Causal:
                     shifted = self.shift_fn(ctx, layer, keys.get_rows(idx), deltas)
                     ctx.forward(keys.set_rows(idx, shifted))
                 ctx.compute()
+
+    def _move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Move cells src to dst (free or among src): their tags, and their K/V rows in
+        every layer, all read before any is written (one graph: the moves may overlap)."""
+        if len(src) == 0:
+            return
+        self._step = None
+        self.moved += len(src)
+        pos, member = self.pos[src].copy(), self.member[src].copy()
+        self.pos[src], self.member[src] = -1, False
+        self.pos[dst], self.member[dst] = pos, member
+        if not self.keys:
+            return
+        assert self.backend is not None
+        lo, hi = int(src.min()), int(src.max()) + 1
+        with self.backend.new_context() as ctx:
+            i_src = ctx.input(src.astype(np.int32), DType.I32)
+            i_dst = ctx.input(dst.astype(np.int32), DType.I32)
+            # a transposed V's cells are columns: read as rows from the moved range only
+            near = ctx.input((src - lo).astype(np.int32), DType.I32) if self.v_trans else None
+            for layer, keys in self.keys.items():
+                values = self.values[layer]
+                ctx.forward(keys.set_rows(i_dst, keys.get_rows(i_src)))
+                if near is not None:
+                    rows = ctx.attach(values).slice(2, lo, hi).permute(2, 0, 1).contiguous()
+                    write = values.set_columns(i_dst, rows.get_rows(near).permute(1, 2, 0))
+                else:
+                    write = values.set_rows(i_dst, values.get_rows(i_src))
+                ctx.forward(write)
+            ctx.compute()
+
+    def defragment(self) -> None:
+        """Pack every used cell from cell 0, each sequence's cells together in position
+        order (shared cells once, with their lowest sequence): no holes, and every
+        sequence that shares nothing in one run."""
+        self._move(*compact.packed(self.pos, self.member))
+
+    def stats(self) -> dict[str, float]:
+        """Cells in use, the cache's size, its fragmentation (free cells inside the used
+        range over that range) and the cells moved to keep it compact so far."""
+        return {
+            "cells_used": self.used_cells(),
+            "cells": self.size,
+            "fragmentation": compact.fragmentation(self.pos),
+            "cells_moved": self.moved,
+        }
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Let dst share src's cells for positions < n (no K/V copied)."""

@@ -88,6 +88,10 @@ class Encoder:
     def used_cells(self) -> int:
         return int(np.count_nonzero(self.image_pos >= 0)) * (self.rows or 0)
 
+    def stats(self) -> dict[str, float]:
+        """As `Causal.stats`: an image's rows fill one sequence's block, nothing moves."""
+        return {"cells_used": self.used_cells(), "cells": self.size}
+
     def seq_length(self, seq: int) -> int:
         return 0  # positions live in the causal cache beside this one
 

@@ -48,6 +48,9 @@ class Wrapper:
     def used_cells(self) -> int:
         return self.caches[0].used_cells()
 
+    def stats(self) -> dict[str, float]:
+        return self.caches[0].stats()  # the caches see the same batches, laid out alike
+
     @property
     def size(self) -> int:
         return self.caches[0].size

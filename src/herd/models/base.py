@@ -161,6 +161,8 @@ class Cache(Protocol):
         """Forget positions [begin, end) of a sequence (None: to its end)."""
 
     def used_cells(self) -> int: ...
+    def stats(self) -> dict[str, float]:
+        """Occupancy figures for /metrics ("cells_used", "cells", ...: `Causal.stats`)."""
 
     @property
     def size(self) -> int:

@@ -452,6 +452,11 @@ class Runner:
         """Fraction (0..1) of the KV cache cells in use."""
         return min(1.0, self.cache.used_cells() / self.cache.size)
 
+    def kv_stats(self) -> dict[str, float]:
+        """The cache's occupancy figures (`Causal.stats`: cells used, fragmentation...)."""
+        with self.lock:
+            return self.cache.stats()
+
     def release_graphs(self) -> None:
         """Free the kept graphs and their compute buffers (before the backend closes)."""
         with self.lock:

@@ -15,7 +15,8 @@ server; every reply carries the id it answers.
      "images", "context", "template", "options", "shift", {"id", "done": true, "done_reason",
      "truncate", "want_context", "logprobs",                "prompt_eval_count",
      "top_logprobs", "tools", "think", "format",            "prompt_cached_count", ...,
-     "parser", "render_only"}                               "context", "kv_usage"}
+     "parser", "render_only"}                               "context", "kv_usage",
+                                                            "kv_cache"}
                                                           render_only: {"id", "done": true,
                                                             "rendered", "image_count"}
     {"op": "embed", "id", "input", "truncate"}            {"id", "embeddings",
@@ -328,6 +329,10 @@ class Child:
                     "done": True,
                     **finish(prepared, event),
                     "kv_usage": self.engine.kv_usage(),
+                    # cells used, fragmentation...: /metrics' cache figures
+                    "kv_cache": self.engine.runner.kv_stats()
+                    if isinstance(self.engine, BatchEngine)
+                    else {},
                 }
             )
 

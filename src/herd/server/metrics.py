@@ -11,6 +11,7 @@ import bisect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 # (name, help) -> model -> value
 Gauges = dict[str, float]
@@ -133,6 +134,11 @@ class Metrics:
             "Histogram of time per output token in seconds.",
             ITL_BUCKETS,
         )
+        # prefix caching, in tokens, as vLLM counts it: prompt tokens asked for, and those
+        # found cached (a slot's kept prefix); the cache's last figures per model
+        self.prefix_queries: dict[str, int] = defaultdict(int)
+        self.prefix_hits: dict[str, int] = defaultdict(int)
+        self.kv_cache: dict[str, dict[str, float]] = {}
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of end to end request latency in seconds.",
@@ -154,6 +160,15 @@ class Metrics:
         self.e2e.observe(model, total_seconds)
         if generated > 1:
             self.tpot.observe(model, eval_seconds / (generated - 1))
+
+    def cache(self, model: str, done: dict[str, Any]) -> None:
+        """A request's final message from the runner: its prefix hits, and the cache's
+        figures after it (`Causal.stats`)."""
+        self.prefix_queries[model] += int(done.get("prompt_eval_count", 0))
+        self.prefix_hits[model] += int(done.get("prompt_cached_count", 0))
+        figures = done.get("kv_cache")
+        if isinstance(figures, dict) and figures:
+            self.kv_cache[model] = {k: float(v) for k, v in figures.items()}
 
     def render(self, gauges: Callable[[], dict[str, Gauges]]) -> str:
         """The exposition; `gauges()` gives the live values per model (running, waiting, kv)."""
@@ -180,6 +195,7 @@ class Metrics:
         ):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} counter"]
             lines += [f"{name}{{{_label(m)}}} {v}" for m, v in sorted(values.items())]
+        lines += self._cache_lines(live)
         name = "vllm:request_success_total"
         lines += [
             f"# HELP {name} Count of successfully processed requests.",
@@ -192,6 +208,46 @@ class Metrics:
         for h in (self.ttft, self.itl, self.tpot, self.e2e):
             lines += h.render()
         return "\n".join(lines) + "\n"
+
+    def _cache_lines(self, live: dict[str, Gauges]) -> list[str]:
+        """vLLM's prefix-cache counters; herd's own cache figures, for loaded models."""
+        lines: list[str] = []
+        for name, help, values in (
+            (
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                self.prefix_queries,
+            ),
+            (
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                self.prefix_hits,
+            ),
+        ):
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter"]
+            lines += [f"{name}{{{_label(m)}}} {v}" for m, v in sorted(values.items())]
+        figures = {m: f for m, f in sorted(self.kv_cache.items()) if m in live}
+        for name, kind, help, key in (
+            ("herd:kv_cache_cells_used", "gauge", "KV cache cells in use.", "cells_used"),
+            ("herd:kv_cache_cells", "gauge", "KV cache cells in all.", "cells"),
+            (
+                "herd:kv_cache_fragmentation",
+                "gauge",
+                "Free cells inside the range of used KV cache cells, over that range.",
+                "fragmentation",
+            ),
+            (
+                "herd:kv_cache_cells_moved_total",
+                "counter",
+                "KV cache cells moved to keep sequences compact, since the model loaded.",
+                "cells_moved",
+            ),
+        ):
+            lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+            lines += [
+                f"{name}{{{_label(m)}}} {_num(f[key])}" for m, f in figures.items() if key in f
+            ]
+        return lines
 
 
 def _escape(value: str) -> str:

@@ -106,6 +106,7 @@ class Service:
                         int(msg.get("eval_duration", 0)) / 1e9,
                         (now - t0) / 1e9,
                     )
+                    self.metrics.cache(name, msg)
                 elif msg.get("text"):
                     if first is None:
                         first = now

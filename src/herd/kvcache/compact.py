@@ -1,0 +1,116 @@
+"""Keeping the causal cache compact: where a batch's sequences should lie, and moving cells.
+
+A pass attends the range from the first to the last cell of its sequences, so every cell
+of another sequence (or free) in between is work for nothing. After waves of concurrent
+chats a new conversation kept its slot's cached prefix at one end of the cache and grew at
+the other, attending everything in between (README, "Serving": 121 -> 70 tok/s). The cache
+checks each planned batch (`scattered`); when its range holds more than a little that is
+not its own, the batch's cells move together (`gather`): into the largest free stretch
+when one has room for them and some growth, else the whole cache is packed from cell 0
+(llama.cpp's defragmentation) with the batch's cells last, so they grow into the free
+cells after them. A sequence's attention then costs its own length, not where its cells
+happened to lie. Cells shared by several sequences move once and stay shared.
+
+Only NumPy here: which cells go where. The K/V rows move in `Causal._move`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def free_runs(is_free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends of the runs of True in is_free."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], is_free, [False])).astype(np.int8)))
+    return edges[::2], edges[1::2]
+
+
+def tolerated(count: int, padding: int) -> int:
+    """Cells a batch's range may hold that are not its own before its cells move: a
+    quarter of its own, at least one padding (the range is padded to that anyway). Larger
+    ranges tolerate more, so a decode step that only appends never triggers a move the
+    step before it did not (the incremental plan relies on it)."""
+    return max(padding, count // 4)
+
+
+def scattered(mine: np.ndarray, locs: np.ndarray, padding: int) -> bool:
+    """Whether the batch's cells (`mine`: a mask of the cells its sequences hold; `locs`:
+    the cells planned for its tokens) span more than `tolerated` cells not theirs."""
+    cells = np.flatnonzero(mine)
+    count = len(cells) + len(locs)
+    lo, hi = int(locs.min()), int(locs.max()) + 1
+    if len(cells):
+        lo, hi = min(lo, int(cells[0])), max(hi, int(cells[-1]) + 1)
+    return hi - lo - count > tolerated(count, padding)
+
+
+def near(free: np.ndarray, mine: np.ndarray, n: int) -> np.ndarray:
+    """n free cells for a batch of several sequences (`mine`: their cells): from their
+    first cell on, then the closest below it; a batch of new sequences takes the lowest."""
+    cells = np.flatnonzero(mine)
+    if len(cells) == 0:
+        return free[:n]
+    after = free[free >= cells[0]][:n]
+    if len(after) == n:
+        return after
+    before = free[free < cells[0]][len(after) - n :]
+    return np.concatenate([before, after])
+
+
+def ordered(cells: np.ndarray, pos: np.ndarray, member: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+    """cells grouped by sequence (a shared cell goes with the first of `seqs` holding it,
+    before that sequence's own cells, as its positions are lower), each group in position
+    order: every sequence that shares nothing is one run once laid out so."""
+    owner = np.argmax(member[np.ix_(cells, seqs)], axis=1)
+    return cells[np.lexsort((pos[cells], owner))]
+
+
+def gather(
+    pos: np.ndarray, member: np.ndarray, seqs: np.ndarray, n: int, padding: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the cells of sequences `seqs` go so that they and n new cells lie in one run:
+    (cells to move, their new places, the n cells for the batch's tokens).
+
+    Into the largest run of cells that are free or already theirs, when it has room for
+    them, the new tokens and `padding` cells to grow; else every used cell is packed from
+    cell 0, the others first and in their present order (those before the first hole stay),
+    the batch's last.
+    """
+    used = pos >= 0
+    mine = member[:, seqs].any(axis=1)
+    cells = ordered(np.flatnonzero(mine), pos, member, seqs)
+    count = len(cells) + n
+    starts, ends = free_runs(~used | mine)
+    best = int(np.argmax(ends - starts))
+    if ends[best] - starts[best] >= count + padding:
+        base = int(starts[best])
+        src, dst = cells, np.arange(base, base + len(cells))
+    else:
+        others = np.flatnonzero(used & ~mine)
+        src = np.concatenate([others, cells])
+        dst = np.arange(len(src))
+        base = len(others)
+    moved = src != dst
+    start = base + len(cells)
+    return src[moved], dst[moved], np.arange(start, start + n)
+
+
+def packed(pos: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every used cell packed from cell 0, grouped by sequence in position order (shared
+    cells with their lowest sequence): (cells to move, their new places)."""
+    cells = np.flatnonzero(pos >= 0)
+    if len(cells) == 0:
+        return cells, cells
+    src = ordered(cells, pos, member, np.arange(member.shape[1]))
+    dst = np.arange(len(src))
+    moved = src != dst
+    return src[moved], dst[moved]
+
+
+def fragmentation(pos: np.ndarray) -> float:
+    """Free cells inside the range of used cells, as a fraction of that range (0: none)."""
+    cells = np.flatnonzero(pos >= 0)
+    if len(cells) == 0:
+        return 0.0
+    span = int(cells[-1]) - int(cells[0]) + 1
+    return (span - len(cells)) / span
