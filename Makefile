@@ -14,7 +14,7 @@ CPU_CMAKE_ARGS := $(shell $(PY) scripts/cpu_cmake_args.py)
 GGML_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS) -DGGML_LLAMAFILE=ON
 LLAMA_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS)
 
-.PHONY: run test install install-test lint bench fuzz
+.PHONY: run test install install-test lint bench fuzz llama-server
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,12 @@ lint: install-test
 bench: install-test
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench,mlx]"
 	$(BIN)/python -m benchmarks.compare
+
+# The serving benchmark's anchor: llama.cpp's llama-server from the same llama.cpp source and
+# CPU flags as herd's ggml (cached in ~/.cache/herd/llama-server; prints the binary's path).
+# Then: $(BIN)/python -m benchmarks.serving --peer llama-server
+llama-server: $(BIN)/python
+	$(BIN)/python scripts/build_llama_server.py --cmake-args "$(GGML_CMAKE_ARGS)"
 
 # The long fuzz and fault runs behind the README's "Reliability" figures (about 20 minutes
 # on 2 cores); `make test` runs bounded versions of the same properties in seconds. Each

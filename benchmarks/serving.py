@@ -1,24 +1,32 @@
-"""Serving: `herd serve` against llama-cpp-python's OpenAI server, same model and threads.
+"""Serving: `herd serve` against llama.cpp's llama-server (the engine under Ollama today)
+and llama-cpp-python's OpenAI server, same model file, threads and context per sequence.
 
-    python -m benchmarks.serving [--model smollm2:135m] [--threads 2] [--clients 1,4,8]
-                                 [--tokens 64] [--rounds 2] [--repeat 2] [--backend auto]
+    python -m benchmarks.serving [--peer llama-server,llama-cpp-python] [--clients 1,4,8,16]
+                                 [--scenarios chat,independent] [--rounds 3] [--tokens 64]
+                                 [--turns 2] [--parallel 8] [--threads 2] [--quick]
 
-Both servers run as child processes, side by side, and are driven the same way: streamed
-`/v1/chat/completions` (temperature 0) from 1, 4 and 8 concurrent clients, each sending
-`--rounds` chats in a row, the servers taking turns (one works while the other idles).
-Reported per server: aggregate generated tokens/s (all tokens over the wall time of the
-whole wave), time to first token p50/p95, and for a multi-turn chat (a long first turn,
-then a short follow-up that re-sends the conversation) the time to first token of each
-turn. Everything runs `--repeat` times and the best run counts, so that a burst of other
-work on a shared machine does not decide the table. llama-cpp-python's server runs one
-request at a time (`--interrupt_requests False`, else a new request cuts the running
-stream short); herd batches the concurrent ones (HERD_NUM_PARALLEL = most clients) and
-reuses cached prefixes across requests.
+llama-server is built once by scripts/build_llama_server.py (`make llama-server`) from the
+llama.cpp source herd's ggml is built from, with the same CPU flags (`--llama-server PATH`
+takes another binary). Every server is a child process driven by the same client code
+(benchmarks/serving_client.py): OpenAI streamed chats, temperature 0, `--tokens` per reply.
+herd runs HERD_NUM_PARALLEL=`--parallel` slots of `--ctx` tokens each, llama-server
+`--parallel` slots in `-c parallel*ctx`; llama-cpp-python's server (kept for continuity with
+the earlier tables) serves one request at a time.
 
-herd's server gets the model through `/api/create` with `num_thread` and `num_ctx` as
-parameters (the OpenAI API has no options), so both engines use the same threads and
-context. Tokens are counted from the usage chunk when the server sends one
-(`stream_options.include_usage`), else as content chunks.
+Scenarios, each with 1, 4, 8 and 16 concurrent clients (more clients than slots queue):
+  chat         each client holds a `--turns`-turn conversation under one shared system
+               prompt, every turn re-sending the conversation (the realistic case);
+  independent  each client sends `--turns` unrelated prompts of 1-4 paragraphs.
+Per wave and server: aggregate generated tokens/s (all tokens over the wave's wall time),
+time to first token p50/p95 and inter-token latency (gaps between streamed chunks) p50/p95
+over all requests. The servers alternate wave by wave (the order flips every round) and
+each figure is the best of `--rounds` (the least disturbed run on a shared machine shows
+the engine). Every wave has prompts of its own, so it finds only what a server
+legitimately shares (the system prompt, the template) in its cache.
+
+Then the cache's own figure, `--rounds` times on freshly started herd and llama-server:
+one client's decode rate in a new conversation on the fresh server, and again after 8
+concurrent chats have left their conversations cached.
 """
 
 from __future__ import annotations
@@ -28,354 +36,217 @@ import contextlib
 import json
 import os
 import platform
-import socket
-import subprocess
+import signal
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from benchmarks.serving_client import SCENARIOS, Wave, chat, single, wave
+from benchmarks.serving_servers import Setup, llama_server_binary, start
 
-TOPICS = [
-    "a lighthouse keeper",
-    "a lost robot",
-    "a dragon who bakes bread",
-    "a city under the sea",
-    "a clockmaker's apprentice",
-    "a comet",
-    "a talking cat",
-    "the last library on Earth",
-]
-DOCUMENT = (
-    "The history of astronomy is the story of how people came to understand the sky. "
-    "Early observers tracked the motion of the sun, the moon and the planets, and built "
-    "calendars from their cycles. Later, telescopes revealed moons around Jupiter, phases "
-    "of Venus and countless stars in the Milky Way. Spectroscopy showed what stars are "
-    "made of, and photography let astronomers measure their light precisely. "
-) * 6
+ANCHOR = "llama-server"
 
 
 @dataclass
-class Result:
-    ttft: float  # seconds to the first content chunk
-    tokens: int
-    elapsed: float
+class Cached:
+    fresh: float  # one client's decode tok/s on a fresh server
+    after: float  # ... after 8 concurrent chats left their conversations cached
 
 
-@dataclass
-class Wave:
-    clients: int
-    results: list[Result] = field(default_factory=list)
-    wall: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(r.tokens for r in self.results) / self.wall
-
-    def ttft(self, q: float) -> float:
-        values = sorted(r.ttft for r in self.results)
-        return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+def warm_up(url: str, model: str) -> None:
+    chat(url, model, [{"role": "user", "content": "Hello!"}], 4)
 
 
-@dataclass
-class Measured:
-    waves: dict[int, Wave]
-    turn1: float  # median TTFT of the multi-turn chat's first turn, s
-    turn2: float  # ... and of its second turn
+def measure_waves(servers: dict[str, tuple[str, str]], args: argparse.Namespace):
+    """best[scenario][clients][server]: the wave with the highest aggregate tok/s."""
+    for url, model in servers.values():
+        warm_up(url, model)
+    best: dict[str, dict[int, dict[str, Wave]]] = {}
+    names = list(servers)
+    for take in range(args.rounds):
+        order = names if take % 2 == 0 else names[::-1]
+        for scenario in args.scenarios:
+            for n in args.clients:
+                for name in order:
+                    url, model = servers[name]
+                    w = wave(url, model, scenario, n, f"{take}.{n}", args.turns, args.tokens)
+                    print(
+                        f"  round {take + 1}, {scenario}, {n} clients, {name}: "
+                        f"{w.tokens_per_s:.1f} tok/s, TTFT p95 {w.ttft(0.95):.2f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    slot = best.setdefault(scenario, {}).setdefault(n, {})
+                    if name not in slot or w.tokens_per_s > slot[name].tokens_per_s:
+                        slot[name] = w
+    return best
 
 
-# ---- servers ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up in {timeout:g}s")
-
-
-@contextlib.contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
-
-
-@contextlib.contextmanager
-def herd_server(
-    store: Path, model: str, args: argparse.Namespace, tmp: Path
-) -> Iterator[tuple[str, str]]:
-    port = _free_port()
-    env = _env(args.threads) | {
-        "HERD_MODELS": str(store),
-        "HERD_HOST": f"127.0.0.1:{port}",
-        "HERD_NUM_PARALLEL": str(max(args.clients)),
-        "HERD_KEEP_ALIVE": "-1",
-    }
-    env.pop("HERD_API_KEY", None)
-    if args.backend != "auto":
-        env["HERD_BACKEND"] = args.backend
-    url = f"http://127.0.0.1:{port}"
-    with _process([sys.executable, "-m", "herd", "serve"], env, tmp / "herd.log") as proc:
-        _wait_up(url, proc)
-        name = "bench-serving:latest"
-        r = httpx.post(
-            f"{url}/api/create",
-            timeout=600,
-            json={
-                "model": name,
-                "from": model,
-                "stream": False,
-                "parameters": {"num_thread": args.threads, "num_ctx": args.ctx},
-            },
-        )
-        r.raise_for_status()
-        try:
-            yield url, name
-        finally:
-            httpx.request("DELETE", f"{url}/api/delete", json={"model": name})
-
-
-@contextlib.contextmanager
-def llama_cpp_server(path: Path, args: argparse.Namespace, tmp: Path) -> Iterator[tuple[str, str]]:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(path),
-        "--n_threads",
-        str(args.threads),
-        "--n_threads_batch",
-        str(args.threads),
-        "--n_ctx",
-        str(args.ctx),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--interrupt_requests",  # by default a new request cuts the running stream short
-        "False",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    with _process(cmd, _env(args.threads), tmp / "llama-cpp.log") as proc:
-        _wait_up(f"{url}/v1/models", proc)
-        yield url, "model"
-
-
-# ---- clients ------------------------------------------------------------------------------
-def chat(
-    url: str, model: str, messages: list[dict[str, str]], max_tokens: int
-) -> tuple[Result, str]:
-    """One streamed chat completion: its timing, token count and text."""
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    first, chunks, usage, text = 0.0, 0, None, []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            msg = json.loads(line[6:])
-            if msg.get("usage"):
-                usage = msg["usage"].get("completion_tokens")
-            for choice in msg.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    first = first or time.perf_counter() - t0
-                    chunks += 1
-                    text.append(piece)
-    elapsed = time.perf_counter() - t0
-    return Result(first or elapsed, usage if usage is not None else chunks, elapsed), "".join(text)
-
-
-def wave(url: str, model: str, clients: int, rounds: int, tokens: int, take: int = 0) -> Wave:
-    """`clients` threads at once, each sending `rounds` chats in a row (prompts differ by
-    `take`, so that a repeated wave finds nothing but the system prompt cached)."""
-    out = Wave(clients)
-    lock = threading.Lock()
-    start = threading.Barrier(clients + 1)
-    errors: list[Exception] = []
-
-    def client(i: int) -> None:
-        start.wait()
-        try:
-            for k in range(rounds):
-                topic = TOPICS[(i + k * clients) % len(TOPICS)]
-                ask = f"Story {take}: tell me a story about {topic}."
-                messages = [{"role": "user", "content": ask}]
-                result, _ = chat(url, model, messages, tokens)
-                with lock:
-                    out.results.append(result)
-        except Exception as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    out.wall = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
+def measure_cached(names: list[str], setup: Setup, binary, args: argparse.Namespace):
+    """Fresh-server vs after-8-cached-conversations single-client decode, best of rounds."""
+    out: dict[str, Cached] = {}
+    for take in range(args.rounds):
+        for name in names if take % 2 == 0 else names[::-1]:
+            with start(name, setup, binary) as (url, model):
+                warm_up(url, model)
+                fresh = single(url, model, f"fresh {take}", args.single_tokens).decode_rate
+                wave(url, model, "chat", 8, f"cached {take}", args.turns, args.tokens)
+                after = single(url, model, f"after {take}", args.single_tokens).decode_rate
+            print(
+                f"  round {take + 1}, {name}: single client {fresh:.1f} tok/s fresh, "
+                f"{after:.1f} after 8 cached chats",
+                file=sys.stderr,
+                flush=True,
+            )
+            prev = out.get(name)
+            out[name] = Cached(
+                max(fresh, prev.fresh if prev else 0.0), max(after, prev.after if prev else 0.0)
+            )
     return out
 
 
-def two_turns(url: str, model: str, tokens: int, take: int = 0) -> tuple[float, float]:
-    """TTFT of a long first turn and of the follow-up that re-sends the conversation."""
-    text = f"Document {take}. {DOCUMENT}\n\nSummarize this in a few words."
-    messages = [{"role": "user", "content": text}]
-    first, answer = chat(url, model, messages, tokens)
-    messages += [
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "Now say which century it starts in."},
-    ]
-    second, _ = chat(url, model, messages, tokens)
-    return first.ttft, second.ttft
-
-
-def measure(servers: dict[str, tuple[str, str]], args: argparse.Namespace) -> dict[str, Measured]:
-    """Every wave and multi-turn chat, servers taking turns, `--repeat` times; the best
-    of each (the machine may be shared: the least disturbed run shows the engine)."""
-    for url, model in servers.values():
-        chat(url, model, [{"role": "user", "content": "Hello!"}], 4)  # load and warm up
-    best: dict[str, dict[int, Wave]] = {name: {} for name in servers}
-    turns: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
-    for take in range(args.repeat):
-        for n in args.clients:
-            for name, (url, model) in servers.items():
-                w = wave(url, model, n, args.rounds, args.tokens, take)
-                print(f"  {name}, {n} clients: {w.tokens_per_s:.1f} tok/s", file=sys.stderr)
-                if n not in best[name] or w.tokens_per_s > best[name][n].tokens_per_s:
-                    best[name][n] = w
-        for name, (url, model) in servers.items():
-            turns[name].append(two_turns(url, model, args.tokens, take))
-    return {
-        name: Measured(best[name], min(t[0] for t in turns[name]), min(t[1] for t in turns[name]))
-        for name in servers
-    }
-
-
 # ---- report -------------------------------------------------------------------------------
-def table(results: dict[str, Measured], args: argparse.Namespace) -> str:
-    herd, peer = results.get("herd"), results.get("llama-cpp-python")
+def machine_line(args: argparse.Namespace) -> str:
+    return (
+        f"model {args.model}, {args.threads} threads, {args.parallel} slots of {args.ctx} "
+        f"tokens, {args.tokens} tokens per reply, {args.turns} requests per client, best of "
+        f"{args.rounds}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def tables(best, cached: dict[str, Cached], args: argparse.Namespace) -> str:
     lines = [
-        f"model {args.model}, {args.threads} threads, {args.tokens} tokens per reply, "
-        f"{args.rounds} chats per client, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}",
+        machine_line(args),
         "",
-        "| clients | herd tok/s | llama-cpp-python tok/s | herd / llama-cpp-python | "
-        "herd TTFT p50 / p95 s | llama-cpp-python TTFT p50 / p95 s |",
-        "|---|---|---|---|---|---|",
+        f"| scenario | clients | server | tok/s | vs {ANCHOR} | TTFT p50 / p95 s | "
+        "ITL p50 / p95 ms | tokens per reply |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-
-    def cells(r: Measured | None, n: int) -> tuple[str, str]:
-        if r is None:
-            return "-", "-"
-        w = r.waves[n]
-        return f"{w.tokens_per_s:.1f}", f"{w.ttft(0.5):.2f} / {w.ttft(0.95):.2f}"
-
-    for n in args.clients:
-        (h_tps, h_ttft), (p_tps, p_ttft) = cells(herd, n), cells(peer, n)
-        ratio = "-"
-        if herd and peer:
-            ratio = f"{herd.waves[n].tokens_per_s / peer.waves[n].tokens_per_s:.2f}x"
-        lines.append(f"| {n} | {h_tps} | {p_tps} | {ratio} | {h_ttft} | {p_ttft} |")
-    lines += [
-        "",
-        "| multi-turn chat | turn 1 TTFT s | turn 2 TTFT s | turn 2 / turn 1 |",
-        "|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r.turn1:.2f} | {r.turn2:.2f} | {r.turn2 / r.turn1:.2f}x |")
+    for scenario, by_clients in best.items():
+        for n, by_server in by_clients.items():
+            anchor = by_server.get(ANCHOR)
+            for name, w in by_server.items():
+                ratio = f"{w.tokens_per_s / anchor.tokens_per_s:.2f}x" if anchor else "-"
+                lines.append(
+                    f"| {scenario} | {n} | {name} | {w.tokens_per_s:.1f} | {ratio} | "
+                    f"{w.ttft(0.5):.2f} / {w.ttft(0.95):.2f} | "
+                    f"{1000 * w.itl(0.5):.1f} / {1000 * w.itl(0.95):.1f} | {w.mean_tokens:.0f} |"
+                )
+    if cached:
+        lines += [
+            "",
+            "| server | one client, fresh server tok/s | after 8 cached chats tok/s | "
+            "after / fresh |",
+            "|---|---|---|---|",
+        ]
+        for name, c in cached.items():
+            ratio = f"{c.after / c.fresh:.2f}x" if c.fresh else "-"
+            lines.append(f"| {name} | {c.fresh:.1f} | {c.after:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
-def main() -> None:
+def raw(best, cached: dict[str, Cached]) -> dict:
+    waves = {
+        s: {
+            n: {
+                name: {"wall": w.wall, "requests": [vars(r) for r in w.results]}
+                for name, w in by_server.items()
+            }
+            for n, by_server in by_clients.items()
+        }
+        for s, by_clients in best.items()
+    }
+    return {"waves": waves, "cached": {name: vars(c) for name, c in cached.items()}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--model", default="smollm2:135m")
     ap.add_argument("--models", help="store folder (default: HERD_MODELS)")
+    ap.add_argument(
+        "--peer",
+        default=f"{ANCHOR},llama-cpp-python",
+        help="servers herd is measured against (llama-server, llama-cpp-python)",
+    )
+    ap.add_argument("--llama-server", help="llama-server binary (default: the cached build)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--clients", default="1,4,8")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=2, help="best of this many runs")
-    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--clients", help="default 1,4,8,16")
+    ap.add_argument("--scenarios", default="chat,independent")
+    ap.add_argument("--tokens", type=int, help="max tokens per reply (default 64)")
+    ap.add_argument("--turns", type=int, default=2, help="requests each client sends in a row")
+    ap.add_argument("--rounds", type=int, help="best of this many runs (default 3)")
+    ap.add_argument("--ctx", type=int, default=2048, help="context per sequence")
+    ap.add_argument("--parallel", type=int, default=8, help="slots (herd and llama-server)")
+    ap.add_argument(
+        "--single-tokens",
+        type=int,
+        help="reply length of the single-client cache figure (default 128)",
+    )
+    ap.add_argument("--no-cached", action="store_true", help="skip the single-client figure")
     ap.add_argument("--backend", default="auto", help="herd's backend (auto picks its best)")
-    ap.add_argument("--servers", default="herd,llama-cpp-python")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a short check: 1 and 8 clients, 1 round, 32 tokens, unless given",
+    )
     ap.add_argument("--json", help="also write the raw numbers here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # --quick: 1 and 8 clients, 1 round, 32 tokens (64 alone); options given still count
+    short = {"clients": "1,8", "rounds": 1, "tokens": 32, "single_tokens": 64}
+    full = {"clients": "1,4,8,16", "rounds": 3, "tokens": 64, "single_tokens": 128}
+    for name, value in (short if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.clients = [int(n) for n in args.clients.split(",")]
+    args.scenarios = args.scenarios.split(",")
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown or min(args.clients) < 1 or args.rounds < 1:
+        ap.error(f"scenarios are {', '.join(SCENARIOS)}; clients and rounds at least 1")
+    args.servers = ["herd", *[p for p in args.peer.split(",") if p and p != "herd"]]
+    return args
 
+
+def main() -> None:
+    args = parse_args()
+    # On SIGTERM (e.g. from `timeout`) unwind, so that the servers this started stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from herd.store import Store, resolve_or_pull
 
     store = Store(args.models) if args.models else Store()
     path = Path(resolve_or_pull(args.model, store=store).model_path)
-    with tempfile.TemporaryDirectory(prefix="herd-bench-") as tmp, contextlib.ExitStack() as stack:
-        servers = {}
-        for name in args.servers.split(","):
-            print(f"starting {name}...", file=sys.stderr, flush=True)
-            server = (
-                herd_server(store.root, args.model, args, Path(tmp))
-                if name == "herd"
-                else llama_cpp_server(path, args, Path(tmp))
-            )
-            servers[name] = stack.enter_context(server)
-        results = measure(servers, args)
-    print(table(results, args))
+    binary = llama_server_binary(args.llama_server) if ANCHOR in args.servers else None
+    with tempfile.TemporaryDirectory(prefix="herd-bench-") as tmp:
+        setup = Setup(
+            store.root,
+            args.model,
+            path,
+            args.threads,
+            args.ctx,
+            args.parallel,
+            args.backend,
+            Path(tmp),
+        )
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for name in args.servers:
+                print(f"starting {name}...", file=sys.stderr, flush=True)
+                servers[name] = stack.enter_context(start(name, setup, binary))
+            best = measure_waves(servers, args)
+        cached = {}
+        if not args.no_cached:
+            names = [n for n in args.servers if n in ("herd", ANCHOR)]
+            cached = measure_cached(names, setup, binary, args)
+    print(tables(best, cached, args))
+    if binary is not None:
+        build = binary.parent / "build.txt"
+        what = build.read_text().strip() if build.exists() else str(binary)
+        print(f"\n{ANCHOR}: {what}")
     if args.json:
-        raw = {
-            name: {
-                "waves": {
-                    n: {"wall": w.wall, "requests": [vars(x) for x in w.results]}
-                    for n, w in r.waves.items()
-                },
-                "turn1": r.turn1,
-                "turn2": r.turn2,
-            }
-            for name, r in results.items()
-        }
-        Path(args.json).write_text(json.dumps(raw, indent=2))
+        Path(args.json).write_text(json.dumps(raw(best, cached), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""benchmarks/serving: its pure parts (percentiles, SSE lines, wave figures, arguments), its
+client against a local streaming server, and scripts/build_llama_server.py's cache key."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import serving
+from benchmarks.serving_client import Result, Wave, chat, percentile, sse_data, wave
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import build_llama_server  # noqa: E402
+
+
+def test_percentile_matches_numpy():
+    rng = random.Random(3)
+    for n in (1, 2, 5, 17, 100):
+        values = [rng.uniform(0, 10) for _ in range(n)]
+        for q in (0.0, 0.5, 0.95, 1.0):
+            assert percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
+    assert np.isnan(percentile([], 0.5))
+
+
+def test_sse_data_reads_payloads_and_skips_the_rest():
+    assert sse_data('data: {"a": 1}') == {"a": 1}
+    assert sse_data('data:{"b": [2]}') == {"b": [2]}  # the space after the colon is optional
+    for line in ("", ": keep-alive", "event: message", "data: [DONE]", "data: ", "data: 3"):
+        assert sse_data(line) is None
+    with pytest.raises(ValueError):
+        sse_data("data: {not json")
+
+
+def test_wave_figures():
+    w = Wave(2, [Result(0.1, 10, 1.0, [0.1] * 9), Result(0.3, 30, 2.0, [0.05] * 29)], wall=2.0)
+    assert w.tokens_per_s == pytest.approx(20.0)
+    assert w.ttft(0.5) == pytest.approx(0.2)
+    assert w.itl(0.5) == pytest.approx(0.05)
+    assert w.mean_tokens == pytest.approx(20.0)
+    assert Result(0.5, 11, 1.5).decode_rate == pytest.approx(10.0)
+    assert Result(0.5, 1, 1.5).decode_rate == 0.0
+
+
+def test_arguments():
+    args = serving.parse_args(["--quick", "--peer", "llama-server"])
+    assert args.clients == [1, 8] and args.rounds == 1
+    assert args.servers == ["herd", "llama-server"]
+    args = serving.parse_args(["--clients", "1,4,8,16", "--scenarios", "chat"])
+    assert args.clients == [1, 4, 8, 16] and args.scenarios == ["chat"]
+    assert args.servers == ["herd", "llama-server", "llama-cpp-python"]
+    assert (args.rounds, args.tokens) == (3, 64)
+    args = serving.parse_args(["--quick", "--clients", "1,2", "--tokens", "8"])
+    assert (args.clients, args.tokens, args.rounds) == ([1, 2], 8, 1)  # given options count
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--scenarios", "nope"])
+
+
+def test_build_key_tells_builds_apart():
+    flags = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON"
+    _, key = build_llama_server.cache_key(flags, stock=False)
+    assert key == build_llama_server.cache_key(flags, stock=False)[1]  # stable: a cache hit
+    assert key != build_llama_server.cache_key(flags, stock=True)[1]
+    assert key != build_llama_server.cache_key(flags + " -DGGML_FMA=ON", stock=False)[1]
+
+
+class _FakeChat(BaseHTTPRequestHandler):
+    """A streamed `/v1/chat/completions`: a role chunk, three content chunks, the usage."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        events = [{"choices": [{"delta": {"role": "assistant"}}]}]
+        events += [{"choices": [{"delta": {"content": w}}]} for w in ("Once", " upon", " a")]
+        events += [{"choices": [], "usage": {"completion_tokens": 3}}]
+        for event in events:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_chat_and_wave_against_a_streaming_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeChat)
+    httpd.bodies = []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        result, text = chat(url, "m", [{"role": "user", "content": "hi"}], 5)
+        assert text == "Once upon a" and result.tokens == 3 and len(result.gaps) == 2
+        assert 0 < result.ttft <= result.elapsed
+        w = wave(url, "m", "chat", 3, "t", 2, 5)
+        assert len(w.results) == 6 and w.tokens_per_s > 0
+        # every client's prompts are its own; the second turn re-sends the first answer
+        asks = {b["messages"][1]["content"] for b in httpd.bodies[1:]}
+        assert len(asks) == 3
+        assert all(b["stream"] and b["temperature"] == 0 for b in httpd.bodies)
+        assert max(len(b["messages"]) for b in httpd.bodies) == 4
+    finally:
+        httpd.shutdown()
