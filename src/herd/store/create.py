@@ -30,7 +30,7 @@ from herd.gguf import GGUFFile, open_gguf
 from herd.modelfile import Command, Modelfile, resolve_source
 from herd.store import names, quantize
 from herd.store.adapters import checked_adapter, is_peft_dir
-from herd.store.draft import draft_config, with_draft
+from herd.store.draft import draft_config, stored_manifest, with_draft
 from herd.store.ggufinfo import describe
 from herd.store.layout import (
     CONFIG_V1,
@@ -389,24 +389,7 @@ def _from_model(
     pull: Puller | None,
 ) -> list[Layer]:
     """The layers of an existing model, each marked `from` it (Ollama's parseFromModel)."""
-    try:
-        n = names.parse(name)
-    except HerdError as e:
-        raise ModelfileError(
-            f"FROM {name}: not a file, and not a model name ({e})", cmd.line, cmd.column, where
-        ) from None
-    try:
-        manifest, _ = store.read_manifest(n, name)
-    except ModelNotFoundError:
-        if pull is None:
-            raise ModelfileError(
-                f"FROM {name}: no such file, and no model by that name (pull it first)",
-                cmd.line,
-                cmd.column,
-                where,
-            ) from None
-        pull(store, n, report)
-        manifest, _ = store.read_manifest(n, name)
+    n, manifest = stored_manifest(store, name, cmd, where, report, pull)
     base = store.existing(n).display_shortest()
     with contextlib.suppress(OSError, ValueError):
         inherited = json.loads(store.blob_path(manifest.config.digest).read_bytes())

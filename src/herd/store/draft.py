@@ -24,7 +24,7 @@ from herd.errors import HerdError, ModelfileError, ModelNotFoundError
 from herd.gguf import GGUFFile, open_gguf
 from herd.modelfile import Command, Modelfile, resolve_source
 from herd.store import names, quantize
-from herd.store.layout import MEDIA_DRAFT, MEDIA_MODEL, Layer
+from herd.store.layout import MEDIA_DRAFT, MEDIA_MODEL, Layer, Manifest
 from herd.store.store import ModelRef, Store
 from herd.store.wheels import Progress
 
@@ -149,28 +149,38 @@ def _draft_layer(
     return _gguf_layer(store, path, MEDIA_DRAFT, path.name, report)
 
 
-def _stored(
+def stored_manifest(
     store: Store, name: str, cmd: Command, where: str, report: Progress, pull: Puller | None
-) -> Layer:
-    """The draft layer for a stored model: its model blob, marked `from` it."""
+) -> tuple[names.Name, Manifest]:
+    """The manifest of the model a FROM or DRAFT line names, pulled first when missing and
+    `pull` is given; a ModelfileError at that line for a bad name or a missing model."""
+    word = cmd.directive.upper()
     try:
         n = names.parse(name)
     except HerdError as e:
         raise ModelfileError(
-            f"DRAFT {name}: not a file, and not a model name ({e})", cmd.line, cmd.column, where
+            f"{word} {name}: not a file, and not a model name ({e})", cmd.line, cmd.column, where
         ) from None
     try:
         manifest, _ = store.read_manifest(n, name)
     except ModelNotFoundError:
         if pull is None:
             raise ModelfileError(
-                f"DRAFT {name}: no such file, and no model by that name (pull it first)",
+                f"{word} {name}: no such file, and no model by that name (pull it first)",
                 cmd.line,
                 cmd.column,
                 where,
             ) from None
         pull(store, n, report)
         manifest, _ = store.read_manifest(n, name)
+    return n, manifest
+
+
+def _stored(
+    store: Store, name: str, cmd: Command, where: str, report: Progress, pull: Puller | None
+) -> Layer:
+    """The draft layer for a stored model: its model blob, marked `from` it."""
+    n, manifest = stored_manifest(store, name, cmd, where, report, pull)
     model = manifest.first(MEDIA_MODEL)
     if model is None or not store.has_blob(model.digest):
         raise ModelfileError(
