@@ -13,12 +13,13 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from herd.errors import HerdError
+from herd.server import http
 from herd.server.errors import status_for
-from herd.server.http import JSON, ClientGone, close, dumps
+from herd.server.http import JSON, close, dumps
 
 log = logging.getLogger("herd.server")
 
@@ -53,17 +54,7 @@ def error_response(e: BaseException) -> Response:
 
 def handles_errors(handler: Handler) -> Handler:
     """A handler whose exceptions answer in Anthropic's error shape."""
-
-    async def run(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except (ClientGone, ClientDisconnect):
-            return Response(status_code=499)
-        except Exception as e:
-            return error_response(e)
-
-    run.__name__ = handler.__name__
-    return run
+    return http.handles_errors(respond=error_response)(handler)
 
 
 def new_id(prefix: str) -> str:

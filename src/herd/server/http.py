@@ -312,8 +312,11 @@ def error_response(e: BaseException, openai: bool = False) -> Response:
     return JSON({"error": message}, status_code=status)
 
 
-def handles_errors(openai: bool = False) -> Callable[[Handler], Handler]:
-    """Turn a handler's exceptions into Ollama's (or OpenAI's) JSON error responses."""
+def handles_errors(
+    openai: bool = False, respond: Callable[[Exception], Response] | None = None
+) -> Callable[[Handler], Handler]:
+    """Turn a handler's exceptions into Ollama's (or OpenAI's) JSON error responses, or
+    into what `respond` makes of them (another API's error shape)."""
 
     def wrap(handler: Handler) -> Handler:
         async def run(request: Request) -> Response:
@@ -322,7 +325,7 @@ def handles_errors(openai: bool = False) -> Callable[[Handler], Handler]:
             except (ClientGone, ClientDisconnect):
                 return Response(status_code=499)
             except Exception as e:
-                return error_response(e, openai)
+                return respond(e) if respond is not None else error_response(e, openai)
 
         run.__name__ = handler.__name__
         return run
