@@ -28,7 +28,7 @@ install: $(BIN)/python
 	$(GGML_INSTALL)
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,mlx]"
+	$(BIN)/python -m pip install -q -e ".[test,mlx,onnx]"
 	$(GGML_INSTALL)
 
 run: install
@@ -48,7 +48,7 @@ lint: install-test
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 bench: install-test
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench,mlx]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e ".[bench,mlx,onnx]"
 	$(BIN)/python -m benchmarks.compare
 
 # The serving benchmark's anchor: llama.cpp's llama-server from the same llama.cpp source and

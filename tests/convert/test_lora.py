@@ -38,7 +38,7 @@ from herd.store.create import create  # noqa: E402
 from . import lora_case as lc  # noqa: E402
 from .tiny import GOLDENS, hf_logits  # noqa: E402
 
-TOL = {"numpy": 1e-4, "ggml": 1e-3, "mlx": 1e-4}  # as tests/parity
+TOL = {"numpy": 1e-4, "ggml": 1e-3, "mlx": 1e-4, "onnx": 1e-4}  # as tests/parity
 LLAMA_CPP_TOL = 5e-3  # llama.cpp's own kernels (F16 KV cache): close, not equal
 CASES = {"one": {"one": 1.0}, "both": dict(lc.SCALES)}
 

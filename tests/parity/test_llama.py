@@ -13,7 +13,7 @@ from herd.models import Batch  # noqa: E402
 
 from .harness import Engine, hf_to_gguf, rel_err  # noqa: E402
 
-TOL = {"numpy": 1e-4, "ggml": 1e-3, "mlx": 1e-4}
+TOL = {"numpy": 1e-4, "ggml": 1e-3, "mlx": 1e-4, "onnx": 1e-4}
 
 CONFIGS = {
     "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 _BACKENDS: dict[str, tuple[str, str]] = {
     "mlx": ("herd.ml.backends.mlx", "open_mlx"),
     "ggml": ("herd.ml.backends.ggml", "open_ggml"),
+    "onnx": ("herd.ml.backends.onnx", "open_onnx"),
     "numpy": ("herd.ml.backends.numpy.backend", "open_numpy"),
 }
 
@@ -44,7 +45,8 @@ def _factory(name: str) -> Factory | None:
 
 def _auto_candidates() -> list[str]:
     apple_silicon = sys.platform == "darwin" and platform.machine() == "arm64"
-    return [n for n in _BACKENDS if n != "mlx" or apple_silicon]
+    # onnx runs only when named: ggml is the faster CPU engine
+    return [n for n in _BACKENDS if (n != "mlx" or apple_silicon) and n != "onnx"]
 
 
 def available_backends() -> list[str]:

@@ -1,0 +1,308 @@
+"""ONNX Runtime backend: herd's models recorded as ONNX graphs and run by `onnxruntime`.
+
+A graph backend: a context records the pass as ONNX nodes, and `compute` runs it in an
+`InferenceSession` from this backend's session cache, one per distinct graph (a decode
+step keeps its shapes for `CACHE_PAD` steps, so 128 steps run one session; each prompt
+length is a graph of its own). The KV cache and float weights are graph inputs bound from
+this backend's NumPy memory through IOBinding, never copied into a session.
+
+GGUF Q4_0, Q4_1 and Q8_0 weights stay in their blocks: `MatMulNBits` for `linear`,
+`GatherBlockQuantized` for embedding rows (quant.py). Those are initializers, not inputs:
+MatMulNBits prepacks only initializers, and ran 11x slower on graph inputs (30 decode
+matmuls of 1536x576: 194 ms vs 17 ms). ORT copies initializers into each session
+(`add_external_initializers`, measured: +197 MB a session for 200 MB of weights), so every
+session costs about the quantized weights again (SmolLM2: ~170 MB); `MAX_SESSIONS` bounds
+it. Other types are dequantized to float32 at load (`load_weight`). The KV cache is kept
+in F16 for the f16, q8_0 and q4_0 cache types (ONNX has no block types), F32 when asked.
+
+Execution providers: `HERD_ONNX_PROVIDERS`, a comma list (full names or short ones:
+cuda, dml, coreml, openvino, cpu); by default the best one installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+
+from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
+from herd.gguf import GGUFFile
+from herd.ml.backends.onnx import quant
+from herd.ml.backends.onnx.context import OnnxContext
+from herd.ml.backends.onnx.tensor import OnnxTensor
+from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
+from herd.ml.layout import size
+
+log = logging.getLogger(__name__)
+
+CACHE_PAD = 256  # attended cache cells are rounded to this: one decode session per 256 steps
+MAX_SESSIONS = 4  # sessions kept (least recently used dropped): each holds the weights
+# the providers tried by default, best first
+PREFERRED = (
+    "CUDAExecutionProvider",
+    "DmlExecutionProvider",
+    "CoreMLExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CPUExecutionProvider",
+)
+_SHORT = {p.removesuffix("ExecutionProvider").lower(): p for p in PREFERRED} | {
+    "directml": "DmlExecutionProvider"
+}
+_WEIGHT_DTYPE = {
+    Q.F32: DType.F32,
+    Q.F16: DType.F16,
+    Q.BF16: DType.BF16,
+    Q.I32: DType.I32,
+    Q.Q8_0: DType.Q8_0,
+    Q.Q4_0: DType.Q4_0,
+}
+_DIRECT = {Q.F32: np.float32, Q.F16: np.float16, Q.I32: np.int32}
+_CACHE_AS_F16 = (DType.F16, DType.Q8_0, DType.Q4_0)
+# GGUF types kept in their blocks (MatMulNBits, with int8 activations as llama.cpp's q8 dot
+# products): Q4_K maps too, but its activations rounded to int8 per 32 miss ggml's accuracy
+# (test_ops' linear_Q4_K: nmse 2.2e-4 against ggml's bound of 2e-4), so it is dequantized
+KEPT_QUANTIZED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0}) & quant.MAPPED_TYPES
+
+
+def providers() -> list[str]:
+    """The execution providers to run on: HERD_ONNX_PROVIDERS, or the best installed."""
+    available = ort.get_available_providers()
+    asked = os.environ.get("HERD_ONNX_PROVIDERS", "").strip()
+    if not asked:
+        return [next(p for p in PREFERRED if p in available or p == "CPUExecutionProvider")]
+    chosen = []
+    for item in (s.strip() for s in asked.split(",") if s.strip()):
+        name = _SHORT.get(item.lower(), item)
+        if name not in available:
+            raise BackendError(
+                f"onnx: execution provider {item!r} is not installed; available: "
+                + ", ".join(available)
+            )
+        chosen.append(name)
+    return chosen
+
+
+def load_weight(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """A GGUF tensor as the array a graph reads: float32 (int32 for I32)."""
+    if qtype in _DIRECT:
+        a = raw.view(_DIRECT[qtype]).reshape(shape)
+        return a.copy() if a.dtype == np.int32 else a.astype(np.float32)
+    rows = raw.reshape(math.prod(shape) // shape[-1], -1)
+    return np.asarray(dequantize(rows, qtype), dtype=np.float32).reshape(shape)
+
+
+class Session:
+    """An InferenceSession with the weights and caches it reads bound once."""
+
+    def __init__(
+        self, sess: ort.InferenceSession, bound: dict[str, np.ndarray], externals: list[Any]
+    ) -> None:
+        self.sess, self.externals = sess, externals  # what the session may still point at
+        self.io = sess.io_binding()
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.values()]
+        for name, v in zip(bound, self.values, strict=True):
+            self.io.bind_ortvalue_input(name, v)  # the backend's memory, no copy
+
+    def run(self, names: list[str], arrays: list[np.ndarray], outs: list[str],
+            buffers: list[np.ndarray]) -> None:  # fmt: skip
+        io = self.io
+        for name, a in zip(names, arrays, strict=True):
+            io.bind_cpu_input(name, a)
+        for name, b in zip(outs, buffers, strict=True):
+            io.bind_output(name, "cpu", 0, b.dtype, list(b.shape), b.ctypes.data)
+        self.sess.run_with_iobinding(io)
+
+
+class OnnxBackend:
+    """Weights as float32 NumPy arrays, persistent tensors, and the sessions made so far.
+
+    `sessions_created`: how many InferenceSessions this backend has built."""
+
+    name = "onnx"
+
+    def __init__(self, gguf: GGUFFile, options: BackendOptions) -> None:
+        self.gguf, self.options = gguf, options
+        self.providers = providers()
+        self.threads = options.num_thread or psutil.cpu_count(logical=False) or 1
+        self.gpus: list[DeviceInfo] = []  # outputs always land in host memory
+        self._weights: dict[str, OnnxTensor] = {}
+        self._names: dict[int, str] = {}  # id of a weight/cache array -> its graph input name
+        self._keep: list[np.ndarray] = []  # arrays named above, so their ids stay theirs
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._dense: dict[str, np.ndarray] = {}
+        self._said: set[Q] = set()  # types logged as dequantized
+        self._values: dict[int, Any] = {}  # id of an external initializer -> its OrtValue
+        # GGUF blocks that map exactly stay quantized (quant.py); HERD_ONNX_DEQUANTIZE=1:
+        # every weight float32 (a reference for the mapping, and what runs without it)
+        self.quantized = os.environ.get("HERD_ONNX_DEQUANTIZE", "") in ("", "0")
+        self.sessions_created = 0
+        self._warned_cache = False
+        _validate(gguf)
+        self._cache_config = CacheConfig(
+            v_transposed=False, pad=CACHE_PAD, mask_dtype=DType.F32, flash_attention=False
+        )
+        log.info("onnx: onnxruntime %s on %s, %d threads", ort.__version__,
+                 ", ".join(self.providers), self.threads)  # fmt: skip
+
+    # ---- weights, caches and sessions ------------------------------------------------
+    def input_name(self, a: np.ndarray) -> str:
+        name = self._names.get(id(a))
+        if name is None:
+            name = self._names[id(a)] = f"kv{len(self._names)}"
+            self._keep.append(a)
+        return name
+
+    def session(
+        self, key: str, model: bytes, bound: dict[str, np.ndarray], externals: dict[str, np.ndarray]
+    ) -> Session:
+        s = self._sessions.get(key)
+        if s is not None:
+            self._sessions.move_to_end(key)
+            return s
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        values = [self._ortvalue(a) for a in externals.values()]
+        if externals:
+            so.add_external_initializers(list(externals), values)
+        try:
+            sess = ort.InferenceSession(model, so, providers=self.providers)
+        except Exception as e:  # ORT raises its own types: a graph it cannot run
+            raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
+        s = self._sessions[key] = Session(sess, dict(bound), values)
+        self.sessions_created += 1
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return s
+
+    def _ortvalue(self, a: np.ndarray) -> Any:
+        v = self._values.get(id(a))
+        if v is None:
+            v = self._values[id(a)] = ort.OrtValue.ortvalue_from_numpy(a)
+            self._keep.append(a)
+        return v
+
+    def dense(self, name: str) -> np.ndarray:
+        """A weight as float32 (int32 for I32), dequantized once."""
+        a = self._dense.get(name)
+        if a is None:
+            info = self.gguf.tensors[name]
+            try:
+                a = load_weight(self.gguf.raw(name), info.type, tuple(info.shape))
+            except (NotImplementedError, KeyError, ValueError, GGUFError) as e:
+                raise GGUFError(
+                    f"{self.gguf.path}: tensor {name} has type {info.type.name}, which the "
+                    f"onnx backend cannot load ({e or type(e).__name__})"
+                ) from None
+            self._dense[name] = a
+            self._names[id(a)] = "w:" + name
+            self._keep.append(a)
+        return a
+
+    # ---- the Backend contract ----------------------------------------------------------
+    def has_weight(self, name: str) -> bool:
+        return name in self.gguf.tensors
+
+    def weight(self, name: str) -> OnnxTensor:
+        if name not in self.gguf.tensors:  # a model asking for what the file lacks
+            raise WeightError(f"{name}: missing from the model file")
+        t = self._weights.get(name)
+        if t is None:
+            info = self.gguf.tensors[name]
+            shape = tuple(info.shape)
+            q = None
+            if self.quantized and info.type in KEPT_QUANTIZED:
+                q = quant.matmul_nbits(self.gguf.raw(name), info.type, shape)
+            elif info.type not in _DIRECT and info.type not in self._said:
+                self._said.add(info.type)
+                log.info("onnx: %s weights dequantized to float32 at load", info.type.name)
+            # quantized: dense only if an op needs floats (`dense`, on first use)
+            a = None if q is not None else self.dense(name)
+            self.gguf.release(info.offset, info.nbytes)  # copied: the mapping's pages can go
+            dtype = DType.I32 if a is not None and a.dtype == np.int32 else DType.F32
+            t = OnnxTensor(None, shape, dtype, None, a, "weight")
+            t.gguf_dtype = _WEIGHT_DTYPE.get(info.type, DType.OTHER)
+            t.q, t.wname = q, name
+            self._weights[name] = t
+        return t
+
+    def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> OnnxTensor:
+        if dtype in (DType.Q8_0, DType.Q4_0) and not self._warned_cache:
+            log.info("onnx: no %s arrays; the KV cache is kept as F16", dtype.name)
+            self._warned_cache = True
+        store = (DType.F16 if dtype in _CACHE_AS_F16 else
+                 DType.I32 if dtype == DType.I32 else DType.F32)  # fmt: skip
+        np_type = {DType.F16: np.float16, DType.I32: np.int32}.get(store, np.float32)
+        nbytes = math.prod(shape) * np.dtype(np_type).itemsize
+        free = _cpu_info().free_memory
+        if nbytes > free:
+            where = "" if layer is None else f" (layer {layer})"
+            raise OutOfMemoryError(
+                f"{dtype.name} tensor {tuple(shape)}{where} needs {size(nbytes)}, but "
+                f"{size(free)} is available; lower num_ctx"
+            )
+        a = np.zeros(shape, np_type)
+        return OnnxTensor(None, a.shape, store, None, a, "cache")
+
+    def new_context(self) -> OnnxContext:
+        return OnnxContext(self)
+
+    def cache_config(self) -> CacheConfig:
+        return self._cache_config
+
+    def devices(self) -> list[DeviceInfo]:
+        return _devices(self.providers)
+
+    def close(self) -> None:
+        self._sessions.clear()
+        self._weights.clear()
+        self._names.clear()
+        self._dense.clear()
+        self._values.clear()
+        self._keep.clear()
+
+
+def default_devices() -> list[DeviceInfo]:
+    """The device a model runs on by default: the best provider installed."""
+    return _devices(providers())
+
+
+def _devices(provs: list[str]) -> list[DeviceInfo]:
+    cpu = _cpu_info()
+    first = provs[0] if provs else "CPUExecutionProvider"
+    if first == "CPUExecutionProvider":
+        return [cpu]
+    short = first.removesuffix("ExecutionProvider")
+    # ORT reports no device memory: the system's, as for unified memory
+    return [DeviceInfo(f"{short} (onnxruntime)", "gpu", cpu.total_memory, cpu.free_memory), cpu]
+
+
+def _cpu_info() -> DeviceInfo:
+    vm = psutil.virtual_memory()
+    return DeviceInfo("cpu (onnxruntime)", "cpu", int(vm.total), int(vm.available))
+
+
+def _validate(gguf: GGUFFile) -> None:
+    """Refuse, before any weight is read, a tensor past the end of the file."""
+    for info in gguf.tensors.values():
+        if info.offset < 0 or info.offset + info.nbytes > gguf.file_size:
+            raise GGUFError(
+                f"{gguf.path}: tensor {info.name} runs past the end of the file (truncated "
+                f"download?): needs byte {info.offset + info.nbytes}, file has {gguf.file_size}"
+            )
+
+
+def open_onnx(gguf: GGUFFile, options: BackendOptions | None = None) -> OnnxBackend:
+    if not gguf.tensors:
+        raise BackendError(f"{gguf.path}: no tensors")
+    return OnnxBackend(gguf, options or BackendOptions())

@@ -1,0 +1,104 @@
+"""The ONNX graph a context records: nodes, small constants, and how it becomes a model.
+
+Names are made from a counter, so two passes that record the same ops on the same
+shapes make byte-identical models: the serialized model (without any weight, which are
+graph inputs) is the session cache's key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from herd.ml.base import DType
+
+OPSET = 20  # Gelu(approximate="tanh") and ReduceMean with axes as an input
+MS_DOMAIN = "com.microsoft"
+
+# element types of graph values
+ELEM = {
+    DType.F32: TensorProto.FLOAT,
+    DType.F16: TensorProto.FLOAT16,
+    DType.BF16: TensorProto.BFLOAT16,
+    DType.I32: TensorProto.INT32,
+}
+NP = {DType.F32: np.float32, DType.F16: np.float16, DType.I32: np.int32}
+
+
+class Graph:
+    """Nodes in record order, embedded constants, and the graph's inputs."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[onnx.TensorProto] = []
+        self._const_names: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+        # graph inputs in declaration order: name -> (elem type, shape)
+        self.inputs: dict[str, tuple[int, tuple[int, ...]]] = {}
+        # initializers the model names but does not hold (the session is given them)
+        self.externals: dict[str, np.ndarray] = {}
+        self._declared: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def fresh(self, prefix: str = "v") -> str:
+        self.n += 1
+        return f"{prefix}{self.n}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "",
+           **attrs: Any) -> Any:  # fmt: skip
+        """Record a node; its output name (a list of them when n_out > 1)."""
+        outs = [self.fresh() for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value: Any, dtype: Any = np.int64) -> str:
+        """A small constant (shapes, axes, rope frequencies), embedded once per value."""
+        a = np.ascontiguousarray(value, dtype=dtype)
+        key = (a.dtype.str, a.tobytes(), a.shape)
+        name = self._const_names.get(key)
+        if name is None:
+            name = self._const_names[key] = self.fresh("c")
+            self.consts.append(numpy_helper.from_array(a, name))
+        return name
+
+    def named_const(self, name: str, a: np.ndarray) -> None:
+        """A small constant under a given name (once)."""
+        if name not in self._const_names.values():
+            self._const_names[("named", name.encode(), ())] = name
+            self.consts.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+
+    def external(self, name: str, a: np.ndarray) -> None:
+        """An initializer whose data the session gets from `a` (add_external_initializers),
+        declared in the model with its type and shape only."""
+        if name in self.externals:
+            return
+        self.externals[name] = a
+        t = TensorProto()
+        t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(a.dtype)
+        t.dims.extend(a.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", "herd-weights"), ("offset", "0"), ("length", str(a.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self._declared.append(t)
+
+    def declare(self, name: str, elem: int, shape: tuple[int, ...]) -> str:
+        self.inputs[name] = (elem, tuple(shape))
+        return name
+
+    def model(self, outputs: list[tuple[str, int, tuple[int, ...]]]) -> onnx.ModelProto:
+        """The recorded graph with these (name, elem type, shape) outputs."""
+        g = helper.make_graph(
+            self.nodes,
+            "herd",
+            [helper.make_tensor_value_info(n, e, s) for n, (e, s) in self.inputs.items()],
+            [helper.make_tensor_value_info(n, e, s) for n, e, s in outputs],
+            initializer=self.consts + self._declared,
+        )
+        m = helper.make_model(
+            g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
+        )
+        m.ir_version = 10
+        return m

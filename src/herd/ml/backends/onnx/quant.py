@@ -1,0 +1,270 @@
+"""GGUF tensors as ONNX Runtime's block-quantized contrib ops: `com.microsoft::MatMulNBits`
+for weights, `GatherBlockQuantized` for embedding tables, where the GGUF blocks map on
+exactly; `dequantize` (gguf's float32) for the rest.
+
+MatMulNBits (onnxruntime 1.32): Y = A @ W^T with W (N, K) dequantized per block of
+`block_size` along K as (q - zero_point) * scale; B (N, k_blocks, block * bits / 8) uint8 with
+consecutive values packed low bits first (4 bits: value 2i low nibble, 2i+1 high nibble of
+byte i); scales (N, k_blocks) float32; zero points packed the same way, default 2^(bits-1).
+Checked on the CPU provider by tests/unit/test_onnx_quant.py.
+
+Kept quantized (block 32; d, m, dmin the file's f16 values):
+    Q4_0  d*(q-8)           -> 4 bits, scale d, default zero point 8
+    Q8_0  d*x, x int8       -> 8 bits, q = x+128, scale d, default zero point 128
+    Q4_1  d*q + m           -> 4 bits, scale d, zero point 0, plus an offset m per block
+    Q4_K  (d*sc)*q - dmin*m -> 4 bits per sub-block of 32, scale d*sc, offset -dmin*m
+An offset is a second term: sum over a block of x times offset = (x's block sums) @ offsets^T,
+a ReduceSum and a small MatMul beside the MatMulNBits (K/32 inner size), then an Add. Why
+not MatMulNBits' float zero points (zp = -m/d): (q - zp) * d rounds twice, so 7.6% of
+Q4_1's weights come out 1 ulp off gguf's d*q + m (measured), and onnxruntime 1.32 runs float
+zero points on a slow path (6x the time of uint8 ones for a decode step of 1536x576).
+
+Exact: with float32 scales, d*(q-8), d*x and (d*sc)*q are exact (at most 11+6+8 bits of
+significand), so MatMulNBits' weight equals gguf's; an offset's d*q + m is rounded once by
+the Add, as gguf rounds it once. With accuracy_level 0 and A = I_K the output is gguf's
+dequantization bit for bit. accuracy_level 4 (the default here) quantizes A to int8 in
+blocks of `block_size`, as llama.cpp quantizes activations to q8 for these types: faster on
+the CPU, with the error of that rounding of A (the test bounds it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize as gguf_dequantize
+from onnx import helper
+
+from herd.errors import GGUFError
+
+MS = "com.microsoft"
+BLOCK = 32  # every mapped type's block (Q4_0, Q4_1, Q8_0) or sub-block (Q4_K)
+ACCURACY_LEVEL = 4  # A quantized to int8 per block, as llama.cpp does for these types
+
+
+@dataclass(frozen=True)
+class NBits:
+    """One 2-D GGUF weight (n, k) in MatMulNBits' form: W[r, c] = (q - zero point) * scale
+    (+ offset) for the block of row r holding column c."""
+
+    b: np.ndarray  # uint8 (n, k_blocks, block_size * bits / 8), values packed low bits first
+    scales: np.ndarray  # float32 (n, k_blocks)
+    zero_points: np.ndarray | None  # uint8 (n, ceil(k_blocks * bits / 8)); None: 2^(bits-1)
+    offsets: np.ndarray | None  # float32 (n, k_blocks) added per block (Q4_1's m); or None
+    bits: int
+    block_size: int
+    k: int
+    n: int
+    qtype: Q
+
+    @property
+    def k_blocks(self) -> int:
+        return self.k // self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.b, self.scales, self.zero_points, self.offsets)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+
+def _f32(b: np.ndarray) -> np.ndarray:
+    """Little-endian f16 fields (n, 2) uint8 -> (n,) float32."""
+    return np.ascontiguousarray(b).view("<f2")[..., 0].astype(np.float32)
+
+
+def _pack4(values: np.ndarray) -> np.ndarray:
+    """(..., 2L) values 0..15 in order -> (..., L) bytes: value 2i low nibble, 2i+1 high."""
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _gguf_nibbles(qs: np.ndarray) -> np.ndarray:
+    """GGUF's nibble runs (..., L): byte j holds value j (low) and L+j (high) -> (..., 2L)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+# blocks (n, type_size) uint8 -> (b (n * sub, blob), scales (n * sub,), offsets or None)
+# where sub is the number of 32-value (sub-)blocks in one GGUF block
+Unpack = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+def _q4_0(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    return _pack4(_gguf_nibbles(blk[:, 2:])), _f32(blk[:, :2]), None
+
+
+def _q4_1(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    return _pack4(_gguf_nibbles(blk[:, 4:])), _f32(blk[:, :2]), _f32(blk[:, 2:4])
+
+
+def _q8_0(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    return blk[:, 2:] ^ np.uint8(0x80), _f32(blk[:, :2]), None  # int8 x -> x + 128
+
+
+def _q4_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values: 8 sub-blocks of 32 with 6-bit scales sc and mins m in 12 bytes (bytes
+    0-3: sc[0:4] low 6 bits, 4-7: m[0:4]; 8-11: sc[4:8] low nibble, m[4:8] high nibble, their
+    top 2 bits in the top 2 bits of bytes 0-3 and 4-7), then 4 runs of 32 nibble bytes:
+    run c's low nibbles are sub-block 2c, its high nibbles sub-block 2c+1."""
+    n = len(blk)
+    d, dmin = _f32(blk[:, :2]), _f32(blk[:, 2:4])
+    s = blk[:, 4:16]
+    lo, hi, mix = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
+    scales = d[:, None] * sc.astype(np.float32)  # exact: 11 + 6 bits
+    offsets = -(dmin[:, None] * mn.astype(np.float32))
+    values = _gguf_nibbles(blk[:, 16:].reshape(n, 4, 32)).reshape(n * 8, BLOCK)
+    return _pack4(values), scales.reshape(-1), offsets.reshape(-1)
+
+
+# qtype -> (bits, unpack)
+_MAPPED: dict[Q, tuple[int, Unpack]] = {
+    Q.Q4_0: (4, _q4_0),
+    Q.Q4_1: (4, _q4_1),
+    Q.Q8_0: (8, _q8_0),
+    Q.Q4_K: (4, _q4_k),
+}
+MAPPED_TYPES = frozenset(_MAPPED)
+# GatherBlockQuantized has no offset term: only the types without one
+GATHER_TYPES = frozenset(q for q in _MAPPED if q in (Q.Q4_0, Q.Q8_0))
+
+
+def _check(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """raw as flat uint8, or GGUFError if the bytes do not fit `shape` in `qtype`'s blocks."""
+    if qtype not in GGML_QUANT_SIZES:
+        raise GGUFError(f"tensor type {qtype.name} has no known block size")
+    raw = np.asarray(raw).reshape(-1).view(np.uint8)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64))
+    if (shape and shape[-1] % block) or raw.size != n // block * type_size:
+        raise GGUFError(
+            f"{qtype.name} tensor of shape {shape}: {raw.size} bytes do not fit its blocks "
+            f"of {block} values"
+        )
+    return raw
+
+
+def matmul_nbits(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> NBits | None:
+    """The 2-D weight of NumPy `shape` (n, k) whose GGUF bytes are `raw`, in MatMulNBits'
+    form; None where there is no exact mapping (other types, 1-D or 3-D tensors): then
+    `dequantize`. GGUFError for bytes that do not fit the shape (a row must be whole blocks)."""
+    raw = _check(raw, qtype, shape)
+    if qtype not in _MAPPED or len(shape) != 2:
+        return None
+    bits, unpack = _MAPPED[qtype]
+    n, k = shape
+    kb = k // BLOCK
+    b, scales, offsets = unpack(raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
+    zero_points = None
+    if offsets is not None:  # q * scale + offset: zero point 0, packed as B is
+        zero_points = np.zeros((n, (kb * bits + 7) // 8), dtype=np.uint8)
+        offsets = np.ascontiguousarray(offsets.reshape(n, kb), dtype=np.float32)
+    return NBits(
+        b=np.ascontiguousarray(b.reshape(n, kb, BLOCK * bits // 8)),
+        scales=np.ascontiguousarray(scales.reshape(n, kb), dtype=np.float32),
+        zero_points=zero_points,
+        offsets=offsets,
+        bits=bits,
+        block_size=BLOCK,
+        k=k,
+        n=n,
+        qtype=qtype,
+    )
+
+
+def matmul_nbits_node(
+    name_prefix: str,
+    x_name: str,
+    out_name: str,
+    nb: NBits,
+    accuracy_level: int = ACCURACY_LEVEL,
+) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
+    """The nodes computing out = x @ W^T (x (..., k) float32 of any rank) and their
+    initializers (name, array); every name they add starts with `name_prefix`. One
+    MatMulNBits node; with offsets also x's block sums (Shape, Slice, Concat, Reshape,
+    ReduceSum), a MatMul by offsets^T and an Add."""
+    p = name_prefix
+    inits: list[tuple[str, np.ndarray]] = [(f"{p}.qweight", nb.b), (f"{p}.scales", nb.scales)]
+    inputs = [x_name, f"{p}.qweight", f"{p}.scales"]
+    if nb.zero_points is not None:
+        inits.append((f"{p}.zero_points", nb.zero_points))
+        inputs.append(f"{p}.zero_points")
+    q_out = out_name if nb.offsets is None else f"{p}.q_out"
+    attrs = {"K": nb.k, "N": nb.n, "bits": nb.bits, "block_size": nb.block_size}
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            inputs,
+            [q_out],
+            name=f"{p}.MatMulNBits",
+            domain=MS,
+            accuracy_level=accuracy_level,
+            **attrs,
+        )  # fmt: skip
+    ]
+    if nb.offsets is None:
+        return nodes, inits
+    inits += [
+        (f"{p}.offsets_t", np.ascontiguousarray(nb.offsets.T)),  # (k_blocks, n)
+        (f"{p}.blocks", np.array([nb.k_blocks, nb.block_size], dtype=np.int64)),
+        (f"{p}.zero", np.array([0], dtype=np.int64)),
+        (f"{p}.minus1", np.array([-1], dtype=np.int64)),
+    ]
+
+    def node(op: str, ins: list[str], out: str, **kw: object) -> None:
+        nodes.append(helper.make_node(op, ins, [out], name=f"{p}.{out}", **kw))
+
+    # x (..., k) -> (..., k_blocks, block) whatever x's rank: its leading dims, then blocks
+    node("Shape", [x_name], f"{p}.x_shape")
+    node("Slice", [f"{p}.x_shape", f"{p}.zero", f"{p}.minus1"], f"{p}.x_lead")
+    node("Concat", [f"{p}.x_lead", f"{p}.blocks"], f"{p}.x_blocked_shape", axis=0)
+    node("Reshape", [x_name, f"{p}.x_blocked_shape"], f"{p}.x_blocked")
+    node("ReduceSum", [f"{p}.x_blocked", f"{p}.minus1"], f"{p}.x_block_sums", keepdims=0)
+    node("MatMul", [f"{p}.x_block_sums", f"{p}.offsets_t"], f"{p}.offset_out")
+    nodes.append(helper.make_node("Add", [q_out, f"{p}.offset_out"], [out_name], name=f"{p}.add"))
+    return nodes, inits
+
+
+def gather_block_quantized(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> NBits | None:
+    """An embedding table (vocab, dim) for GatherBlockQuantized (rows gathered, blocks along
+    dim); None where it has no exact form (types with an offset, such as Q4_1: the op has no
+    float term). GGUFError for bytes that do not fit the shape."""
+    if qtype not in GATHER_TYPES:
+        _check(raw, qtype, shape)
+        return None
+    return matmul_nbits(raw, qtype, shape)
+
+
+def gather_block_quantized_node(
+    name_prefix: str, ids_name: str, out_name: str, nb: NBits
+) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
+    """out = table[ids] (ids int64 of any shape -> (*ids.shape, dim) float32). Note the op
+    gives zeros for an out-of-range id, where Gather fails: check ids before."""
+    if nb.offsets is not None:
+        raise ValueError(f"{nb.qtype.name} has offsets: no GatherBlockQuantized form")
+    p = name_prefix
+    data = nb.b.reshape(nb.n, -1)  # (vocab, dim * bits / 8): packed along the last axis
+    inits = [(f"{p}.qdata", data), (f"{p}.scales", nb.scales)]
+    node = helper.make_node(
+        "GatherBlockQuantized", [inits[0][0], ids_name, inits[1][0]], [out_name],
+        name=f"{p}.GatherBlockQuantized", domain=MS,
+        bits=nb.bits, block_size=nb.block_size, gather_axis=0, quantize_axis=1,
+    )  # fmt: skip
+    return [node], inits
+
+
+def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """gguf's float32 dequantization of the tensor, of NumPy `shape`; GGUFError for bytes
+    that do not fit or a type gguf cannot dequantize."""
+    raw = _check(raw, qtype, shape)
+    if qtype == Q.F32:
+        return raw.view(np.float32).reshape(shape).copy()
+    rows = raw.reshape(int(np.prod(shape[:-1], dtype=np.int64)), -1) if shape else raw
+    try:
+        out = gguf_dequantize(rows, qtype)
+    except NotImplementedError as e:
+        raise GGUFError(f"tensor type {qtype.name} has no dequantizer") from e
+    return np.asarray(out, dtype=np.float32).reshape(shape)

@@ -1,0 +1,162 @@
+"""What is particular to the ONNX Runtime backend: its session cache (a decode reruns one
+session), its execution providers, and cache writes read back in the same pass. Its ops,
+architectures and parity run in the shared suites (test_ops, conformance, parity)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from herd.errors import BackendError  # noqa: E402
+from herd.gguf import open_gguf  # noqa: E402
+from herd.ml import DType, open_backend  # noqa: E402
+from herd.ml.backends.numpy import NumpyBackend  # noqa: E402
+from herd.models import load_model  # noqa: E402
+from herd.options import Options  # noqa: E402
+from herd.runner import Runner  # noqa: E402
+
+
+class Letters:
+    """Token i is one letter; nothing ends generation."""
+
+    def piece(self, id: int, special: bool = False) -> bytes:
+        return bytes([97 + id % 26])
+
+    def is_eog(self, id: int) -> bool:
+        return False
+
+
+def _greedy(path: Path, backend_name: str, steps: int) -> tuple[list[int], object]:
+    g = open_gguf(path)
+    backend = open_backend(backend_name, g)
+    model = load_model(g.config(), backend)
+    runner = Runner(model, backend, Letters(), Options(num_ctx=512), model.context_length)
+    events = list(runner.generate([1, 5, 9, 13, 17, 21], Options(temperature=0, num_predict=steps)))
+    return list(events[-1].tokens), backend
+
+
+def test_decode_reruns_one_session(tiny_llama_path: Path) -> None:
+    """128 greedy decode steps after a prompt build two sessions, the prompt's and the
+    decode step's (the cache's 256-cell padding keeps the decode graph's shapes), and give
+    the NumPy oracle's tokens."""
+    tokens, backend = _greedy(tiny_llama_path, "onnx", 128)
+    assert len(tokens) == 128
+    assert backend.sessions_created == 2  # type: ignore[attr-defined]
+    want, _ = _greedy(tiny_llama_path, "numpy", 128)
+    assert tokens == want
+
+
+def test_provider_not_installed_names_the_available_ones(
+    tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HERD_ONNX_PROVIDERS", "cuda,cpu")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is installed here: there is no missing provider to name")
+    with pytest.raises(BackendError, match="'cuda' is not installed; available: .*CPUExecution"):
+        open_backend("onnx", open_gguf(tiny_llama_path))
+
+
+def test_provider_by_short_name(tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERD_ONNX_PROVIDERS", "cpu")
+    backend = open_backend("onnx", open_gguf(tiny_llama_path))
+    assert backend.providers == ["CPUExecutionProvider"]  # type: ignore[attr-defined]
+    assert backend.devices()[0].kind == "cpu"
+
+
+def _write_then_read(backend: object, ids: list[int], lo: int, hi: int) -> list[np.ndarray]:
+    src = np.random.default_rng(0).standard_normal((len(ids), 2, 4)).astype(np.float32)
+    cache = backend.alloc((10, 2, 4), DType.F32)  # type: ignore[attr-defined]
+    with backend.new_context() as ctx:  # type: ignore[attr-defined]
+        before = ctx.attach(cache).slice(0, lo, hi)  # attached before the write: sees none
+        ctx.forward(cache.set_rows(ctx.input(np.array(ids, np.int32), DType.I32), src_t(ctx, src)))
+        after = ctx.attach(cache).slice(0, lo, hi).scale(2.0)
+        whole = ctx.attach(cache).scale(1.0)  # any other read: the whole buffer, written
+        out = ctx.compute(before, after, whole)
+    return out
+
+
+def src_t(ctx: object, src: np.ndarray) -> object:
+    return ctx.input(src)  # type: ignore[attr-defined]
+
+
+def test_cache_writes_are_read_back_in_the_same_pass(tiny_llama_path: Path) -> None:
+    g = open_gguf(tiny_llama_path)
+    got = _write_then_read(open_backend("onnx", g), [7, 3], 2, 9)
+    want = _write_then_read(NumpyBackend(g), [7, 3], 2, 9)
+    # numpy reads eagerly: its "before" view shares the written buffer; ours is a copy
+    np.testing.assert_array_equal(got[0], np.zeros_like(got[0]))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_write_outside_the_read_rows_is_refused(tiny_llama_path: Path) -> None:
+    """The read slice takes the written rows by index minus its start: a write that
+    falls outside it is refused on the host, never scattered out of bounds."""
+    backend = open_backend("onnx", open_gguf(tiny_llama_path))
+    with pytest.raises(BackendError, match=r"outside the rows \[2, 5\)"):
+        _write_then_read(backend, [7, 3], 2, 5)
+
+
+def test_rerun_checks_the_written_rows_too(tiny_llama_path: Path) -> None:
+    backend = open_backend("onnx", open_gguf(tiny_llama_path))
+    cache = backend.alloc((8, 4), DType.F16)
+    with backend.new_context() as ctx:
+        ids = ctx.input(np.array([1], np.int32), DType.I32)
+        ctx.forward(cache.set_rows(ids, ctx.input(np.ones((1, 4), np.float32))))
+        (first,) = ctx.compute(ctx.attach(cache).slice(0, 0, 4))
+        assert first[1].tolist() == [1, 1, 1, 1]
+        (again,) = ctx.rerun(np.array([2], np.int32), np.full((1, 4), 3, np.float32))
+        assert again[2].tolist() == [3, 3, 3, 3] and again[1].tolist() == [1, 1, 1, 1]
+        with pytest.raises(BackendError, match="outside the rows"):
+            ctx.rerun(np.array([6], np.int32), np.ones((1, 4), np.float32))
+    assert backend.sessions_created == 1
+
+
+def _weights_file(path: Path) -> Path:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter
+
+    from herd.gguf.quants import quantize
+
+    writer = GGUFWriter(str(path), "test")
+    rng = np.random.default_rng(3)
+    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q6_K):
+        raw = quantize(rng.standard_normal((48, 256)).astype(np.float32), qtype)
+        writer.add_tensor(f"w.{qtype.name}", raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("name", ["w.Q4_0", "w.Q4_1", "w.Q8_0", "w.Q6_K"])
+def test_which_weights_stay_quantized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Q4_0, Q4_1 and Q8_0 run as MatMulNBits (Q4_1 with float32 activations: exact to
+    the NumPy oracle's dequantized product; the others with int8 ones, as llama.cpp);
+    Q6_K is dequantized; HERD_ONNX_DEQUANTIZE=1 dequantizes every one (the reference)."""
+    g = open_gguf(_weights_file(tmp_path / "q.gguf"))
+    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
+    oracle = NumpyBackend(g)
+    with oracle.new_context() as ctx:
+        (want,) = ctx.compute(ctx.input(x).linear(oracle.weight(name)))
+    for dequantize in ("0", "1"):
+        monkeypatch.setenv("HERD_ONNX_DEQUANTIZE", dequantize)
+        backend = open_backend("onnx", g)
+        w = backend.weight(name)
+        kept = dequantize == "0" and name != "w.Q6_K"
+        assert (w.q is not None) is kept  # type: ignore[attr-defined]
+        with backend.new_context() as ctx:
+            (got,) = ctx.compute(ctx.input(x).linear(w))
+        err = float(np.mean((got - want) ** 2) / np.mean(want**2))
+        exact = not kept or name == "w.Q4_1"
+        assert err < (1e-12 if exact else 2e-4), f"{name} dequantize={dequantize}: nmse {err}"
