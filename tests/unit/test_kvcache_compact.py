@@ -46,7 +46,7 @@ class Tracked:
         self.cache = Causal(padding=PAD)
         self.cache.init(backend, dtype, N_SEQ, capacity, max_batch=16)
         self.expected: dict[tuple[int, int], tuple[int, int]] = {}
-        self.spans: list[tuple[int, int]] = []  # (attended cells, own cells) of each pass
+        self.spans: list[tuple[int, int]] = []  # (attended cells, own cells) of each sequence
 
     def length(self, seq: int) -> int:
         return self.cache.seq_length(seq)
@@ -68,8 +68,16 @@ class Tracked:
             ctx.compute(keys, values, mask)
         for s, p in zip(sequences, positions, strict=True):
             self.expected[(s, p)] = (s, p)
-        own = int(self.cache.member[:, sorted(set(seqs))].any(axis=1).sum())
-        self.spans.append((self.cache.hi - self.cache.lo, own))
+        # each sequence's rows attend their block's cells (the whole range without blocks)
+        # (sequences that share cells move as one: their own cells are the group's)
+        blocks = self.cache.blocks() or [(0, len(sq), 0, self.cache.hi - self.cache.lo, None)]
+        member = self.cache.member[:, sorted(set(seqs))]
+        shared = (member.sum(axis=1) > 1).any()
+        for seq in set(seqs):
+            rows = np.flatnonzero(sq == seq)
+            extent = max(e - s for a, b, s, e, _ in blocks if a <= rows[-1] and b > rows[0])
+            own = member.any(axis=1) if shared else self.cache.member[:, seq]
+            self.spans.append((extent, int(own.sum())))
 
     def rows(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """(T, 1, width): the two numbers, then zeros (a Q8_0 row is 32 wide)."""
@@ -173,17 +181,20 @@ def test_any_history_keeps_contents_and_attends_about_its_own_cells(v_transposed
 
 
 def test_a_kept_prefix_moves_to_its_sequence_not_the_range_across_the_cache():
-    """The README's case: other conversations cached between a slot's kept prefix and the
-    stretch its new prompt takes. The prefix moves there (4 cells, not the 80 between),
-    and the sequence then attends about its own length."""
+    """The README's case: other conversations cached right after a slot's kept prefix
+    (here packed there by `defragment`), so its new prompt must go elsewhere. The prefix
+    moves there (4 cells, not the 60 after it), and the sequence then attends about its
+    own length."""
     t = Tracked(Layout(True), capacity=48)
     cache = t.cache
     t.forward([0], [24])  # slot 0's old conversation
     for seq in (1, 2, 3):
         t.forward([seq], [20])
     t.remove(0, 4)  # a new chat in slot 0 keeps 4 tokens of the old one
-    t.forward([0], [22])  # too long for the hole its old conversation left
-    assert cache.moved == 4
+    cache.defragment()  # the others' cells now follow the kept 4
+    before = cache.moved
+    t.forward([0], [22])
+    assert cache.moved - before == 4
     for _ in range(6):
         t.forward([0], [1])
     attended, own = t.spans[-1]
@@ -194,21 +205,21 @@ def test_a_kept_prefix_moves_to_its_sequence_not_the_range_across_the_cache():
     assert cache.stats()["cells_used"] == 3 * 20 + 32
 
 
-def test_sequences_decoded_together_then_alone_are_regathered():
-    """Four sequences decoded in one batch interleave their cells; when one goes on alone
-    its range covers the others' cells, so its own move together."""
+def test_sequences_decoded_together_grow_apart_each_in_one_run():
+    """Four sequences decoded in one batch each grow in their own part of the cache: no
+    cell moves, each sequence stays one run and its rows attend only its own cells.
+    `defragment` then closes the holes a removed sequence leaves."""
     t = Tracked(Layout(False))
     for seq in range(4):
         t.forward([seq], [2])
     for _ in range(12):
         t.forward([0, 1, 2, 3], [1, 1, 1, 1])
-    before = cache_span(t.cache, 0)
-    assert before > 3 * 14  # interleaved: its 14 cells spread over all four's
-    t.forward([0], [1])
-    assert cache_span(t.cache, 0) == 15 and t.cache.moved >= 14
+        assert all(attended <= own + PAD for attended, own in t.spans[-4:])
+    assert t.cache.moved == 0
+    assert all(cache_span(t.cache, seq) == 14 for seq in range(4))
     t.check_contents()
-    t.remove(1, 0)  # holes among 2's and 3's cells
-    assert t.cache.stats()["fragmentation"] > 0.2
+    t.remove(1, 0)  # free cells between 0's and 2's: room to grow, no fragmentation
+    assert t.cache.stats()["fragmentation"] == 0.0
     t.cache.defragment()
     check_packed(t.cache)
     t.check_contents()

@@ -64,8 +64,10 @@ def drain(seq: Sequence) -> list[Event]:
 def test_batched_decoding_with_moving_cells_equals_decoding_alone(tiny_llama_path, seed):
     """Up to 8 requests at once, arriving at random steps with random prompts (some the
     next turn of an earlier conversation, reusing its cells), random answer lengths, a few
-    cancelled midway. The cache moves cells as they come and go; every answer (a cancelled
-    one: as far as it got) is the one the request gets alone."""
+    cancelled midway. Each sequence grows in its own part of the cache; packed at random
+    steps (`defragment`), they grow into each other's way and the cache moves cells as
+    they come and go. Every answer (a cancelled one: as far as it got) is the one the
+    request gets alone."""
     rng = np.random.default_rng(seed)
     r = make_runner(tiny_llama_path, parallel=8)
     done: list[tuple[list[int], int, tuple[int, ...]]] = []  # prompt, num_predict, answer
@@ -94,6 +96,8 @@ def test_batched_decoding_with_moving_cells_equals_decoding_alone(tiny_llama_pat
             running.append((seq, prompt, n, cancelled, cancel, []))
         r.step()
         step += 1
+        if rng.random() < 0.1:  # packed from cell 0: sequences then grow into each other
+            r.cache.defragment()  # and their cells move apart again
         still = []
         for seq, prompt, n, cancelled, cancel, events in running:
             events += drain(seq)

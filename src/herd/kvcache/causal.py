@@ -72,6 +72,7 @@ class Causal:
         self.padding = self._padding or config.pad
         self.mask_dtype, self.flash = config.mask_dtype, config.flash_attention
         size = max_sequences * capacity
+        self.capacity = capacity  # sequence i's own part of the cache: from i * capacity
         self.size = -(-size // self.padding) * self.padding
         self.max_batch = max_batch
         self.pos = np.full(self.size, -1, dtype=np.int32)  # -1: free
@@ -115,27 +116,66 @@ class Causal:
         if n == 1 and self._step is not None and self._next_step(batch):
             return
         self._step = None
-        is_free = self.pos < 0
-        free = np.flatnonzero(is_free)
-        if len(free) < n:
-            raise CacheFullError(
-                f"KV cache full: {n} cells needed, {len(free)} free of {self.size}"
-            )
+        free = int(np.count_nonzero(self.pos < 0))
+        if free < n:
+            raise CacheFullError(f"KV cache full: {n} cells needed, {free} free of {self.size}")
         seqs = batch.sequences
         first = int(seqs[0])
         one_sequence = n == 1 or bool((seqs == first).all())
-        group = np.array([first]) if one_sequence else np.unique(seqs)
+        if not one_sequence and self._sharing(seqs):
+            self._plan_together(batch)
+            return
+        locs = np.empty(n, dtype=np.int64)
+        moved = False
+        # each sequence's tokens after its own cells, its cells moved together when they
+        # lie apart: a block of queries then attends its own sequence's stretch only
+        # (`_plan_blocks`), not the range across every sequence in the batch
+        for seq in [first] if one_sequence else dict.fromkeys(seqs.tolist()):
+            rows = np.flatnonzero(seqs == seq)
+            cells = self._place(self.pos < 0, seq, len(rows))
+            if compact.scattered(self.member[:, seq], cells, self.padding):
+                start = seq * self.capacity
+                end = min(self.size, start + self.capacity)
+                planned = compact.home(self.pos, self.member, seq, len(rows), start, end)
+                src, dst, cells = planned or compact.gather(
+                    self.pos, self.member, np.array([seq]), len(rows), self.padding
+                )
+                self._move(src, dst)
+                moved = True
+            self.pos[cells] = batch.positions[rows]
+            self.member[cells] = False
+            self.member[cells, seq] = True
+            locs[rows] = cells
+        if moved and not one_sequence:  # a later move may have packed earlier ones' cells
+            locs = self._cells_of(batch)
+        self._finish_plan(batch, locs)
+
+    def _sharing(self, seqs: np.ndarray) -> bool:
+        """Whether any of these sequences share cells (a prefix given by `copy_prefix`)."""
+        group = np.unique(seqs)
+        return bool((self.member[:, group].sum(axis=1) > 1).any())
+
+    def _plan_together(self, batch: BatchLayout) -> None:
+        """Sequences that share cells grow apart from one stretch, which they cannot all
+        continue: their new cells go near the group's and the group moves as one."""
+        n, seqs = len(batch.positions), batch.sequences
+        group = np.unique(seqs)
+        free = np.flatnonzero(self.pos < 0)
         mine = self.member[:, group].any(axis=1)
-        if one_sequence:
-            locs = self._place(is_free, free, first, n)
-        else:  # the free cells nearest the sequences' own
-            locs = compact.near(free, mine, n)
-        if compact.scattered(mine, locs, self.padding):  # see herd.kvcache.compact
+        locs = compact.near(free, mine, n)
+        if compact.scattered(mine, locs, self.padding):
             src, dst, locs = compact.gather(self.pos, self.member, group, n, self.padding)
             self._move(src, dst)
         self.pos[locs] = batch.positions
         self.member[locs] = False
         self.member[locs, seqs] = True
+        self._finish_plan(batch, locs)
+
+    def _finish_plan(self, batch: BatchLayout, locs: np.ndarray) -> None:
+        """The attended range, mask and blocks for the batch's planned cells `locs`."""
+        n, seqs = len(batch.positions), batch.sequences
+        first = int(seqs[0])
+        one_sequence = n == 1 or bool((seqs == first).all())
         # the cells of the batch's sequences (one column in the usual one-sequence batch)
         if one_sequence:
             in_use = np.flatnonzero(self.member[:, first])
@@ -157,14 +197,14 @@ class Causal:
                 block = self._mask_array[np.ix_(span, locs[span] - lo)]
                 block[seen] = 0
                 self._mask_array[np.ix_(span, locs[span] - lo)] = block
-        self._blocks = self._plan_blocks(self._mask_array)
+        self._blocks = self._plan_blocks(self._mask_array, batch.sequences)
         self._block_arrays = [
             np.ascontiguousarray(self._mask_array[a:b, s:e]) for a, b, s, e in self._blocks
         ]
         if n == 1 and int(locs[0]) == int(in_use[-1]):  # the sequence's last cell
             self._step = (first, int(batch.positions[0]), int(locs[0]))
 
-    def _place(self, is_free: np.ndarray, free: np.ndarray, seq: int, n: int) -> np.ndarray:
+    def _place(self, is_free: np.ndarray, seq: int, n: int) -> np.ndarray:
         """Cells for n tokens of one sequence: right after its last cell when those are
         free, else the first free stretch with room to grow (`padding` more cells), else
         the lowest free cells. A sequence then stays in one stretch, and its attended range
@@ -178,13 +218,28 @@ class Causal:
             start = int(mine[-1]) + 1
             if start + n <= self.size and is_free[start : start + n].all():
                 return np.arange(start, start + n)
+        else:  # a new sequence starts its slot's own part of the cache when it is free
+            home = seq * self.capacity
+            if is_free[home : min(self.size, home + self.capacity)].all():
+                return np.arange(home, home + n)
         need = n + self.padding
         starts, ends = compact.free_runs(is_free)
         fits = np.flatnonzero(ends - starts >= need)
         if len(fits):
             start = int(starts[fits[0]])
             return np.arange(start, start + n)
-        return free[:n]
+        return np.flatnonzero(is_free)[:n]
+
+    def _cells_of(self, batch: BatchLayout) -> np.ndarray:
+        """The cell holding each of the batch's (sequence, position)s."""
+        locs = np.empty(len(batch.positions), dtype=np.int64)
+        for seq in np.unique(batch.sequences):
+            rows = np.flatnonzero(batch.sequences == seq)
+            cells = np.flatnonzero(self.member[:, seq])
+            order = np.argsort(self.pos[cells])
+            at = np.searchsorted(self.pos[cells], batch.positions[rows], sorter=order)
+            locs[rows] = cells[order[at]]
+        return locs
 
     def _next_step(self, batch: BatchLayout) -> bool:
         """Plan a decode step from the last one, when it is that step's successor: the same
@@ -223,20 +278,27 @@ class Causal:
         self._step = (seq, position, loc)
         return True
 
-    def _plan_blocks(self, mask: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """(first row, end row, first cell, end cell) of each block of BLOCK query rows,
-        cells relative to the attended range; none where blocks would save nothing. Fused
-        attention (flash) skips masked cells by itself."""
+    def _plan_blocks(self, mask: np.ndarray, seqs: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """(first row, end row, first cell, end cell) of each block of query rows, cells
+        relative to the attended range; none where blocks would save nothing. A block is
+        one sequence's rows (at most BLOCK of them, unless attention is fused: flash skips
+        a causal prompt's masked cells by itself): with several sequences in a batch, each
+        attends its own stretch of cells, not every cell between the first sequence's and
+        the last's (which lie apart, each in its own part of the cache: `_place`)."""
         t, n = mask.shape
-        if t <= BLOCK or self.flash:
+        cuts = np.flatnonzero(seqs[1:] != seqs[:-1]) + 1  # where the sequence changes
+        if len(cuts) == 0 and (self.flash or t <= BLOCK):
             return []
+        align, step = min(ALIGN, self.padding), t if self.flash else BLOCK
         seen = mask == 0
         blocks = []
-        for a in range(0, t, BLOCK):
-            b = min(t, a + BLOCK)
-            cols = np.flatnonzero(seen[a:b].any(axis=0))
-            first, end = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-            blocks.append((a, b, first // ALIGN * ALIGN, min(n, -(-end // ALIGN) * ALIGN)))
+        edges = [0, *cuts.tolist(), t]
+        for start, end in zip(edges[:-1], edges[1:], strict=True):
+            for a in range(start, end, step):
+                b = min(end, a + step)
+                cols = np.flatnonzero(seen[a:b].any(axis=0))
+                first, last = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+                blocks.append((a, b, first // align * align, min(n, -(-last // align) * align)))
         return blocks if any(e - s < n for _, _, s, e in blocks) else []
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
@@ -319,12 +381,13 @@ class Causal:
         self._move(*compact.packed(self.pos, self.member))
 
     def stats(self) -> dict[str, float]:
-        """Cells in use, the cache's size, its fragmentation (free cells inside the used
-        range over that range) and the cells moved to keep it compact so far."""
+        """Cells in use, the cache's size, its fragmentation (cells inside each sequence's
+        range that are not its own, over those ranges) and the cells moved to keep it
+        compact so far."""
         return {
             "cells_used": self.used_cells(),
             "cells": self.size,
-            "fragmentation": compact.fragmentation(self.pos),
+            "fragmentation": compact.fragmentation(self.member),
             "cells_moved": self.moved,
         }
 

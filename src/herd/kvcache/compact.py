@@ -95,6 +95,25 @@ def gather(
     return src[moved], dst[moved], np.arange(start, start + n)
 
 
+def home(
+    pos: np.ndarray, member: np.ndarray, seq: int, n: int, start: int, end: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Sequence seq's cells and n new ones packed from `start`, in position order, when
+    they fit in its own part of the cache, cells start..end, and nothing else lies there
+    (a shift's hole closed where it is, none of the others' cells touched): (cells to
+    move, their new places, the n cells for the batch's tokens); None otherwise."""
+    mine = member[:, seq]
+    cells = np.flatnonzero(mine)
+    others = (pos[start:end] >= 0) & ~mine[start:end]
+    if len(cells) + n > end - start or others.any() or member[cells].sum(axis=1).max(initial=1) > 1:
+        return None
+    cells = cells[np.argsort(pos[cells], kind="stable")]
+    dst = np.arange(start, start + len(cells))
+    moved = cells != dst
+    first = start + len(cells)
+    return cells[moved], dst[moved], np.arange(first, first + n)
+
+
 def packed(pos: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every used cell packed from cell 0, grouped by sequence in position order (shared
     cells with their lowest sequence): (cells to move, their new places)."""
@@ -107,10 +126,15 @@ def packed(pos: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return src[moved], dst[moved]
 
 
-def fragmentation(pos: np.ndarray) -> float:
-    """Free cells inside the range of used cells, as a fraction of that range (0: none)."""
-    cells = np.flatnonzero(pos >= 0)
-    if len(cells) == 0:
-        return 0.0
-    span = int(cells[-1]) - int(cells[0]) + 1
-    return (span - len(cells)) / span
+def fragmentation(member: np.ndarray) -> float:
+    """Cells inside each sequence's range (its first cell to its last) that are not its
+    own, free or another's, over those ranges (0: every sequence is one run). What a
+    sequence's attention reads for nothing; the free cells between sequences, each in its
+    own part of the cache, are room to grow and count for nothing here."""
+    spans = waste = 0
+    for seq in range(member.shape[1]):
+        cells = np.flatnonzero(member[:, seq])
+        if len(cells):
+            span = int(cells[-1]) - int(cells[0]) + 1
+            spans, waste = spans + span, waste + span - len(cells)
+    return waste / spans if spans else 0.0

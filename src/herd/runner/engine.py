@@ -25,8 +25,9 @@ import numpy as np
 
 from herd.errors import CapabilityError, HerdError, RunnerError
 from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, GraphReuse, Tensor
-from herd.models import Batch, BatchImage, Model, Pixels, Vision, batch_inputs
+from herd.models import Batch, Model, Pixels, Vision, batch_inputs
 from herd.options import Options
+from herd.runner.batching import plan_step
 from herd.runner.emit import emit, finish
 from herd.runner.faults import check_tokens, request_error
 from herd.runner.images import (
@@ -66,11 +67,14 @@ class Runner:
         vision: Vision | None = None,
         encoder_backend: Backend | None = None,
         draft: Drafter | None = None,
+        prefill: int | None = None,
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
         OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images;
         `encoder_backend`: the one holding its vision encoder (a projector file's), if
-        not `backend`. `draft`: a draft model's proposer (`herd.runner.speculate`)."""
+        not `backend`. `draft`: a draft model's proposer (`herd.runner.speculate`).
+        `prefill`: most prompt tokens in a step while other sequences decode (chunked
+        prefill, `herd.runner.batching`); None: half of `num_batch`."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
         if cache_type not in KV_CACHE_TYPES:
@@ -80,6 +84,7 @@ class Runner:
         self.model, self.backend, self.tokenizer = model, backend, tokenizer
         self.num_ctx = context_size(options, context_length)
         self.num_batch = max(1, min(options.num_batch, self.num_ctx))
+        self.prefill = max(1, prefill if prefill is not None else self.num_batch // 2)
         self.cache = model.cache
         self.cache.init(backend, DType(cache_type), parallel, self.num_ctx, self.num_batch)
         self.slots = [Slot(i) for i in range(parallel)]
@@ -221,64 +226,16 @@ class Runner:
             if not self.active:
                 return False
             propose(self, self.active)  # speculative decoding's proposals, if any
-            tokens: list[int] = []
-            positions: list[int] = []
-            seqs: list[int] = []
-            outputs: list[int] = []
-            owners: list[Sequence] = []
-            members: list[Sequence] = []  # every sequence with tokens in the batch
-            images: list[BatchImage] = []
-            for seq in self.active:
-                room = self.num_batch - len(tokens)
-                if room <= 0:
-                    break
-                if not seq.pending:
-                    continue
-                slot = seq.slot
-                if len(slot.cached) + 1 > self.num_ctx:  # context full while generating
-                    if not seq.shift:
-                        finish(seq, "length")
-                        continue
-                    self._shift(slot, seq.options.num_keep)
-                take = seq.pending[: fits(seq.pending, room, not tokens, seq.images)]
-                if not take:  # an image longer than the room: a batch of its own next
-                    continue
-                extra: list[int] = []
-                if seq.spec is not None:  # proposals follow a decoding token, room allowing
-                    extra = seq.spec.tokens[: room - len(take)] if take == seq.pending else []
-                    seq.spec.tokens, seq.spec.q = extra, seq.spec.q[: len(extra)]
-                if seq.images:
-                    images += batch_images(take, len(tokens), seq.images)
-                start = len(slot.cached)
-                members.append(seq)
-                seq.pending = seq.pending[len(take) :]
-                take += extra  # proposals: a row for each, and the last token's
-                tokens += take
-                positions += range(start, start + len(take))
-                seqs += [slot.id] * len(take)
-                slot.cached += take
-                if not seq.pending:
-                    outputs += range(len(tokens) - 1 - len(extra), len(tokens))
-                    owners.append(seq)
-            if tokens:
-                ids = np.array(tokens, np.int32)
-                if images:
-                    assert self.vision is not None
-                    ids = np.where(ids < 0, np.int32(self.vision.image_token), ids)
-                batch = Batch(
-                    ids,
-                    np.array(positions, np.int32),
-                    np.array(seqs, np.int32),
-                    np.array(outputs, np.int32),
-                    images,
-                )
+            step = plan_step(self, self.active, self.prefill)
+            if step is not None:
                 self.step_started = time.monotonic()
+                owners = step.owners
                 try:
-                    logits = self._compute(batch)
+                    logits = self._compute(step.batch)
                 except Exception as e:  # the pass failed: its sequences end, the others go on
                     self._drop_graphs()  # a graph that failed midway is not rerun
                     error = request_error(e)
-                    for seq in members:
+                    for seq in step.members:
                         self._fail(seq, error)
                     logits, owners = np.zeros((0, 0), np.float32), []
                 finally:

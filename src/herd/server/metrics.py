@@ -233,7 +233,7 @@ class Metrics:
             (
                 "herd:kv_cache_fragmentation",
                 "gauge",
-                "Free cells inside the range of used KV cache cells, over that range.",
+                "KV cache cells inside each sequence's range not its own, over those ranges.",
                 "fragmentation",
             ),
             (

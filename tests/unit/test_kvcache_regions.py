@@ -1,0 +1,67 @@
+"""Each sequence of the causal cache in its own part (sequence i from cell i * capacity, as
+llama.cpp's per-sequence streams): a new sequence starts there, a sequence whose part has
+a hole (a context shift's) is packed there again, and fragmentation counts only what lies
+inside a sequence's own range."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from herd.kvcache import Causal, compact
+from herd.kvcache.causal import BatchLayout
+from herd.ml import CacheConfig, DType
+from herd.ml.backends.numpy import NumpyBackend
+
+PAD = 4
+
+
+class Small(NumpyBackend):
+    def __init__(self) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # no weights needed
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(False, PAD, DType.F32, False)
+
+
+def plan(cache: Causal, seqs: list[int], counts: list[int]) -> None:
+    positions, sequences = [], []
+    for seq, count in zip(seqs, counts, strict=True):
+        start = cache.seq_length(seq)
+        positions += range(start, start + count)
+        sequences += [seq] * count
+    batch = BatchLayout(np.array(positions, np.int32), np.array(sequences, np.int32))
+    with Small().new_context() as ctx:
+        cache.start_forward(ctx, batch)
+
+
+def test_new_sequences_start_in_their_own_part_and_grow_there():
+    cache = Causal(padding=PAD)
+    cache.init(Small(), DType.F32, max_sequences=4, capacity=32, max_batch=16)
+    plan(cache, [2, 0, 3], [5, 3, 7])
+    for _ in range(6):
+        plan(cache, [0, 2, 3], [1, 1, 1])
+    for seq, n in ((0, 9), (2, 11), (3, 13)):
+        cells = np.flatnonzero(cache.member[:, seq])
+        np.testing.assert_array_equal(cells, np.arange(seq * 32, seq * 32 + n))
+    assert cache.moved == 0 and cache.stats()["fragmentation"] == 0.0
+    # each sequence's rows attend a block over only its own cells
+    assert [(a, b) for a, b, _, _ in cache._blocks] == [(0, 1), (1, 2), (2, 3)]
+    assert all(e - s <= 16 for _, _, s, e in cache._blocks)
+
+
+def test_a_hole_in_a_sequences_part_is_closed_there():
+    """A shift drops positions from the middle (the later cells keep their places): the
+    sequence is packed from its part's start, its cells in position order, and the new
+    tokens follow them."""
+    pos = np.full(64, -1, np.int32)
+    member = np.zeros((64, 2), bool)
+    pos[32:36], pos[44:50] = range(4), range(4, 10)  # sequence 1: a hole at 36..43
+    member[32:36, 1] = member[44:50, 1] = True
+    pos[0:5], member[0:5, 0] = range(5), True
+    assert compact.fragmentation(member) == 8 / (18 + 5)
+    src, dst, new = compact.home(pos, member, 1, 3, 32, 64)
+    np.testing.assert_array_equal(src, np.arange(44, 50))
+    np.testing.assert_array_equal(dst, np.arange(36, 42))
+    np.testing.assert_array_equal(new, [42, 43, 44])
+    member[10, 1], pos[10] = True, 10  # another sequence's cell in 0's part: not packed
+    assert compact.home(pos, member, 0, 3, 0, 32) is None

@@ -1,0 +1,133 @@
+"""What a step of the batch loop computes with several sequences (herd.runner.batching and
+the cache's per-sequence blocks): each sequence's rows attend only its own cells, with the
+logits of attending the whole range, on every backend; decoding sequences get their token
+every step while a long prompt is fed in chunks of at most `prefill` tokens; a decode
+step's rows come in slot order, so its graph is rerun however the runner rotates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import herd.kvcache.causal as causal
+from herd.gguf import open_gguf
+from herd.ml import available_backends, open_backend
+from herd.models import load_model
+from herd.options import Options
+from herd.runner import Runner
+from herd.runner.sequence import Sequence
+
+BACKENDS = [b for b in ("numpy", "ggml", "mlx") if b in available_backends()]
+
+
+class Letters:
+    def piece(self, id: int, special: bool = False) -> bytes:
+        return bytes([97 + id % 26])
+
+    def is_eog(self, id: int) -> bool:
+        return False
+
+
+def make_runner(path, backend: str = "numpy", parallel: int = 3, **kw) -> Runner:
+    g = open_gguf(path)
+    b = open_backend(backend, g)
+    model = load_model(g.config(), b)
+    options = Options(num_ctx=128, num_batch=kw.pop("num_batch", 64))
+    return Runner(model, b, Letters(), options, model.context_length, parallel=parallel, **kw)
+
+
+def admit(r: Runner, tokens: list[int], n: int = 8) -> Sequence:
+    with r.lock:
+        seq = r._new_sequence(tokens, Options(temperature=0, num_predict=n), None, True)
+    r.incoming.put(seq)
+    return seq
+
+
+def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(1, 64, n)] for n in lengths]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_sequence_attends_its_own_cells_with_the_same_logits(
+    tiny_llama_path, monkeypatch, backend
+):
+    """Three sequences' prompts and then their decode steps in one batch each: planned in
+    blocks (one per sequence, each over its own part of the cache), the logits equal those
+    of one attention over the whole range with the mask."""
+    logits: dict[bool, list[np.ndarray]] = {}
+    for blocked in (True, False):
+        if not blocked:
+            monkeypatch.setattr(causal.Causal, "_plan_blocks", lambda self, mask, seqs: [])
+        r = make_runner(tiny_llama_path, backend)
+        seen: list[np.ndarray] = []
+        compute = r._compute
+
+        def recording(batch, compute=compute, seen=seen, r=r, blocked=blocked):
+            out = compute(batch)
+            if blocked:  # one block per sequence, each narrower than the whole range
+                blocks = r.cache._blocks
+                assert len(blocks) == len(set(batch.sequences.tolist())) > 1
+                assert all(e - s < r.cache.hi - r.cache.lo for _, _, s, e in blocks)
+            seen.append(np.array(out, copy=True))
+            return out
+
+        r._compute = recording  # type: ignore[method-assign]
+        for tokens in prompts(0, [9, 5, 12]):
+            admit(r, tokens, n=4)
+        while r.active or not r.incoming.empty():
+            r.step()
+        logits[blocked] = seen
+    assert len(logits[True]) == len(logits[False]) >= 4
+    for a, b in zip(logits[True], logits[False], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_goes_on_while_a_long_prompt_is_fed_in_chunks(tiny_llama_path):
+    """Two sequences decode; a 100-token prompt arrives. Every step feeds each decoding
+    sequence its token and at most `prefill` of the prompt's, until the prompt is in."""
+    r = make_runner(tiny_llama_path, prefill=24)
+    a, b = (admit(r, p, n=40) for p in prompts(1, [6, 7]))
+    r.step()  # both prompts in one step, then decoding
+    r.step()
+    long = admit(r, prompts(2, [100])[0], n=2)
+    batches = []
+    compute = r._compute
+
+    def recording(batch):
+        batches.append(batch.sequences.copy())
+        return compute(batch)
+
+    r._compute = recording  # type: ignore[method-assign]
+    while not long.generated:  # its prompt is in once it has sampled its first token
+        before = (len(a.generated), len(b.generated))
+        r.step()
+        assert (len(a.generated), len(b.generated)) == (before[0] + 1, before[1] + 1)
+    prompt_rows = [int((s == long.slot.id).sum()) for s in batches]
+    assert max(prompt_rows) <= 24 and sum(prompt_rows[:-1]) >= 100 - 24
+    assert len(batches) == -(-100 // 24)
+
+
+def test_decode_steps_keep_their_layout_and_rerun_their_graph(tiny_llama_path):
+    """Three sequences decoding together: the runner rotates its list every step, the
+    batch's rows stay in slot order, and the kept decode graph is rerun, not rebuilt."""
+    if "ggml" not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    r = make_runner(tiny_llama_path, "ggml")
+    for tokens in prompts(3, [5, 6, 7]):
+        admit(r, tokens, n=30)
+    r.step()  # the prompts
+    orders, graphs = [], []
+    compute = r._compute
+
+    def recording(batch):
+        orders.append(batch.sequences.tolist())
+        out = compute(batch)
+        graphs.append(id(r._graphs["decode"][1]))
+        return out
+
+    r._compute = recording  # type: ignore[method-assign]
+    for _ in range(12):
+        r.step()
+    assert all(order == sorted(order) for order in orders)
+    assert len(set(graphs)) <= 2  # built once (again at most once, crossing an alignment)
