@@ -12,6 +12,7 @@ import click
 
 from herd.cli.convert import convert_cmd
 from herd.cli.env import CliEnv
+from herd.cli.export import export_cmd
 from herd.cli.progress import PullProgress
 from herd.cli.run import run
 from herd.cli.server_cmds import ps_cmd, serve_cmd, show_remote, stop_cmd
@@ -225,6 +226,7 @@ cli.add_command(ps_cmd)  # herd ps
 cli.add_command(stop_cmd)  # herd stop
 
 cli.add_command(convert_cmd)  # herd convert
+cli.add_command(export_cmd)  # herd export onnx
 
 
 def main() -> None:

@@ -1,10 +1,13 @@
 """ONNX Runtime backend: herd's models recorded as ONNX graphs and run by `onnxruntime`.
 
 A graph backend: a context records the pass as ONNX nodes, and `compute` runs it in an
-`InferenceSession` from this backend's session cache, one per distinct graph (a decode
-step keeps its shapes for `CACHE_PAD` steps, so 128 steps run one session; each prompt
-length is a graph of its own). The KV cache and float weights are graph inputs bound from
-this backend's NumPy memory through IOBinding, never copied into a session.
+`InferenceSession` from this backend's session cache, one per distinct graph. Graphs are
+shape-polymorphic (dims.py): token and cell counts are symbolic dims, the attended cache
+range a graph input, so one session serves every prompt length and context length, one
+per structurally different pass (a prompt, whose last layer keeps its output rows only; a
+decode step; a prompt over 128 tokens, attended in blocks). The KV cache and float
+weights are graph inputs bound from this backend's NumPy memory through IOBinding, never
+copied into a session.
 
 GGUF Q4_0, Q4_1 and Q8_0 weights stay in their blocks: `MatMulNBits` for `linear`,
 `GatherBlockQuantized` for embedding rows (quant.py). Those are initializers, not inputs:
@@ -35,7 +38,7 @@ from gguf.quants import dequantize
 
 from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
 from herd.gguf import GGUFFile
-from herd.ml.backends.onnx import quant
+from herd.ml.backends.onnx import disk, quant
 from herd.ml.backends.onnx.context import OnnxContext
 from herd.ml.backends.onnx.tensor import OnnxTensor
 from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
@@ -43,7 +46,9 @@ from herd.ml.layout import size
 
 log = logging.getLogger(__name__)
 
-CACHE_PAD = 256  # attended cache cells are rounded to this: one decode session per 256 steps
+# attended cache cells are rounded to this: the runner reruns a decode graph as it is for
+# up to 256 steps, then records it again (the same session: shapes are symbolic)
+CACHE_PAD = 256
 MAX_SESSIONS = 4  # sessions kept (least recently used dropped): each holds the weights
 # the providers tried by default, best first
 PREFERRED = (
@@ -67,9 +72,8 @@ _WEIGHT_DTYPE = {
 _DIRECT = {Q.F32: np.float32, Q.F16: np.float16, Q.I32: np.int32}
 _CACHE_AS_F16 = (DType.F16, DType.Q8_0, DType.Q4_0)
 # GGUF types kept in their blocks (MatMulNBits, with int8 activations as llama.cpp's q8 dot
-# products): Q4_K maps too, but its activations rounded to int8 per 32 miss ggml's accuracy
-# (test_ops' linear_Q4_K: nmse 2.2e-4 against ggml's bound of 2e-4), so it is dequantized
-KEPT_QUANTIZED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0}) & quant.MAPPED_TYPES
+# products; Q4_1's and Q4_K's offsets on the block sums of x as rounded, quant.py)
+KEPT_QUANTIZED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K}) & quant.MAPPED_TYPES
 
 
 def providers() -> list[str]:
@@ -176,7 +180,11 @@ class OnnxBackend:
         if externals:
             so.add_external_initializers(list(externals), values)
         try:
-            sess = ort.InferenceSession(model, so, providers=self.providers)
+            cached = disk.for_model(self.gguf.path, self.providers)  # disk.py: optimized once
+            if cached is None:
+                sess = ort.InferenceSession(model, so, providers=self.providers)
+            else:
+                sess = cached.session(key, model, so, externals)
         except Exception as e:  # ORT raises its own types: a graph it cannot run
             raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
         s = self._sessions[key] = Session(sess, dict(bound), values)

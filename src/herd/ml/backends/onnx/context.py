@@ -12,6 +12,11 @@ in the same pass sees them: the attended rows are sliced first and the written r
 scattered into that slice (the indices checked on the host, each run, to lie in it);
 any other read after a write scatters into the whole buffer (shifts and moves: rare).
 `rerun` (GraphReuse) runs the last compute's session again with new host inputs.
+
+Shapes are symbolic (dims.py): every input's sizes are `Dim`s, and slices along them, or
+along a cache's cells, take their bounds as one-element int64 inputs of the context's own
+(`slice_bound`: the attended range [lo, hi) of the KV cache, a block's rows), so a graph names
+no token or cell count and one session serves every prompt length and context length.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from onnx import TensorProto
 
 from herd.errors import BackendError
 from herd.ml.backends.onnx import quant
+from herd.ml.backends.onnx.dims import Dim
 from herd.ml.backends.onnx.graph import ELEM, NP, Graph
 from herd.ml.backends.onnx.tensor import OnnxTensor
 from herd.ml.base import DType
@@ -54,12 +60,13 @@ class Plan:
     """What `compute` made, for running it (again): the session and the host's side."""
 
     session: Session
-    inputs: list[str]  # host input names, in `input` call order
+    inputs: list[str]  # host input names, in `input` call order, then `bounds`' names
     outputs: list[tuple[str, tuple[int, ...], Any]]  # name, shape, NumPy type
     n_results: int  # the first outputs are compute's results; the rest, written rows/ids
     # buf, rows output, ids input or -1, ids output or -1, columns
     writes: list[tuple[np.ndarray, int, int, int, bool]]
     checks: list[tuple[int, int, int]]  # host input, lo, hi: written ids must lie in [lo, hi)
+    bounds: list[np.ndarray]  # the context's slice bounds (`slice_bound`), given each run
     host: list[np.ndarray] = field(default_factory=list)  # output buffers (rerun copy=False)
 
 
@@ -77,6 +84,7 @@ class OnnxContext:
         self._cast: dict[tuple[str, int], str] = {}
         self._full: dict[tuple[int, int], str] = {}  # (cache, writes seen) -> materialized
         self.memo: dict[tuple[object, ...], tuple[str, str]] = {}  # values ops share (rope)
+        self.bounds: dict[tuple[object, int], tuple[str, np.ndarray]] = {}  # `slice_bound`
         self.plan: Plan | None = None
 
     # ---- values -------------------------------------------------------------------------
@@ -114,20 +122,17 @@ class OnnxContext:
     def i64(self, t: OnnxTensor) -> str:
         return self._cast_to(t, TensorProto.INT64)
 
-    def linear2d(self, x: str, w: OnnxTensor) -> str:
+    def linear2d(self, x: str, w: OnnxTensor, rank: int = 2) -> str:
         """x (N, K) @ w.T for w (M, K): MatMulNBits on a weight's blocks where they map
         (quant.py; x of any rank (..., K) then), else Gemm, which reads w transposed in
         place."""
         if w.q is None or w.kind != "weight":
             return self.g.op("Gemm", [x, self.f32(w)], transB=1)
-        out = self.g.fresh()
-        # int8 activations (accuracy level 4, llama.cpp's q8 dot products) except with
-        # offsets (Q4_1): there ORT 1.32's int8 path was 15x ggml's error (nmse 4.8e-4 vs
-        # 3.3e-5 on SmolLM2's blk.0.attn_q) and changed its first greedy token
-        level = 0 if w.q.offsets is not None else quant.ACCURACY_LEVEL
-        nodes, inits = quant.matmul_nbits_node("q:" + w.wname, x, out, w.q, level)
-        self._quantized(nodes, inits)
-        return out
+        # int8 activations (accuracy level 4, llama.cpp's q8 dot products); offsets (Q4_1)
+        # on the block sums of x as rounded (quant.py); linears of one x merged (linear.py)
+        from herd.ml.backends.onnx import linear
+
+        return linear.record(self, x, w, rank)
 
     def gather_quantized(self, table: OnnxTensor, ids: OnnxTensor) -> str:
         """Rows of a block-quantized table (GatherBlockQuantized), float32."""
@@ -174,21 +179,38 @@ class OnnxContext:
             self._full[key] = v
         return self._full[key]
 
+    def slice_bound(self, axis: object, value: int) -> Dim:
+        """A slice bound as an input of this context's (a (1,) int64 array), one per axis
+        and value: the graph then serves every value. `axis` names what is sliced (a
+        cache's cells, or a symbolic axis's expression), so that bounds on different axes
+        never share an input by a coincidence of their values."""
+        if isinstance(value, Dim):  # computed in the graph already
+            return value
+        key = (axis, int(value))
+        got = self.bounds.get(key)
+        if got is None:
+            name = self.g.declare(self.g.fresh("at"), TensorProto.INT64, (1,))
+            got = self.bounds[key] = (name, np.array([value], np.int64))
+        return Dim(value, ("value", got[0]))
+
     def cache_rows(self, t: OnnxTensor, lo: int, hi: int) -> str:
-        """Rows [lo, hi) of a cache as this pass's writes so far left them."""
+        """Rows [lo, hi) of a cache as this pass's writes so far left them, the bounds
+        graph inputs (`slice_bound`)."""
         assert t.host is not None
         seen = t.seen if t.ctx is self and t.seen >= 0 else len(self.writes)
         writes = self._writes_to(t.host, seen)
         direct = all(w.ids.name in self._input_index and not w.columns for w in writes)
         g = self.g
         src = self._bind(t) if direct else self._cache_value(t, seen)
-        v = g.op("Slice", [src, g.const([lo]), g.const([hi]), g.const([0])])
+        cells = ("cells", t.shape[0])
+        start, stop = self.slice_bound(cells, lo), self.slice_bound(cells, hi)
+        v = g.op("Slice", [src, g.const([start]), g.const([stop]), g.const([0])])
         if not direct:
             return v
         for w in writes:
             assert w.ids.name is not None
-            self.checks.append((self._input_index[w.ids.name], lo, hi))
-            idx = g.op("Sub", [w.ids64, g.const([lo])])
+            self.checks.append((self._input_index[w.ids.name], int(lo), int(hi)))
+            idx = g.op("Sub", [w.ids64, g.const([start])])
             v = g.op("ScatterND", [v, g.op("Unsqueeze", [idx, g.const([-1])]), w.rows])
         return v
 
@@ -215,10 +237,12 @@ class OnnxContext:
     def input(self, array: np.ndarray | Sequence[Any], dtype: DType = DType.F32) -> OnnxTensor:
         stored = _INPUT.get(dtype, DType.F32)
         host = np.ascontiguousarray(array, dtype=NP[stored])
-        name = self.g.declare(self.g.fresh("in"), ELEM[stored], host.shape)
+        name = self.g.fresh("in")
+        shape = tuple(Dim(n, ("shape", name, i)) for i, n in enumerate(host.shape))
+        self.g.declare(name, ELEM[stored], shape)
         self._input_index[name] = len(self.inputs)
         self.inputs.append((name, host))
-        t = OnnxTensor(name, host.shape, stored, self)
+        t = OnnxTensor(name, shape, stored, self)
         return t if stored == dtype or dtype not in (DType.BF16,) else t.cast(dtype)
 
     def attach(self, t: OnnxTensor) -> OnnxTensor:
@@ -266,11 +290,12 @@ class OnnxContext:
                   TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64}  # fmt: skip
         self.plan = Plan(
             session,
-            [n for n, _ in self.inputs],
+            [n for n, _ in self.inputs] + [n for n, _ in self.bounds.values()],
             [(n, s, np_out[e]) for n, e, s in outs],
             len(outputs),
             writes,
             list(self.checks),
+            [a for _, a in self.bounds.values()],
         )
         return self._run([a for _, a in self.inputs], copy=True)
 
@@ -308,7 +333,8 @@ class OnnxContext:
             plan.host = [np.empty(s, dt) for _, s, dt in plan.outputs]
         for h in plan.host:
             h.flags.writeable = True
-        plan.session.run(plan.inputs, hosts, [n for n, _, _ in plan.outputs], plan.host)
+        plan.session.run(plan.inputs, hosts + plan.bounds, [n for n, _, _ in plan.outputs],
+                         plan.host)  # fmt: skip
         for buf, at, ids_in, ids_out, columns in plan.writes:
             ids = hosts[ids_in] if ids_in >= 0 else plan.host[ids_out]
             if columns:
@@ -326,6 +352,7 @@ class OnnxContext:
         self.plan = None
         self.inputs.clear()
         self.bound.clear()
+        self.bounds.clear()
         self.writes.clear()
 
     def __enter__(self) -> OnnxContext:

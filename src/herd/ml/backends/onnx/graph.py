@@ -1,8 +1,10 @@
 """The ONNX graph a context records: nodes, small constants, and how it becomes a model.
 
-Names are made from a counter, so two passes that record the same ops on the same
-shapes make byte-identical models: the serialized model (without any weight, which are
-graph inputs) is the session cache's key.
+Names are made from a counter, so two passes that record the same ops make
+byte-identical models: the serialized model (without any weight, which are graph inputs)
+is the session cache's key. Sizes that come from the inputs (`Dim`, dims.py) are declared
+as symbolic dims and computed in the graph, so passes over different token and cell
+counts make the same model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from herd.ml.backends.onnx.dims import Dim, DimValues, symbolic
 from herd.ml.base import DType
 
 OPSET = 20  # Gelu(approximate="tanh") and ReduceMean with axes as an input
@@ -41,6 +44,7 @@ class Graph:
         self.externals: dict[str, np.ndarray] = {}
         self._declared: list[onnx.TensorProto] = []
         self.n = 0
+        self.dims = DimValues(self.op, self._const)
 
     def fresh(self, prefix: str = "v") -> str:
         self.n += 1
@@ -54,7 +58,15 @@ class Graph:
         return outs[0] if n_out == 1 else outs
 
     def const(self, value: Any, dtype: Any = np.int64) -> str:
-        """A small constant (shapes, axes, rope frequencies), embedded once per value."""
+        """A small constant (shapes, axes, rope frequencies), embedded once per value; an
+        int64 list (or size) holding a Dim is computed in the graph instead."""
+        if dtype is np.int64 and symbolic(value):
+            if isinstance(value, Dim):  # a scalar
+                return self.op("Squeeze", [self.dims.one(value.expr), self._const([0])])
+            return self.dims.shape(list(value))
+        return self._const(value, dtype)
+
+    def _const(self, value: Any, dtype: Any = np.int64) -> str:
         a = np.ascontiguousarray(value, dtype=dtype)
         key = (a.dtype.str, a.tobytes(), a.shape)
         name = self._const_names.get(key)
@@ -93,8 +105,8 @@ class Graph:
         g = helper.make_graph(
             self.nodes,
             "herd",
-            [helper.make_tensor_value_info(n, e, s) for n, (e, s) in self.inputs.items()],
-            [helper.make_tensor_value_info(n, e, s) for n, e, s in outputs],
+            [helper.make_tensor_value_info(n, e, _dims(s)) for n, (e, s) in self.inputs.items()],
+            [helper.make_tensor_value_info(n, e, _dims(s)) for n, e, s in outputs],
             initializer=self.consts + self._declared,
         )
         m = helper.make_model(
@@ -102,3 +114,17 @@ class Graph:
         )
         m.ir_version = 10
         return m
+
+
+def _dims(shape: tuple[int, ...]) -> list[int | str | None]:
+    """A declared shape: an input's own Dims by a name of their own (dim_param), other
+    Dims unnamed, plain sizes as they are."""
+    out: list[int | str | None] = []
+    for d in shape:
+        if not isinstance(d, Dim):
+            out.append(int(d))
+        elif d.expr[0] == "shape":
+            out.append(f"{d.expr[1]}_{d.expr[2]}")
+        else:
+            out.append(None)
+    return out

@@ -96,6 +96,10 @@ def rope(
 ) -> OnnxTensor:
     xs = self.shape
     assert len(xs) == 3 and opts.dims <= xs[2] and opts.dims % 2 == 0, f"rope of {xs}: {opts}"
+    from herd.ml.backends.onnx import fused  # one RotaryEmbedding kernel where it fits
+
+    if (fast := fused.rope(self, positions, opts, freq_factors)) is not None:
+        return fast
     t, h, d = xs
     half, dims = opts.dims // 2, opts.dims
     c = _ctx(self, positions)

@@ -14,7 +14,14 @@ Kept quantized (block 32; d, m, dmin the file's f16 values):
     Q4_1  d*q + m           -> 4 bits, scale d, zero point 0, plus an offset m per block
     Q4_K  (d*sc)*q - dmin*m -> 4 bits per sub-block of 32, scale d*sc, offset -dmin*m
 An offset is a second term: sum over a block of x times offset = (x's block sums) @ offsets^T,
-a ReduceSum and a small MatMul beside the MatMulNBits (K/32 inner size), then an Add. Why
+a small MatMul beside the MatMulNBits (K/32 inner size), then an Add. At accuracy level 0
+the block sums are x's own (a ReduceSum). At level 4 MatMulNBits rounds x to int8 per block
+(scale max|x|/127, round to nearest), and the offset term must see the same x, as llama.cpp's
+q8_1 activations carry the sum of their rounded values: taken from x exactly it left the
+errors of the two terms uncorrelated (SmolLM2's golden mean |Δ log p| 0.111 against 0.039).
+So the weight gets K/32 more rows, row n+b one on block b and zero elsewhere (scale 1): its
+outputs are the block sums of x as MatMulNBits rounded it, exactly, from the same kernel,
+split off after it. Why
 not MatMulNBits' float zero points (zp = -m/d): (q - zp) * d rounds twice, so 7.6% of
 Q4_1's weights come out 1 ulp off gguf's d*q + m (measured), and onnxruntime 1.32 runs float
 zero points on a slow path (6x the time of uint8 ones for a decode step of 1536x576).
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -60,6 +68,15 @@ class NBits:
     k: int
     n: int
     qtype: Q
+    # with offsets: b, scales, zero_points with k_blocks more rows (the block-sum rows, see
+    # the module docstring); b, scales and zero_points are views of their first n rows
+    summed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @cached_property
+    def offsets_t(self) -> np.ndarray | None:
+        """offsets^T (k_blocks, n), as the nodes read it: one array for every pass (the
+        backend holds initializers by identity), sharing offsets' memory."""
+        return None if self.offsets is None else np.ascontiguousarray(self.offsets.T)
 
     @property
     def k_blocks(self) -> int:
@@ -158,21 +175,57 @@ def matmul_nbits(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> NBits | N
     n, k = shape
     kb = k // BLOCK
     b, scales, offsets = unpack(raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
-    zero_points = None
+    b = np.ascontiguousarray(b.reshape(n, kb, BLOCK * bits // 8))
+    scales = np.ascontiguousarray(scales.reshape(n, kb), dtype=np.float32)
+    zero_points = summed = None
     if offsets is not None:  # q * scale + offset: zero point 0, packed as B is
-        zero_points = np.zeros((n, (kb * bits + 7) // 8), dtype=np.uint8)
-        offsets = np.ascontiguousarray(offsets.reshape(n, kb), dtype=np.float32)
-    return NBits(
-        b=np.ascontiguousarray(b.reshape(n, kb, BLOCK * bits // 8)),
-        scales=np.ascontiguousarray(scales.reshape(n, kb), dtype=np.float32),
-        zero_points=zero_points,
-        offsets=offsets,
-        bits=bits,
-        block_size=BLOCK,
-        k=k,
-        n=n,
-        qtype=qtype,
-    )
+        offsets = _transposed(offsets.reshape(n, kb))
+        summed = _with_sum_rows(b, scales, bits)
+        b, scales, zero_points = (a[:n] for a in summed)  # views: no second copy
+    return NBits(b, scales, zero_points, offsets, bits, BLOCK, k, n, qtype, summed)
+
+
+def concat(nbs: list[NBits]) -> NBits:
+    """Weights of the same K, bits and form stacked along N: one MatMulNBits for several
+    linears that read the same x (q, k and v; gate and up), its output split after."""
+    first = nbs[0]
+    assert all(
+        (nb.k, nb.bits, nb.block_size, nb.offsets is None)
+        == (first.k, first.bits, first.block_size, first.offsets is None)
+        for nb in nbs
+    ), "concat: weights of different forms"
+    n = sum(nb.n for nb in nbs)
+    b = np.concatenate([nb.b for nb in nbs])
+    scales = np.concatenate([nb.scales for nb in nbs])
+    zero_points = summed = offsets = None
+    if first.offsets is not None:
+        offsets = _transposed(np.concatenate([nb.offsets for nb in nbs if nb.offsets is not None]))
+        summed = _with_sum_rows(b, scales, first.bits)
+        b, scales, zero_points = (a[:n] for a in summed)
+    elif first.zero_points is not None:
+        zero_points = np.concatenate([nb.zero_points for nb in nbs if nb.zero_points is not None])
+    return NBits(b, scales, zero_points, offsets, first.bits, first.block_size, first.k, n,
+                 first.qtype, summed)  # fmt: skip
+
+
+def _transposed(offsets: np.ndarray) -> np.ndarray:
+    """(n, k_blocks) offsets as the view of a contiguous (k_blocks, n) array: `offsets_t`
+    is then that array, with no copy."""
+    return np.ascontiguousarray(offsets.T, dtype=np.float32).T
+
+
+def _with_sum_rows(
+    b: np.ndarray, scales: np.ndarray, bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """b, scales and (zero) zero points with k_blocks rows appended, row n+j one on block j
+    and zero elsewhere, scale 1: MatMulNBits' outputs n.. are then x's block sums."""
+    n, kb, blob = b.shape
+    ones = np.zeros((kb, kb, blob), np.uint8)
+    ones[np.arange(kb), np.arange(kb)] = 0x11 if bits == 4 else 1  # every value 1
+    b_all = np.concatenate([b, ones])
+    scales_all = np.concatenate([scales, np.ones((kb, kb), np.float32)])
+    zero_points = np.zeros((n + kb, (kb * bits + 7) // 8), dtype=np.uint8)
+    return b_all, scales_all, zero_points
 
 
 def matmul_nbits_node(
@@ -181,12 +234,17 @@ def matmul_nbits_node(
     out_name: str,
     nb: NBits,
     accuracy_level: int = ACCURACY_LEVEL,
+    two_d: bool = False,
 ) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
-    """The nodes computing out = x @ W^T (x (..., k) float32 of any rank) and their
-    initializers (name, array); every name they add starts with `name_prefix`. One
-    MatMulNBits node; with offsets also x's block sums (Shape, Slice, Concat, Reshape,
-    ReduceSum), a MatMul by offsets^T and an Add."""
+    """The nodes computing out = x @ W^T (x (..., k) float32 of any rank; `two_d`: x is
+    known to be (n, k)) and their initializers (name, array); every name they add starts
+    with `name_prefix`. One MatMulNBits node; with offsets also x's block sums, a MatMul by
+    offsets^T and an Add (one Gemm for a 2-D x): at accuracy level 0 the sums of x (Shape,
+    Slice, Concat, Reshape, ReduceSum), else those of x as MatMulNBits rounded it (its extra
+    rows, then a Split)."""
     p = name_prefix
+    if nb.offsets is not None and accuracy_level != 0:
+        return _rounded_offset_nodes(p, x_name, out_name, nb, accuracy_level, two_d)
     inits: list[tuple[str, np.ndarray]] = [(f"{p}.qweight", nb.b), (f"{p}.scales", nb.scales)]
     inputs = [x_name, f"{p}.qweight", f"{p}.scales"]
     if nb.zero_points is not None:
@@ -208,7 +266,7 @@ def matmul_nbits_node(
     if nb.offsets is None:
         return nodes, inits
     inits += [
-        (f"{p}.offsets_t", np.ascontiguousarray(nb.offsets.T)),  # (k_blocks, n)
+        (f"{p}.offsets_t", nb.offsets_t),  # (k_blocks, n)
         (f"{p}.blocks", np.array([nb.k_blocks, nb.block_size], dtype=np.int64)),
         (f"{p}.zero", np.array([0], dtype=np.int64)),
         (f"{p}.minus1", np.array([-1], dtype=np.int64)),
@@ -225,6 +283,44 @@ def matmul_nbits_node(
     node("ReduceSum", [f"{p}.x_blocked", f"{p}.minus1"], f"{p}.x_block_sums", keepdims=0)
     node("MatMul", [f"{p}.x_block_sums", f"{p}.offsets_t"], f"{p}.offset_out")
     nodes.append(helper.make_node("Add", [q_out, f"{p}.offset_out"], [out_name], name=f"{p}.add"))
+    return nodes, inits
+
+
+def _rounded_offset_nodes(
+    p: str, x_name: str, out_name: str, nb: NBits, accuracy_level: int, two_d: bool
+) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
+    """W x + offsets' term on the block sums of x as MatMulNBits rounded it: one
+    MatMulNBits with the block-sum rows, a Split, a MatMul by offsets^T and an Add (2-D:
+    one Gemm, which ORT does not fuse them into itself when the token count is symbolic)."""
+    assert nb.summed is not None and nb.offsets is not None
+    b, scales, zero_points = nb.summed
+    inits = [(f"{p}.qweight_s", b), (f"{p}.scales_s", scales), (f"{p}.zero_points_s", zero_points),
+             (f"{p}.offsets_t", nb.offsets_t),
+             (f"{p}.split", np.array([nb.n, nb.k_blocks], dtype=np.int64))]  # fmt: skip
+    both, main, sums, off = (f"{p}.{s}" for s in ("both", "main", "sums", "offset_out"))
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            [x_name, *(n for n, _ in inits[:3])],
+            [both],
+            name=f"{p}.MatMulNBits",
+            domain=MS,
+            accuracy_level=accuracy_level,
+            K=nb.k,
+            N=nb.n + nb.k_blocks,
+            bits=nb.bits,
+            block_size=nb.block_size,
+        ),  # fmt: skip
+        helper.make_node("Split", [both, f"{p}.split"], [main, sums], name=f"{p}.split", axis=-1),
+    ]
+    if two_d:
+        nodes.append(helper.make_node("Gemm", [sums, f"{p}.offsets_t", main], [out_name],
+                                      name=f"{p}.offset"))  # fmt: skip
+        return nodes, inits
+    nodes += [
+        helper.make_node("MatMul", [sums, f"{p}.offsets_t"], [off], name=f"{p}.offset"),
+        helper.make_node("Add", [main, off], [out_name], name=f"{p}.add"),
+    ]
     return nodes, inits
 
 

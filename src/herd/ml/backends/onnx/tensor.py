@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from herd.ml.backends.onnx import ops, quant
+from herd.ml.backends.onnx.dims import Dim
 from herd.ml.backends.onnx.graph import ELEM
 from herd.ml.base import DType
 
@@ -31,6 +32,15 @@ _CAST = {
     DType.Q8_0: DType.F16,
     DType.Q4_0: DType.F16,
 }
+
+
+def _clamp(i: int, size: int) -> int:
+    """A slice bound within [0, size] as `slice.indices` makes it, keeping Dims (dims.py).
+    A bound equal to a symbolic size stays the int it is (a `slice_bound` input): a block's
+    last cell is then the same input whether or not it is the attended range's last."""
+    if i < 0:
+        i = max(0, size + i)
+    return size if i > size else i
 
 
 def _ctx(*tensors: OnnxTensor | None) -> OnnxContext:
@@ -218,7 +228,7 @@ class OnnxTensor:
         assert len(ws) == 2 and ws[1] == xs[-1], f"linear: x {xs} @ w.T with w {ws}"
         c = _ctx(self, w)
         if w.q is not None and w.kind == "weight":  # MatMulNBits takes x of any rank
-            return self._out(c.linear2d(c.f32(self), w), (*xs[:-1], ws[0]), w)
+            return self._out(c.linear2d(c.f32(self), w, len(xs)), (*xs[:-1], ws[0]), w)
         rows = math.prod(xs[:-1])
         x2 = c.g.op("Reshape", [c.f32(self), c.g.const([rows, xs[-1]])])
         y = c.linear2d(x2, w)
@@ -322,9 +332,19 @@ class OnnxTensor:
     def slice(self, axis: int, start: int, stop: int) -> OnnxTensor:
         s = self.shape
         axis = axis % len(s)
-        start, stop, _ = slice(start, stop).indices(s[axis])
+        size = s[axis]
+        start, stop = _clamp(start, size), _clamp(stop, size)
         stop = max(start, stop)
         c = _ctx(self)
+        # bounds along a symbolic axis or a cache's cells are graph inputs (`slice_bound`): one
+        # graph for every batch length and attended range; along others, constants
+        where: object = None
+        if self.kind == "cache" and axis == 0:
+            where = ("cells", size)
+        elif isinstance(size, Dim):
+            where = size.expr
+        if where is not None:
+            start, stop = c.slice_bound(where, start), c.slice_bound(where, stop)
         shape = s[:axis] + (stop - start,) + s[axis + 1 :]
         if self.kind == "cache" and axis == 0:  # the attended rows, this pass's writes in
             return self._out(c.cache_rows(self, start, stop), shape, dtype=self._dtype)

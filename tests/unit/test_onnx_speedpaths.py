@@ -1,0 +1,175 @@
+"""The ONNX backend's faster paths (herd/ml/backends/onnx/quant.py, linear.py), each held
+to what it replaces or to a reference nobody here wrote:
+
+- Q4_1 and Q4_K at accuracy level 4: MatMulNBits rounds x to int8 per block of 32, and the
+  offset term must take the block sums of that rounded x, as llama.cpp's q8_1 activations
+  do: checked against NumPy's float64 product of x rounded that way (round to nearest even
+  of x / (max|x| / 127)), the bound tight enough that the offset on x's own sums fails it.
+- Linears reading the same x (q, k, v; gate, up) recorded as one MatMulNBits: the outputs
+  equal those of one linear per context, and the graph holds one MatMulNBits for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (.[onnx])")
+pytest.importorskip("onnx", reason="onnx is not installed (.[onnx])")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from test_onnx_quant import gguf_dense, real_blocks, run_matmul  # noqa: E402
+
+from herd.gguf import open_gguf  # noqa: E402
+from herd.ml import open_backend  # noqa: E402
+from herd.ml.backends.onnx import quant  # noqa: E402
+from herd.ml.base import RopeOptions  # noqa: E402
+
+
+def rounded_like_q8(x: np.ndarray) -> np.ndarray:
+    """x as llama.cpp's q8_1 (and MatMulNBits at level 4) rounds it, in float64."""
+    xb = x.astype(np.float64).reshape(*x.shape[:-1], -1, 32)
+    step = np.abs(xb).max(axis=-1, keepdims=True) / 127
+    q = np.round(xb / np.where(step == 0, 1, step))
+    return (q * step).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
+def test_offsets_at_level_4_read_x_as_rounded(qtype):
+    shape = (40, 512)
+    raw = real_blocks(qtype, shape, seed=7)
+    nb = quant.matmul_nbits(raw, qtype, shape)
+    assert nb is not None and nb.offsets is not None
+    w = gguf_dense(raw, qtype, shape).astype(np.float64)
+    x = np.random.default_rng(8).standard_normal((5, shape[1])).astype(np.float32)
+    x[1, :32] = 0  # a block of zeros: step 0, its sum 0 (no 0/0)
+    y = run_matmul(nb, x, accuracy_level=4)
+    xq = rounded_like_q8(x)
+    want = xq @ w.T
+    offsets = np.repeat(nb.offsets.astype(np.float64), 32, axis=1)  # (n, k)
+
+    def nmse(a: np.ndarray) -> float:
+        return float(np.mean((a - want) ** 2) / np.mean(want**2))
+
+    # float32 accumulation (nmse ~1e-13) and, rarely, a value at a rounding tie that
+    # x * (127 / max) sends the other way than x / step: far below int8's own error
+    assert nmse(y) < 1e-9, nmse(y)
+    # the offset term on x's own block sums (the mistake this replaces) is far outside it
+    assert nmse(want + (x.astype(np.float64) - xq) @ offsets.T) > 1e-7
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("level", [0, 4])
+def test_stacked_weights_give_each_weights_product(qtype, level):
+    """quant.concat: one MatMulNBits over weights stacked along N, split after, gives
+    every weight's own product (the same int8 x for all at level 4: equal bits)."""
+    shapes = [(24, 256), (8, 256), (8, 256)]
+    nbs = [
+        quant.matmul_nbits(real_blocks(qtype, s, seed=i), qtype, s) for i, s in enumerate(shapes)
+    ]
+    x = np.random.default_rng(9).standard_normal((3, 256)).astype(np.float32)
+    both = run_matmul(quant.concat(nbs), x, accuracy_level=level)
+    at = 0
+    for nb in nbs:
+        one = run_matmul(nb, x, accuracy_level=level)
+        np.testing.assert_allclose(both[:, at : at + nb.n], one, rtol=1e-6, atol=1e-6)
+        at += nb.n
+    assert at == both.shape[1]
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
+def test_offset_as_one_gemm_for_2d_x_equals_any_rank(qtype):
+    """two_d: the offset term as one Gemm (x known to be (n, k)) gives the MatMul + Add
+    form's values (float32 rounding aside), with one node fewer."""
+    shape = (24, 256)
+    nb = quant.matmul_nbits(real_blocks(qtype, shape, seed=11), qtype, shape)
+    x = np.random.default_rng(12).standard_normal((6, 256)).astype(np.float32)
+    nodes2, _ = quant.matmul_nbits_node("w", "x", "y", nb, 4, two_d=True)
+    nodes_any, _ = quant.matmul_nbits_node("w", "x", "y", nb, 4)
+    assert len(nodes2) == len(nodes_any) - 1 and nodes2[-1].op_type == "Gemm"
+    from test_onnx_quant import session
+
+    def run(two_d: bool) -> np.ndarray:
+        nodes, inits = quant.matmul_nbits_node("w", "x", "y", nb, 4, two_d=two_d)
+        return session(nodes, inits, "x", 1, 2, "y", 2).run(None, {"x": x})[0]
+
+    np.testing.assert_allclose(run(True), run(False), rtol=1e-6, atol=1e-6)
+
+
+def _qkv_file(path: Path, qtype: Q) -> Path:
+    from gguf import GGUFWriter
+
+    from herd.gguf.quants import quantize
+
+    writer = GGUFWriter(str(path), "test")
+    rng = np.random.default_rng(3)
+    for name, n in (("q", 64), ("k", 32), ("v", 32), ("o", 64)):
+        raw = quantize(rng.standard_normal((n, 64)).astype(np.float32), qtype)
+        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_linears_of_one_x_run_as_one_matmulnbits(tmp_path, qtype):
+    g = open_gguf(_qkv_file(tmp_path / "qkv.gguf", qtype))
+    backend = open_backend("onnx", g)
+    x = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
+    alone = {}
+    for name in ("q", "k", "v"):
+        with backend.new_context() as ctx:
+            (alone[name],) = ctx.compute(ctx.input(x).linear(backend.weight(name)))
+    with backend.new_context() as ctx:
+        xt = ctx.input(x)
+        ys = [xt.linear(backend.weight(n)) for n in ("q", "k", "v")]
+        # another x (a linear's output) gets its own node
+        o = ys[0].linear(backend.weight("o"))
+        kinds = [n.op_type for n in ctx.g.nodes]
+        got = ctx.compute(*ys, o)
+    assert kinds.count("MatMulNBits") == 2, kinds
+    for name, y in zip(("q", "k", "v"), got, strict=False):
+        np.testing.assert_array_equal(y, alone[name])
+    with backend.new_context() as ctx:
+        (want_o,) = ctx.compute(ctx.input(alone["q"]).linear(backend.weight("o")))
+    np.testing.assert_array_equal(got[3], want_o)
+
+
+ROPES = {
+    "adjacent": RopeOptions(dims=64),
+    "neox": RopeOptions(dims=64, neox=True, base=5e5),
+    "yarn": RopeOptions(
+        dims=64, neox=True, freq_scale=0.25, ext_factor=1.0, attn_factor=1.0, orig_ctx=64
+    ),  # fmt: skip
+    "partial": RopeOptions(dims=32, neox=True),  # composed: RotaryEmbedding rotates whole heads
+}
+
+
+@pytest.mark.parametrize("name", list(ROPES))
+def test_rope_is_one_rotary_embedding_and_matches_numpy(tmp_path, name):
+    from herd.ml import DType
+    from herd.ml.backends.numpy import NumpyBackend
+
+    opts = ROPES[name]
+    g = open_gguf(_qkv_file(tmp_path / "w.gguf", Q.Q8_0))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 3, 64)).astype(np.float32)
+    pos = np.array([0, 1, 2, 700, 4095], np.int32)
+    oracle = NumpyBackend(g)
+    with oracle.new_context() as ctx:
+        (want,) = ctx.compute(ctx.input(x).rope(ctx.input(pos, DType.I32), opts))
+    backend = open_backend("onnx", g)
+    with backend.new_context() as ctx:
+        y = ctx.input(x).rope(ctx.input(pos, DType.I32), opts)
+        kinds = [n.op_type for n in ctx.g.nodes]
+        (got,) = ctx.compute(y)
+    assert ("RotaryEmbedding" in kinds) == (opts.dims == 64), kinds
+    # float32 angles (position x factor, as the composed graph makes them): at position
+    # 4095 an angle is off by up to 4095 * 2^-24 ~ 2.4e-4 rad against NumPy's float64 ones
+    scale = np.abs(x).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
+    np.testing.assert_allclose(got[:3], want[:3], rtol=0, atol=1e-6 * scale)
