@@ -491,6 +491,13 @@ def test_queue_full_and_cancel_on_disconnect(strict: Server) -> None:
                 client.generate(MODEL, "Hi", options=FAST)
             assert e.value.status_code == 503
             assert e.value.error.startswith("server busy, please try again.")
+            # told when to come back, on both APIs (a client backs off, never hammers)
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+            r = http.post("/api/generate", json={**long, "stream": False})
+            assert (r.status_code, r.headers.get("retry-after")) == (503, "1")
+            r = http.post("/v1/chat/completions", json=chat)
+            assert (r.status_code, r.headers.get("retry-after")) == (503, "1")
+            assert r.json()["error"]["type"] == "overloaded_error"
         # leaving the `with` closed the connection: the story is cancelled, the queued
         # request gets the slot and finishes long before 2000 tokens could have been made
         t0 = time.monotonic()

@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 
 from herd.errors import HerdError
 from herd.server import http
-from herd.server.errors import status_for
+from herd.server.errors import headers_for, status_for
 from herd.server.http import JSON, close, dumps
 
 log = logging.getLogger("herd.server")
@@ -49,7 +49,8 @@ def error_response(e: BaseException) -> Response:
     status = status_for(e)
     if status >= 500 and not isinstance(e, HerdError):
         log.exception("request failed", exc_info=e)
-    return JSON(error_body(status, str(e) or type(e).__name__), status_code=status)
+    body = error_body(status, str(e) or type(e).__name__)
+    return JSON(body, status_code=status, headers=headers_for(e))
 
 
 def handles_errors(handler: Handler) -> Handler:

@@ -53,6 +53,16 @@ def status_for(exc: BaseException) -> int:
     return 500
 
 
+# A client told "busy" (503, the queue past HERD_MAX_QUEUE) is told when to come back, so
+# it backs off instead of hammering the server (RFC 9110 Retry-After, in seconds)
+RETRY_AFTER_S = 1
+
+
+def headers_for(exc: BaseException) -> dict[str, str]:
+    """Response headers an error answers with besides its body."""
+    return {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, QueueFullError) else {}
+
+
 def openai_type(status: int) -> str:
     """OpenAI's error `type` for a status, as Ollama's compatibility layer names them."""
     return {

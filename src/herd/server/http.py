@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from herd import envconfig
 from herd.errors import BadRequestError, HerdError
-from herd.server.errors import openai_type, status_for
+from herd.server.errors import headers_for, openai_type, status_for
 
 log = logging.getLogger("herd.server")
 T = TypeVar("T")
@@ -308,8 +308,9 @@ def error_response(e: BaseException, openai: bool = False) -> Response:
                 }
             },
             status_code=status,
+            headers=headers_for(e),
         )
-    return JSON({"error": message}, status_code=status)
+    return JSON({"error": message}, status_code=status, headers=headers_for(e))
 
 
 def handles_errors(
