@@ -335,6 +335,11 @@ class Backend(Protocol):
         """A persistent zero-filled tensor (KV cache), owned by the backend, on the device
         of `layer` (None: the CPU). OutOfMemoryError, before allocating, if it cannot fit."""
 
+    def stack(self, names: Sequence[str]) -> Tensor | None:
+        """The 2-D weights `names`, of one width, as one tensor with their rows one after
+        another, so that linears reading the same x (a layer's q, k and v) are one matmul;
+        None where this backend would gain nothing or cannot (types differ, a GPU)."""
+
     def new_context(self) -> Context: ...
     def devices(self) -> list[DeviceInfo]: ...
     def cache_config(self) -> CacheConfig:

@@ -2,7 +2,7 @@
 
 from herd.nn.attention import attention, query_rows
 from herd.nn.conv import Conv2d, PatchEmbedding
-from herd.nn.modules import Embedding, LayerNorm, Linear, RMSNorm
+from herd.nn.modules import Embedding, LayerNorm, Linear, RMSNorm, Stack
 from herd.nn.weights import Weights
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "Linear",
     "PatchEmbedding",
     "RMSNorm",
+    "Stack",
     "Weights",
     "attention",
     "query_rows",

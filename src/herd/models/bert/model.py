@@ -29,7 +29,7 @@ from herd.ml import Backend, Context, DType, Tensor
 from herd.models.base import Batch, Inputs
 from herd.models.rank import POOLING_RANK
 from herd.models.registry import register
-from herd.nn import Embedding, LayerNorm, Linear, Weights, attention
+from herd.nn import Embedding, LayerNorm, Linear, Stack, Weights, attention
 
 POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST = 0, 1, 2, 3
 
@@ -73,6 +73,7 @@ class Attention:
         self.attn_k = Linear.bind(w, "attn_k", d, d, bias=True)
         self.attn_v = Linear.bind(w, "attn_v", d, d, bias=True)
         self.attn_output = Linear.bind(w, "attn_output", d, d, bias=True)
+        Stack.bind(w, self.attn_q, self.attn_k, self.attn_v)
         self.cfg = cfg
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ from herd.kvcache import Causal
 from herd.ml import Backend, Context, RopeOptions, Tensor
 from herd.models.base import Inputs
 from herd.models.registry import register
-from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
+from herd.nn import Embedding, Linear, RMSNorm, Stack, Weights, attention, query_rows
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Attention:
         self.attn_k = Linear.bind(w, "attn_k", cfg.n_head_kv * hd, d, bias=None)
         self.attn_v = Linear.bind(w, "attn_v", cfg.n_head_kv * hd, d, bias=None)
         self.attn_output = Linear.bind(w, "attn_output", d, cfg.n_head * hd, bias=None)
+        Stack.bind(w, self.attn_q, self.attn_k, self.attn_v)
         self.cfg = cfg
 
     def forward(
@@ -88,6 +89,7 @@ class MLP:
         self.ffn_gate = Linear.bind(w, "ffn_gate", cfg.n_ff, cfg.n_embd)
         self.ffn_up = Linear.bind(w, "ffn_up", cfg.n_ff, cfg.n_embd)
         self.ffn_down = Linear.bind(w, "ffn_down", cfg.n_embd, cfg.n_ff)
+        Stack.bind(w, self.ffn_gate, self.ffn_up)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ffn_down.forward(self.ffn_gate.forward(x).swiglu(self.ffn_up.forward(x)))

@@ -14,7 +14,7 @@ from herd.kvcache import Causal
 from herd.ml import Backend, Context, RopeOptions, Tensor
 from herd.models.base import Inputs
 from herd.models.registry import register
-from herd.nn import Embedding, Linear, RMSNorm, Weights, attention, query_rows
+from herd.nn import Embedding, Linear, RMSNorm, Stack, Weights, attention, query_rows
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class Attention:
         self.attn_k = Linear.bind(w, "attn_k", cfg.n_head_kv * hd, d)
         self.attn_v = Linear.bind(w, "attn_v", cfg.n_head_kv * hd, d)
         self.attn_output = Linear.bind(w, "attn_output", d, cfg.n_head * hd)
+        Stack.bind(w, self.attn_q, self.attn_k, self.attn_v)
         self.attn_q_norm = RMSNorm.bind(w, "attn_q_norm", hd, cfg.eps)
         self.attn_k_norm = RMSNorm.bind(w, "attn_k_norm", hd, cfg.eps)
         self.cfg = cfg

@@ -286,9 +286,7 @@ class GGMLTensor:
         assert self.lay == CONT, f"set_rows into a non-contiguous view {s}"
         assert len(ids.shape) == 1, f"set_rows: ids must be 1-D, got {ids.shape}"
         row, n_ids = math.prod(s[1:]), ids.shape[0]
-        assert math.prod(src.shape) == n_ids * row, (
-            f"set_rows: src {src.shape} does not fill {n_ids} rows of {s[1:]}"
-        )
+        assert math.prod(src.shape) == n_ids * row, f"set_rows: {src.shape} in {n_ids} of {s}"
         dst = self.p
         if len(s) != 2:
             dst = c.node(ggml_reshape_2d(c.g, dst, row, s[0]))
@@ -362,14 +360,15 @@ class GGMLTensor:
             shape = tuple(math.prod(self.shape) // known if d == -1 else d for d in shape)
         if shape == self.shape:
             return self
-        assert math.prod(shape) == math.prod(self.shape) and len(shape) <= 4, (
-            f"reshape {self.shape} -> {shape}"
-        )
+        n = math.prod(self.shape)
+        assert math.prod(shape) == n and len(shape) <= 4, f"reshape {self.shape} -> {shape}"
         c = self.ctx or self._c()
         if self.lay == CONT:  # a view
             if shape:
                 return c.out(RESHAPE[len(shape)](c.g, self.p, *shape[::-1]), shape, self.gtype)
             return c.out(ggml_reshape_1d(c.g, self.p, 1), shape, self.gtype)
+        if self.lay == ROWS and (t := c.heads(self, shape)) is not None:
+            return t  # a stacked linear's rows split into heads: no copy
         src = self.p if self.gtype in FLOAT else c.f32(self)
         gtype = self.gtype if self.gtype in FLOAT else TYPE_F32
         return c.out(ggml_cont_4d(c.g, src, *ne(shape)), shape, gtype)

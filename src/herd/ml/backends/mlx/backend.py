@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 
 import mlx.core as mx
 import psutil
@@ -146,6 +147,10 @@ class MlxBackend:
             )
 
     # ---- the Backend contract ------------------------------------------------------------
+    def stack(self, names: Sequence[str]) -> None:
+        """Not stacked (yet): quantized MLX weights would need their scales stacked too."""
+        return None
+
     def has_weight(self, name: str) -> bool:
         return name in self._weights
 

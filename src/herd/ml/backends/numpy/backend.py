@@ -389,6 +389,10 @@ class NumpyBackend:
         self.options = options or BackendOptions()
         self._weights: dict[str, NumpyTensor] = {}
 
+    def stack(self, names: Sequence[str]) -> None:
+        """Not stacked: NumPy's matmul costs the same in one piece or three."""
+        return None
+
     def has_weight(self, name: str) -> bool:
         return name in self.gguf.tensors
 

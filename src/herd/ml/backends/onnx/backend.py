@@ -28,6 +28,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -218,6 +219,10 @@ class OnnxBackend:
         return a
 
     # ---- the Backend contract ----------------------------------------------------------
+    def stack(self, names: Sequence[str]) -> None:
+        """Not stacked here: `linear.py` merges linears of one x while recording."""
+        return None
+
     def has_weight(self, name: str) -> bool:
         return name in self.gguf.tensors
 
