@@ -429,6 +429,9 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
         2e-4,
     ),
     ("linear_F32", lambda c, b, x: x.linear(b.weight("w.F32")), [rand(7, 64, seed=5)], 1e-12),
+    # a weight stored transposed (LoRA's B^T): x @ wt; one row is the decode step's shape
+    ("linear_t", lambda c, b, x: x.linear_t(b.weight("w.F32")), [rand(7, 48, seed=6)], 1e-6),
+    ("linear_t_row", lambda c, b, x: x.linear_t(b.weight("w.F32")), [rand(1, 48, seed=6)], 1e-6),
     ("linear_F16", lambda c, b, x: x.linear(b.weight("w.F16")), [rand(7, 64, seed=5)], 1e-6),
     ("linear_BF16", lambda c, b, x: x.linear(b.weight("w.BF16")), [rand(7, 64, seed=5)], 2e-5),
     (
@@ -551,6 +554,7 @@ def test_table_covers_the_contract() -> None:
         "layer_norm",
         "l2_norm",
         "matmul_t",
+        "linear_t",
         "avg_pool2d",
     }
     assert ops - tested == set()

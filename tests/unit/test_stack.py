@@ -1,5 +1,5 @@
 """Linears of one x as one matmul (`nn.Stack`, `Backend.stack`) and the adapters of one
-group as one pair (`nn.lora`): the same outputs as each on its own, computed once per x."""
+group sharing one A (`nn.lora`): the same outputs as each on its own, computed once per x."""
 
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ def test_stack_computes_once_per_x() -> None:
 
 @pytest.mark.parametrize("backend_name", ["numpy", "ggml"])
 def test_grouped_adapters_equal_each_on_its_own(tiny_llama_path: Path, backend_name: str) -> None:
-    """Adapters on q and v (PEFT's default targets) but not k: the group's one pair (A
-    stacked, B block-diagonal with zero rows for k) gives q and v their own delta and k
-    none, on NumPy (a slice of the group's delta each) and ggml (one add to the stacked
-    output)."""
+    """Adapters on q and v (PEFT's default targets) but not k: q and v share one A (the
+    two stacked, computed once per x), each multiplies its own rank rows by its B^T
+    (`linear_t`), and k gets no delta, on NumPy and on ggml (where q, k and v are one
+    stacked matmul)."""
     g = open_gguf(tiny_llama_path)
     aq, bq, av, bv = f32(4, 32), f32(32, 4), f32(2, 32), f32(16, 2)
     factors = {"blk.0.attn_q.weight": [(aq, bq, 0.5)], "blk.0.attn_v.weight": [(av, bv, 2.0)]}
@@ -117,8 +117,9 @@ def test_grouped_adapters_equal_each_on_its_own(tiny_llama_path: Path, backend_n
     model = load_model(g.config(), wrapped)
     attn = model.blk[0].attn
     lq, lv = wrapped.lora("blk.0.attn_q.weight"), wrapped.lora("blk.0.attn_v.weight")
-    assert lq is not None and lv is not None and lq.a is lv.a  # one pair for the group
-    assert lq.b.shape == (64, 6) and (lq.rows, lv.rows) == ((0, 32), (48, 64))
+    assert lq is not None and lv is not None and lq.a is lv.a  # one A for the group
+    assert lq.a.shape == (6, 32) and (lq.ranks, lv.ranks) == ((0, 4), (4, 6))
+    assert (lq.bt.shape, lv.bt.shape) == ((4, 32), (2, 16))
     x = f32(3, 32)
     with wrapped.new_context() as ctx:
         xs = ctx.input(x)

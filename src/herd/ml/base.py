@@ -125,6 +125,10 @@ class Tensor(Protocol):
     def linear(self, w: Tensor) -> Tensor:
         """self (..., K) @ w.T for a 2-D weight w (M, K), possibly quantized -> (..., M)."""
 
+    def linear_t(self, wt: Tensor) -> Tensor:
+        """self (T, K) @ wt for a 2-D F32 weight stored transposed, wt (K, M) -> (T, M):
+        LoRA's B, whose rows are its rank long, is multiplied as whole rows of B^T."""
+
     def matmul_t(self, other: Tensor) -> Tensor:
         """Batched self (B, T, K) @ other (Bo, S, K)^T -> (B, T, S).
 

@@ -49,28 +49,23 @@ class Linear:
             y = stack.output(x, i)
         else:
             y = x.linear(self.weight)
-            if self.lora is not None:
-                y = y.add(self.lora.delta(x))
+        if self.lora is not None:
+            y = y.add(self.lora.delta(x))
         return y.add(self.bias) if self.bias is not None else y
 
 
 class Stack:
     """Linears that read the same x (a layer's q, k and v; gate and up) as one matmul over
     their weights stacked by the backend (`Backend.stack`), each one's output a slice of
-    it; with LoRA, their group's delta is added once. Each decode-step node costs a thread
-    barrier however small its work, so on ggml this is 2 nodes of 3 saved per layer for
-    q, k and v, and 5 of 6 adapter nodes for them. Only the first call on an x computes
-    (`Memo`); a member called with another x (the last layer's q, which reads only the
-    output rows) gets a stack of its own computed for it."""
+    it: each decode-step node costs a thread barrier however small its work, and this is
+    one node for three. Only the first call on an x computes (`Memo`); a member called
+    with another x (the last layer's q, which reads only the output rows) gets a stack of
+    its own computed for it."""
 
     def __init__(self, weight: Tensor, linears: Sequence[Linear]) -> None:
-        self.weight, self.linears = weight, list(linears)
+        self.weight = weight
         ends = np.cumsum([m.weight.shape[0] for m in linears]).tolist()
         self.rows = [(e - m.weight.shape[0], e) for e, m in zip(ends, linears, strict=True)]
-        names = tuple(m.name for m in linears)
-        loras = [m.lora for m in linears if m.lora is not None]
-        # one add for all when the adapters' group is exactly these weights, in this order
-        self.lora = loras[0] if loras and loras[0].names == names else None
         self.memo = Memo()
         for i, m in enumerate(linears):
             m.stack = (self, i)
@@ -83,13 +78,7 @@ class Stack:
         return cls(weight, linears) if weight is not None else None
 
     def output(self, x: Tensor, i: int) -> Tensor:
-        y = self.memo.get(x, lambda: self._all(x)).slice(-1, *self.rows[i])
-        lora = self.linears[i].lora
-        return y.add(lora.delta(x)) if self.lora is None and lora is not None else y
-
-    def _all(self, x: Tensor) -> Tensor:
-        y = x.linear(self.weight)
-        return y.add(self.lora.group_delta(x)) if self.lora is not None else y
+        return self.memo.get(x, lambda: x.linear(self.weight)).slice(-1, *self.rows[i])
 
 
 class Embedding:

@@ -26,10 +26,10 @@ class Weights:
         backend, full = self.backend, self.prefix + name
         lora = backend.lora(full) if isinstance(backend, Adapted) else None
         if lora is not None:
-            (r, n_in), (n_b, r_b), n_out = lora.a.shape, lora.b.shape, lora.n_out
-            if (n_out, n_in) != tuple(shape) or r != r_b:
+            n_out, r, n_in = lora.shape
+            if (n_out, n_in) != tuple(shape):
                 raise WeightError(
-                    f"{full}: its adapter's A {(r, n_in)} and B {(n_b, r_b)} do not fit "
+                    f"{full}: its adapter's A {(r, n_in)} and B {(n_out, r)} do not fit "
                     f"{tuple(shape)}"
                 )
         return lora

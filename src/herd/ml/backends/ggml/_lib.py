@@ -149,6 +149,8 @@ ggml_rms_norm = _f("ggml_rms_norm", P, P, P, F)
 ggml_norm = _f("ggml_norm", P, P, P, F)
 ggml_l2_norm = _f("ggml_l2_norm", P, P, P, F)
 ggml_mul_mat = _f("ggml_mul_mat", P, P, P, P)
+ggml_out_prod = _f("ggml_out_prod", P, P, P, P)
+ggml_transpose = _f("ggml_transpose", P, P, P)
 # (ctx, as: stacked expert weights, b, ids: I32 expert per row) -> result
 ggml_mul_mat_id = _f("ggml_mul_mat_id", P, P, P, P, P)
 ggml_get_rows = _f("ggml_get_rows", P, P, P, P)

@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from herd.ml.backends.ggml import _lib as L
-from herd.ml.backends.ggml import conv
+from herd.ml.backends.ggml import conv, matmul
 from herd.ml.backends.ggml._lib import (
     TYPE_F16,
     TYPE_F32,
@@ -25,7 +25,6 @@ from herd.ml.backends.ggml._lib import (
     ggml_div,
     ggml_is_contiguous,
     ggml_mul,
-    ggml_mul_mat,
     ggml_permute,
     ggml_reshape_1d,
     ggml_reshape_2d,
@@ -202,41 +201,10 @@ class GGMLTensor:
     def l2_norm(self, eps: float) -> GGMLTensor:
         return self._unary(L.ggml_l2_norm, eps)
 
-    # --- matrix products -------------------------------------------------------------
-    def linear(self, w: GGMLTensor) -> GGMLTensor:
-        c = self._c(w)
-        ws, xs = w.shape, self.shape
-        assert len(ws) == 2 and ws[1] == xs[-1], f"linear: x {xs} @ w.T with w {ws}"
-        w_p = c.src0(w)
-        packed = c.backend.packed
-        if packed and (q := packed.get(w_p)) is not None:  # repacked copy (option "repack")
-            w_p = q or c.backend.repack(w)
-            if w_p != w.p:  # the repacked kernels read x as one contiguous matrix
-                return c.out(ggml_mul_mat(c.g, w_p, c.f32(self, CONT)), xs[:-1] + (ws[0],))
-        return c.out(ggml_mul_mat(c.g, w_p, c.f32(self)), xs[:-1] + (ws[0],))
-
-    def matmul_t(self, other: GGMLTensor) -> GGMLTensor:
-        c = self._c(other)
-        a, b = self.shape, other.shape
-        assert len(a) == 3 and len(b) == 3 and a[2] == b[2], f"matmul_t: {a} x {b}"
-        assert a[0] % b[0] == 0, f"matmul_t: batch {a[0]} not a multiple of {b[0]}"
-        # ggml_mul_mat(other, self) broadcasts other's batches over consecutive groups
-        return c.out(ggml_mul_mat(c.g, c.src0(other), c.f32(self)), (a[0], a[1], b[1]))
-
-    def mul_mat_id(self, w: GGMLTensor, ids: GGMLTensor) -> GGMLTensor:
-        c = self._c(ids)
-        xs, ws, its = self.shape, w.shape, ids.shape
-        assert (
-            len(xs) == 3
-            and len(ws) == 3
-            and len(its) == 2
-            and xs[0] == its[0]
-            and xs[1] in (1, its[1])
-            and xs[2] == ws[2]
-        ), f"mul_mat_id: x {xs} with w {ws} and ids {its}"
-        # ggml: as [I, O, E] (any weight type) x b [I, K or 1, T] by ids [K, T] -> [O, K, T]
-        p = L.ggml_mul_mat_id(c.g, c.src0(w), c.f32(self), c.i32(ids))
-        return c.out(p, (xs[0], its[1], ws[1]))
+    # --- matrix products: matmul.py ---------------------------------------------------
+    linear, linear_t, matmul_t, mul_mat_id = (
+        matmul.linear, matmul.linear_t, matmul.matmul_t, matmul.mul_mat_id
+    )  # fmt: skip
 
     def top_k(self, k: int) -> GGMLTensor:
         c = self._c()

@@ -241,6 +241,11 @@ class MlxTensor:
             return self._new(_linear(x, w.w, None), w)
         return self._new(x @ f32(w).T, w)
 
+    def linear_t(self, wt: MlxTensor) -> MlxTensor:
+        (k, _), xs = wt.shape, self.shape
+        assert len(xs) == 2 and xs[1] == k, f"linear_t: x {xs} @ wt {wt.shape}"
+        return self._new(f32(self) @ f32(wt), wt)
+
     def matmul_t(self, other: MlxTensor) -> MlxTensor:
         a, b = self.shape, other.shape
         assert len(a) == 3 and len(b) == 3 and a[2] == b[2], f"matmul_t: {a} x {b}"

@@ -219,6 +219,12 @@ class NumpyTensor:
         )
         return self._new(self.a @ w.a.T, w)
 
+    def linear_t(self, wt: NumpyTensor) -> NumpyTensor:
+        assert self.a.ndim == 2 and wt.a.ndim == 2 and wt.a.shape[0] == self.a.shape[1], (
+            f"linear_t: x {self.a.shape} @ wt {wt.a.shape}"
+        )
+        return self._new(self.a @ wt.a, wt)
+
     def matmul_t(self, other: NumpyTensor) -> NumpyTensor:
         a, b = self.a, other.a
         assert a.ndim == 3 and b.ndim == 3 and a.shape[2] == b.shape[2], (

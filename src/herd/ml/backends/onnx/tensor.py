@@ -234,6 +234,12 @@ class OnnxTensor:
         y = c.linear2d(x2, w)
         return self._out(c.g.op("Reshape", [y, c.g.const([*xs[:-1], ws[0]])]), (*xs[:-1], ws[0]), w)
 
+    def linear_t(self, wt: OnnxTensor) -> OnnxTensor:
+        (k, n), xs = wt.shape, self.shape
+        assert len(xs) == 2 and xs[1] == k, f"linear_t: x {xs} @ wt {wt.shape}"
+        c = _ctx(self, wt)
+        return self._out(c.g.op("MatMul", [c.f32(self), c.f32(wt)]), (xs[0], n), wt)
+
     def matmul_t(self, other: OnnxTensor) -> OnnxTensor:
         a, b = self.shape, other.shape
         assert len(a) == 3 and len(b) == 3 and a[2] == b[2], f"matmul_t: {a} x {b}"
