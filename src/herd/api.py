@@ -19,6 +19,7 @@ import numpy as np
 
 from herd import envconfig
 from herd.errors import HerdError
+from herd.ml import BackendOptions
 from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner import (
@@ -64,17 +65,20 @@ class LLM:
     """A loaded model: tokenizer, engine and chat template.
 
     `backend`: "auto" (None: HERD_BACKEND, else the fastest installed), "numpy", "ggml";
-    flash attention, the KV cache type and the image limits come from the environment
-    (HERD_FLASH_ATTENTION, HERD_KV_CACHE_TYPE, HERD_MAX_IMAGE_*), as for `herd serve`.
+    flash attention, the KV cache type, the image limits and the ONNX backend's settings
+    come from the environment (HERD_FLASH_ATTENTION, HERD_KV_CACHE_TYPE,
+    HERD_MAX_IMAGE_*, HERD_ONNX_*), as for `herd serve`.
     """
 
     def __init__(
         self, source: Source, backend: str | None = None, options: dict[str, Any] | None = None
     ) -> None:
+        from_env = BackendOptions(**envconfig.onnx_options())
         self.loaded = Loaded(source, backend or envconfig.backend(), options,
                              flash_attention=envconfig.flash_attention(),
                              kv_cache_type=envconfig.kv_cache_type(),
-                             image_limits=ImageLimits(**envconfig.image_limits()))  # fmt: skip
+                             image_limits=ImageLimits(**envconfig.image_limits()),
+                             backend_options=from_env)  # fmt: skip
         self.source, self.name, self.gguf = source, source.name, self.loaded.gguf
         self.backend, self.model = self.loaded.backend, self.loaded.model
         self.tokenizer, self.template = self.loaded.tokenizer, self.loaded.template

@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def _get(name: str, default: str = "") -> str:
@@ -59,6 +60,41 @@ def flash_attention() -> bool | None:
     if not value:
         return None
     return value not in ("0", "f", "false")
+
+
+def onnx_providers() -> tuple[str, ...]:
+    """The ONNX backend's execution providers, HERD_ONNX_PROVIDERS: a comma list of full
+    names or short ones (cuda, dml, coreml, openvino, cpu); () (unset): the best installed.
+    Whether each is installed is checked when the backend opens (an error naming those
+    that are)."""
+    return tuple(s.strip() for s in _get("HERD_ONNX_PROVIDERS").split(",") if s.strip())
+
+
+def onnx_dequantize() -> bool:
+    """Every weight float32 on the ONNX backend, none kept in its blocks (the reference
+    for the quantized mapping): HERD_ONNX_DEQUANTIZE set to anything but 0."""
+    return _get("HERD_ONNX_DEQUANTIZE") not in ("", "0")
+
+
+def onnx_cache() -> bool:
+    """Whether the ONNX backend keeps optimized sessions on disk; HERD_ONNX_CACHE=0: not."""
+    return _get("HERD_ONNX_CACHE") != "0"
+
+
+def onnx_cache_dir() -> Path:
+    """Where it keeps them: HERD_CACHE/onnx, default ~/.cache/herd/onnx."""
+    return cache_dir() / "onnx"
+
+
+def onnx_options() -> dict[str, Any]:
+    """The four above as `herd.ml.BackendOptions` fields, for an entry point that opens a
+    backend (`BackendOptions(**envconfig.onnx_options())`)."""
+    return {
+        "onnx_providers": onnx_providers(),
+        "onnx_dequantize": onnx_dequantize(),
+        "onnx_cache": onnx_cache(),
+        "onnx_cache_dir": onnx_cache_dir(),
+    }
 
 
 def nohistory() -> bool:

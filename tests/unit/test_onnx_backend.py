@@ -13,9 +13,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from herd import envconfig  # noqa: E402
 from herd.errors import BackendError  # noqa: E402
 from herd.gguf import open_gguf  # noqa: E402
-from herd.ml import DType, open_backend  # noqa: E402
+from herd.ml import BackendOptions, DType, open_backend  # noqa: E402
 from herd.ml.backends.numpy import NumpyBackend  # noqa: E402
 from herd.models import load_model  # noqa: E402
 from herd.options import Options  # noqa: E402
@@ -141,6 +142,11 @@ def test_dim_expressions_match_python_for_every_size() -> None:
         assert got == want, (n, got, want)
 
 
+def _from_env() -> BackendOptions:
+    """The options an entry point hands the backend: HERD_ONNX_* read by envconfig."""
+    return BackendOptions(**envconfig.onnx_options())
+
+
 def test_provider_not_installed_names_the_available_ones(
     tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,12 +156,12 @@ def test_provider_not_installed_names_the_available_ones(
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is installed here: there is no missing provider to name")
     with pytest.raises(BackendError, match="'cuda' is not installed; available: .*CPUExecution"):
-        open_backend("onnx", open_gguf(tiny_llama_path))
+        open_backend("onnx", open_gguf(tiny_llama_path), _from_env())
 
 
 def test_provider_by_short_name(tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERD_ONNX_PROVIDERS", "cpu")
-    backend = open_backend("onnx", open_gguf(tiny_llama_path))
+    backend = open_backend("onnx", open_gguf(tiny_llama_path), _from_env())
     assert backend.providers == ["CPUExecutionProvider"]  # type: ignore[attr-defined]
     assert backend.devices()[0].kind == "cpu"
 
@@ -240,7 +246,7 @@ def test_which_weights_stay_quantized(
         (want,) = ctx.compute(ctx.input(x).linear(oracle.weight(name)))
     for dequantize in ("0", "1"):
         monkeypatch.setenv("HERD_ONNX_DEQUANTIZE", dequantize)
-        backend = open_backend("onnx", g)
+        backend = open_backend("onnx", g, _from_env())
         w = backend.weight(name)
         kept = dequantize == "0" and name != "w.Q6_K"
         assert (w.q is not None) is kept  # type: ignore[attr-defined]

@@ -19,8 +19,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from herd import envconfig  # noqa: E402
 from herd.gguf import open_gguf  # noqa: E402
-from herd.ml import DType, open_backend  # noqa: E402
+from herd.ml import BackendOptions, DType, open_backend  # noqa: E402
 from herd.ml.backends.onnx import disk  # noqa: E402
 from herd.ml.backends.onnx.context import EMBED_BYTES  # noqa: E402
 from herd.models import Batch, batch_inputs, load_model  # noqa: E402
@@ -30,9 +31,9 @@ PROMPT = [1, 5, 9, 13, 17, 21]
 # a child process: greedy tokens of the model on onnx, and what its disk cache did
 CHILD = """
 import json, sys
+from herd import envconfig
 from herd.gguf import open_gguf
-from herd.ml import open_backend
-from herd.ml.backends.onnx import disk
+from herd.ml import BackendOptions, open_backend
 from herd.models import load_model
 from herd.options import Options
 from herd.runner import Runner
@@ -44,11 +45,11 @@ class Letters:
         return False
 
 g = open_gguf(sys.argv[1])
-backend = open_backend("onnx", g)
+backend = open_backend("onnx", g, BackendOptions(**envconfig.onnx_options()))
 model = load_model(g.config(), backend)
 runner = Runner(model, backend, Letters(), Options(num_ctx=256), model.context_length)
 events = list(runner.generate(PROMPT, Options(temperature=0, num_predict=6)))
-cache = disk.for_model(g.path, backend.providers)
+cache = backend.disk_cache()
 print(json.dumps({"tokens": list(events[-1].tokens), "built": cache.built,
                   "loaded": cache.loaded}))
 """.replace("PROMPT", repr(PROMPT))
@@ -122,14 +123,15 @@ def test_a_second_process_compiles_nothing(tiny_q8_path: Path, tmp_path: Path) -
 
 def _logits(path: Path) -> tuple[np.ndarray, object]:
     g = open_gguf(path)
-    backend = open_backend("onnx", g)
+    # as an entry point opens it: HERD_CACHE and HERD_ONNX_CACHE read by envconfig
+    backend = open_backend("onnx", g, BackendOptions(**envconfig.onnx_options()))
     model = load_model(g.config(), backend)
     model.cache.init(backend, DType.F16, 1, 256, 64)
     with backend.new_context() as ctx:  # the prompt, as the runner runs it
         b = Batch.single(PROMPT, outputs="all")
         model.cache.start_forward(ctx, b)
         (out,) = ctx.compute(model.forward(ctx, batch_inputs(ctx, b)))
-    return out, disk.for_model(g.path, backend.providers)  # type: ignore[attr-defined]
+    return out, backend.disk_cache()  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -209,7 +211,9 @@ def test_an_unwritable_cache_is_no_cache(
 
 def test_the_cache_can_be_turned_off(tiny_q8_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERD_ONNX_CACHE", "0")
-    assert disk.for_model(tiny_q8_path, ["CPUExecutionProvider"]) is None
+    root = disk.cache_root(BackendOptions(**envconfig.onnx_options()))
+    assert root is None
+    assert disk.for_model(tiny_q8_path, ["CPUExecutionProvider"], root) is None
 
 
 def test_model_digest_is_the_blob_name_or_the_content(tmp_path: Path) -> None:

@@ -54,11 +54,13 @@ def export_onnx(model: str, out: Path, *, num_ctx: int = 2048, force: bool = Fal
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise HerdError(f"{out} exists and is not empty: choose another folder or pass --force")
     path = _model_path(model)
+    from herd import envconfig
     from herd.gguf import open_gguf
     from herd.ml import BackendOptions, open_backend
 
     g = open_gguf(path)
-    backend = open_backend("onnx", g, BackendOptions(num_ctx=num_ctx))
+    # the providers and disk cache the user set (HERD_ONNX_*), as a run would use
+    backend = open_backend("onnx", g, BackendOptions(num_ctx=num_ctx, **envconfig.onnx_options()))
     try:
         return _export(model, g, backend, out, num_ctx)
     finally:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -309,6 +310,12 @@ class BackendOptions:
     num_batch: int = 512
     flash_attention: bool | None = None  # None: the backend decides
     kv_cache_type: str = "f16"  # one of KV_CACHE_TYPES: what the fit check plans for
+    # the ONNX backend's settings (entry points fill them from HERD_ONNX_*, envconfig.py)
+    # execution providers, full or short names (cuda, cpu, ...); (): the best installed
+    onnx_providers: tuple[str, ...] = ()
+    onnx_dequantize: bool = False  # every weight float32: the quantized mapping's reference
+    onnx_cache: bool = True  # keep optimized sessions on disk (onnx/disk.py)
+    onnx_cache_dir: Path | None = None  # where; None: ~/.cache/herd/onnx
     # tuning and test knobs of the ggml backend
     max_nodes: int = 16384  # graph nodes one context may hold
     # CPU weights in ggml's repacked layouts where its kernels have one (llama.cpp's

@@ -58,6 +58,8 @@ class Loaded:
     `defaults`: Ollama's option defaults < the model's parameters (Modelfile) < `options`.
     `flash_attention` (None: the backend decides) and `kv_cache_type` ("f16", "q8_0",
     "q4_0") go to the backend, which plans memory for them, and to the runners made here.
+    `backend_options`: what the environment sets for every backend opened here (the ONNX
+    backend's onnx_* fields); the model's options and the two above override theirs.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Loaded:
         flash_attention: bool | None = None,
         kv_cache_type: str = "f16",
         image_limits: ImageLimits | None = None,
+        backend_options: BackendOptions | None = None,
     ) -> None:
         t0 = time.perf_counter_ns()
         self.source, self.name = source, source.name
@@ -79,7 +82,8 @@ class Loaded:
         self.image_limits = image_limits or ImageLimits()
         self.images: LRU[Image] = LRU(8)  # preprocessed images by digest (the pipeline's)
         self.projector_gguf = open_projector(source.projector) if source.projector else None
-        opts = BackendOptions(
+        opts = replace(
+            backend_options or BackendOptions(),
             num_thread=self.defaults.num_thread,
             num_gpu=self.defaults.num_gpu,
             num_ctx=self.defaults.num_ctx,
@@ -112,7 +116,8 @@ class Loaded:
             try:
                 self.draft = Loaded(Source(source.draft.name, source.draft), self.backend.name,
                                     options, flash_attention=flash_attention,
-                                    kv_cache_type=kv_cache_type)  # fmt: skip
+                                    kv_cache_type=kv_cache_type,
+                                    backend_options=backend_options)  # fmt: skip
                 check_draft(self, self.draft)
             except BaseException:
                 self.close()

@@ -73,6 +73,7 @@ from typing import IO, Any, Protocol
 
 from herd import envconfig
 from herd.errors import BadRequestError, HerdError, ImageError, RunnerError
+from herd.ml import BackendOptions
 from herd.models.imageproc import ImageLimits
 from herd.options import Options
 from herd.runner.engine import Runner
@@ -252,6 +253,7 @@ class Child:
         flash_attention: bool | None = None,
         kv_cache_type: str = "f16",
         image_limits: ImageLimits | None = None,
+        backend_options: BackendOptions | None = None,
     ) -> None:
         t0 = time.perf_counter_ns()
         source = Source(
@@ -272,6 +274,7 @@ class Child:
             flash_attention=flash_attention,
             kv_cache_type=kv_cache_type,
             image_limits=image_limits,
+            backend_options=backend_options,
         )
         parallel, num_ctx = 1, loaded.context_length
         if not loaded.is_embedding:
@@ -418,6 +421,7 @@ def main() -> None:
             flash_attention=envconfig.flash_attention(),
             kv_cache_type=envconfig.kv_cache_type(),
             image_limits=ImageLimits(**envconfig.image_limits()),
+            backend_options=BackendOptions(**envconfig.onnx_options()),
         )
     except HerdError as e:
         child.send({"op": "error", "error": str(e), "type": type(e).__name__})

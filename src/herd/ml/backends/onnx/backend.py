@@ -18,15 +18,15 @@ session costs about the quantized weights again (SmolLM2: ~170 MB); `MAX_SESSION
 it. Other types are dequantized to float32 at load (`load_weight`). The KV cache is kept
 in F16 for the f16, q8_0 and q4_0 cache types (ONNX has no block types), F32 when asked.
 
-Execution providers: `HERD_ONNX_PROVIDERS`, a comma list (full names or short ones:
-cuda, dml, coreml, openvino, cpu); by default the best one installed.
+Execution providers: `BackendOptions.onnx_providers` (HERD_ONNX_PROVIDERS, read by
+envconfig), full names or short ones (cuda, dml, coreml, openvino, cpu); by default the
+best one installed.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -77,14 +77,14 @@ _CACHE_AS_F16 = (DType.F16, DType.Q8_0, DType.Q4_0)
 KEPT_QUANTIZED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K}) & quant.MAPPED_TYPES
 
 
-def providers() -> list[str]:
-    """The execution providers to run on: HERD_ONNX_PROVIDERS, or the best installed."""
+def providers(asked: Sequence[str] = ()) -> list[str]:
+    """The execution providers to run on: those asked for (full or short names), else the
+    best installed."""
     available = ort.get_available_providers()
-    asked = os.environ.get("HERD_ONNX_PROVIDERS", "").strip()
     if not asked:
         return [next(p for p in PREFERRED if p in available or p == "CPUExecutionProvider")]
     chosen = []
-    for item in (s.strip() for s in asked.split(",") if s.strip()):
+    for item in asked:
         name = _SHORT.get(item.lower(), item)
         if name not in available:
             raise BackendError(
@@ -135,7 +135,7 @@ class OnnxBackend:
 
     def __init__(self, gguf: GGUFFile, options: BackendOptions) -> None:
         self.gguf, self.options = gguf, options
-        self.providers = providers()
+        self.providers = providers(options.onnx_providers)
         self.threads = options.num_thread or psutil.cpu_count(logical=False) or 1
         self.gpus: list[DeviceInfo] = []  # outputs always land in host memory
         self._weights: dict[str, OnnxTensor] = {}
@@ -145,9 +145,9 @@ class OnnxBackend:
         self._dense: dict[str, np.ndarray] = {}
         self._said: set[Q] = set()  # types logged as dequantized
         self._values: dict[int, Any] = {}  # id of an external initializer -> its OrtValue
-        # GGUF blocks that map exactly stay quantized (quant.py); HERD_ONNX_DEQUANTIZE=1:
-        # every weight float32 (a reference for the mapping, and what runs without it)
-        self.quantized = os.environ.get("HERD_ONNX_DEQUANTIZE", "") in ("", "0")
+        # GGUF blocks that map exactly stay quantized (quant.py); onnx_dequantize: every
+        # weight float32 (a reference for the mapping, and what runs without it)
+        self.quantized = not options.onnx_dequantize
         self.sessions_created = 0
         self._warned_cache = False
         _validate(gguf)
@@ -181,7 +181,7 @@ class OnnxBackend:
         if externals:
             so.add_external_initializers(list(externals), values)
         try:
-            cached = disk.for_model(self.gguf.path, self.providers)  # disk.py: optimized once
+            cached = self.disk_cache()  # disk.py: optimized once
             if cached is None:
                 sess = ort.InferenceSession(model, so, providers=self.providers)
             else:
@@ -193,6 +193,11 @@ class OnnxBackend:
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
         return s
+
+    def disk_cache(self) -> disk.DiskCache | None:
+        """Where this backend's optimized sessions are kept (one per model file, providers
+        and folder in a process); None when options.onnx_cache is off."""
+        return disk.for_model(self.gguf.path, self.providers, disk.cache_root(self.options))
 
     def _ortvalue(self, a: np.ndarray) -> Any:
         v = self._values.get(id(a))

@@ -9,9 +9,9 @@ by name again, as graph.py declares them, and only what the optimizer made from 
 
 Key: the GGUF's sha256 (a store blob's name; else hashed once and memoized by path, size
 and mtime), herd's and ORT's versions, the providers, the CPU's features (an optimized
-graph may use them) and the graph's own key. Location: HERD_CACHE/onnx (envconfig's
-HERD_CACHE rule, read here: ml.backends may not import envconfig), else
-~/.cache/herd/onnx; HERD_ONNX_CACHE=0 turns it off. Each entry is written atomically
+graph may use them) and the graph's own key. Location: `BackendOptions.onnx_cache_dir`
+(envconfig: HERD_CACHE/onnx), else ~/.cache/herd/onnx; `onnx_cache=False`
+(HERD_ONNX_CACHE=0) turns it off. Each entry is written atomically
 (temp file, rename) with a sha256 side record; an entry that fails it, cannot be read or
 does not load is rebuilt (a log line), never run. A cache directory that cannot be
 written is no cache (a log line): sessions are built as without one.
@@ -36,6 +36,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from herd import __version__
+from herd.ml.base import BackendOptions
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,17 @@ _BLOB_PREFIX = "sha256-"  # a store blob's file name: its content's digest
 _DATA = "weights.data"  # where ORT writes the optimized model's initializers
 
 
-def cache_root() -> Path | None:
-    """HERD_CACHE/onnx (default ~/.cache/herd/onnx); None when HERD_ONNX_CACHE=0."""
-    if os.environ.get("HERD_ONNX_CACHE", "").strip() == "0":
+def cache_root(options: BackendOptions) -> Path | None:
+    """options.onnx_cache_dir (default ~/.cache/herd/onnx); None when onnx_cache is off."""
+    if not options.onnx_cache:
         return None
-    value = os.environ.get("HERD_CACHE", "")
-    return (Path(value).expanduser() if value else Path.home() / ".cache" / "herd") / "onnx"
+    root = options.onnx_cache_dir or Path.home() / ".cache" / "herd" / "onnx"
+    return Path(root).expanduser()
 
 
-def for_model(path: Path, providers: list[str]) -> DiskCache | None:
-    """The disk cache for a model file on these providers (one per process), or None."""
-    root = cache_root()
+def for_model(path: Path, providers: list[str], root: Path | None) -> DiskCache | None:
+    """The disk cache in `root` for a model file on these providers (one per process), or
+    None (no root: the cache is off)."""
     if root is None:
         return None
     try:

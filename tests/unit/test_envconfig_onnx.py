@@ -1,0 +1,84 @@
+"""The ONNX backend's settings read from the environment by herd.envconfig (HERD_ONNX_*,
+HERD_CACHE), and handed to the backend as BackendOptions fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from herd import envconfig
+from herd.errors import BackendError
+from herd.ml import BackendOptions
+
+NAMES = ("HERD_ONNX_PROVIDERS", "HERD_ONNX_DEQUANTIZE", "HERD_ONNX_CACHE", "HERD_CACHE")
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """None of the variables set, and a home of this test's own."""
+    for name in NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return monkeypatch
+
+
+def test_unset_means_the_defaults(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert envconfig.onnx_providers() == ()  # the best installed
+    assert envconfig.onnx_dequantize() is False
+    assert envconfig.onnx_cache() is True
+    assert envconfig.onnx_cache_dir() == tmp_path / ".cache" / "herd" / "onnx"
+    opts = BackendOptions(**envconfig.onnx_options())
+    defaults = BackendOptions()
+    assert (opts.onnx_providers, opts.onnx_dequantize, opts.onnx_cache) == (
+        defaults.onnx_providers,
+        defaults.onnx_dequantize,
+        defaults.onnx_cache,
+    )
+
+
+def test_set_values_are_read(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.setenv("HERD_ONNX_PROVIDERS", " cuda, CPUExecutionProvider ,,")
+    env.setenv("HERD_ONNX_DEQUANTIZE", "1")
+    env.setenv("HERD_ONNX_CACHE", "0")
+    env.setenv("HERD_CACHE", str(tmp_path / "c"))
+    assert envconfig.onnx_options() == {
+        "onnx_providers": ("cuda", "CPUExecutionProvider"),
+        "onnx_dequantize": True,
+        "onnx_cache": False,
+        "onnx_cache_dir": tmp_path / "c" / "onnx",
+    }
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", False), ("", False), ("1", True), ("yes", True)])
+def test_dequantize_is_anything_but_0(env: pytest.MonkeyPatch, value: str, want: bool) -> None:
+    env.setenv("HERD_ONNX_DEQUANTIZE", value)
+    assert envconfig.onnx_dequantize() is want
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", False), ("", True), ("1", True)])
+def test_only_0_turns_the_disk_cache_off(env: pytest.MonkeyPatch, value: str, want: bool) -> None:
+    env.setenv("HERD_ONNX_CACHE", value)
+    assert envconfig.onnx_cache() is want
+
+
+def test_the_backend_resolves_and_refuses_providers(env: pytest.MonkeyPatch) -> None:
+    """Short names resolve; one not installed is the backend's error, naming those that are."""
+    pytest.importorskip("onnxruntime")
+    from herd.ml.backends.onnx.backend import providers
+
+    env.setenv("HERD_ONNX_PROVIDERS", "cpu")
+    assert providers(envconfig.onnx_providers()) == ["CPUExecutionProvider"]
+    env.setenv("HERD_ONNX_PROVIDERS", "nosuch,cpu")
+    with pytest.raises(BackendError, match="'nosuch' is not installed; available: .*CPUExecution"):
+        providers(envconfig.onnx_providers())
+
+
+def test_the_disk_cache_folder_follows_the_options(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from herd.ml.backends.onnx import disk
+
+    assert disk.cache_root(BackendOptions(onnx_cache=False)) is None
+    assert disk.cache_root(BackendOptions(onnx_cache_dir=tmp_path)) == tmp_path
+    assert disk.cache_root(BackendOptions()) == Path.home() / ".cache" / "herd" / "onnx"
