@@ -98,6 +98,7 @@ def test_stack_computes_once_per_x() -> None:
     x, xq = Recorded((5, 8), log), Recorded((1, 8), log, "xq")
     outs = [m.forward(x) for m in linears]  # type: ignore[arg-type]
     assert log == ["x@W"]
+    assert stack.memo.x is None and stack.memo.y is None  # the last member let go
     assert [o.name for o in outs] == ["(x@W)[0:8]", "(x@W)[8:12]", "(x@W)[12:16]"]
     assert linears[0].forward(xq).shape == (1, 8)  # type: ignore[arg-type]
     assert log == ["x@W", "xq@W"]
@@ -131,14 +132,19 @@ def test_grouped_adapters_equal_each_on_its_own(tiny_llama_path: Path, backend_n
     wrapped.close()
 
 
-def test_stacked_model_equals_unstacked(tiny_llama_path: Path) -> None:
-    """The whole tiny llama on ggml with q/k/v and gate/up stacked gives NumPy's logits
+@pytest.mark.parametrize("stacking", ["ggml", "mlx"])
+def test_stacked_model_equals_unstacked(tiny_llama_path: Path, stacking: str) -> None:
+    """The whole tiny llama with q/k/v and gate/up stacked (ggml: copied row after row;
+    MLX: its arrays concatenated, the names then views of them) gives NumPy's logits
     (nothing stacked there) for a prompt and a decode step."""
+    if stacking == "mlx":
+        pytest.importorskip("mlx.core", reason="the mlx extra is not installed")
     g = open_gguf(tiny_llama_path)
     outs = []
-    for name in ("numpy", "ggml"):
-        model = load_model(g.config(), open_backend(name, g, BackendOptions(num_thread=1)))
-        if name == "ggml":
+    for name in ("numpy", stacking):
+        model = load_model(g.config(), open_backend(name, g, BackendOptions(num_thread=2)))
+        if name == stacking:
+            assert model.blk[0].attn.attn_q.weight is model.backend.weight("blk.0.attn_q.weight")
             assert model.blk[0].attn.attn_q.stack is not None
             assert model.blk[0].mlp.ffn_gate.stack is not None
         model.cache.init(model.backend, DType.F32, 1, 64, 64)

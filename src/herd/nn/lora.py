@@ -30,15 +30,16 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 class Memo(threading.local):
     """The last x a shared computation ran on, and its result: the linears of one group
     are called one after another on the same x, and only the first computes (per thread:
-    two runners may record graphs at once). Holding x keeps its identity unique."""
+    two runners may record graphs at once). Holding x keeps its identity unique; the
+    group's last member lets go (`last`), so no pass's arrays outlive it."""
 
     x: Any = None
     y: Any = None
 
-    def get(self, x: Tensor, make: Callable[[], Tensor]) -> Tensor:
-        if self.x is not x:
-            self.x, self.y = x, make()
-        return self.y
+    def get(self, x: Tensor, make: Callable[[], Tensor], last: bool = False) -> Tensor:
+        y = self.y if self.x is x else make()
+        self.x, self.y = (None, None) if last else (x, y)
+        return y
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Lora:
     bt: Tensor
     ranks: tuple[int, int] | None = None
     memo: Memo = field(default_factory=Memo, compare=False)
+    last: bool = True  # the group's last adapted weight (models call them in order)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -64,7 +66,7 @@ class Lora:
         return self.bt.shape[1], self.bt.shape[0], self.a.shape[1]
 
     def delta(self, x: Tensor) -> Tensor:
-        ax = self.memo.get(x, lambda: x.linear(self.a))
+        ax = self.memo.get(x, lambda: x.linear(self.a), self.last)
         return (ax if self.ranks is None else ax.slice(-1, *self.ranks)).linear_t(self.bt)
 
 
@@ -171,7 +173,7 @@ def upload(backend: Backend, factors: dict[str, list[Factors]]) -> dict[str, Lor
         for n in names:
             r = pairs[n][0].shape[0]
             ranks = (rank, rank + r) if len(names) > 1 else None
-            out[n] = Lora(a, put(pairs[n][1].T, layer), ranks, memo)
+            out[n] = Lora(a, put(pairs[n][1].T, layer), ranks, memo, n == names[-1])
             rank += r
     if not out:
         return out

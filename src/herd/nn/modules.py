@@ -58,9 +58,9 @@ class Stack:
     """Linears that read the same x (a layer's q, k and v; gate and up) as one matmul over
     their weights stacked by the backend (`Backend.stack`), each one's output a slice of
     it: each decode-step node costs a thread barrier however small its work, and this is
-    one node for three. Only the first call on an x computes (`Memo`); a member called
-    with another x (the last layer's q, which reads only the output rows) gets a stack of
-    its own computed for it."""
+    one node for three. Only the first call on an x computes (`Memo`, let go at the last
+    member: models call them in order); a member called with another x (the last layer's
+    q, which reads only the output rows) gets a stack of its own computed for it."""
 
     def __init__(self, weight: Tensor, linears: Sequence[Linear]) -> None:
         self.weight = weight
@@ -75,10 +75,15 @@ class Stack:
         """Declare that `linears` always read the same x; None (each on its own) where the
         backend does not stack them."""
         weight = w.backend.stack([m.name for m in linears])
-        return cls(weight, linears) if weight is not None else None
+        if weight is None:
+            return None
+        for m in linears:  # a backend that copied them holds views now: the copies can go
+            m.weight = w.backend.weight(m.name)
+        return cls(weight, linears)
 
     def output(self, x: Tensor, i: int) -> Tensor:
-        return self.memo.get(x, lambda: x.linear(self.weight)).slice(-1, *self.rows[i])
+        y = self.memo.get(x, lambda: x.linear(self.weight), i == len(self.rows) - 1)
+        return y.slice(-1, *self.rows[i])
 
 
 class Embedding:

@@ -123,10 +123,7 @@ class MlxBackend:
             arrays = [a for a in (w.dense, w.packed, w.scales, w.biases) if a is not None]
             mx.eval(*arrays)  # copied out of the mapping now: its pages can go
             self.gguf.release(info.offset, info.nbytes)
-            if self.streams and len(w.shape) == 2 and w.shape[0] >= MIN_SPLIT_ROWS:
-                n, cuts = w.shape[0], len(self.streams)
-                bounds = [n * i // cuts for i in range(cuts + 1)]
-                w.parts = [w.rows(a, b) for a, b in itertools.pairwise(bounds)]
+            self._split(w)
             self._weights[info.name] = MlxTensor(w.dense, None, w)
             self.weight_bytes += w.nbytes
             if w.dequantized_from is not None:
@@ -147,9 +144,45 @@ class MlxBackend:
             )
 
     # ---- the Backend contract ------------------------------------------------------------
-    def stack(self, names: Sequence[str]) -> None:
-        """Not stacked (yet): quantized MLX weights would need their scales stacked too."""
-        return None
+    def stack(self, names: Sequence[str]) -> MlxTensor | None:
+        """2-D weights of one form (the same bits and group size, or dense) as one, their
+        packed rows, scales and biases concatenated (exact); each name then holds a view
+        of it, so memory stays the same once the models' old references go (`Stack.bind`
+        rebinds them). On the CPU a decode step is mostly per-op cost. None otherwise."""
+        mx.clear_cache()  # the weights the last call replaced, which MLX would keep cached
+        ws = [self._weights[n].w if n in self._weights else None for n in names]
+        parts = [w for w in ws if w is not None and len(w.shape) == 2]
+        forms = {(w.bits, w.group_size, w.shape[1], None if w.dense is None else w.dense.dtype)
+                 for w in parts}  # fmt: skip
+        if len(parts) != len(names) or len(forms) != 1:
+            return None
+
+        def cat(attr: str) -> mx.array | None:
+            arrays = [getattr(w, attr) for w in parts]
+            return None if arrays[0] is None else mx.concatenate(arrays, axis=0)
+
+        first = parts[0]
+        w = quant.MlxWeight(
+            (sum(p.shape[0] for p in parts), first.shape[1]), first.gguf_type, cat("dense"),
+            cat("packed"), cat("scales"), cat("biases"), first.bits, first.group_size,
+            first.dequantized_from, sum(p.gguf_nbytes for p in parts),
+        )  # fmt: skip
+        mx.eval(*(a for a in (w.dense, w.packed, w.scales, w.biases) if a is not None))
+        self._split(w)
+        start = 0
+        for name, p in zip(names, parts, strict=True):
+            view = w.rows(start, start + p.shape[0])
+            self._split(view)
+            self._weights[name] = MlxTensor(view.dense, None, view)
+            start += p.shape[0]
+        return MlxTensor(w.dense, None, w)
+
+    def _split(self, w: quant.MlxWeight) -> None:
+        """A large 2-D weight's row slices, one per CPU stream (`MlxWeight.parts`)."""
+        if self.streams and len(w.shape) == 2 and w.shape[0] >= MIN_SPLIT_ROWS:
+            n, cuts = w.shape[0], len(self.streams)
+            bounds = [n * i // cuts for i in range(cuts + 1)]
+            w.parts = [w.rows(a, b) for a, b in itertools.pairwise(bounds)]
 
     def has_weight(self, name: str) -> bool:
         return name in self._weights
