@@ -37,12 +37,17 @@ def weights_file(path: Path, v_type: Q = Q.Q8_0) -> tuple[Path, dict[str, np.nda
     return write_gguf(path, "llama", {}, tensors), exact
 
 
-def test_ggml_stacks_rows_exactly_and_multiplies_once(tmp_path: Path) -> None:
+@pytest.fixture
+def mlx() -> None:
+    pytest.importorskip("mlx.core", reason="the mlx extra is not installed")
+
+
+def test_mlx_stacks_rows_exactly_and_multiplies_once(tmp_path: Path, mlx: None) -> None:
     """The stacked Q8_0 weight holds the three row after row, bit for bit (its product
     with the identity is each weight's own), and one matmul over it gives each linear's
-    own product."""
+    own product; each name is then a view of it."""
     path, exact = weights_file(tmp_path / "w.gguf")
-    backend = open_backend("ggml", open_gguf(path), BackendOptions(num_thread=1))
+    backend = open_backend("mlx", open_gguf(path), BackendOptions(num_thread=2))
     try:
         stacked = backend.stack(NAMES)
         assert stacked is not None and stacked.shape == (128, 64)
@@ -62,10 +67,12 @@ def test_ggml_stacks_rows_exactly_and_multiplies_once(tmp_path: Path) -> None:
         backend.close()
 
 
-def test_ggml_does_not_stack_mixed_types(tmp_path: Path) -> None:
-    """Q4_K_M-style files keep V in another type: no stack, each linear on its own."""
+def test_mlx_does_not_stack_mixed_forms(tmp_path: Path, mlx: None) -> None:
+    """Q4_K_M-style files keep V in another type (here dense F16): no stack, each linear
+    on its own; ggml stacks nothing (measured slower on prompts)."""
     path, _ = weights_file(tmp_path / "w.gguf", v_type=Q.F16)
-    backend = open_backend("ggml", open_gguf(path), BackendOptions(num_thread=1))
+    assert open_backend("ggml", open_gguf(path), BackendOptions()).stack(NAMES) is None
+    backend = open_backend("mlx", open_gguf(path), BackendOptions(num_thread=2))
     try:
         assert backend.stack(NAMES) is None
         assert backend.stack(NAMES[:2]) is not None
@@ -105,12 +112,14 @@ def test_stack_computes_once_per_x() -> None:
     assert stack.rows == [(0, 8), (8, 12), (12, 16)]
 
 
-@pytest.mark.parametrize("backend_name", ["numpy", "ggml"])
+@pytest.mark.parametrize("backend_name", ["numpy", "ggml", "mlx"])
 def test_grouped_adapters_equal_each_on_its_own(tiny_llama_path: Path, backend_name: str) -> None:
     """Adapters on q and v (PEFT's default targets) but not k: q and v share one A (the
     two stacked, computed once per x), each multiplies its own rank rows by its B^T
-    (`linear_t`), and k gets no delta, on NumPy and on ggml (where q, k and v are one
+    (`linear_t`), and k gets no delta, on NumPy, ggml and MLX (where q, k and v are one
     stacked matmul)."""
+    if backend_name == "mlx":
+        pytest.importorskip("mlx.core", reason="the mlx extra is not installed")
     g = open_gguf(tiny_llama_path)
     aq, bq, av, bv = f32(4, 32), f32(32, 4), f32(2, 32), f32(16, 2)
     factors = {"blk.0.attn_q.weight": [(aq, bq, 0.5)], "blk.0.attn_v.weight": [(av, bv, 2.0)]}
@@ -132,13 +141,11 @@ def test_grouped_adapters_equal_each_on_its_own(tiny_llama_path: Path, backend_n
     wrapped.close()
 
 
-@pytest.mark.parametrize("stacking", ["ggml", "mlx"])
-def test_stacked_model_equals_unstacked(tiny_llama_path: Path, stacking: str) -> None:
-    """The whole tiny llama with q/k/v and gate/up stacked (ggml: copied row after row;
-    MLX: its arrays concatenated, the names then views of them) gives NumPy's logits
-    (nothing stacked there) for a prompt and a decode step."""
-    if stacking == "mlx":
-        pytest.importorskip("mlx.core", reason="the mlx extra is not installed")
+def test_stacked_model_equals_unstacked(tiny_llama_path: Path, mlx: None) -> None:
+    """The whole tiny llama on MLX with q/k/v and gate/up stacked (its arrays
+    concatenated, the names then views of them) gives NumPy's logits (nothing stacked
+    there) for a prompt and a decode step."""
+    stacking = "mlx"
     g = open_gguf(tiny_llama_path)
     outs = []
     for name in ("numpy", stacking):

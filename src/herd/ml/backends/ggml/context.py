@@ -94,16 +94,6 @@ class GGMLContext:
             t.lay = ROWS if L.tensor_nb(p)[0] == TYPE_SIZE[gtype] else STRIDED
         return t
 
-    def heads(self, t: GGMLTensor, shape: tuple[int, ...]) -> GGMLTensor | None:
-        """(T, H, D) view of a (T, H*D) view of float rows with a stride (q, k or v sliced
-        from a stacked linear's output), as llama.cpp reads a fused QKV: no copy. None
-        for any other reshape."""
-        if t.gtype not in FLOAT or len(shape) != 3 or t.shape != (shape[0], shape[1] * shape[2]):
-            return None
-        nb, (n, h, d) = L.tensor_nb(t.p), shape
-        p = L.ggml_view_4d(self.g, t.p, d, h, n, 1, nb[0] * d, nb[1], nb[1] * n, 0)
-        return self.view(p, shape, t.gtype)
-
     def f32(self, t: GGMLTensor, lay: int = ROWS) -> int:
         """Pointer to an F32 version of t with at least layout `lay`."""
         if t.gtype == TYPE_F32:

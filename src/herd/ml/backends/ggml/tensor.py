@@ -335,8 +335,6 @@ class GGMLTensor:
             if shape:
                 return c.out(RESHAPE[len(shape)](c.g, self.p, *shape[::-1]), shape, self.gtype)
             return c.out(ggml_reshape_1d(c.g, self.p, 1), shape, self.gtype)
-        if self.lay == ROWS and (t := c.heads(self, shape)) is not None:
-            return t  # a stacked linear's rows split into heads: no copy
         src = self.p if self.gtype in FLOAT else c.f32(self)
         gtype = self.gtype if self.gtype in FLOAT else TYPE_F32
         return c.out(ggml_cont_4d(c.g, src, *ne(shape)), shape, gtype)
