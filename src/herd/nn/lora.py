@@ -6,10 +6,11 @@ A model binds its weights through `Weights(backend)`; to adapt it, the runner ha
 no architecture's code knows about adapters. Several adapters on one weight become one
 pair: their A matrices stacked along the rank, their B matrices side by side with each
 adapter's scale folded in, so `B (A x)` is the sum of `scale_i * B_i (A_i x)` in two
-matmuls. The weights of one group (a layer's q, k and v; gate and up) share one pair
-too, computed once per x: a decode step of SmolLM2 with q, k, v and o adapted runs 120
-matmul nodes fewer. The matrices are F32 tensors allocated on the backend (on the device of their
-layer) and written once, through the backend contract's own ops.
+matmuls. The weights of one group (a layer's q, k and v; gate and up) share one A, theirs
+stacked, computed once per x, and each B is kept transposed for `linear_t` (`Lora`): a
+rank-16 adapter on SmolLM2's q, k, v and o went from 0.82x-0.85x of plain decoding to
+0.90x-0.92x (2 threads). The matrices are F32 tensors allocated on the backend (on the
+device of their layer) and written once, through the backend contract's own ops.
 """
 
 from __future__ import annotations
