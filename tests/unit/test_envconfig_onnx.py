@@ -82,3 +82,16 @@ def test_the_disk_cache_folder_follows_the_options(tmp_path: Path) -> None:
     assert disk.cache_root(BackendOptions(onnx_cache=False)) is None
     assert disk.cache_root(BackendOptions(onnx_cache_dir=tmp_path)) == tmp_path
     assert disk.cache_root(BackendOptions()) == Path.home() / ".cache" / "herd" / "onnx"
+
+
+def test_herd_show_backend_line_follows_the_providers(env: pytest.MonkeyPatch) -> None:
+    """`herd show`'s backend line opens no model, yet reads HERD_ONNX_PROVIDERS as a load
+    would: an uninstalled provider is named there, the default is the CPU here."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from herd.cli.show import _backend
+
+    env.setenv("HERD_BACKEND", "onnx")
+    assert _backend().startswith("onnx (")
+    env.setenv("HERD_ONNX_PROVIDERS", "nosuch")
+    line = _backend()
+    assert line.startswith("none (") and "nosuch" in line, line

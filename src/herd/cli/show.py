@@ -27,11 +27,11 @@ def _backend() -> str:
     the devices it would run a model on."""
     from herd import envconfig
     from herd.errors import BackendError
-    from herd.ml import default_devices, resolve_backend_name
+    from herd.ml import BackendOptions, default_devices, resolve_backend_name
 
     try:
         name = resolve_backend_name(envconfig.backend())
-        devices = default_devices(name)
+        devices = default_devices(name, BackendOptions(**envconfig.onnx_options()))
     except BackendError as e:
         return f"none ({e})"
     return f"{name} ({', '.join(d.name for d in devices)})"

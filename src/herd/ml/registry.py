@@ -70,11 +70,11 @@ def resolve_backend_name(name: str | None) -> str:
     return requested
 
 
-def default_devices(name: str) -> list[DeviceInfo]:
+def default_devices(name: str, options: BackendOptions | None = None) -> list[DeviceInfo]:
     """The devices backend `name` computes on by default on this machine, without opening
-    a model (`herd show`): each backend module's `default_devices()`."""
+    a model (`herd show`): each backend module's `default_devices(options)`."""
     module = importlib.import_module(_BACKENDS[resolve_backend_name(name)][0])
-    devices: list[DeviceInfo] = module.default_devices()
+    devices: list[DeviceInfo] = module.default_devices(options)
     return devices
 
 

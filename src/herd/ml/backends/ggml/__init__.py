@@ -23,10 +23,10 @@ from herd.ml.backends.ggml.backend import GGMLBackend, open_ggml
 from herd.ml.backends.ggml.context import GGMLContext
 from herd.ml.backends.ggml.devices import probe_devices
 from herd.ml.backends.ggml.tensor import GGMLTensor
-from herd.ml.base import DeviceInfo
+from herd.ml.base import BackendOptions, DeviceInfo
 
 
-def default_devices() -> list[DeviceInfo]:
+def default_devices(options: BackendOptions | None = None) -> list[DeviceInfo]:
     """The GPUs layers go to by default (num_gpu -1), else the CPU."""
     infos = [d.info for d in probe_devices()]
     return [d for d in infos if d.kind == "gpu"] or [d for d in infos if d.kind == "cpu"]

@@ -236,7 +236,7 @@ class MlxBackend:
         self._weights.clear()
 
 
-def default_devices() -> list[DeviceInfo]:
+def default_devices(options: BackendOptions | None = None) -> list[DeviceInfo]:
     """The device a model runs on by default (num_gpu -1): the GPU where MLX has one."""
     return [_cpu_info() if _pick_device(BackendOptions()) == mx.cpu else _gpu_info()]
 

@@ -442,7 +442,7 @@ class NumpyBackend:
         self._weights.clear()
 
 
-def default_devices() -> list[DeviceInfo]:
+def default_devices(options: BackendOptions | None = None) -> list[DeviceInfo]:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     return [DeviceInfo("cpu", "cpu", total, free)]

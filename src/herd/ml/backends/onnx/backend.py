@@ -290,9 +290,10 @@ class OnnxBackend:
         self._keep.clear()
 
 
-def default_devices() -> list[DeviceInfo]:
-    """The device a model runs on by default: the best provider installed."""
-    return _devices(providers())
+def default_devices(options: BackendOptions | None = None) -> list[DeviceInfo]:
+    """The device a model runs on by default: the first of the providers asked for
+    (`BackendOptions.onnx_providers`), else the best installed."""
+    return _devices(providers(options.onnx_providers if options else ()))
 
 
 def _devices(provs: list[str]) -> list[DeviceInfo]:
