@@ -359,6 +359,22 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def mul_mat_id_shape(
+    xs: tuple[int, ...], ws: tuple[int, ...], its: tuple[int, ...]
+) -> tuple[int, int, int]:
+    """`Tensor.mul_mat_id`'s output shape (T, K, O), its operands checked first: x (T, Kx,
+    I) with Kx 1 or K, experts w (E, O, I), ids (T, K)."""
+    assert (
+        len(xs) == 3
+        and len(ws) == 3
+        and len(its) == 2
+        and xs[0] == its[0]
+        and xs[1] in (1, its[1])
+        and xs[2] == ws[2]
+    ), f"mul_mat_id: x {xs} with w {ws} and ids {its}"
+    return its[0], its[1], ws[1]
+
+
 def context_of(*tensors: Tensor | None) -> Any:
     """The context of the first operand that has one (weights have none)."""
     for t in tensors:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from herd.ml.backends.ggml import _lib as L
 from herd.ml.backends.ggml._lib import ggml_mul_mat, ggml_reshape_2d
 from herd.ml.backends.ggml.dtypes import CONT
+from herd.ml.base import mul_mat_id_shape
 
 if TYPE_CHECKING:
     from herd.ml.backends.ggml.tensor import GGMLTensor
@@ -49,15 +50,7 @@ def matmul_t(self: GGMLTensor, other: GGMLTensor) -> GGMLTensor:
 
 def mul_mat_id(self: GGMLTensor, w: GGMLTensor, ids: GGMLTensor) -> GGMLTensor:
     c = self._c(ids)
-    xs, ws, its = self.shape, w.shape, ids.shape
-    assert (
-        len(xs) == 3
-        and len(ws) == 3
-        and len(its) == 2
-        and xs[0] == its[0]
-        and xs[1] in (1, its[1])
-        and xs[2] == ws[2]
-    ), f"mul_mat_id: x {xs} with w {ws} and ids {its}"
+    shape = mul_mat_id_shape(self.shape, w.shape, ids.shape)
     # ggml: as [I, O, E] (any weight type) x b [I, K or 1, T] by ids [K, T] -> [O, K, T]
     p = L.ggml_mul_mat_id(c.g, c.src0(w), c.f32(self), c.i32(ids))
-    return c.out(p, (xs[0], its[1], ws[1]))
+    return c.out(p, shape)

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 
 from herd.ml.backends.mlx import fused, reuse
 from herd.ml.backends.mlx.quant import MlxWeight
-from herd.ml.base import DType, Tensor
+from herd.ml.base import DType, Tensor, mul_mat_id_shape
 
 if TYPE_CHECKING:
     from herd.ml.backends.mlx.context import MlxContext
@@ -258,14 +258,7 @@ class MlxTensor:
 
     def mul_mat_id(self, w: MlxTensor, ids: MlxTensor) -> MlxTensor:
         xs, ws, its = self.shape, w.shape, ids.shape
-        assert (
-            len(xs) == 3
-            and len(ws) == 3
-            and len(its) == 2
-            and xs[0] == its[0]
-            and xs[1] in (1, its[1])
-            and xs[2] == ws[2]
-        ), f"mul_mat_id: x {xs} with w {ws} and ids {its}"
+        mul_mat_id_shape(xs, ws, its)
         t, k = its
         # each (token, slot) pair multiplies one row of x by one expert: x as a batch of
         # (T * Kx) matrices of one row, gathered by lhs, experts gathered by rhs (ids)

@@ -26,6 +26,7 @@ from herd.ml.base import (
     DType,
     RopeOptions,
     context_of,
+    mul_mat_id_shape,
 )
 from herd.ml.rope import apply_rope
 
@@ -239,14 +240,7 @@ class NumpyTensor:
 
     def mul_mat_id(self, w: NumpyTensor, ids: NumpyTensor) -> NumpyTensor:
         x, wa, ia = self.a, w.a, ids.a
-        assert (
-            x.ndim == 3
-            and wa.ndim == 3
-            and ia.ndim == 2
-            and x.shape[0] == ia.shape[0]
-            and x.shape[1] in (1, ia.shape[1])
-            and x.shape[2] == wa.shape[2]
-        ), f"mul_mat_id: x {x.shape} with w {wa.shape} and ids {ia.shape}"
+        mul_mat_id_shape(x.shape, wa.shape, ia.shape)
         assert ia.size == 0 or 0 <= ia.min() <= ia.max() < wa.shape[0], (
             f"mul_mat_id: ids outside [0, {wa.shape[0]})"
         )

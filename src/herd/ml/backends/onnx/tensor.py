@@ -17,7 +17,7 @@ import numpy as np
 from herd.ml.backends.onnx import ops, quant
 from herd.ml.backends.onnx.dims import Dim
 from herd.ml.backends.onnx.graph import ELEM
-from herd.ml.base import DType
+from herd.ml.base import DType, mul_mat_id_shape
 
 if TYPE_CHECKING:
     from herd.ml.backends.onnx.context import OnnxContext
@@ -258,14 +258,7 @@ class OnnxTensor:
 
     def mul_mat_id(self, w: OnnxTensor, ids: OnnxTensor) -> OnnxTensor:
         xs, ws, its = self.shape, w.shape, ids.shape
-        assert (
-            len(xs) == 3
-            and len(ws) == 3
-            and len(its) == 2
-            and xs[0] == its[0]
-            and xs[1] in (1, its[1])
-            and xs[2] == ws[2]
-        ), f"mul_mat_id: x {xs} with w {ws} and ids {its}"
+        mul_mat_id_shape(xs, ws, its)
         c = _ctx(self, w, ids)
         # each (token, slot) pair's expert gathered whole: (T, K, O, I) @ (T, Kx, I, 1)
         experts = c.g.op("Gather", [c.f32(w), c.i64(ids)], axis=0)
