@@ -99,20 +99,15 @@ def test_offset_as_one_gemm_for_2d_x_equals_any_rank(qtype):
 
 
 def _qkv_file(path: Path, qtype: Q) -> Path:
-    from gguf import GGUFWriter
-
     from herd.gguf.quants import quantize
+    from herd.gguf.writer import write_gguf
 
-    writer = GGUFWriter(str(path), "test")
     rng = np.random.default_rng(3)
-    for name, n in (("q", 64), ("k", 32), ("v", 32), ("o", 64)):
-        raw = quantize(rng.standard_normal((n, 64)).astype(np.float32), qtype)
-        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    tensors = [
+        (name, quantize(rng.standard_normal((n, 64)).astype(np.float32), qtype), qtype)
+        for name, n in (("q", 64), ("k", 32), ("v", 32), ("o", 64))
+    ]
+    return write_gguf(path, "test", {}, tensors)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
