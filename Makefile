@@ -10,8 +10,9 @@ PROMPT ?= Why is the sky blue? Answer in two sentences.
 # scripts/build_ggml.py says why), llamafile's matmul kernels, and the vector extensions
 # this CPU has, named one by one (scripts/cpu_cmake_args.py says why not -march=native:
 # slower decode, and AMX kernels that crash on VMs). llama-cpp-python gets the same flags.
+# GGML_RPC: layers on other machines' rpc-servers (HERD_RPC, `herd rpc-server`).
 CPU_CMAKE_ARGS := $(shell $(PY) scripts/cpu_cmake_args.py)
-GGML_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS) -DGGML_LLAMAFILE=ON
+GGML_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS) -DGGML_LLAMAFILE=ON -DGGML_RPC=ON
 LLAMA_CMAKE_ARGS ?= $(CPU_CMAKE_ARGS)
 
 .PHONY: run test install install-test lint bench fuzz llama-server

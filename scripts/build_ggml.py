@@ -41,7 +41,7 @@ def default_cmake_args() -> str:
     sys.path.insert(0, str(Path(__file__).parent))
     from cpu_cmake_args import cmake_args, cpu_flags
 
-    return cmake_args(platform.machine(), cpu_flags()) + " -DGGML_LLAMAFILE=ON"
+    return cmake_args(platform.machine(), cpu_flags()) + " -DGGML_LLAMAFILE=ON -DGGML_RPC=ON"
 
 
 # herd's changes to ggml's source, applied before the build: (file under vendor/ggml, the

@@ -73,7 +73,7 @@ class LLM:
     def __init__(
         self, source: Source, backend: str | None = None, options: dict[str, Any] | None = None
     ) -> None:
-        from_env = BackendOptions(**envconfig.onnx_options())
+        from_env = BackendOptions(**envconfig.backend_options())
         self.loaded = Loaded(source, backend or envconfig.backend(), options,
                              flash_attention=envconfig.flash_attention(),
                              kv_cache_type=envconfig.kv_cache_type(),

@@ -86,14 +86,29 @@ def onnx_cache_dir() -> Path:
     return cache_dir() / "onnx"
 
 
-def onnx_options() -> dict[str, Any]:
-    """The four above as `herd.ml.BackendOptions` fields, for an entry point that opens a
-    backend (`BackendOptions(**envconfig.onnx_options())`)."""
+def rpc_servers() -> tuple[str, ...]:
+    """ggml RPC servers to place layers on, HERD_RPC: a comma list of host:port (llama.cpp's
+    `rpc-server` or `herd rpc-server` on other machines); checked when a model loads."""
+    return tuple(s.strip() for s in _get("HERD_RPC").split(",") if s.strip())
+
+
+def sched_spread() -> bool:
+    """Layers spread over every GPU, not packed onto the fewest (HERD_SCHED_SPREAD, else
+    OLLAMA_SCHED_SPREAD)."""
+    value = (_get("HERD_SCHED_SPREAD") or _get("OLLAMA_SCHED_SPREAD")).lower()
+    return value in ("1", "true", "yes")
+
+
+def backend_options() -> dict[str, Any]:
+    """The settings above as `herd.ml.BackendOptions` fields, for an entry point that opens
+    a backend (`BackendOptions(**envconfig.backend_options())`)."""
     return {
         "onnx_providers": onnx_providers(),
         "onnx_dequantize": onnx_dequantize(),
         "onnx_cache": onnx_cache(),
         "onnx_cache_dir": onnx_cache_dir(),
+        "rpc_servers": rpc_servers(),
+        "sched_spread": sched_spread(),
     }
 
 

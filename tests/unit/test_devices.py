@@ -62,6 +62,24 @@ def test_layout(n_layers: int, sizes: list[int], free: list[int], num_gpu: int, 
     assert layout(n_layers, sizes, free, num_gpu) == want
 
 
+# spread (OLLAMA_SCHED_SPREAD, RPC servers): contiguous runs sized by free memory
+@pytest.mark.parametrize(
+    ("sizes", "free", "num_gpu", "want"),
+    [
+        ([10] * 4, [100, 100], -1, [0, 0, 1, 1]),  # packed, all would sit on one
+        ([10] * 5, [100, 100], -1, [0, 0, 1, 1, 1]),
+        ([10] * 4, [300, 100], -1, [0, 0, 0, 1]),  # by free memory
+        ([10] * 4, [100, 100, 100, 100], -1, [0, 1, 2, 3]),
+        ([10] * 4, [15, 100], -1, [0, 1, 1, 1]),
+        ([30, 5, 5, 5], [30, 30], -1, [1, 0, 0, 0]),  # a run does not fit: packed instead
+        ([10] * 4, [100, 100], 2, [None, None, 0, 0]),  # an explicit num_gpu packs
+    ],
+    ids=["even", "odd", "by-memory", "four", "small", "does-not-fit", "explicit"],
+)
+def test_layout_spread(sizes: list[int], free: list[int], num_gpu: int, want: list[Any]):
+    assert layout(len(sizes) - 1, sizes, free, num_gpu, spread=True) == want
+
+
 @pytest.mark.parametrize(
     ("name", "want"),
     [

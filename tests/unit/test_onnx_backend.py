@@ -144,7 +144,7 @@ def test_dim_expressions_match_python_for_every_size() -> None:
 
 def _from_env() -> BackendOptions:
     """The options an entry point hands the backend: HERD_ONNX_* read by envconfig."""
-    return BackendOptions(**envconfig.onnx_options())
+    return BackendOptions(**envconfig.backend_options())
 
 
 def test_provider_not_installed_names_the_available_ones(

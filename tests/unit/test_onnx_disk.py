@@ -45,7 +45,7 @@ class Letters:
         return False
 
 g = open_gguf(sys.argv[1])
-backend = open_backend("onnx", g, BackendOptions(**envconfig.onnx_options()))
+backend = open_backend("onnx", g, BackendOptions(**envconfig.backend_options()))
 model = load_model(g.config(), backend)
 runner = Runner(model, backend, Letters(), Options(num_ctx=256), model.context_length)
 events = list(runner.generate(PROMPT, Options(temperature=0, num_predict=6)))
@@ -124,7 +124,7 @@ def test_a_second_process_compiles_nothing(tiny_q8_path: Path, tmp_path: Path) -
 def _logits(path: Path) -> tuple[np.ndarray, object]:
     g = open_gguf(path)
     # as an entry point opens it: HERD_CACHE and HERD_ONNX_CACHE read by envconfig
-    backend = open_backend("onnx", g, BackendOptions(**envconfig.onnx_options()))
+    backend = open_backend("onnx", g, BackendOptions(**envconfig.backend_options()))
     model = load_model(g.config(), backend)
     model.cache.init(backend, DType.F16, 1, 256, 64)
     with backend.new_context() as ctx:  # the prompt, as the runner runs it
@@ -211,7 +211,7 @@ def test_an_unwritable_cache_is_no_cache(
 
 def test_the_cache_can_be_turned_off(tiny_q8_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERD_ONNX_CACHE", "0")
-    root = disk.cache_root(BackendOptions(**envconfig.onnx_options()))
+    root = disk.cache_root(BackendOptions(**envconfig.backend_options()))
     assert root is None
     assert disk.for_model(tiny_q8_path, ["CPUExecutionProvider"], root) is None
 

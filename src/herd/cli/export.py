@@ -60,7 +60,9 @@ def export_onnx(model: str, out: Path, *, num_ctx: int = 2048, force: bool = Fal
 
     g = open_gguf(path)
     # the providers and disk cache the user set (HERD_ONNX_*), as a run would use
-    backend = open_backend("onnx", g, BackendOptions(num_ctx=num_ctx, **envconfig.onnx_options()))
+    backend = open_backend(
+        "onnx", g, BackendOptions(num_ctx=num_ctx, **envconfig.backend_options())
+    )
     try:
         return _export(model, g, backend, out, num_ctx)
     finally:

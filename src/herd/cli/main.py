@@ -14,6 +14,7 @@ from herd.cli.convert import convert_cmd
 from herd.cli.env import CliEnv
 from herd.cli.export import export_cmd
 from herd.cli.progress import PullProgress
+from herd.cli.rpc_server import rpc_server_cmd
 from herd.cli.run import run
 from herd.cli.server_cmds import ps_cmd, serve_cmd, show_remote, stop_cmd
 from herd.cli.session import model_table
@@ -227,6 +228,7 @@ cli.add_command(stop_cmd)  # herd stop
 
 cli.add_command(convert_cmd)  # herd convert
 cli.add_command(export_cmd)  # herd export onnx
+cli.add_command(rpc_server_cmd)  # herd rpc-server
 
 
 def main() -> None:

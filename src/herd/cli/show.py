@@ -31,7 +31,7 @@ def _backend() -> str:
 
     try:
         name = resolve_backend_name(envconfig.backend())
-        devices = default_devices(name, BackendOptions(**envconfig.onnx_options()))
+        devices = default_devices(name, BackendOptions(**envconfig.backend_options()))
     except BackendError as e:
         return f"none ({e})"
     return f"{name} ({', '.join(d.name for d in devices)})"

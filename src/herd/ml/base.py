@@ -310,6 +310,12 @@ class BackendOptions:
     num_batch: int = 512
     flash_attention: bool | None = None  # None: the backend decides
     kv_cache_type: str = "f16"  # one of KV_CACHE_TYPES: what the fit check plans for
+    # layers over every GPU in proportion to free memory, not packed onto the fewest
+    # (OLLAMA_SCHED_SPREAD; the ggml backend spreads over RPC servers whatever this says)
+    sched_spread: bool = False
+    # the ggml backend's remote devices: llama.cpp's `rpc-server`s (or `herd rpc-server`)
+    # as host:port, their layers placed like a GPU's (HERD_RPC)
+    rpc_servers: tuple[str, ...] = ()
     # the ONNX backend's settings (entry points fill them from HERD_ONNX_*, envconfig.py)
     # execution providers, full or short names (cuda, cpu, ...); (): the best installed
     onnx_providers: tuple[str, ...] = ()

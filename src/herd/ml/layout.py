@@ -37,7 +37,11 @@ def tensor_layer(name: str, n_layers: int) -> int | None:
 
 
 def layout(
-    n_layers: int, layer_bytes: Sequence[int], free: Sequence[int], num_gpu: int
+    n_layers: int,
+    layer_bytes: Sequence[int],
+    free: Sequence[int],
+    num_gpu: int,
+    spread: bool = False,
 ) -> list[int | None]:
     """The GPU (index into `free`) of each layer 0..n_layers, or None for the CPU.
 
@@ -47,10 +51,14 @@ def layout(
     last N layers, placed even where they do not fit (the fit check then says so).
     With -1, when not every layer fits, the output layer is also tried on the CPU and
     whichever choice offloads more repeating layers wins (as Ollama does).
+    `spread` (OLLAMA_SCHED_SPREAD; RPC servers): every layer on the GPUs, in contiguous
+    runs sized by each one's free memory (GPU 0 the first layers), where that fits.
     """
     assert len(layer_bytes) == n_layers + 1, f"{len(layer_bytes)} sizes for {n_layers} + 1"
     if num_gpu == 0 or not free:
         return [None] * (n_layers + 1)
+    if spread and num_gpu < 0 and (even := _spread(layer_bytes, free)) is not None:
+        return even
     everything = list(range(n_layers, -1, -1))  # the output layer first
     if num_gpu > 0:
         return _pack(everything[:num_gpu], layer_bytes, free, force=True)
@@ -60,6 +68,25 @@ def layout(
     without = _pack(everything[1:], layer_bytes, free, force=False)
     offloaded = [sum(d is not None for d in p[:n_layers]) for p in (with_output, without)]
     return without if offloaded[1] > offloaded[0] else with_output
+
+
+def _spread(sizes: Sequence[int], free: Sequence[int]) -> list[int | None] | None:
+    """Every layer on the GPUs in contiguous runs, GPU g's run ending where the running
+    share of free memory reaches g's (llama.cpp's split for --rpc); None if a run does not
+    fit its GPU."""
+    total, n = sum(free), len(sizes)
+    if total <= 0:
+        return None
+    placed: list[int | None] = []
+    share = 0
+    for g, f in enumerate(free):
+        share += f
+        end = n if g == len(free) - 1 else round(n * share / total)
+        placed += [g] * (end - len(placed))
+    need = [0] * len(free)
+    for i, g in enumerate(placed):
+        need[g] += sizes[i]  # type: ignore[index]
+    return placed if all(need[g] <= free[g] for g in range(len(free))) else None
 
 
 def _pack(
@@ -273,7 +300,8 @@ def plan(
     cache, graph = [*est.cache, 0], est.graph
     free = [max(0, g.free_memory - graph - GPU_OVERHEAD) for g in gpus]
     need = [w + c for w, c in zip(weights, cache, strict=True)]
-    layers = layout(n_layers, need, free, options.num_gpu)
+    spread = options.sched_spread or bool(options.rpc_servers)  # llama.cpp's --rpc split
+    layers = layout(n_layers, need, free, options.num_gpu, spread)
 
     # a GPU is in use when it holds something (an empty output layer does not count)
     used = sorted({d for d, n in zip(layers, need, strict=True) if d is not None and n})

@@ -87,3 +87,13 @@ def open_backend(
     backend = factory(gguf, options or BackendOptions())
     log.info("backend: %s", resolved)
     return backend
+
+
+def serve_rpc(host: str, port: int, num_thread: int, cache_dir: str | None = None) -> None:
+    """Serve this machine's CPU to other herds' (and llama.cpp's) ggml RPC clients until
+    the process ends (`herd rpc-server`); BackendError without ggml or its RPC backend."""
+    try:
+        rpc = importlib.import_module("herd.ml.backends.ggml.rpc")
+    except ImportError as e:
+        raise BackendError(f"herd rpc-server needs the ggml backend: {e}") from None
+    rpc.serve(host, port, num_thread, cache_dir)

@@ -156,8 +156,10 @@ class Loaded:
         gpus = getattr(self.backend, "gpus", None)  # the GPUs in use (ggml probes more)
         if gpus is not None:
             # ggml's are its GPU handles, MLX's their DeviceInfo
-            names = [g.name if isinstance(g, DeviceInfo) else g.device.info.name for g in gpus]
-            kind = "gpu" if names else "cpu"
+            infos = [g if isinstance(g, DeviceInfo) else g.device.info for g in gpus]
+            names = [d.name for d in infos]
+            # "rpc": layers on other machines' ggml RPC servers (their memory is no VRAM)
+            kind = "cpu" if not infos else "rpc" if infos[0].kind == "rpc" else "gpu"
         else:
             devices = self.backend.devices()
             names = [d.name for d in devices[:1]]

@@ -421,7 +421,7 @@ def main() -> None:
             flash_attention=envconfig.flash_attention(),
             kv_cache_type=envconfig.kv_cache_type(),
             image_limits=ImageLimits(**envconfig.image_limits()),
-            backend_options=BackendOptions(**envconfig.onnx_options()),
+            backend_options=BackendOptions(**envconfig.backend_options()),
         )
     except HerdError as e:
         child.send({"op": "error", "error": str(e), "type": type(e).__name__})

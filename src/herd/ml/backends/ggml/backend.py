@@ -36,6 +36,7 @@ from herd.ml.backends.ggml.devices import (
 )
 from herd.ml.backends.ggml.dtypes import BLOCK, CONT, FLOAT, GTYPE, compute_types, ne, type_name
 from herd.ml.backends.ggml.placement import Placer
+from herd.ml.backends.ggml.rpc import add_servers, serves
 from herd.ml.backends.ggml.tensor import GGMLTensor
 from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
 from herd.ml.layout import Plan, plan, size
@@ -111,9 +112,11 @@ class GGMLBackend:
         infos = list(gguf.tensors.values())
         self._file = np.frombuffer(gguf.buffer(), dtype=np.uint8)
         _validate(gguf, len(self._file))
+        if options.rpc_servers:  # BackendError naming a server that cannot serve
+            add_servers(options.rpc_servers)
         devices = self._probe()
         cpu_info = next(d.info for d in devices if d.info.kind == "cpu")
-        gpus = [d for d in devices if d.info.kind in ("gpu", "igpu")]
+        gpus = [d for d in devices if d.info.kind in ("gpu", "igpu") or serves(d, options)]
         self.gpu_ops = options.gpu_ops and bool(gpus)
         # OutOfMemoryError here, before any allocation
         self.plan: Plan = plan(gguf, options, [d.info for d in gpus], cpu_info, self.gpu_ops)
@@ -121,8 +124,9 @@ class GGMLBackend:
         # 6-8% and decode 3-4% faster (SmolLM2, Gemma 3, 2 threads), but ggml's CPU kernel
         # is less exact: SmolLM2's mean |delta log p| against the composed ops was 0.016
         # (llama.cpp's own flash attention differs from its default path by the same)
-        fa = options.flash_attention
-        self.flash_attention = bool(self.plan.gpus) if fa is None else fa
+        # (not for RPC servers: ggml cannot tell what device a server computes on)
+        fa, local = options.flash_attention, [gpus[g] for g in self.plan.gpus]
+        self.flash_attention = any(g.info.kind != "rpc" for g in local) if fa is None else fa
         self.exact_gelu, self.exact_attention = options.exact_gelu, options.exact_attention
         try:
             self.cpu = L.ggml_backend_cpu_init()

@@ -70,6 +70,8 @@ def probe_devices() -> list[Device]:
     for i in range(L.ggml_backend_dev_count()):
         dev = L.ggml_backend_dev_get(i)
         kind = L.DEV_TYPE_NAMES.get(L.ggml_backend_dev_type(dev), "other")
+        if L.ggml_backend_reg_name(L.ggml_backend_dev_backend_reg(dev)) == b"RPC":
+            kind = "rpc"  # a remote server (ggml calls it a GPU whatever it runs on)
         if kind == "cpu":
             total.value, free.value = system_memory()
         else:

@@ -1,5 +1,6 @@
-"""The ONNX backend's settings read from the environment by herd.envconfig (HERD_ONNX_*,
-HERD_CACHE), and handed to the backend as BackendOptions fields."""
+"""The backends' settings read from the environment by herd.envconfig (HERD_ONNX_*,
+HERD_CACHE, HERD_RPC, HERD_SCHED_SPREAD), and handed to the backend as BackendOptions
+fields."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from herd import envconfig
 from herd.errors import BackendError
 from herd.ml import BackendOptions
 
-NAMES = ("HERD_ONNX_PROVIDERS", "HERD_ONNX_DEQUANTIZE", "HERD_ONNX_CACHE", "HERD_CACHE")
+NAMES = (
+    "HERD_ONNX_PROVIDERS",
+    "HERD_ONNX_DEQUANTIZE",
+    "HERD_ONNX_CACHE",
+    "HERD_CACHE",
+    "HERD_RPC",
+    "HERD_SCHED_SPREAD",
+    "OLLAMA_SCHED_SPREAD",
+)
 
 
 @pytest.fixture
@@ -28,7 +37,8 @@ def test_unset_means_the_defaults(env: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert envconfig.onnx_dequantize() is False
     assert envconfig.onnx_cache() is True
     assert envconfig.onnx_cache_dir() == tmp_path / ".cache" / "herd" / "onnx"
-    opts = BackendOptions(**envconfig.onnx_options())
+    assert envconfig.rpc_servers() == () and envconfig.sched_spread() is False
+    opts = BackendOptions(**envconfig.backend_options())
     defaults = BackendOptions()
     assert (opts.onnx_providers, opts.onnx_dequantize, opts.onnx_cache) == (
         defaults.onnx_providers,
@@ -42,12 +52,29 @@ def test_set_values_are_read(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env.setenv("HERD_ONNX_DEQUANTIZE", "1")
     env.setenv("HERD_ONNX_CACHE", "0")
     env.setenv("HERD_CACHE", str(tmp_path / "c"))
-    assert envconfig.onnx_options() == {
+    env.setenv("HERD_RPC", " 10.0.0.2:50052,, host-b:50053 ")
+    env.setenv("OLLAMA_SCHED_SPREAD", "1")
+    assert envconfig.backend_options() == {
         "onnx_providers": ("cuda", "CPUExecutionProvider"),
         "onnx_dequantize": True,
         "onnx_cache": False,
         "onnx_cache_dir": tmp_path / "c" / "onnx",
+        "rpc_servers": ("10.0.0.2:50052", "host-b:50053"),
+        "sched_spread": True,
     }
+    BackendOptions(**envconfig.backend_options())  # every key is a field
+
+
+@pytest.mark.parametrize(
+    ("herd", "ollama", "want"),
+    [("", "", False), ("", "true", True), ("0", "1", False), ("yes", "", True)],
+)
+def test_sched_spread_is_herds_else_ollamas(
+    env: pytest.MonkeyPatch, herd: str, ollama: str, want: bool
+) -> None:
+    env.setenv("HERD_SCHED_SPREAD", herd)
+    env.setenv("OLLAMA_SCHED_SPREAD", ollama)
+    assert envconfig.sched_spread() is want
 
 
 @pytest.mark.parametrize(("value", "want"), [("0", False), ("", False), ("1", True), ("yes", True)])
