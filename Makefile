@@ -29,7 +29,7 @@ install: $(BIN)/python
 	$(GGML_INSTALL)
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test,mlx,onnx]"
+	$(BIN)/python -m pip install -q -e ".[test,mlx,onnx,ray]"
 	$(GGML_INSTALL)
 
 run: install

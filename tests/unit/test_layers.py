@@ -41,10 +41,11 @@ MAY_IMPORT: dict[str, set[str]] = {
     # entry points
     "herd": {"herd.api"},  # herd.load / herd.LLM, imported on first use
     "herd.__main__": {"herd.cli"},
-    "herd.cli": {"herd.server", "herd.api"} | ENGINE | BESIDE,
+    "herd.cli": {"herd.server", "herd.api", "herd.deploy"} | ENGINE | BESIDE,
     "herd.api": ENGINE | BESIDE,  # the library: the same engine, no server, no CLI
     # the stack
     "herd.server": {"herd.runner", "herd.ml"} | BESIDE,  # models run in the runner process
+    "herd.deploy": {"herd.server"} | BESIDE,  # herd's server app, as replicas on a cluster
     "herd.runner": {"herd.models", "herd.nn", "herd.kvcache", "herd.ml"} | TEXT,
     "herd.models": {"herd.nn", "herd.kvcache", "herd.ml", "herd.gguf"},
     "herd.nn": {"herd.kvcache", "herd.ml"},
@@ -228,6 +229,7 @@ SMALL = [
     SRC / "herd/api.py",
     SRC / "herd/runner/serve.py",
     *sorted((SRC / "herd/ml/backends/ggml").glob("*.py")),
+    *sorted((SRC / "herd/deploy").glob("*.py")),
 ]
 MAX_LINES = 500
 

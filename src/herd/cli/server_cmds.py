@@ -16,17 +16,93 @@ from herd.store import ModelEntry
 
 
 @click.command("serve")
-def serve_cmd() -> None:
+@click.option("--ray", "ray_address", metavar="ADDRESS", help="Serve on this Ray cluster.")
+@click.option("--replicas", default=2, show_default=True, help="With --ray: herd replicas.")
+@click.option(
+    "--max-replicas", type=int, help="With --ray: autoscale from --replicas up to this many."
+)
+@click.option("--model", "models", multiple=True, help="With --ray: load before ready.")
+@click.option("--num-cpus", default=1.0, show_default=True, help="With --ray: CPUs a replica.")
+@click.option("--num-gpus", default=0.0, show_default=True, help="With --ray: GPUs a replica.")
+def serve_cmd(
+    ray_address: str | None,
+    replicas: int,
+    max_replicas: int | None,
+    models: tuple[str, ...],
+    num_cpus: float,
+    num_gpus: float,
+) -> None:
     """Start the server (Ollama's and OpenAI's APIs on HERD_HOST, default 127.0.0.1:11434).
+
+    With --ray, herd replicas on that Ray cluster behind Ray Serve's HTTP proxy on HERD_HOST,
+    routed by prompt prefix; the replicas get this environment's HERD_* settings.
 
     Environment: HERD_HOST, HERD_MODELS, HERD_KEEP_ALIVE, HERD_MAX_LOADED_MODELS,
     HERD_MAX_QUEUE, HERD_NUM_PARALLEL, HERD_CONTEXT_LENGTH, HERD_LOAD_TIMEOUT,
     HERD_MEMORY_LIMIT, HERD_API_KEY, HERD_ORIGINS, HERD_BACKEND, HERD_DEBUG.
     """
+    if ray_address:
+        return _serve_ray(ray_address, replicas, max_replicas, models, num_cpus, num_gpus)
     _check_free(envconfig.host())  # before the server logs that it listens
     from herd.server import serve
 
     serve()
+
+
+def _serve_ray(
+    address: str,
+    replicas: int,
+    max_replicas: int | None,
+    models: tuple[str, ...],
+    num_cpus: float,
+    num_gpus: float,
+) -> None:
+    """Deploy on Ray, then wait in the foreground; Ctrl-C (or SIGTERM) removes the app."""
+    import os
+    import signal
+    import time
+
+    import herd
+
+    try:
+        from herd.deploy import ray as deploy
+    except ImportError as e:
+        raise HerdError(f"--ray needs Ray Serve: pip install 'herd[ray]' ({e})") from None
+    from herd.server.app import Settings
+
+    if replicas < 1 or (max_replicas is not None and max_replicas < replicas):
+        raise HerdError("--replicas must be at least 1 and --max-replicas at least --replicas")
+    settings = Settings.from_env()
+    autoscaling = None
+    if max_replicas is not None:  # Ray Serve scales on requests in flight per replica
+        autoscaling = {
+            "min_replicas": replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": settings.num_parallel,
+        }
+    env = {k: v for k, v in os.environ.items() if k.startswith(("HERD_", "OLLAMA_"))}
+    spec = deploy.ReplicaSpec(settings, herd.__version__, models)
+    plan = deploy.Plan(replicas, autoscaling, num_cpus, num_gpus, env=env)
+    deploy.connect(address)
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the app is removed
+    try:
+        deploy.run(spec, plan, settings.host.bind_host, settings.host.port)
+        scale = f"{replicas}-{max_replicas}" if max_replicas else str(replicas)
+        click.echo(
+            f"herd {herd.__version__}: {scale} replicas on Ray at {address}, "
+            f"listening on {settings.host.base_url}",
+            err=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        deploy.stop()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_free(host: envconfig.HostURL) -> None:
