@@ -803,6 +803,24 @@ def test_repack_copies_only_what_linear_uses(gguf_file: GGUFFile) -> None:
     backend.close()
 
 
+def test_ggml_widens_f16_weights_that_multiply_many_rows(gguf_file: GGUFFile) -> None:
+    """On a CPU without F16 arithmetic an F16 weight times a prompt's (or an image's) rows
+    is widened to F32 first (matmul.py: ggml's F16 GEMM was ~1.5x slower): nothing is
+    rounded to F16 on the way. A decode step's few rows keep F16 activations."""
+    backend = open_backend("ggml", gguf_file, BackendOptions(num_thread=1))
+    try:
+        if not backend.widen_f16:
+            pytest.skip("this CPU has F16 vector arithmetic: ggml keeps its F16 kernels")
+        oracle = NumpyBackend(gguf_file)
+        for rows, low, high in ((96, 0.0, 1e-11), (7, 1e-9, 1e-6)):
+            x = [rand(rows, 64, seed=5)]
+            build = lambda c, b, x: x.linear(b.weight("w.F16"))  # noqa: E731
+            err = nmse(run(backend, build, x)[0], run(oracle, build, x)[0])
+            assert low <= err < high, (rows, err)
+    finally:
+        backend.close()
+
+
 def test_weights_keep_their_types(backends: Any) -> None:
     backend, _ = backends
     assert backend.weight("w.Q8_0").dtype == DType.Q8_0

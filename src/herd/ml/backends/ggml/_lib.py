@@ -121,6 +121,7 @@ LOG_CALLBACK = ctypes.CFUNCTYPE(None, I, S, P)
 LOG_WARN, LOG_ERROR = 3, 4
 ggml_log_set = _f("ggml_log_set", None, LOG_CALLBACK, P)
 ggml_cpu_has_llamafile = _f("ggml_cpu_has_llamafile", I)
+ggml_cpu_has_fp16_va = _f("ggml_cpu_has_fp16_va", I)
 ggml_quantize_chunk = _f("ggml_quantize_chunk", Z, I, P, P, I64, I64, I64, P)
 ggml_quantize_requires_imatrix = _f("ggml_quantize_requires_imatrix", B, I)
 

@@ -128,6 +128,8 @@ class GGMLBackend:
         fa, local = options.flash_attention, [gpus[g] for g in self.plan.gpus]
         self.flash_attention = any(g.info.kind != "rpc" for g in local) if fa is None else fa
         self.exact_gelu, self.exact_attention = options.exact_gelu, options.exact_attention
+        # F16 weights multiply many rows as F32 where the CPU has no F16 arithmetic (matmul.py)
+        self.widen_f16 = not L.ggml_cpu_has_fp16_va()
         try:
             self.cpu = L.ggml_backend_cpu_init()
             if not self.cpu:
@@ -181,6 +183,10 @@ class GGMLBackend:
         )
 
     # ---- weights and persistent tensors ------------------------------------------------
+    def on_gpu(self, w: GGMLTensor) -> bool:
+        """Whether a weight was copied to a GPU (or RPC server)."""
+        return w.p in self._on_gpus
+
     def _copy_weights(self, gpu: GPU, base: int) -> None:
         """Copy the weights the plan puts on this GPU from the mapping into one buffer
         there (and token_embd as output.weight when the output layer is there, tied)."""
