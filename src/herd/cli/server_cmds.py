@@ -21,6 +21,13 @@ from herd.store import ModelEntry
 @click.option(
     "--max-replicas", type=int, help="With --ray: autoscale from --replicas up to this many."
 )
+@click.option(
+    "--scale-on",
+    type=click.Choice(["herd", "ray"]),
+    default="herd",
+    show_default=True,
+    help="With --max-replicas: herd's gauges (queue depth, slots) or Ray's requests in flight.",
+)
 @click.option("--model", "models", multiple=True, help="With --ray: load before ready.")
 @click.option("--num-cpus", default=1.0, show_default=True, help="With --ray: CPUs a replica.")
 @click.option("--num-gpus", default=0.0, show_default=True, help="With --ray: GPUs a replica.")
@@ -28,6 +35,7 @@ def serve_cmd(
     ray_address: str | None,
     replicas: int,
     max_replicas: int | None,
+    scale_on: str,
     models: tuple[str, ...],
     num_cpus: float,
     num_gpus: float,
@@ -42,7 +50,7 @@ def serve_cmd(
     HERD_MEMORY_LIMIT, HERD_API_KEY, HERD_ORIGINS, HERD_BACKEND, HERD_DEBUG.
     """
     if ray_address:
-        return _serve_ray(ray_address, replicas, max_replicas, models, num_cpus, num_gpus)
+        return _serve_ray(ray_address, replicas, max_replicas, scale_on, models, num_cpus, num_gpus)
     _check_free(envconfig.host())  # before the server logs that it listens
     from herd.server import serve
 
@@ -53,6 +61,7 @@ def _serve_ray(
     address: str,
     replicas: int,
     max_replicas: int | None,
+    policy: str,
     models: tuple[str, ...],
     num_cpus: float,
     num_gpus: float,
@@ -74,7 +83,7 @@ def _serve_ray(
         raise HerdError("--replicas must be at least 1 and --max-replicas at least --replicas")
     settings = Settings.from_env()
     autoscaling = None
-    if max_replicas is not None:  # Ray Serve scales on requests in flight per replica
+    if max_replicas is not None:  # herd's policy; Ray's default (--scale-on ray) on this target
         autoscaling = {
             "min_replicas": replicas,
             "max_replicas": max_replicas,
@@ -82,7 +91,7 @@ def _serve_ray(
         }
     env = {k: v for k, v in os.environ.items() if k.startswith(("HERD_", "OLLAMA_"))}
     spec = deploy.ReplicaSpec(settings, herd.__version__, models)
-    plan = deploy.Plan(replicas, autoscaling, num_cpus, num_gpus, env=env)
+    plan = deploy.Plan(replicas, autoscaling, num_cpus, num_gpus, env=env, policy=policy)
     deploy.connect(address)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the app is removed
     try:

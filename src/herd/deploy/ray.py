@@ -12,6 +12,10 @@ Two deployments in one Serve application ("herd"):
   hands a replica only the ASGI scope and streams the body later, so a request router in
   front of the replicas never sees the messages it would route by.
 
+Autoscaled (`Plan.autoscaling`), the replicas report their /metrics gauges to Ray's
+controller and herd's policy (`herd.deploy.autoscale`) decides; `Plan.policy="ray"` keeps
+Ray's default, on requests in flight per replica.
+
 Faults: a replica that dies before answering is retried once on another; one that dies
 mid-stream ends that response early (the client sees a broken stream), and Ray starts a
 new replica. A replica is ready only once its models are in its store (a shared
@@ -34,7 +38,7 @@ from urllib.parse import urlsplit
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 from ray.serve.request_router import (
     PendingRequest,
     ReplicaID,
@@ -51,6 +55,7 @@ import herd
 from herd.deploy import ClusterError
 from herd.deploy.affinity import BLOCK, NO_KEY, AffinityTable, Key, request_key
 from herd.deploy.asgi import Forwarded, Head, stream
+from herd.deploy.autoscale import HerdPolicy, replica_stats
 from herd.errors import HerdError, ModelNotFoundError
 from herd.server.app import Settings, create_app
 
@@ -83,6 +88,8 @@ class Plan:
     slack: int = 4  # affinity yields once a replica has this many more requests in flight
     block: int = BLOCK
     env: Mapping[str, str] = field(default_factory=dict)  # HERD_* for the runner processes
+    policy: str = "herd"  # with autoscaling: "herd" (herd.deploy.autoscale) or "ray" (Ray's)
+    policy_options: Mapping[str, float] = field(default_factory=dict)  # HerdPolicy's kwargs
 
 
 # ---------------------------------------------------------------- routing
@@ -177,6 +184,13 @@ class HerdReplica:
     async def __del__(self) -> None:
         if getattr(self, "lifespan", None) is not None:  # unloads the models: runners exit
             await self.lifespan.__aexit__(None, None, None)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What /metrics shows, for herd's autoscaling policy (async: read on the loop that
+        changes the scheduler)."""
+        scheduler = self.app.state.scheduler
+        parallel = {name: r.parallel for name, r in scheduler.runners.items()}
+        return replica_stats(scheduler.gauges(), parallel, self.spec.settings.num_parallel)
 
     async def forward(self, req: Forwarded, key: Key = NO_KEY) -> AsyncIterator[Head | bytes]:
         """`req` through herd's app, streamed: a Head (naming this replica), then chunks."""
@@ -277,7 +291,7 @@ def build(spec: ReplicaSpec, plan: Plan) -> Any:
     """The Serve application: the ingress bound to the replicas."""
     scaling: dict[str, Any] = {}
     if plan.autoscaling:
-        scaling["autoscaling_config"] = AutoscalingConfig(**plan.autoscaling)
+        scaling["autoscaling_config"] = autoscaling_config(plan)
     else:
         scaling["num_replicas"] = plan.replicas
     replica = HerdReplica.options(
@@ -299,6 +313,26 @@ def build(spec: ReplicaSpec, plan: Plan) -> Any:
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(replica.bind(spec), plan.block)
+
+
+def autoscaling_config(plan: Plan) -> AutoscalingConfig:
+    """Ray's config from `plan.autoscaling`, with herd's policy unless plan.policy is "ray"
+    or the config names a policy itself."""
+    config = dict(plan.autoscaling or {})
+    if plan.policy not in ("herd", "ray"):
+        raise ClusterError(f"autoscaling policy {plan.policy!r}: use 'herd' or 'ray'")
+    if plan.policy == "herd" and "policy" not in config:
+        try:  # bad options fail here, not in Ray's controller
+            HerdPolicy(**plan.policy_options)
+        except (TypeError, ValueError) as e:
+            raise ClusterError(f"herd's autoscaling policy: {e}") from None
+        config["policy"] = AutoscalingPolicy(
+            policy_function=HerdPolicy, policy_kwargs=dict(plan.policy_options)
+        )
+        # the policy holds scale-downs itself and scales up on a queue at once
+        config.setdefault("upscale_delay_s", 0.0)
+        config.setdefault("downscale_delay_s", 0.0)
+    return AutoscalingConfig(**config)
 
 
 def connect(address: str) -> None:
