@@ -110,3 +110,45 @@ def test_a_taken_port_is_a_clear_error(rpc_servers):
     assert out.returncode != 0
     assert f"RPC server on 127.0.0.1:{port} could not start" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+GONE = """
+import subprocess, sys, herd
+from herd.errors import BackendError
+from herd.ml import BackendOptions, default_devices
+server = subprocess.Popen([sys.executable, "-m", "herd", "rpc-server", "--port", sys.argv[2]])
+endpoint = "127.0.0.1:" + sys.argv[2]
+from herd.ml.backends.ggml import rpc
+import time
+for _ in range(300):
+    try:
+        rpc.check(endpoint)
+        break
+    except BackendError:
+        time.sleep(0.1)
+opts = BackendOptions(rpc_servers=(endpoint,))
+assert any(d.kind == "rpc" for d in default_devices("ggml", opts))
+server.kill(); server.wait()
+# ggml keeps the server registered; nothing here may ask it for anything (ggml would abort)
+assert all(d.kind != "rpc" for d in default_devices("ggml"))
+herd.load(sys.argv[1], backend="ggml").close()
+try:
+    default_devices("ggml", opts)
+except BackendError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_server_gone_away_is_never_asked_again(smollm2_path, tmp_path):
+    """A process that used a server keeps it registered in ggml: later probes and loads
+    must not touch it (ggml aborts on a server it cannot reach)."""
+    script = tmp_path / "gone.py"
+    script.write_text(GONE)
+    out = subprocess.run(
+        [sys.executable, str(script), str(smollm2_path), str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refused: RPC server 127.0.0.1:" in out.stdout and "cannot be reached" in out.stdout

@@ -22,7 +22,7 @@ shapes at the ctypes boundary), `_lib.py` (the ctypes bindings).
 from herd.ml.backends.ggml.backend import GGMLBackend, open_ggml
 from herd.ml.backends.ggml.context import GGMLContext
 from herd.ml.backends.ggml.devices import probe_devices
-from herd.ml.backends.ggml.rpc import add_servers, serves
+from herd.ml.backends.ggml.rpc import add_servers
 from herd.ml.backends.ggml.tensor import GGMLTensor
 from herd.ml.base import BackendOptions, DeviceInfo
 
@@ -31,9 +31,8 @@ def default_devices(options: BackendOptions | None = None) -> list[DeviceInfo]:
     """The GPUs and RPC servers layers go to by default (num_gpu -1), else the CPU."""
     if options is not None and options.rpc_servers:
         add_servers(options.rpc_servers)
-    devices = probe_devices()
-    mine = [d.info for d in devices if d.info.kind == "gpu" or serves(d, options)]
-    return mine or [d.info for d in devices if d.info.kind == "cpu"]
+    infos = [d.info for d in probe_devices(options.rpc_servers if options else ())]
+    return [d for d in infos if d.kind in ("gpu", "rpc")] or [d for d in infos if d.kind == "cpu"]
 
 
 __all__ = ["GGMLBackend", "GGMLContext", "GGMLTensor", "default_devices", "open_ggml"]

@@ -36,7 +36,7 @@ from herd.ml.backends.ggml.devices import (
 )
 from herd.ml.backends.ggml.dtypes import BLOCK, CONT, FLOAT, GTYPE, compute_types, ne, type_name
 from herd.ml.backends.ggml.placement import Placer
-from herd.ml.backends.ggml.rpc import add_servers, serves
+from herd.ml.backends.ggml.rpc import add_servers
 from herd.ml.backends.ggml.tensor import GGMLTensor
 from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
 from herd.ml.layout import Plan, plan, size
@@ -81,7 +81,9 @@ class GGMLBackend:
         self.max_nodes = options.max_nodes
         self.cpu = self._wctx = self._wbuf = 0
         self.placer: Placer | None = None
-        self._probe: Callable[[], Sequence[Device]] = options.device_probe or probe_devices
+        self._probe: Callable[[], Sequence[Device]] = options.device_probe or (
+            lambda: probe_devices(options.rpc_servers)
+        )
         self.gpus: list[GPU] = []  # the GPUs in use, in the scheduler's order
         self._on_gpus: set[int] = set()  # weights copied to a GPU
         # device name -> (when probed, its info then, bytes allocated since)
@@ -116,7 +118,7 @@ class GGMLBackend:
             add_servers(options.rpc_servers)
         devices = self._probe()
         cpu_info = next(d.info for d in devices if d.info.kind == "cpu")
-        gpus = [d for d in devices if d.info.kind in ("gpu", "igpu") or serves(d, options)]
+        gpus = [d for d in devices if d.info.kind in ("gpu", "igpu", "rpc")]
         self.gpu_ops = options.gpu_ops and bool(gpus)
         # OutOfMemoryError here, before any allocation
         self.plan: Plan = plan(gguf, options, [d.info for d in gpus], cpu_info, self.gpu_ops)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from herd.errors import BackendError
@@ -62,9 +63,11 @@ def system_memory() -> tuple[int, int]:
         return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def probe_devices() -> list[Device]:
+def probe_devices(rpc_servers: Sequence[str] = ()) -> list[Device]:
     """ggml's devices with their memory now; the CPU's free memory is what the system can
-    still give (available RAM + free swap), not ggml's MemFree."""
+    still give (available RAM + free swap), not ggml's MemFree. RPC servers only where
+    named: ggml keeps every server registered in this process, and asking one that has
+    gone away for its memory aborts the process (rpc.py checks the named ones first)."""
     free, total = ctypes.c_size_t(), ctypes.c_size_t()
     out = []
     for i in range(L.ggml_backend_dev_count()):
@@ -72,6 +75,8 @@ def probe_devices() -> list[Device]:
         kind = L.DEV_TYPE_NAMES.get(L.ggml_backend_dev_type(dev), "other")
         if L.ggml_backend_reg_name(L.ggml_backend_dev_backend_reg(dev)) == b"RPC":
             kind = "rpc"  # a remote server (ggml calls it a GPU whatever it runs on)
+            if L.ggml_backend_dev_description(dev).decode() not in rpc_servers:
+                continue
         if kind == "cpu":
             total.value, free.value = system_memory()
         else:

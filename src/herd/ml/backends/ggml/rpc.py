@@ -22,8 +22,7 @@ import threading
 
 from herd.errors import BackendError
 from herd.ml.backends.ggml import _lib as L
-from herd.ml.backends.ggml.devices import Device, cpu_device, physical_cores
-from herd.ml.base import BackendOptions
+from herd.ml.backends.ggml.devices import cpu_device, physical_cores
 
 # ggml-rpc.h / ggml-rpc.cpp of the ggml herd builds (scripts/build_ggml.py): the protocol
 # version a server must speak, the HELLO command and its capability bytes
@@ -98,26 +97,18 @@ def _fn(name: str, restype: object, *argtypes: object) -> ctypes._CFuncPtr:
 
 
 def add_servers(endpoints: tuple[str, ...]) -> None:
-    """Register each server's devices with ggml (once per process), checking each first;
-    they then appear in `probe_devices()`."""
+    """Register each server's devices with ggml (once per process), checking each first,
+    every time (a server may have gone away since); they then appear in
+    `probe_devices(endpoints)`."""
     for endpoint in endpoints:
+        check(endpoint)
         if endpoint in _added:
             continue
-        check(endpoint)
         reg = _fn("ggml_backend_rpc_add_server", L.P, L.S)(endpoint.encode())
         if not reg:
             raise BackendError(f"RPC server {endpoint} offers no devices")
         _fn("ggml_backend_register", None, L.P)(reg)
         _added.add(endpoint)
-
-
-def serves(device: Device, options: BackendOptions | None) -> bool:
-    """Whether `device` is one of the RPC servers `options` names (ggml keeps every server
-    registered in this process since, whichever load named it)."""
-    if device.info.kind != "rpc" or options is None:
-        return False
-    # probe_devices names it "RPCn (endpoint)": ggml's name, and the endpoint as description
-    return device.info.name.rpartition(" (")[2].rstrip(")") in options.rpc_servers
 
 
 def serve(host: str, port: int, num_thread: int, cache_dir: str | None = None) -> None:
