@@ -99,6 +99,12 @@ def sched_spread() -> bool:
     return value in ("1", "true", "yes")
 
 
+def herd_variables() -> dict[str, str]:
+    """Every HERD_* and OLLAMA_* variable set here, for processes started on other machines
+    (`herd serve --ray`'s replicas), which must read the settings this one reads."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("HERD_", "OLLAMA_"))}
+
+
 def backend_options() -> dict[str, Any]:
     """The settings above as `herd.ml.BackendOptions` fields, for an entry point that opens
     a backend (`BackendOptions(**envconfig.backend_options())`)."""

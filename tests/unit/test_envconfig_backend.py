@@ -122,3 +122,12 @@ def test_herd_show_backend_line_follows_the_providers(env: pytest.MonkeyPatch) -
     env.setenv("HERD_ONNX_PROVIDERS", "nosuch")
     line = _backend()
     assert line.startswith("none (") and "nosuch" in line, line
+
+
+def test_herd_variables_are_herds_and_ollamas_only(env: pytest.MonkeyPatch) -> None:
+    env.setenv("HERD_NUM_PARALLEL", "3")
+    env.setenv("OLLAMA_KEEP_ALIVE", "10m")
+    env.setenv("HERDING_CATS", "no")
+    got = envconfig.herd_variables()
+    assert got["HERD_NUM_PARALLEL"] == "3" and got["OLLAMA_KEEP_ALIVE"] == "10m"
+    assert "HERDING_CATS" not in got and all(k.startswith(("HERD_", "OLLAMA_")) for k in got)

@@ -67,7 +67,6 @@ def _serve_ray(
     num_gpus: float,
 ) -> None:
     """Deploy on Ray, then wait in the foreground; Ctrl-C (or SIGTERM) removes the app."""
-    import os
     import signal
     import time
 
@@ -89,7 +88,7 @@ def _serve_ray(
             "max_replicas": max_replicas,
             "target_ongoing_requests": settings.num_parallel,
         }
-    env = {k: v for k, v in os.environ.items() if k.startswith(("HERD_", "OLLAMA_"))}
+    env = envconfig.herd_variables()  # the replicas' runners read the same settings
     spec = deploy.ReplicaSpec(settings, herd.__version__, models)
     plan = deploy.Plan(replicas, autoscaling, num_cpus, num_gpus, env=env, policy=policy)
     deploy.connect(address)
