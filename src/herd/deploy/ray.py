@@ -48,7 +48,7 @@ from ray.serve.request_router import (
 )
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 import herd
@@ -57,7 +57,7 @@ from herd.deploy.affinity import BLOCK, NO_KEY, AffinityTable, Key, request_key
 from herd.deploy.asgi import Forwarded, Head, stream
 from herd.deploy.autoscale import HerdPolicy, replica_stats
 from herd.errors import HerdError, ModelNotFoundError
-from herd.server.app import Settings, create_app
+from herd.server.app import Settings, create_app, error_for_path
 
 log = logging.getLogger("herd.deploy")
 
@@ -233,9 +233,9 @@ class HerdIngress:
             except RayActorError as e:
                 log.warning("replica failed before answering %s %s: %s", request.method, path, e)
                 if attempt:
-                    return _unavailable(path, "no herd replica could answer; try again")
+                    return error_for_path(path, 503, "no herd replica could answer; try again")
             except StopAsyncIteration:
-                return _unavailable(path, "the replica sent no response")
+                return error_for_path(path, 503, "the replica sent no response")
         assert isinstance(head, Head)
         response = StreamingResponse(_rest(gen, path), status_code=head.status)
         response.raw_headers = head.headers
@@ -249,13 +249,6 @@ async def _rest(gen: Any, path: str) -> AsyncIterator[bytes]:
     except RayActorError as e:  # the client sees the stream break: no silent truncation
         log.warning("replica died while answering %s: %s", path, e)
         raise
-
-
-def _unavailable(path: str, message: str) -> Response:
-    if path.startswith("/v1/"):
-        error = {"message": message, "type": "api_error", "param": None, "code": None}
-        return JSONResponse({"error": error}, status_code=503)
-    return JSONResponse({"error": message}, status_code=503)
 
 
 async def _collect(app: Any, req: Forwarded) -> tuple[Head, bytes]:

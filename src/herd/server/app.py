@@ -166,6 +166,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def error_for_path(path: str, status: int, message: str) -> Response:
+    """An error outside any route's handler, in the shape of the API `path` belongs to."""
+    if path.startswith("/v1/messages"):  # Anthropic's shape on its routes
+        return JSON(error_body(status, message), status_code=status)
+    if path.startswith("/v1/"):  # OpenAI's error shape on its routes
+        error = {"message": message, "type": openai_type(status), "param": None, "code": None}
+        return JSON({"error": error}, status_code=status)
+    return JSON({"error": message}, status_code=status)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
     scheduler = Scheduler(
@@ -191,12 +201,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
         message = str(getattr(exc, "detail", "") or "not found")
-        if request.url.path.startswith("/v1/messages"):  # Anthropic's shape on its routes
-            return JSON(error_body(status, message), status_code=status)
-        if request.url.path.startswith("/v1/"):  # OpenAI's error shape on its routes
-            error = {"message": message, "type": openai_type(status), "param": None, "code": None}
-            return JSON({"error": error}, status_code=status)
-        return JSON({"error": message}, status_code=status)
+        return error_for_path(request.url.path, status, message)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
