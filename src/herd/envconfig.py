@@ -303,6 +303,15 @@ def num_parallel() -> int:
     return max(1, _int(("HERD_NUM_PARALLEL", "OLLAMA_NUM_PARALLEL"), 4))
 
 
+def prompt_cache() -> int:
+    """Bytes of host memory a loaded model keeps prompts that left its slots in
+    (HERD_PROMPT_CACHE, e.g. 512MiB; default 1GiB; 0 turns it off): llama-server's
+    --cache-ram."""
+    value = _get("HERD_PROMPT_CACHE")
+    size = _size(value) if value else None
+    return 2**30 if size is None else size
+
+
 def memory_limit() -> int | None:
     """Bytes runners may use in all (HERD_MEMORY_LIMIT, e.g. 8GiB); None: what is free."""
     return _size(_get("HERD_MEMORY_LIMIT"))

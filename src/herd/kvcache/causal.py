@@ -38,6 +38,18 @@ class BatchLayout:
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
+@dataclass
+class Snapshot:
+    """Host copies of one sequence's K/V rows, (positions, Hkv, D) per layer."""
+
+    keys: dict[int, np.ndarray]
+    values: dict[int, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.keys.values(), *self.values.values()))
+
+
 class Causal:
     """Causal (optionally sliding-window or chunked) attention cache.
 
@@ -396,6 +408,63 @@ class Causal:
         self._step = None
         self.remove(dst, 0, None)
         self.member[self.member[:, src] & (self.pos < n), dst] = True
+
+    def snapshot(self, seq: int, n: int) -> Snapshot | None:
+        """A host copy of seq's keys and values at positions < n, in position order, for
+        `restore` into any sequence later (the runner's prompt cache); None when those
+        positions are not all held."""
+        cells = np.flatnonzero(self.member[:, seq] & (self.pos >= 0) & (self.pos < n))
+        cells = cells[np.argsort(self.pos[cells], kind="stable")]
+        if n <= 0 or len(cells) != n or (self.pos[cells] != np.arange(n)).any() or not self.keys:
+            return None
+        assert self.backend is not None
+        lo, hi = int(cells.min()), int(cells.max()) + 1
+        layers = sorted(self.keys)
+        with self.backend.new_context() as ctx:
+            idx = ctx.input(cells.astype(np.int32), DType.I32)
+            near = ctx.input((cells - lo).astype(np.int32), DType.I32) if self.v_trans else None
+            outs = []
+            for layer in layers:
+                values = self.values[layer]
+                outs.append(ctx.attach(self.keys[layer]).get_rows(idx))
+                if near is not None:  # a transposed V's cells are columns
+                    rows = ctx.attach(values).slice(2, lo, hi).permute(2, 0, 1).contiguous()
+                    outs.append(rows.get_rows(near))
+                else:
+                    outs.append(ctx.attach(values).get_rows(idx))
+            arrays = ctx.compute(*outs)
+        # F16 rows are kept as F16 (exact, half the memory); other types as they come back
+        host = np.float16 if self.dtype == DType.F16 else np.float32
+        rows = [np.ascontiguousarray(a, dtype=host) for a in arrays]
+        return Snapshot(dict(zip(layers, rows[0::2], strict=True)),
+                        dict(zip(layers, rows[1::2], strict=True)))  # fmt: skip
+
+    def restore(self, seq: int, snap: Snapshot, n: int) -> bool:
+        """Make seq hold snap's first n positions (its cells dropped first): cells placed
+        as a new sequence's and their rows written. False, with seq left empty, when the
+        cache has not the room or the snapshot is of other layers."""
+        self.remove(seq, 0, None)
+        if set(snap.keys) != set(self.keys) or int(np.count_nonzero(self.pos < 0)) < n:
+            return False
+        assert self.backend is not None
+        cells = self._place(self.pos < 0, seq, n)
+        self.pos[cells] = np.arange(n, dtype=np.int32)
+        self.member[cells] = False
+        self.member[cells, seq] = True
+        with self.backend.new_context() as ctx:
+            idx = ctx.input(cells.astype(np.int32), DType.I32)
+            for layer, keys in self.keys.items():
+                k = ctx.input(snap.keys[layer][:n].astype(np.float32), DType.F32)
+                v = ctx.input(snap.values[layer][:n].astype(np.float32), DType.F32)
+                values = self.values[layer]
+                ctx.forward(
+                    keys.set_rows(idx, k),
+                    values.set_columns(idx, v.permute(1, 2, 0))
+                    if self.v_trans
+                    else values.set_rows(idx, v),
+                )
+            ctx.compute()
+        return True
 
     def can_resume(self, seq: int, pos: int) -> bool:
         return True  # every cell is kept, so any prefix can be resumed

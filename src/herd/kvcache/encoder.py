@@ -182,6 +182,13 @@ class Encoder:
     def can_resume(self, seq: int, pos: int) -> bool:
         return True
 
+    def snapshot(self, seq: int, n: int) -> None:
+        """Not kept in a prompt cache: an image's cross-attention states are per slot."""
+        return None
+
+    def restore(self, seq: int, snap: object, n: int) -> bool:
+        return False
+
     # ---- model side --------------------------------------------------------------------
     def set_layer(self, layer: int) -> None:
         self.layer = layer

@@ -5,10 +5,22 @@ of the current layer's type; runner calls fan out."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from herd.kvcache.causal import BatchLayout, Causal
+from herd.kvcache.causal import BatchLayout, Causal, Snapshot
 from herd.kvcache.encoder import Encoder
 from herd.ml import Backend, Context, DType, Tensor
+
+
+@dataclass(frozen=True)
+class Snapshots:
+    """Each cache's snapshot of one sequence, in `caches` order."""
+
+    parts: tuple[Snapshot, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 class Wrapper:
@@ -35,6 +47,18 @@ class Wrapper:
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         for cache in self.caches:
             cache.copy_prefix(src, dst, n)
+
+    def snapshot(self, seq: int, n: int) -> Snapshots | None:
+        parts = [cache.snapshot(seq, n) for cache in self.caches]
+        kept = [p for p in parts if p is not None]
+        return Snapshots(tuple(kept)) if len(kept) == len(parts) else None
+
+    def restore(self, seq: int, snap: Snapshots, n: int) -> bool:
+        pairs = zip(self.caches, snap.parts, strict=True)
+        ok = all([cache.restore(seq, part, n) for cache, part in pairs])
+        if not ok:  # all or nothing
+            self.remove(seq, 0, None)
+        return ok
 
     def view_key(self) -> tuple[object, ...]:
         return tuple(cache.view_key() for cache in self.caches)

@@ -141,6 +141,13 @@ class Vision(Protocol):
         """The encoded image, as `BatchImage.embedding` will hold it once computed."""
 
 
+class KeptRows(Protocol):
+    """A host copy of a sequence's cached rows (`Cache.snapshot`)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
 class Cache(Protocol):
     """A model's KV cache (`herd.kvcache`: `Causal`, `Wrapper`), as the runner and the
     model use it."""
@@ -159,6 +166,12 @@ class Cache(Protocol):
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Forget positions [begin, end) of a sequence (None: to its end)."""
+
+    def snapshot(self, seq: int, n: int) -> KeptRows | None:
+        """A host copy of a sequence's positions < n (None: not possible here)."""
+
+    def restore(self, seq: int, snap: Any, n: int) -> bool:
+        """Make a sequence hold a snapshot's first n positions; False: it holds none."""
 
     def used_cells(self) -> int: ...
     def stats(self) -> dict[str, float]:

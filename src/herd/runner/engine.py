@@ -40,6 +40,7 @@ from herd.runner.images import (
     token_ids,
     whole_spans,
 )
+from herd.runner.prompt_cache import MIN_TOKENS, PromptCache
 from herd.runner.recorder import InputRecorder, ReusableContext
 from herd.runner.sequence import Event, Sequence, Slot, context_size, finite, truncate
 from herd.runner.speculate import propose, speculation, verify
@@ -68,13 +69,15 @@ class Runner:
         encoder_backend: Backend | None = None,
         draft: Drafter | None = None,
         prefill: int | None = None,
+        prompt_cache: int = 0,
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
         OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images;
         `encoder_backend`: the one holding its vision encoder (a projector file's), if
         not `backend`. `draft`: a draft model's proposer (`herd.runner.speculate`).
         `prefill`: most prompt tokens in a step while other sequences decode (chunked
-        prefill, `herd.runner.batching`); None: half of `num_batch`."""
+        prefill, `herd.runner.batching`); None: half of `num_batch`. `prompt_cache`: bytes
+        of host memory for prompts that leave the slots (`herd.runner.prompt_cache`)."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
         if cache_type not in KV_CACHE_TYPES:
@@ -105,12 +108,14 @@ class Runner:
         self.images = ImageCache(self._encode) if vision is not None else None
         self.image_token = None if vision is None else vision.image_token
         self.draft = draft
+        self.prompts = PromptCache(prompt_cache) if prompt_cache > 0 else None
 
     # ---- sequences ----------------------------------------------------------------------
     def _claim_slot(self, tokens: list[int]) -> tuple[Slot, int]:
         """The free slot sharing the longest prefix with tokens; stale entries removed. On
         a tie, the slot holding the fewest cells: an empty slot before one whose cached
-        prefix another request may still reuse."""
+        prefix another request may still reuse. What the slot held past the shared prefix
+        goes to the prompt cache first, and a longer prefix kept there comes back."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             raise HerdError("no free sequence slot")
@@ -123,11 +128,33 @@ class Runner:
 
         slot = max(free, key=lambda s: (common(s), -len(s.cached)))
         n = span_start(tokens, common(slot))  # an image's rows are computed together
+        self._park(slot, n)
+        kept, key = (
+            (0, None) if self.prompts is None else self.prompts.longest(tokens, len(tokens) - 1)
+        )
+        if self.prompts is not None and key is not None and kept - n >= MIN_TOKENS:
+            m = span_start(tokens, kept)
+            if self.cache.restore(slot.id, self.prompts.get(key), m):
+                slot.cached, n = list(tokens[:m]), m
+                self.prompts.restored += m
+            else:  # the slot holds nothing now
+                slot.cached, n = [], 0
         if n < len(slot.cached):
             self.cache.remove(slot.id, n, None)
             del slot.cached[n:]
         slot.busy = True
         return slot, n
+
+    def _park(self, slot: Slot, keep: int) -> None:
+        """Copy a slot's cached prompt to the prompt cache before all but its first `keep`
+        tokens leave the slot, when that is worth it (`PromptCache.wants`)."""
+        if self.prompts is None or len(slot.cached) - keep < MIN_TOKENS:
+            return
+        if not self.prompts.wants(slot.cached):
+            return
+        snap = self.cache.snapshot(slot.id, len(slot.cached))
+        if snap is not None:
+            self.prompts.put(slot.cached, snap)
 
     def _new_sequence(
         self,
@@ -412,7 +439,10 @@ class Runner:
     def kv_stats(self) -> dict[str, float]:
         """The cache's occupancy figures (`Causal.stats`: cells used, fragmentation...)."""
         with self.lock:
-            return self.cache.stats()
+            stats = self.cache.stats()
+            if self.prompts is not None:
+                stats.update(self.prompts.stats())
+            return stats
 
     def release_graphs(self) -> None:
         """Free the kept graphs and their compute buffers (before the backend closes)."""
@@ -434,3 +464,5 @@ class Runner:
             for slot in self.slots:
                 self.cache.remove(slot.id, 0, None)
                 slot.cached = []
+            if self.prompts is not None:
+                self.prompts.clear()

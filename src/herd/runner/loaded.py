@@ -60,6 +60,8 @@ class Loaded:
     "q4_0") go to the backend, which plans memory for them, and to the runners made here.
     `backend_options`: what the environment sets for every backend opened here (the ONNX
     backend's onnx_* fields); the model's options and the two above override theirs.
+    `prompt_cache`: bytes of host memory each runner made here keeps prompts that left its
+    slots in (`herd.runner.prompt_cache`; 0: none).
     """
 
     def __init__(
@@ -72,13 +74,14 @@ class Loaded:
         kv_cache_type: str = "f16",
         image_limits: ImageLimits | None = None,
         backend_options: BackendOptions | None = None,
+        prompt_cache: int = 0,
     ) -> None:
         t0 = time.perf_counter_ns()
         self.source, self.name = source, source.name
         self.draft: Loaded | None = None  # on the same kind of backend, checked to fit
         self.gguf: GGUFFile = open_gguf(source.path)
         self.defaults = Options().merged(source.params).merged(options)
-        self.kv_cache_type = kv_cache_type
+        self.kv_cache_type, self.prompt_cache = kv_cache_type, prompt_cache
         self.image_limits = image_limits or ImageLimits()
         self.images: LRU[Image] = LRU(8)  # preprocessed images by digest (the pipeline's)
         self.projector_gguf = open_projector(source.projector) if source.projector else None
@@ -179,7 +182,7 @@ class Loaded:
         return Runner(self.model, self.backend, self.tokenizer, options, self.context_length,
                       parallel=parallel, cache_type=self.kv_cache_type,
                       vision=self.vision, encoder_backend=self.projector_backend,
-                      draft=draft)  # fmt: skip
+                      draft=draft, prompt_cache=self.prompt_cache)  # fmt: skip
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """(len(inputs), n_embd) float32: the embedding of each token list, as many in one

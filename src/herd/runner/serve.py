@@ -254,6 +254,7 @@ class Child:
         kv_cache_type: str = "f16",
         image_limits: ImageLimits | None = None,
         backend_options: BackendOptions | None = None,
+        prompt_cache: int = 0,
     ) -> None:
         t0 = time.perf_counter_ns()
         source = Source(
@@ -275,6 +276,7 @@ class Child:
             kv_cache_type=kv_cache_type,
             image_limits=image_limits,
             backend_options=backend_options,
+            prompt_cache=prompt_cache,
         )
         parallel, num_ctx = 1, loaded.context_length
         if not loaded.is_embedding:
@@ -422,6 +424,7 @@ def main() -> None:
             kv_cache_type=envconfig.kv_cache_type(),
             image_limits=ImageLimits(**envconfig.image_limits()),
             backend_options=BackendOptions(**envconfig.backend_options()),
+            prompt_cache=envconfig.prompt_cache(),
         )
     except HerdError as e:
         child.send({"op": "error", "error": str(e), "type": type(e).__name__})

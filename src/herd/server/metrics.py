@@ -242,6 +242,24 @@ class Metrics:
                 "KV cache cells moved to keep sequences compact, since the model loaded.",
                 "cells_moved",
             ),
+            (
+                "herd:prompt_cache_bytes",
+                "gauge",
+                "Host memory holding prompts that left the slots (HERD_PROMPT_CACHE).",
+                "prompt_cache_bytes",
+            ),
+            (
+                "herd:prompt_cache_prompts",
+                "gauge",
+                "Prompts in the prompt cache.",
+                "prompt_cache_prompts",
+            ),
+            (
+                "herd:prompt_cache_restored_tokens_total",
+                "counter",
+                "Tokens written back to slots from the prompt cache instead of computed.",
+                "prompt_cache_restored",
+            ),
         ):
             lines += [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
             lines += [

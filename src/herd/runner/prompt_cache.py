@@ -1,0 +1,103 @@
+"""The prompt cache: the KV rows of prompts that left the slots, kept in host memory.
+
+A slot keeps its tokens after a request, but with more conversations than slots every slot
+is soon taken by other prompts, and a shared system prompt is computed again for each new
+conversation. Before a slot's cells are dropped for a prompt that shares little with them,
+the runner copies them here (`Cache.snapshot`); a new request whose prompt starts with a
+kept one gets those rows written back into its slot (`Cache.restore`) instead of computing
+them: a copy of some MB against a forward pass over every token. This is llama-server's
+host prompt cache (`--cache-ram`), least recently used first out, within a byte budget
+(HERD_PROMPT_CACHE).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from herd.models.base import KeptRows
+
+# prompts shorter than this are not worth a copy: computing them costs about as much
+MIN_TOKENS = 32
+
+
+@dataclass
+class Entry:
+    tokens: np.ndarray  # int64, the prompt the rows are of
+    snap: KeptRows  # the cache's snapshot (`Causal.snapshot`)
+    nbytes: int
+
+
+class PromptCache:
+    def __init__(self, limit: int) -> None:
+        """`limit`: bytes of host memory the kept rows may take."""
+        self.limit = limit
+        self.entries: OrderedDict[int, Entry] = OrderedDict()  # least recently used first
+        self._next = 0
+        self.stored = 0  # bytes held
+        self.restored = 0  # tokens given back to slots so far
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def longest(self, tokens: list[int], limit: int) -> tuple[int, int | None]:
+        """(length, key) of the kept prompt sharing the longest prefix with tokens, at
+        most `limit` of them; (0, None) when none does."""
+        if not self.entries or limit <= 0:
+            return 0, None
+        want = np.asarray(tokens[:limit], dtype=np.int64)
+        best, best_key = 0, None
+        for key, entry in self.entries.items():
+            m = min(len(want), len(entry.tokens))
+            differ = np.flatnonzero(entry.tokens[:m] != want[:m])
+            n = int(differ[0]) if len(differ) else m
+            if n > best:
+                best, best_key = n, key
+        return best, best_key
+
+    def get(self, key: int) -> KeptRows:
+        """The snapshot kept under key, now the most recently used."""
+        self.entries.move_to_end(key)
+        return self.entries[key].snap
+
+    def wants(self, tokens: list[int]) -> bool:
+        """Whether a prompt is worth keeping: long enough, and not a prefix of one kept."""
+        if len(tokens) < MIN_TOKENS or self.limit <= 0:
+            return False
+        n, _ = self.longest(tokens, len(tokens))
+        return n < len(tokens)
+
+    def put(self, tokens: list[int], snap: KeptRows) -> None:
+        """Keep a prompt's rows; kept prompts that are prefixes of it go (it covers them),
+        then the least recently used until the rows fit."""
+        nbytes = snap.nbytes
+        if nbytes > self.limit:
+            return
+        arr = np.asarray(tokens, dtype=np.int64)
+        for key in [
+            k
+            for k, e in self.entries.items()
+            if len(e.tokens) <= len(arr) and np.array_equal(e.tokens, arr[: len(e.tokens)])
+        ]:
+            self._drop(key)
+        while self.entries and self.stored + nbytes > self.limit:
+            self._drop(next(iter(self.entries)))
+        self.entries[self._next] = Entry(arr, snap, nbytes)
+        self._next += 1
+        self.stored += nbytes
+
+    def _drop(self, key: int) -> None:
+        self.stored -= self.entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.stored = 0
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "prompt_cache_bytes": self.stored,
+            "prompt_cache_prompts": len(self.entries),
+            "prompt_cache_restored": self.restored,
+        }

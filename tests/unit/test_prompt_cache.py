@@ -1,0 +1,153 @@
+"""The prompt cache: prompts that leave the slots are kept in host memory and written back
+into a slot for a later prompt that starts with them, giving the tokens computing them
+gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_runner import LetterTokenizer
+
+from herd.gguf import open_gguf
+from herd.ml import available_backends, open_backend
+from herd.models import load_model
+from herd.options import Options
+from herd.runner import Runner
+from herd.runner.prompt_cache import MIN_TOKENS, PromptCache
+
+GREEDY = Options(temperature=0, num_predict=8)
+rng = np.random.default_rng(7)
+SYSTEM = rng.integers(3, 60, 48).tolist()  # a "system prompt" longer than MIN_TOKENS
+CHAT_A = SYSTEM + rng.integers(3, 60, 12).tolist()
+CHAT_B = SYSTEM + rng.integers(3, 60, 9).tolist()
+OTHER = rng.integers(3, 60, 40).tolist()  # shares nothing with the chats
+
+
+def make(path, backend="numpy", parallel=1, prompt_cache=2**26, cache_type="f16"):
+    g = open_gguf(path)
+    be = open_backend(backend, g)
+    model = load_model(g.config(), be)
+    return Runner(model, be, LetterTokenizer(), Options(num_ctx=256), model.context_length,
+                  parallel=parallel, cache_type=cache_type, prompt_cache=prompt_cache)  # fmt: skip
+
+
+def run(runner, tokens):
+    return list(runner.generate(tokens, GREEDY))[-1]
+
+
+def _backend(name: str) -> None:
+    if name not in available_backends():
+        pytest.skip(f"{name} not installed (pip install -e '.[{name}]')")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "ggml", "mlx", "onnx"])
+def test_a_prompt_pushed_out_of_its_slot_comes_back_from_host_memory(tiny_llama_path, backend):
+    """One slot: chat A, then an unrelated prompt takes the slot (A's rows go to host
+    memory), then chat B under A's system prompt gets those rows back instead of computing
+    them, and answers as a server that never had A does."""
+    _backend(backend)
+    fresh = run(make(tiny_llama_path, backend, prompt_cache=0), CHAT_B)
+    runner = make(tiny_llama_path, backend)
+    run(runner, CHAT_A)
+    run(runner, OTHER)
+    assert len(runner.prompts) == 1 and runner.prompts.stored > 0
+    got = run(runner, CHAT_B)
+    assert got.prompt_cached_count == len(SYSTEM)  # restored, not computed
+    assert got.prompt_eval_count == len(CHAT_B) - len(SYSTEM)
+    assert got.tokens == fresh.tokens
+    assert runner.kv_stats()["prompt_cache_restored"] == len(SYSTEM)
+
+
+def test_without_a_prompt_cache_the_prefix_is_computed_again(tiny_llama_path):
+    runner = make(tiny_llama_path, prompt_cache=0)
+    run(runner, CHAT_A)
+    run(runner, OTHER)
+    assert runner.prompts is None
+    assert run(runner, CHAT_B).prompt_eval_count == len(CHAT_B)
+
+
+def test_a_conversation_resumes_from_host_memory(tiny_llama_path):
+    """The next turn of a conversation whose slot was taken: everything it had, generated
+    tokens included, comes back; the answer is the one of a slot that kept it."""
+    kept = make(tiny_llama_path, prompt_cache=0)
+    first = run(kept, CHAT_A)
+    turn = CHAT_A + list(first.tokens) + [40, 41]
+    expected = run(kept, turn)
+    runner = make(tiny_llama_path)
+    run(runner, CHAT_A)
+    run(runner, OTHER)
+    got = run(runner, turn)
+    assert got.prompt_cached_count == len(CHAT_A) + len(first.tokens) - 1
+    assert got.tokens == expected.tokens
+
+
+def test_restored_rows_are_the_rows_that_left(smollm2_path):
+    """The snapshot of a restored slot equals the one taken before it left, on every
+    cache type herd offers (F16 rows are kept as F16; quantized ones come back through
+    their dequantized values and quantize to the same blocks)."""
+    _backend("ggml")
+    for cache_type in ("f16", "q8_0", "q4_0"):
+        runner = make(smollm2_path, "ggml", parallel=2, cache_type=cache_type)
+        run(runner, CHAT_A)
+        slot = runner.slots[0]
+        n = len(slot.cached)
+        before = runner.cache.snapshot(slot.id, n)
+        assert before is not None
+        assert runner.cache.restore(1, before, n)
+        after = runner.cache.snapshot(1, n)
+        for layer in before.keys:
+            np.testing.assert_array_equal(after.keys[layer], before.keys[layer], cache_type)
+            np.testing.assert_array_equal(after.values[layer], before.values[layer], cache_type)
+
+
+def test_gemma3_sliding_and_global_caches_restore_together(gemma3_path):
+    """Gemma 3's two caches (sliding-window and global layers) are kept and restored as
+    one: a restored prefix answers as a computed one."""
+    _backend("ggml")
+    fresh = run(make(gemma3_path, "ggml", prompt_cache=0), CHAT_B)
+    runner = make(gemma3_path, "ggml")
+    run(runner, CHAT_A)
+    run(runner, OTHER)
+    got = run(runner, CHAT_B)
+    assert got.prompt_cached_count == len(SYSTEM)
+    assert got.tokens == fresh.tokens
+
+
+def test_short_prompts_are_not_kept(tiny_llama_path):
+    runner = make(tiny_llama_path)
+    run(runner, SYSTEM[: MIN_TOKENS // 2])
+    run(runner, OTHER)
+    assert len(runner.prompts) == 0
+
+
+def test_reset_forgets_kept_prompts(tiny_llama_path):
+    runner = make(tiny_llama_path)
+    run(runner, CHAT_A)
+    run(runner, OTHER)
+    runner.reset()
+    assert len(runner.prompts) == 0 and runner.prompts.stored == 0
+
+
+class Rows:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+def test_the_cache_keeps_the_longest_prompts_within_its_budget():
+    cache = PromptCache(limit=300)
+    a = list(range(40))
+    cache.put(a, Rows(100))
+    cache.put(a + [7] * 10, Rows(120))  # covers a: a goes
+    assert len(cache) == 1 and cache.stored == 120
+    assert not cache.wants(a)  # a prefix of a kept prompt
+    assert cache.longest(a + [9], 100) == (40, 1)
+    b, c = [5] * 40, [6] * 40
+    cache.put(b, Rows(100))
+    cache.get(1)  # a's extension used: b is now the least recently used
+    cache.put(c, Rows(100))  # 320 > 300: b leaves
+    assert cache.longest(b, 40) == (0, None)
+    assert cache.longest(c, 10) == (10, 3)
+    assert cache.stored == 220
+    cache.put(list(range(100, 200)), Rows(301))  # larger than the whole budget: not kept
+    assert len(cache) == 2
+    assert not PromptCache(0).wants(a)  # a budget of 0 keeps nothing
