@@ -4,6 +4,8 @@ gives."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from test_runner import LetterTokenizer
@@ -35,6 +37,13 @@ def run(runner, tokens):
     return list(runner.generate(tokens, GREEDY))[-1]
 
 
+def logprobs(runner, tokens) -> np.ndarray:
+    """The log-probability of each greedy token (where random tiny models give the same
+    tokens from rows that differ a little, these differ)."""
+    events = list(runner.generate(tokens, GREEDY, logprobs=0))
+    return np.array([lp["logprob"] for e in events for lp in e.logprobs])
+
+
 def _backend(name: str) -> None:
     if name not in available_backends():
         pytest.skip(f"{name} not installed (pip install -e '.[{name}]')")
@@ -46,7 +55,9 @@ def test_a_prompt_pushed_out_of_its_slot_comes_back_from_host_memory(tiny_llama_
     memory), then chat B under A's system prompt gets those rows back instead of computing
     them, and answers as a server that never had A does."""
     _backend(backend)
-    fresh = run(make(tiny_llama_path, backend, prompt_cache=0), CHAT_B)
+    computed = make(tiny_llama_path, backend, prompt_cache=0)
+    fresh = run(computed, CHAT_B)
+    expected = logprobs(computed, CHAT_B)  # the same prefix, kept in the slot this time
     runner = make(tiny_llama_path, backend)
     run(runner, CHAT_A)
     run(runner, OTHER)
@@ -56,6 +67,8 @@ def test_a_prompt_pushed_out_of_its_slot_comes_back_from_host_memory(tiny_llama_
     assert got.prompt_eval_count == len(CHAT_B) - len(SYSTEM)
     assert got.tokens == fresh.tokens
     assert runner.kv_stats()["prompt_cache_restored"] == len(SYSTEM)
+    run(runner, OTHER)  # CHAT_B's rows out, and back in for the same prompt
+    np.testing.assert_allclose(logprobs(runner, CHAT_B), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_without_a_prompt_cache_the_prefix_is_computed_again(tiny_llama_path):
@@ -81,18 +94,31 @@ def test_a_conversation_resumes_from_host_memory(tiny_llama_path):
     assert got.tokens == expected.tokens
 
 
-def test_restored_rows_are_the_rows_that_left(smollm2_path):
+@pytest.mark.parametrize("path", ["host memory", "graph"])
+def test_restored_rows_are_the_rows_that_left(smollm2_path, monkeypatch, path):
     """The snapshot of a restored slot equals the one taken before it left, on every
-    cache type herd offers (F16 rows are kept as F16; quantized ones come back through
-    their dequantized values and quantize to the same blocks)."""
+    cache type herd offers: copied as bytes where the cache is in host memory, and through
+    a pass of row gathers where it is not (a GPU's: F16 rows kept as F16, quantized ones
+    through their dequantized values, which quantize to the same blocks)."""
     _backend("ggml")
+    from herd.ml.backends.ggml.backend import GGMLBackend
+
+    if path == "graph":
+        monkeypatch.setattr(GGMLBackend, "host_view", lambda self, t: None)
     for cache_type in ("f16", "q8_0", "q4_0"):
         runner = make(smollm2_path, "ggml", parallel=2, cache_type=cache_type)
         run(runner, CHAT_A)
         slot = runner.slots[0]
         n = len(slot.cached)
         before = runner.cache.snapshot(slot.id, n)
-        assert before is not None
+        assert before is not None and before.raw == (path == "host memory")
+        kept = copy.deepcopy(before)
+        runner.reset()
+        run(runner, OTHER)  # written over the cells the snapshot was taken from
+        assert runner.slots[0].cached[: len(OTHER)] == OTHER
+        for layer in before.keys:  # a copy, not a view of the cache
+            np.testing.assert_array_equal(before.keys[layer], kept.keys[layer])
+            np.testing.assert_array_equal(before.values[layer], kept.values[layer])
         assert runner.cache.restore(1, before, n)
         after = runner.cache.snapshot(1, n)
         for layer in before.keys:

@@ -16,7 +16,7 @@ import numpy as np
 
 from herd.errors import CacheFullError
 from herd.kvcache import compact
-from herd.ml import Backend, Context, DType, Tensor
+from herd.ml import Backend, Context, DType, HostTensors, Tensor
 
 # model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
@@ -38,12 +38,24 @@ class BatchLayout:
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
+def _as_slice(cells: np.ndarray) -> np.ndarray | slice:
+    """A run of consecutive cells as a slice (a sequence's cells usually are one): NumPy
+    copies a slice along the cells' axis at memory speed, an index array element by
+    element."""
+    if len(cells) and (np.diff(cells) == 1).all():
+        return slice(int(cells[0]), int(cells[-1]) + 1)
+    return cells
+
+
 @dataclass
 class Snapshot:
-    """Host copies of one sequence's K/V rows, (positions, Hkv, D) per layer."""
+    """Host copies of one sequence's K/V rows, (positions, Hkv, D) per layer: D in bytes
+    for a block-quantized cache's raw rows, and a transposed cache's raw values as it
+    holds them, (Hkv, Dv, positions)."""
 
     keys: dict[int, np.ndarray]
     values: dict[int, np.ndarray]
+    raw: bool  # the cache's own bytes (`HostTensors`), else float rows from a pass
 
     @property
     def nbytes(self) -> int:
@@ -417,6 +429,19 @@ class Causal:
         cells = cells[np.argsort(self.pos[cells], kind="stable")]
         if n <= 0 or len(cells) != n or (self.pos[cells] != np.arange(n)).any() or not self.keys:
             return None
+        views = self._host_views()
+        if views is not None:  # the bytes themselves, whatever the type
+            at = _as_slice(cells)  # copies: a slice of the views is a view
+            keys = {layer: k[at].copy() for layer, k, _ in views}
+            if self.v_trans:  # kept as (Hkv, Dv, n): no transposing copy either way
+                values = {layer: v[..., at].copy() for layer, _, v in views}
+            else:
+                values = {layer: v[at].copy() for layer, _, v in views}
+            return Snapshot(keys, values, raw=True)
+        return self._snapshot_by_graph(cells)
+
+    def _snapshot_by_graph(self, cells: np.ndarray) -> Snapshot:
+        """`snapshot` where the cache is not in host memory: the rows gathered by a pass."""
         assert self.backend is not None
         lo, hi = int(cells.min()), int(cells.max()) + 1
         layers = sorted(self.keys)
@@ -437,7 +462,21 @@ class Causal:
         host = np.float16 if self.dtype == DType.F16 else np.float32
         rows = [np.ascontiguousarray(a, dtype=host) for a in arrays]
         return Snapshot(dict(zip(layers, rows[0::2], strict=True)),
-                        dict(zip(layers, rows[1::2], strict=True)))  # fmt: skip
+                        dict(zip(layers, rows[1::2], strict=True)), raw=False)  # fmt: skip
+
+    def _host_views(self) -> list[tuple[int, np.ndarray, np.ndarray]] | None:
+        """(layer, keys, values) as arrays over host memory, for every layer; None unless
+        the backend shows them all (`HostTensors`)."""
+        if not isinstance(self.backend, HostTensors):
+            return None
+        out = []
+        for layer in sorted(self.keys):
+            k = self.backend.host_view(self.keys[layer])
+            v = self.backend.host_view(self.values[layer])
+            if k is None or v is None:
+                return None
+            out.append((layer, k, v))
+        return out
 
     def restore(self, seq: int, snap: Snapshot, n: int) -> bool:
         """Make seq hold snap's first n positions (its cells dropped first): cells placed
@@ -446,11 +485,23 @@ class Causal:
         self.remove(seq, 0, None)
         if set(snap.keys) != set(self.keys) or int(np.count_nonzero(self.pos < 0)) < n:
             return False
-        assert self.backend is not None
+        views = self._host_views()
+        if snap.raw != (views is not None):
+            return False
         cells = self._place(self.pos < 0, seq, n)
         self.pos[cells] = np.arange(n, dtype=np.int32)
         self.member[cells] = False
         self.member[cells, seq] = True
+        if views is not None:
+            at = _as_slice(cells)
+            for layer, k, v in views:
+                k[at] = snap.keys[layer][:n]
+                if self.v_trans:
+                    v[..., at] = snap.values[layer][..., :n]
+                else:
+                    v[at] = snap.values[layer][:n]
+            return True
+        assert self.backend is not None
         with self.backend.new_context() as ctx:
             idx = ctx.input(cells.astype(np.int32), DType.I32)
             for layer, keys in self.keys.items():

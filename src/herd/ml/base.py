@@ -253,6 +253,19 @@ class Context(Protocol):
 
 
 @runtime_checkable
+class HostTensors(Protocol):
+    """Optional on a backend: its persistent tensors, where they live in this process's
+    memory, as NumPy arrays over that memory. The KV cache copies a sequence's rows in and
+    out through them (the runner's prompt cache) at memcpy speed and byte for byte, where
+    a graph of row gathers would cost a pass and a float32 round trip."""
+
+    def host_view(self, t: Tensor) -> np.ndarray | None:
+        """A writable array over a tensor made by `alloc`: its shape and element type, or
+        for block-quantized types its shape with the last dimension in bytes (uint8);
+        None when the tensor is not in host memory (a GPU's, another machine's)."""
+
+
+@runtime_checkable
 class GraphReuse(Protocol):
     """Optional on a graph backend's contexts: run a computed graph again with new input
     values, skipping the Python that built it (a decode step differs from the last one

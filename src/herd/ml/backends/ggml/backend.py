@@ -25,7 +25,7 @@ from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
 from herd.gguf import GGUFFile
 from herd.ml.backends.ggml import _lib as L
 from herd.ml.backends.ggml._lib import TYPE_F32, ggml_mul_mat
-from herd.ml.backends.ggml.context import GGMLContext
+from herd.ml.backends.ggml.context import GGMLContext, _host_view
 from herd.ml.backends.ggml.devices import (
     GPU,
     Device,
@@ -38,8 +38,11 @@ from herd.ml.backends.ggml.dtypes import BLOCK, CONT, FLOAT, GTYPE, compute_type
 from herd.ml.backends.ggml.placement import Placer
 from herd.ml.backends.ggml.rpc import add_servers
 from herd.ml.backends.ggml.tensor import GGMLTensor
-from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
+from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType, Tensor
 from herd.ml.layout import Plan, plan, size
+
+# what `host_view` shows a float tensor's elements as (BF16: its raw 16 bits)
+HOST_DTYPE = {TYPE_F32: np.float32, L.TYPE_F16: np.float16, L.TYPE_BF16: np.uint16}
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class GGMLBackend:
         self._room: dict[str | None, tuple[float, DeviceInfo, int]] = {}
         self._meta_pool: list[np.ndarray] = []
         self._persistent: list[tuple[int, int]] = []  # (ggml context, backend buffer)
+        self._in_host: set[int] = set()  # `alloc`ed tensors in the CPU's buffer
         self._weights: dict[str, GGMLTensor] = {}
         self.dev = cpu_device()
         # weight pointer -> its repacked copy for linear (0: not made yet); empty: option off
@@ -298,7 +302,20 @@ class GGMLBackend:
         L.ggml_backend_buffer_clear(buf, 0)
         self._persistent.append((ctx, buf))
         self.n_static += 1
+        if gpu is None:
+            self._in_host.add(p)
         return GGMLTensor(p, tuple(shape), gtype, CONT, None)
+
+    def host_view(self, t: Tensor) -> np.ndarray | None:
+        """`HostTensors`: an array over an `alloc`ed tensor in the CPU's buffer."""
+        assert isinstance(t, GGMLTensor)
+        if t.p not in self._in_host:
+            return None
+        shape, gtype = t.shape, t.gtype
+        if gtype in HOST_DTYPE:
+            return _host_view(t.p, shape, HOST_DTYPE[gtype], writeable=True)
+        row = L.ggml_row_size(gtype, shape[-1])  # block-quantized: each row's bytes
+        return _host_view(t.p, (*shape[:-1], row), np.uint8, writeable=True)
 
     def new_context(self) -> GGMLContext:
         return GGMLContext(self)
@@ -349,6 +366,7 @@ class GGMLBackend:
             L.ggml_backend_buffer_free(buf)
             L.ggml_free(ctx)
         self._persistent.clear()
+        self._in_host.clear()
         self._weights.clear()
         if self._wbuf:
             L.ggml_backend_buffer_free(self._wbuf)

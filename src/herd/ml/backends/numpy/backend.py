@@ -25,6 +25,7 @@ from herd.ml.base import (
     DeviceInfo,
     DType,
     RopeOptions,
+    Tensor,
     context_of,
     mul_mat_id_shape,
 )
@@ -421,6 +422,11 @@ class NumpyBackend:
     def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> NumpyTensor:
         # fp32 whatever was asked: this backend is the exact reference
         return NumpyTensor(np.zeros(shape, dtype=np.float32), None)
+
+    def host_view(self, t: Tensor) -> np.ndarray:
+        """`HostTensors`: every tensor here is a NumPy array."""
+        assert isinstance(t, NumpyTensor)
+        return t.a
 
     def new_context(self) -> NumpyContext:
         return NumpyContext()
