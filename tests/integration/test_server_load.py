@@ -1,7 +1,8 @@
 """16 clients for a bounded time against a real `herd serve` (8 slots, a queue of 4): every
 request completes or is told "busy" (503 with Retry-After), none hangs, and the server's
 memory after a second and third wave of the same load is back where the first left it
-(no growth per wave: cells, graphs and buffers are reused, not leaked)."""
+(no growth per wave: cells, graphs and buffers are reused, not leaked; the prompt cache's
+own bytes, which it reports and bounds, aside)."""
 
 from __future__ import annotations
 
@@ -95,13 +96,17 @@ def test_sixteen_clients_complete_or_are_told_busy_and_memory_returns(server: Se
     httpx.post(f"{server.url}/api/generate", json=load, timeout=120)
     first = _wave(server, 0)
     assert first["ok"] >= 8  # the slots served, not everything refused
-    baseline = _rss(server)
-    waves = [_wave(server, w) for w in (1, 2)]
-    after = _rss(server)
-    assert all(w["ok"] >= 8 for w in waves)
-    factor, slack = RSS_SLACK
-    assert after <= baseline * factor + slack, (baseline >> 20, after >> 20)
-    m = server.metrics()
     label = f'model_name="{MODEL}"'
+    kept = f"herd:prompt_cache_bytes{{{label}}}"
+    baseline, kept_before = _rss(server), server.metrics()[kept]
+    waves = [_wave(server, w) for w in (1, 2)]
+    after, kept_after = _rss(server), server.metrics()[kept]
+    assert all(w["ok"] >= 8 for w in waves)
+    # the prompt cache may hold more of the conversations that left the slots (within
+    # its budget, HERD_PROMPT_CACHE); everything else is back where it was
+    grown = max(0.0, kept_after - kept_before)
+    factor, slack = RSS_SLACK
+    assert after - grown <= baseline * factor + slack, (baseline >> 20, after >> 20, grown)
+    m = server.metrics()
     assert m[f"vllm:num_requests_running{{{label}}}"] == 0
     assert m[f"vllm:num_requests_waiting{{{label}}}"] == 0
