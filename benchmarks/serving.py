@@ -4,6 +4,7 @@ and llama-cpp-python's OpenAI server, same model file, threads and context per s
     python -m benchmarks.serving [--peer llama-server,llama-cpp-python] [--clients 1,4,8,16]
                                  [--scenarios chat,independent] [--rounds 3] [--tokens 64]
                                  [--turns 2] [--parallel 8] [--threads 2] [--quick]
+                                 [--flash-attn default|on|off]
 
 llama-server is built once by scripts/build_llama_server.py (`make llama-server`) from the
 llama.cpp source herd's ggml is built from, with the same CPU flags (`--llama-server PATH`
@@ -111,7 +112,8 @@ def machine_line(args: argparse.Namespace) -> str:
     return (
         f"model {args.model}, {args.threads} threads, {args.parallel} slots of {args.ctx} "
         f"tokens, {args.tokens} tokens per reply, {args.turns} requests per client, best of "
-        f"{args.rounds}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.rounds}, flash attention {args.flash_attn}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}"
     )
 
@@ -189,6 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-cached", action="store_true", help="skip the single-client figure")
     ap.add_argument("--backend", default="auto", help="herd's backend (auto picks its best)")
     ap.add_argument(
+        "--flash-attn",
+        choices=("default", "on", "off"),
+        default="default",
+        help="flash attention for herd and llama-server alike (default: each its own: "
+        "herd off on a CPU, llama-server auto, which is on there)",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="a short check: 1 and 8 clients, 1 round, 32 tokens, unless given",
@@ -229,6 +238,7 @@ def main() -> None:
             args.parallel,
             args.backend,
             Path(tmp),
+            args.flash_attn,
         )
         with contextlib.ExitStack() as stack:
             servers = {}

@@ -7,6 +7,8 @@ Every server gets the same model file, threads and context per sequence:
   options), then loaded with an empty `/api/generate`, as Ollama loads one.
 - llama-server: built by scripts/build_llama_server.py from the llama.cpp source herd's
   ggml comes from; `-c` is the total context, so `-c parallel*ctx --parallel parallel`.
+- flash attention: each server's default unless `--flash-attn on|off` sets both (herd's is
+  off on a CPU, llama-server's `auto` turns it on there: their defaults differ in kernels).
 - llama-cpp-python's OpenAI server: one request at a time (`--interrupt_requests False`,
   else a new request cuts the running stream short), context `ctx`.
 """
@@ -38,6 +40,9 @@ class Setup:
     parallel: int  # slots (herd's HERD_NUM_PARALLEL, llama-server's --parallel)
     backend: str  # herd's backend, "auto" for its best
     logs: Path  # each server's output goes to a file here
+    # "on"/"off" for herd and llama-server alike; "default": each its own (herd: off on a
+    # CPU, for exactness; llama-server: auto, which turns it on for a CPU)
+    flash_attn: str = "default"
 
 
 def free_port() -> int:
@@ -92,6 +97,8 @@ def herd_server(s: Setup) -> Iterator[tuple[str, str]]:
         "HERD_KEEP_ALIVE": "-1",
     }
     env.pop("HERD_API_KEY", None)
+    if s.flash_attn != "default":
+        env["HERD_FLASH_ATTENTION"] = "1" if s.flash_attn == "on" else "0"
     if s.backend != "auto":
         env["HERD_BACKEND"] = s.backend
     url, log = f"http://127.0.0.1:{port}", s.logs / "herd.log"
@@ -126,6 +133,8 @@ def llama_server(s: Setup, binary: Path) -> Iterator[tuple[str, str]]:
     cmd = [str(binary), "-m", str(s.path), "-t", t, "-tb", t]
     cmd += ["-c", str(s.parallel * s.ctx), "--parallel", str(s.parallel)]
     cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    if s.flash_attn != "default":
+        cmd += ["--flash-attn", s.flash_attn]
     url, log = f"http://127.0.0.1:{port}", s.logs / "llama-server.log"
     with process(cmd, thread_env(s.threads), log) as proc:
         wait_up(f"{url}/health", proc, log)

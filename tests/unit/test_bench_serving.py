@@ -60,6 +60,10 @@ def test_arguments():
     assert (args.clients, args.tokens, args.rounds) == ([1, 2], 8, 1)  # given options count
     with pytest.raises(SystemExit):
         serving.parse_args(["--scenarios", "nope"])
+    assert serving.parse_args([]).flash_attn == "default"
+    assert serving.parse_args(["--flash-attn", "on"]).flash_attn == "on"
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--flash-attn", "auto"])
 
 
 def test_build_key_tells_builds_apart():
