@@ -139,6 +139,28 @@ def test_gemma3_sliding_and_global_caches_restore_together(gemma3_path):
     assert got.tokens == fresh.tokens
 
 
+def test_a_prefix_held_by_a_busy_slot_is_copied_not_computed(smollm2_path):
+    """Chat B arrives while chat A, under the same system prompt, is still answering in
+    the other slot: the system prompt's rows are copied from A's slot, and B answers as if
+    it had computed them."""
+    _backend("ggml")
+    fresh = logprobs(make(smollm2_path, "ggml", prompt_cache=0), CHAT_B)
+    runner = make(smollm2_path, "ggml", parallel=2)
+    runner.start()
+    try:
+        answering = runner.generate(CHAT_A, Options(temperature=0, num_predict=200))
+        next(answering)  # A's prompt is in its slot's cells, and A is still decoding
+        assert runner.slots[0].busy and len(runner.slots[0].cached) >= len(CHAT_A)
+        events = list(runner.generate(CHAT_B, GREEDY, logprobs=0))
+        assert events[-1].prompt_cached_count == len(SYSTEM)
+        got = np.array([lp["logprob"] for e in events for lp in e.logprobs])
+        answering.close()
+    finally:
+        runner.stop()
+    assert runner.prompts.restored == len(SYSTEM) and len(runner.prompts) == 0
+    np.testing.assert_allclose(got, fresh, rtol=1e-3, atol=1e-3)
+
+
 def test_short_prompts_are_not_kept(tiny_llama_path):
     runner = make(tiny_llama_path)
     run(runner, SYSTEM[: MIN_TOKENS // 2])

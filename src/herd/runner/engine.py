@@ -54,6 +54,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("herd.runner")
 
 
+def _common(cached: list[int], tokens: list[int]) -> int:
+    """How many of tokens, short of the last, start as cached does."""
+    n, limit = 0, min(len(cached), len(tokens) - 1)
+    while n < limit and cached[n] == tokens[n]:
+        n += 1
+    return n
+
+
 class Runner:
     def __init__(
         self,
@@ -115,35 +123,48 @@ class Runner:
         """The free slot sharing the longest prefix with tokens; stale entries removed. On
         a tie, the slot holding the fewest cells: an empty slot before one whose cached
         prefix another request may still reuse. What the slot held past the shared prefix
-        goes to the prompt cache first, and a longer prefix kept there comes back."""
+        goes to the prompt cache first, and a longer prefix comes back (`_borrow`)."""
         free = [s for s in self.slots if not s.busy]
         if not free:
             raise HerdError("no free sequence slot")
-
-        def common(slot: Slot) -> int:
-            n, limit = 0, min(len(slot.cached), len(tokens) - 1)
-            while n < limit and slot.cached[n] == tokens[n]:
-                n += 1
-            return n
-
-        slot = max(free, key=lambda s: (common(s), -len(s.cached)))
-        n = span_start(tokens, common(slot))  # an image's rows are computed together
+        slot = max(free, key=lambda s: (_common(s.cached, tokens), -len(s.cached)))
+        n = span_start(tokens, _common(slot.cached, tokens))  # an image's rows together
         self._park(slot, n)
-        kept, key = (
-            (0, None) if self.prompts is None else self.prompts.longest(tokens, len(tokens) - 1)
-        )
-        if self.prompts is not None and key is not None and kept - n >= MIN_TOKENS:
-            m = span_start(tokens, kept)
-            if self.cache.restore(slot.id, self.prompts.get(key), m):
-                slot.cached, n = list(tokens[:m]), m
-                self.prompts.restored += m
-            else:  # the slot holds nothing now
-                slot.cached, n = [], 0
+        n = self._borrow(slot, tokens, n)
         if n < len(slot.cached):
             self.cache.remove(slot.id, n, None)
             del slot.cached[n:]
         slot.busy = True
         return slot, n
+
+    def _borrow(self, slot: Slot, tokens: list[int], n: int) -> int:
+        """Copy into the slot a prefix of tokens longer than its own n, when one is held
+        (by at least MIN_TOKENS more): by the prompt cache, or by a slot another request is
+        using (its rows copied, not shared: each sequence keeps its own cells, compact).
+        The prefix the slot holds now."""
+        if self.prompts is None:
+            return n
+        kept, key = self.prompts.longest(tokens, len(tokens) - 1)
+        donor = max(
+            (s for s in self.slots if s.busy), key=lambda s: _common(s.cached, tokens), default=None
+        )
+        lent = 0 if donor is None else _common(donor.cached, tokens)
+        if max(kept, lent) - n < MIN_TOKENS:
+            return n
+        m = span_start(tokens, max(kept, lent))
+        if key is not None and kept >= lent:
+            snap = self.prompts.get(key)
+        else:
+            assert donor is not None
+            snap = self.cache.snapshot(donor.id, m)
+            if snap is None:
+                return n
+        if not self.cache.restore(slot.id, snap, m):
+            slot.cached = []  # the slot holds nothing now
+            return 0
+        slot.cached = list(tokens[:m])
+        self.prompts.restored += m
+        return m
 
     def _park(self, slot: Slot, keep: int) -> None:
         """Copy a slot's cached prompt to the prompt cache before all but its first `keep`

@@ -257,7 +257,7 @@ class Metrics:
             (
                 "herd:prompt_cache_restored_tokens_total",
                 "counter",
-                "Tokens written back to slots from the prompt cache instead of computed.",
+                "Tokens copied into slots (from the prompt cache or a busy slot), not computed.",
                 "prompt_cache_restored",
             ),
         ):
