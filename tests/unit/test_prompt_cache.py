@@ -199,3 +199,18 @@ def test_the_cache_keeps_the_longest_prompts_within_its_budget():
     cache.put(list(range(100, 200)), Rows(301))  # larger than the whole budget: not kept
     assert len(cache) == 2
     assert not PromptCache(0).wants(a)  # a budget of 0 keeps nothing
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [(None, 2**30), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("0", 0), ("lots", 2**30)],
+)
+def test_the_budget_is_herd_prompt_cache(monkeypatch, value, want):
+    """HERD_PROMPT_CACHE: a size with an optional unit, 0 for none; unset or unreadable,
+    1 GiB."""
+    from herd import envconfig
+
+    monkeypatch.delenv("HERD_PROMPT_CACHE", raising=False)
+    if value is not None:
+        monkeypatch.setenv("HERD_PROMPT_CACHE", value)
+    assert envconfig.prompt_cache() == want
