@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from herd.errors import CacheFullError
-from herd.kvcache import compact
-from herd.ml import Backend, Context, DType, HostTensors, Tensor
+from herd.kvcache import compact, rows
+from herd.kvcache.rows import Snapshot
+from herd.ml import Backend, Context, DType, Tensor
 
 # model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
@@ -36,30 +37,6 @@ class BatchLayout:
     sequences: np.ndarray  # (T,) int32
     # (first row, rows) of each image's placeholder tokens (see `Causal(bidirectional=)`)
     spans: list[tuple[int, int]] = field(default_factory=list)
-
-
-def _as_slice(cells: np.ndarray) -> np.ndarray | slice:
-    """A run of consecutive cells as a slice (a sequence's cells usually are one): NumPy
-    copies a slice along the cells' axis at memory speed, an index array element by
-    element."""
-    if len(cells) and (np.diff(cells) == 1).all():
-        return slice(int(cells[0]), int(cells[-1]) + 1)
-    return cells
-
-
-@dataclass
-class Snapshot:
-    """Host copies of one sequence's K/V rows, (positions, Hkv, D) per layer: D in bytes
-    for a block-quantized cache's raw rows, and a transposed cache's raw values as it
-    holds them, (Hkv, Dv, positions)."""
-
-    keys: dict[int, np.ndarray]
-    values: dict[int, np.ndarray]
-    raw: bool  # the cache's own bytes (`HostTensors`), else float rows from a pass
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.keys.values(), *self.values.values()))
 
 
 class Causal:
@@ -155,21 +132,21 @@ class Causal:
         # lie apart: a block of queries then attends its own sequence's stretch only
         # (`_plan_blocks`), not the range across every sequence in the batch
         for seq in [first] if one_sequence else dict.fromkeys(seqs.tolist()):
-            rows = np.flatnonzero(seqs == seq)
-            cells = self._place(self.pos < 0, seq, len(rows))
+            mine = np.flatnonzero(seqs == seq)
+            cells = self._place(self.pos < 0, seq, len(mine))
             if compact.scattered(self.member[:, seq], cells, self.padding):
                 start = seq * self.capacity
                 end = min(self.size, start + self.capacity)
-                planned = compact.home(self.pos, self.member, seq, len(rows), start, end)
+                planned = compact.home(self.pos, self.member, seq, len(mine), start, end)
                 src, dst, cells = planned or compact.gather(
-                    self.pos, self.member, np.array([seq]), len(rows), self.padding
+                    self.pos, self.member, np.array([seq]), len(mine), self.padding
                 )
                 self._move(src, dst)
                 moved = True
-            self.pos[cells] = batch.positions[rows]
+            self.pos[cells] = batch.positions[mine]
             self.member[cells] = False
             self.member[cells, seq] = True
-            locs[rows] = cells
+            locs[mine] = cells
         if moved and not one_sequence:  # a later move may have packed earlier ones' cells
             locs = self._cells_of(batch)
         self._finish_plan(batch, locs)
@@ -258,11 +235,11 @@ class Causal:
         """The cell holding each of the batch's (sequence, position)s."""
         locs = np.empty(len(batch.positions), dtype=np.int64)
         for seq in np.unique(batch.sequences):
-            rows = np.flatnonzero(batch.sequences == seq)
+            mine = np.flatnonzero(batch.sequences == seq)
             cells = np.flatnonzero(self.member[:, seq])
             order = np.argsort(self.pos[cells])
-            at = np.searchsorted(self.pos[cells], batch.positions[rows], sorter=order)
-            locs[rows] = cells[order[at]]
+            at = np.searchsorted(self.pos[cells], batch.positions[mine], sorter=order)
+            locs[mine] = cells[order[at]]
         return locs
 
     def _next_step(self, batch: BatchLayout) -> bool:
@@ -378,25 +355,9 @@ class Causal:
         pos, member = self.pos[src].copy(), self.member[src].copy()
         self.pos[src], self.member[src] = -1, False
         self.pos[dst], self.member[dst] = pos, member
-        if not self.keys:
-            return
-        assert self.backend is not None
-        lo, hi = int(src.min()), int(src.max()) + 1
-        with self.backend.new_context() as ctx:
-            i_src = ctx.input(src.astype(np.int32), DType.I32)
-            i_dst = ctx.input(dst.astype(np.int32), DType.I32)
-            # a transposed V's cells are columns: read as rows from the moved range only
-            near = ctx.input((src - lo).astype(np.int32), DType.I32) if self.v_trans else None
-            for layer, keys in self.keys.items():
-                values = self.values[layer]
-                ctx.forward(keys.set_rows(i_dst, keys.get_rows(i_src)))
-                if near is not None:
-                    rows = ctx.attach(values).slice(2, lo, hi).permute(2, 0, 1).contiguous()
-                    write = values.set_columns(i_dst, rows.get_rows(near).permute(1, 2, 0))
-                else:
-                    write = values.set_rows(i_dst, values.get_rows(i_src))
-                ctx.forward(write)
-            ctx.compute()
+        if self.keys:
+            assert self.backend is not None
+            rows.move(self.backend, self.keys, self.values, src, dst, self.v_trans)
 
     def defragment(self) -> None:
         """Pack every used cell from cell 0, each sequence's cells together in position
@@ -429,92 +390,24 @@ class Causal:
         cells = cells[np.argsort(self.pos[cells], kind="stable")]
         if n <= 0 or len(cells) != n or (self.pos[cells] != np.arange(n)).any() or not self.keys:
             return None
-        views = self._host_views()
-        if views is not None:  # the bytes themselves, whatever the type
-            at = _as_slice(cells)  # copies: a slice of the views is a view
-            keys = {layer: k[at].copy() for layer, k, _ in views}
-            if self.v_trans:  # kept as (Hkv, Dv, n): no transposing copy either way
-                values = {layer: v[..., at].copy() for layer, _, v in views}
-            else:
-                values = {layer: v[at].copy() for layer, _, v in views}
-            return Snapshot(keys, values, raw=True)
-        return self._snapshot_by_graph(cells)
-
-    def _snapshot_by_graph(self, cells: np.ndarray) -> Snapshot:
-        """`snapshot` where the cache is not in host memory: the rows gathered by a pass."""
         assert self.backend is not None
-        lo, hi = int(cells.min()), int(cells.max()) + 1
-        layers = sorted(self.keys)
-        with self.backend.new_context() as ctx:
-            idx = ctx.input(cells.astype(np.int32), DType.I32)
-            near = ctx.input((cells - lo).astype(np.int32), DType.I32) if self.v_trans else None
-            outs = []
-            for layer in layers:
-                values = self.values[layer]
-                outs.append(ctx.attach(self.keys[layer]).get_rows(idx))
-                if near is not None:  # a transposed V's cells are columns
-                    rows = ctx.attach(values).slice(2, lo, hi).permute(2, 0, 1).contiguous()
-                    outs.append(rows.get_rows(near))
-                else:
-                    outs.append(ctx.attach(values).get_rows(idx))
-            arrays = ctx.compute(*outs)
-        # F16 rows are kept as F16 (exact, half the memory); other types as they come back
-        host = np.float16 if self.dtype == DType.F16 else np.float32
-        rows = [np.ascontiguousarray(a, dtype=host) for a in arrays]
-        return Snapshot(dict(zip(layers, rows[0::2], strict=True)),
-                        dict(zip(layers, rows[1::2], strict=True)), raw=False)  # fmt: skip
-
-    def _host_views(self) -> list[tuple[int, np.ndarray, np.ndarray]] | None:
-        """(layer, keys, values) as arrays over host memory, for every layer; None unless
-        the backend shows them all (`HostTensors`)."""
-        if not isinstance(self.backend, HostTensors):
-            return None
-        out = []
-        for layer in sorted(self.keys):
-            k = self.backend.host_view(self.keys[layer])
-            v = self.backend.host_view(self.values[layer])
-            if k is None or v is None:
-                return None
-            out.append((layer, k, v))
-        return out
+        return rows.read(self.backend, self.keys, self.values, cells, self.v_trans, self.dtype)
 
     def restore(self, seq: int, snap: Snapshot, n: int) -> bool:
         """Make seq hold snap's first n positions (its cells dropped first): cells placed
         as a new sequence's and their rows written. False, with seq left empty, when the
-        cache has not the room or the snapshot is of other layers."""
+        cache has not the room or the snapshot is not of this cache's kind."""
         self.remove(seq, 0, None)
-        if set(snap.keys) != set(self.keys) or int(np.count_nonzero(self.pos < 0)) < n:
+        assert self.backend is not None
+        if int(np.count_nonzero(self.pos < 0)) < n:
             return False
-        views = self._host_views()
-        if snap.raw != (views is not None):
+        if not rows.can_write(self.backend, self.keys, self.values, snap):
             return False
         cells = self._place(self.pos < 0, seq, n)
         self.pos[cells] = np.arange(n, dtype=np.int32)
         self.member[cells] = False
         self.member[cells, seq] = True
-        if views is not None:
-            at = _as_slice(cells)
-            for layer, k, v in views:
-                k[at] = snap.keys[layer][:n]
-                if self.v_trans:
-                    v[..., at] = snap.values[layer][..., :n]
-                else:
-                    v[at] = snap.values[layer][:n]
-            return True
-        assert self.backend is not None
-        with self.backend.new_context() as ctx:
-            idx = ctx.input(cells.astype(np.int32), DType.I32)
-            for layer, keys in self.keys.items():
-                k = ctx.input(snap.keys[layer][:n].astype(np.float32), DType.F32)
-                v = ctx.input(snap.values[layer][:n].astype(np.float32), DType.F32)
-                values = self.values[layer]
-                ctx.forward(
-                    keys.set_rows(idx, k),
-                    values.set_columns(idx, v.permute(1, 2, 0))
-                    if self.v_trans
-                    else values.set_rows(idx, v),
-                )
-            ctx.compute()
+        rows.write(self.backend, self.keys, self.values, cells, snap, self.v_trans)
         return True
 
     def can_resume(self, seq: int, pos: int) -> bool:
@@ -539,12 +432,9 @@ class Causal:
                 shape_v = (*v.shape[1:], self.size)
             self.keys[self.layer] = self.backend.alloc(shape_k, self.dtype, layer=self.layer)
             self.values[self.layer] = self.backend.alloc(shape_v, self.dtype, layer=self.layer)
-        values = self.values[self.layer]
         self.ctx.forward(
             self.keys[self.layer].set_rows(self.locs, k),
-            values.set_columns(self.locs, v.permute(1, 2, 0))
-            if self.v_trans
-            else values.set_rows(self.locs, v),
+            rows.write_values(self.values[self.layer], self.locs, v, self.v_trans),
         )
 
     def blocks(self) -> list[tuple[int, int, int, int, Tensor]]:

@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from herd.kvcache.causal import BatchLayout, Causal, Snapshot
+from herd.kvcache.causal import BatchLayout, Causal
 from herd.kvcache.encoder import Encoder
+from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor
 
 
