@@ -70,7 +70,7 @@ class Tracked:
             self.expected[(s, p)] = (s, p)
         # each sequence's rows attend their block's cells (the whole range without blocks)
         # (sequences that share cells move as one: their own cells are the group's)
-        blocks = self.cache.blocks() or [(0, len(sq), 0, self.cache.hi - self.cache.lo, None)]
+        blocks = self.cache._blocks or [(0, len(sq), 0, self.cache.hi - self.cache.lo, 0)]
         member = self.cache.member[:, sorted(set(seqs))]
         shared = (member.sum(axis=1) > 1).any()
         for seq in set(seqs):

@@ -45,8 +45,40 @@ def test_new_sequences_start_in_their_own_part_and_grow_there():
         np.testing.assert_array_equal(cells, np.arange(seq * 32, seq * 32 + n))
     assert cache.moved == 0 and cache.stats()["fragmentation"] == 0.0
     # each sequence's rows attend a block over only its own cells
-    assert [(a, b) for a, b, _, _ in cache._blocks] == [(0, 1), (1, 2), (2, 3)]
-    assert all(e - s <= 16 for _, _, s, e in cache._blocks)
+    assert [(a, b) for a, b, _, _, _ in cache._blocks] == [(0, 1), (1, 2), (2, 3)]
+    assert all(e - s <= 16 and n == 0 for _, _, s, e, n in cache._blocks)
+
+
+class Streams(Small):
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(False, PAD, DType.F32, False, streams=True)
+
+
+def test_decoding_sequences_with_consecutive_ids_in_their_parts_attend_as_one_block():
+    """Where the backend takes a sequences' axis, a run of decoding sequences with
+    consecutive ids, each in its own part, is one block over the first cells of every
+    part in the run (its longest, padded); a sequence with no neighbour in the batch,
+    a prompt's rows, or cells moved out of its part keep blocks of their own. Each
+    stream's mask is its sequence's row over its own part."""
+    cache = Causal(padding=PAD)
+    cache.init(Streams(), DType.F32, max_sequences=4, capacity=32, max_batch=16)
+    plan(cache, [0, 1, 2, 3], [3, 9, 5, 2])
+    plan(cache, [0, 2, 3], [1, 1, 1])  # 0 alone; 2 and 3 consecutive
+    assert cache._blocks[0][4] == 0 and cache._blocks[1:] == [(1, 3, 2, 8, 2)]
+    stream = cache._block_arrays[1]
+    assert stream.shape == (2, 1, 8)
+    np.testing.assert_array_equal(stream[0, 0] == 0, np.arange(8) < 6)  # 2: 6 positions
+    np.testing.assert_array_equal(stream[1, 0] == 0, np.arange(8) < 3)  # 3: 3 positions
+    plan(cache, [0, 1, 2, 3], [1, 1, 1, 1])
+    assert cache._blocks == [(0, 4, 0, 12, 4)]  # 1's 11 cells rounded to the padding
+    plan(cache, [0, 1, 2, 3], [1, 4, 1, 1])  # 1 feeds a prompt chunk: 0 alone, 2-3 a run
+    assert [b[4] for b in cache._blocks] == [0, 0, 2]
+    # packed from cell 0, each sequence gathers its cells again, 1-3 in their own parts;
+    # 0's find no room in its part (the others' lie there): it is attended on its own
+    cache.defragment()
+    plan(cache, [0, 1, 2, 3], [1, 1, 1, 1])
+    assert not cache.member[:32, 0].any()
+    assert cache._blocks == [(0, 1, 0, 8, 0), (1, 4, 1, 24, 3)]
 
 
 def test_a_hole_in_a_sequences_part_is_closed_there():

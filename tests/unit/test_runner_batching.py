@@ -6,6 +6,8 @@ step's rows come in slot order, so its graph is rerun however the runner rotates
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -53,22 +55,30 @@ def test_each_sequence_attends_its_own_cells_with_the_same_logits(
     tiny_llama_path, monkeypatch, backend
 ):
     """Three sequences' prompts and then their decode steps in one batch each: planned in
-    blocks (one per sequence, each over its own part of the cache), the logits equal those
-    of one attention over the whole range with the mask."""
-    logits: dict[bool, list[np.ndarray]] = {}
-    for blocked in (True, False):
-        if not blocked:
-            monkeypatch.setattr(causal.Causal, "_plan_blocks", lambda self, mask, seqs: [])
+    blocks (one per sequence, each over its own part of the cache), and the decoding ones
+    as one block of streams where the backend takes them (ggml: `CacheConfig.streams`;
+    NumPy, told it does, attends each in turn), the logits equal those of one attention
+    over the whole range with the mask."""
+    if backend == "numpy":
+        declared = type(open_backend("numpy", open_gguf(tiny_llama_path))).cache_config
+        monkeypatch.setattr(
+            "herd.ml.backends.numpy.NumpyBackend.cache_config",
+            lambda self: replace(declared(self), streams=True),
+        )
+    logits: dict[str, list[np.ndarray]] = {}
+    planned: dict[str, list[list[tuple[int, ...]]]] = {}
+    for mode in ("streams", "blocks", "whole"):
+        if mode == "blocks":
+            monkeypatch.setattr(causal.Causal, "_streams", lambda self, batch, cuts: [])
+        if mode == "whole":
+            monkeypatch.setattr(causal.Causal, "_plan_blocks", lambda self, batch: [])
         r = make_runner(tiny_llama_path, backend)
         seen: list[np.ndarray] = []
         compute = r._compute
 
-        def recording(batch, compute=compute, seen=seen, r=r, blocked=blocked):
+        def recording(batch, compute=compute, seen=seen, r=r, mode=mode):
             out = compute(batch)
-            if blocked:  # one block per sequence, each narrower than the whole range
-                blocks = r.cache._blocks
-                assert len(blocks) == len(set(batch.sequences.tolist())) > 1
-                assert all(e - s < r.cache.hi - r.cache.lo for _, _, s, e in blocks)
+            planned.setdefault(mode, []).append(list(r.cache._blocks))
             seen.append(np.array(out, copy=True))
             return out
 
@@ -77,10 +87,19 @@ def test_each_sequence_attends_its_own_cells_with_the_same_logits(
             admit(r, tokens, n=4)
         while r.active or not r.incoming.empty():
             r.step()
-        logits[blocked] = seen
-    assert len(logits[True]) == len(logits[False]) >= 4
-    for a, b in zip(logits[True], logits[False], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        logits[mode] = seen
+    # the prompts: one block per sequence, each narrower than the whole range
+    first = planned["blocks"][0]
+    assert len(first) == 3 and all(n == 0 and e - s < 3 * 128 for _, _, s, e, n in first)
+    # decode steps: with streams, the three sequences as one block over their own parts
+    # (MLX declares no streams: its decode steps stay one block per sequence)
+    assert all(len(p) == 3 for p in planned["blocks"][1:])
+    streams = [(0, 3, 0, 128, 3)] if backend != "mlx" else planned["blocks"][1]
+    assert all(p == streams for p in planned["streams"][1:])
+    assert len(logits["streams"]) == len(logits["whole"]) >= 4
+    for mode in ("streams", "blocks"):
+        for a, b in zip(logits[mode], logits["whole"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_decoding_goes_on_while_a_long_prompt_is_fed_in_chunks(tiny_llama_path):

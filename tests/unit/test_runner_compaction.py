@@ -21,8 +21,10 @@ PAD = 8  # small padding: the moves start at small waste, as they would at 128 o
 
 
 class SmallPadding(NumpyBackend):
+    streams = False  # whether decoding sequences attend as one block (`_streams`)
+
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(True, PAD, DType.F32, False)
+        return CacheConfig(True, PAD, DType.F32, False, streams=self.streams)
 
 
 class Letters:
@@ -33,9 +35,10 @@ class Letters:
         return False
 
 
-def make_runner(path, parallel: int, num_ctx: int = 96) -> Runner:
+def make_runner(path, parallel: int, num_ctx: int = 96, streams: bool = False) -> Runner:
     g = open_gguf(path)
     backend = SmallPadding(g)
+    backend.streams = streams
     model = load_model(g.config(), backend)
     options = Options(num_ctx=num_ctx, num_batch=16)
     return Runner(model, backend, Letters(), options, model.context_length, parallel=parallel)
@@ -60,16 +63,26 @@ def drain(seq: Sequence) -> list[Event]:
     return events
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batched_decoding_with_moving_cells_equals_decoding_alone(tiny_llama_path, seed):
+@pytest.mark.parametrize(("seed", "streams"), [(0, False), (1, False), (2, True), (3, True)])
+def test_batched_decoding_with_moving_cells_equals_decoding_alone(tiny_llama_path, seed, streams):
     """Up to 8 requests at once, arriving at random steps with random prompts (some the
     next turn of an earlier conversation, reusing its cells), random answer lengths, a few
     cancelled midway. Each sequence grows in its own part of the cache; packed at random
     steps (`defragment`), they grow into each other's way and the cache moves cells as
     they come and go. Every answer (a cancelled one: as far as it got) is the one the
-    request gets alone."""
+    request gets alone. With `streams`, runs of decoding sequences attend as one block,
+    each over its own part of the cache, when their cells lie there (`Causal._streams`)."""
     rng = np.random.default_rng(seed)
-    r = make_runner(tiny_llama_path, parallel=8)
+    r = make_runner(tiny_llama_path, parallel=8, streams=streams)
+    planned = r.cache._plan_blocks
+    streamed = []
+
+    def recording(batch):
+        blocks = planned(batch)
+        streamed.extend(b for b in blocks if b[4])
+        return blocks
+
+    r.cache._plan_blocks = recording  # type: ignore[method-assign]
     done: list[tuple[list[int], int, tuple[int, ...]]] = []  # prompt, num_predict, answer
     pending = []  # (arrival step, prompt, num_predict, cancel after this many steps or None)
     for i in range(20):
@@ -112,6 +125,7 @@ def test_batched_decoding_with_moving_cells_equals_decoding_alone(tiny_llama_pat
         assert step < 2000
     r.step()  # the cancelled ones' cells go
     assert r.cache.moved > 0, "no cell moved: the history did not exercise compaction"
+    assert bool(streamed) is streams
     alone = make_runner(tiny_llama_path, parallel=1)
     for prompt, n, got in done:
         want = list(alone.generate(prompt, greedy(n)))[-1].tokens

@@ -75,6 +75,8 @@ class Causal:
         size = max_sequences * capacity
         self.capacity = capacity  # sequence i's own part of the cache: from i * capacity
         self.size = -(-size // self.padding) * self.padding
+        # the parts as one (sequences, capacity) array view, where the sizes allow it
+        self.streams = config.streams and self.size == size and max_sequences > 1
         self.max_batch = max_batch
         self.pos = np.full(self.size, -1, dtype=np.int32)  # -1: free
         self.member = np.zeros((self.size, max_sequences), dtype=bool)  # cell x sequence
@@ -107,7 +109,7 @@ class Causal:
         self.mask = ctx.input(self._mask_array, self.mask_dtype)
         self.block_masks = [ctx.input(m, self.mask_dtype) for m in self._block_arrays]
 
-    def view_key(self) -> tuple[int, int, tuple[tuple[int, int, int, int], ...]]:
+    def view_key(self) -> tuple[int, int, tuple[tuple[int, int, int, int, int], ...]]:
         """The attended cell range of this pass and its blocks: graphs over equal ranges
         are reusable."""
         return self.lo, self.hi, tuple(self._blocks)
@@ -198,9 +200,12 @@ class Causal:
                 block = self._mask_array[np.ix_(span, locs[span] - lo)]
                 block[seen] = 0
                 self._mask_array[np.ix_(span, locs[span] - lo)] = block
-        self._blocks = self._plan_blocks(self._mask_array, batch.sequences)
+        self._blocks = self._plan_blocks(batch)
         self._block_arrays = [
-            np.ascontiguousarray(self._mask_array[a:b, s:e]) for a, b, s, e in self._blocks
+            self._stream_mask(batch, a, s, n, e)
+            if n
+            else np.ascontiguousarray(self._mask_array[a:b, s:e])
+            for a, b, s, e, n in self._blocks
         ]
         if n == 1 and int(locs[0]) == int(in_use[-1]):  # the sequence's last cell
             self._step = (first, int(batch.positions[0]), int(locs[0]))
@@ -279,28 +284,89 @@ class Causal:
         self._step = (seq, position, loc)
         return True
 
-    def _plan_blocks(self, mask: np.ndarray, seqs: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """(first row, end row, first cell, end cell) of each block of query rows, cells
-        relative to the attended range; none where blocks would save nothing. A block is
-        one sequence's rows (at most BLOCK of them, unless attention is fused: flash skips
-        a causal prompt's masked cells by itself): with several sequences in a batch, each
-        attends its own stretch of cells, not every cell between the first sequence's and
-        the last's (which lie apart, each in its own part of the cache: `_place`)."""
+    def _plan_blocks(self, batch: BatchLayout) -> list[tuple[int, int, int, int, int]]:
+        """How the batch's query rows attend, in row order: (first row, end row, first
+        cell, end cell, 0) for a block of rows over cells of the attended range, or
+        (first row, end row, first sequence, cells, N) for N decoding sequences with
+        consecutive ids (`_streams`). None of either where blocks would save nothing.
+
+        A block is one sequence's rows (at most BLOCK of them, unless attention is fused:
+        flash skips a causal prompt's masked cells by itself): with several sequences in a
+        batch, each attends its own stretch of cells, not every cell between the first
+        sequence's and the last's (which lie apart, each in its own part of the cache:
+        `_place`)."""
+        mask, seqs = self._mask_array, batch.sequences
         t, n = mask.shape
         cuts = np.flatnonzero(seqs[1:] != seqs[:-1]) + 1  # where the sequence changes
         if len(cuts) == 0 and (self.flash or t <= BLOCK):
             return []
+        streams = self._streams(batch, cuts)
         align, step = min(ALIGN, self.padding), t if self.flash else BLOCK
         seen = mask == 0
         blocks = []
         edges = [0, *cuts.tolist(), t]
         for start, end in zip(edges[:-1], edges[1:], strict=True):
+            if any(a <= start < b for a, b, *_ in streams):
+                continue
             for a in range(start, end, step):
                 b = min(end, a + step)
                 cols = np.flatnonzero(seen[a:b].any(axis=0))
                 first, last = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-                blocks.append((a, b, first // align * align, min(n, -(-last // align) * align)))
-        return blocks if any(e - s < n for _, _, s, e in blocks) else []
+                end_cell = min(n, -(-last // align) * align)
+                blocks.append((a, b, first // align * align, end_cell, 0))
+        if not streams and all(e - s == n for _, _, s, e, _ in blocks):
+            return []
+        return sorted(blocks + streams)
+
+    def _streams(self, batch: BatchLayout, cuts: np.ndarray) -> list[tuple[int, ...]]:
+        """Runs of two or more decoding sequences (one row each) with consecutive ids whose
+        cells all lie in their own parts of the cache: (first row, end row, first
+        sequence, cells, N), each of the N attending the first `cells` of its part. The
+        backend attends a run in one op (`CacheConfig.streams`, llama.cpp's per-sequence
+        streams): the parts are one (sequences, capacity) view of the cache."""
+        if not self.streams or batch.spans:
+            return []
+        seqs = batch.sequences
+        starts = [0, *cuts.tolist()]
+        ends = [*starts[1:], len(seqs)]
+        runs: list[list[tuple[int, int]]] = [[]]  # (row, sequence), per run
+        longest = {}
+        for a, b in zip(starts, ends, strict=True):
+            seq = int(seqs[a])
+            cells = np.flatnonzero(self.member[:, seq])
+            home = seq * self.capacity
+            own = (
+                b - a == 1 and len(cells) and home <= cells[0] and cells[-1] < home + self.capacity
+            )
+            run = runs[-1]
+            if not own:
+                runs.append([])
+                continue
+            if run and seq != run[-1][1] + 1:
+                run = []
+                runs.append(run)
+            run.append((a, seq))
+            longest[seq] = int(cells[-1]) + 1 - home
+        out = []
+        for run in runs:
+            if len(run) < 2:
+                continue
+            cells = max(longest[s] for _, s in run)
+            cells = min(self.capacity, -(-cells // self.padding) * self.padding)
+            out.append((run[0][0], run[-1][0] + 1, run[0][1], cells, len(run)))
+        return out
+
+    def _stream_mask(self, batch: BatchLayout, row: int, seq: int, n: int, cells: int):
+        """(N, 1, cells) mask of a run of decoding sequences (`_streams`): row row + i is
+        sequence seq + i's, over the first `cells` of that sequence's part."""
+        out = np.empty((n, 1, cells), dtype=np.float32)
+        for i in range(n):
+            one = BatchLayout(
+                batch.positions[row + i : row + i + 1], batch.sequences[row + i : row + i + 1]
+            )
+            home = (seq + i) * self.capacity
+            out[i] = self._mask(one, home, home + cells)
+        return out
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
         cell_pos = self.pos[lo:hi]  # (S,) int32; free cells are -1 and in no sequence
@@ -437,10 +503,37 @@ class Causal:
             rows.write_values(self.values[self.layer], self.locs, v, self.v_trans),
         )
 
-    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]:
-        """The pass's attention blocks, (first row, end row, first cell, end cell, mask of
-        the block), cells relative to `get`'s range; empty: attend in one piece."""
-        return [(*b, m) for b, m in zip(self._blocks, self.block_masks, strict=True)]
+    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
+        """The pass's attention blocks in row order, (first row, end row, keys, values,
+        mask): keys (S, Hkv, D), values (S, Hkv, Dv) and mask (rows, S) over cells of
+        `get`'s range, or for N decoding sequences attended together (`_streams`) keys
+        (N, S, Hkv, D), values (N, S, Hkv, Dv) and mask (N, 1, S) over each one's own
+        part. Empty: attend in one piece."""
+        if not self._blocks:
+            return []
+        k, v, _ = self.get()
+        out = []
+        for (a, b, s, e, n), m in zip(self._blocks, self.block_masks, strict=True):
+            if n:
+                ks, vs = self._parts(s, n, e)
+                out.append((a, b, ks, vs, m))
+            else:
+                out.append((a, b, k.slice(0, s, e), v.slice(0, s, e), m))
+        return out
+
+    def _parts(self, seq: int, n: int, cells: int) -> tuple[Tensor, Tensor]:
+        """Keys (N, cells, Hkv, D) and values (N, cells, Hkv, Dv): the first cells of the
+        parts of sequences seq .. seq + n - 1, as views of the cache (no copy)."""
+        keys = self.ctx.attach(self.keys[self.layer])
+        values = self.ctx.attach(self.values[self.layer])
+        p, c = self.member.shape[1], self.capacity
+        k = keys.reshape(p, c, *keys.shape[1:]).slice(0, seq, seq + n).slice(1, 0, cells)
+        if self.v_trans:  # (Hkv, Dv, P, C) viewed as (N, cells, Hkv, Dv)
+            hv, dv = values.shape[:2]
+            v = values.reshape(hv, dv, p, c).slice(2, seq, seq + n).slice(3, 0, cells)
+            return k, v.permute(2, 3, 0, 1)
+        v = values.reshape(p, c, *values.shape[1:]).slice(0, seq, seq + n).slice(1, 0, cells)
+        return k, v
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range."""

@@ -224,5 +224,5 @@ class Encoder:
         """(T, 1) factors of the layer's attention and MLP outputs, per token."""
         return self.attn_gate, self.mlp_gate
 
-    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]:
+    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
         return []

@@ -91,5 +91,5 @@ class Wrapper:
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.current.get()
 
-    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]:
+    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
         return self.current.blocks()

@@ -226,6 +226,9 @@ class FusedAttention(Protocol):
     ) -> Tensor:
         """q=self (T, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv), mask (T, S) or None
         -> (T, Hq * Dv). Hq a multiple of Hkv: consecutive query heads share a K/V head.
+        Where the backend's `CacheConfig.streams` says so, also N sequences at once: q
+        (N, T, Hq, D), k (N, S, Hkv, D), v (N, S, Hkv, Dv), mask (N, T, S) -> (N * T,
+        Hq * Dv), sequence i's queries attending its own keys and values only.
         `fused`: None, as the backend was opened (`BackendOptions.flash_attention`); True,
         fused whatever that says (a vision encoder's attention, as llama.cpp's mtmd runs
         it on every device: no cache, and a score matrix that would not fit a cache)."""
@@ -301,12 +304,16 @@ class CacheConfig:
     many decode steps in a row and can be reused. `mask_dtype`: the element type the
     attention mask is given in. `flash_attention`: attention is fused (`FusedAttention`),
     which skips masked cells by itself, so the cache need not split long batches in blocks.
+    `streams`: the tensors' `FusedAttention` takes a leading axis of sequences, each
+    attending its own cells: the cache then hands several decoding sequences over as one
+    operand (llama.cpp's per-sequence streams) instead of one attention per sequence.
     """
 
     v_transposed: bool
     pad: int
     mask_dtype: DType
     flash_attention: bool
+    streams: bool = False
 
 
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")  # Ollama's OLLAMA_KV_CACHE_TYPE values

@@ -10,7 +10,7 @@ from herd.ml import FusedAttention, Tensor
 class KVCache(Protocol):
     def put(self, k: Tensor, v: Tensor) -> None: ...
     def get(self) -> tuple[Tensor, Tensor, Tensor]: ...
-    def blocks(self) -> list[tuple[int, int, int, int, Tensor]]: ...
+    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]: ...
 
 
 def attention(
@@ -33,11 +33,13 @@ def attention(
     whose logits are wanted, and every token's keys and values are stored all the same: a
     prompt's last layer then projects and attends one query instead of all.
     A cache may also hand a long batch's queries over in blocks (`blocks()`), each to
-    attend over only the cells its rows may see. `fused=True`: the backend's fused
+    attend over only the cells its rows may see, and several decoding sequences as one
+    block with a leading axis of sequences (keys (N, S, Hkv, D)), which the backend's
+    fused attention takes in one op (`CacheConfig.streams`). `fused=True`: the backend's fused
     attention whatever it was opened with (`FusedAttention`): vision encoders, whose
     thousands of patches would otherwise make a score matrix of a GiB.
     """
-    blocks: list[tuple[int, int, int, int, Tensor]] = []
+    blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
     if cache is not None:
         cache.put(k, v)
         k, v, mask = cache.get()
@@ -51,8 +53,12 @@ def attention(
     # each block of queries over only the cells its rows see: the causal triangle's upper
     # half is neither multiplied nor softmaxed (the masked cells it skips weigh exactly 0)
     out: Tensor | None = None
-    for a, b, s, e, m in blocks:
-        part = _attend(q.slice(0, a, b), k.slice(0, s, e), v.slice(0, s, e), m, scale)
+    for a, b, kb, vb, m in blocks:
+        qb = q.slice(0, a, b)
+        if len(kb.shape) == 4:  # N sequences' rows, each over its own keys
+            part = _attend_streams(qb, kb, vb, m, scale)
+        else:
+            part = _attend(qb, kb, vb, m, scale)
         out = part if out is None else out.concat(part, 0)
     assert out is not None
     return out
@@ -81,3 +87,23 @@ def _attend(
     probs = qh.matmul_t(kh).softmax(mask, scale)  # (Hq, T, S)
     out = probs.matmul_t(vh)  # (Hq, T, Dv)
     return out.permute(1, 0, 2).contiguous().reshape(t, hq * vh.shape[1])
+
+
+def _attend_streams(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """q (N * T, Hq, D), each sequence's T rows over its own k (N, S, Hkv, D), v (N, S,
+    Hkv, Dv), mask (N, T, S): in one op where the backend's fused attention takes the
+    sequences' axis (`CacheConfig.streams`), else one attention per sequence."""
+    n, (rows, hq, d) = k.shape[0], q.shape
+    t = rows // n
+    if issubclass(type(q), FusedAttention):
+        return cast(FusedAttention, q.reshape(n, t, hq, d)).scaled_dot_product_attention(
+            k, v, mask, scale
+        )
+    out: Tensor | None = None
+    for i in range(n):
+        ki, vi = (x.slice(0, i, i + 1).reshape(*x.shape[1:]) for x in (k, v))
+        mi = mask.slice(0, i, i + 1).reshape(*mask.shape[1:])
+        part = _attend(q.slice(0, i * t, (i + 1) * t), ki, vi, mi, scale)
+        out = part if out is None else out.concat(part, 0)
+    assert out is not None
+    return out

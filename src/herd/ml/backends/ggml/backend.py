@@ -178,6 +178,7 @@ class GGMLBackend:
             pad=CACHE_PAD,
             mask_dtype=DType.F16 if self.flash_attention else DType.F32,  # what each reads
             flash_attention=self.flash_attention,
+            streams=True,  # GGMLTensor._stream_attention
         )
         layers = self.plan.layers
         log.info(
