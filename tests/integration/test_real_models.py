@@ -191,3 +191,63 @@ def test_ggml_runs_llama_cpps_own_kernels(name, request):
     llm = herd.load(path, backend="ggml", options={"num_thread": golden["run"]["n_threads"]})
     results = [agreement(llm, c) for c in golden["cases"] if "positions" in c]
     assert all(r[0] == 1.0 and r[1] < 1e-4 for r in results), (_backend_version("ggml"), results)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["composed", "flash"])
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_decoding_sequences_attended_together_keep_their_logits(name, flash, request):
+    """ggml attends a run of decoding sequences in one op (`CacheConfig.streams`): on the
+    real models (Gemma 3: two caches, one with a 512-token sliding window, and prompts
+    that reach past it), every decode step's logits equal those of one attention per
+    sequence. With flash attention the prompts stay under 512 tokens: past that, ggml's
+    CPU kernel splits one sequence's single query row over the threads and sums their
+    parts in F32, while several sequences' rows go whole to a thread each, and its F16
+    accumulation then rounds differently (as in llama.cpp's own streams). Gemma 3's
+    logits move by up to 16-21 either way against the composed kernel's, which is why
+    flash attention is opt-in on a CPU."""
+    if "ggml" not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    import herd.kvcache.causal as causal
+    from herd.runner.loaded import Loaded, Source
+
+    path = request.getfixturevalue(f"{name}_path")
+    lengths = (300, 40, 200) if flash else (530, 40, 300)
+    text = "The sky was clear, and the old astronomer counted the moons of Jupiter. " * 60
+    steps: dict[bool, list[np.ndarray]] = {}
+    for streams in (True, False):
+        loaded = Loaded(Source(name, path), "ggml", {"num_ctx": 1024}, flash_attention=flash)
+        prompts = [loaded.tokenizer.encode(f"Story {i}: {text}")[:n] for i, n in enumerate(lengths)]
+        runner = loaded.new_runner(loaded.defaults, parallel=3)
+        seen: list[np.ndarray] = []
+        compute = runner._compute
+
+        def recording(batch, compute=compute, seen=seen):
+            out = compute(batch)
+            if len(batch.tokens) == 3:  # the three sequences' decode steps
+                seen.append(np.array(out, copy=True))
+            return out
+
+        runner._compute = recording  # type: ignore[method-assign]
+        streamed: list[tuple[int, ...]] = []
+        plan = causal.Causal._streams
+
+        def streams_of(self, batch, cuts, plan=plan, streamed=streamed, on=streams):
+            runs = plan(self, batch, cuts) if on else []
+            streamed.extend(runs)
+            return runs
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(causal.Causal, "_streams", streams_of)
+            options = loaded.defaults.merged({"temperature": 0, "num_predict": 16})
+            gens = [runner.generate(p, options) for p in prompts]
+            for g in gens:  # each admitted and computed before the next joins
+                next(g)
+            for _ in range(6):  # decode steps, until one of them ends its answer
+                if any(next(g, None) is None for g in gens):
+                    break
+        steps[streams] = seen
+        assert bool(streamed) is streams  # the three sequences as one block, or none
+        loaded.close()
+    assert len(steps[True]) == len(steps[False]) >= 3
+    together, apart = np.concatenate(steps[True]), np.concatenate(steps[False])
+    np.testing.assert_allclose(together, apart, rtol=1e-4, atol=1e-4)
