@@ -318,7 +318,9 @@ class Causal:
             return []
         return sorted(blocks + streams)
 
-    def _streams(self, batch: BatchLayout, cuts: np.ndarray) -> list[tuple[int, ...]]:
+    def _streams(
+        self, batch: BatchLayout, cuts: np.ndarray
+    ) -> list[tuple[int, int, int, int, int]]:
         """Runs of two or more decoding sequences (one row each) with consecutive ids whose
         cells all lie in their own parts of the cache: (first row, end row, first
         sequence, cells, N), each of the N attending the first `cells` of its part. The
@@ -330,7 +332,7 @@ class Causal:
         starts = [0, *cuts.tolist()]
         ends = [*starts[1:], len(seqs)]
         runs: list[list[tuple[int, int]]] = [[]]  # (row, sequence), per run
-        longest = {}
+        longest: dict[int, int] = {}  # sequence -> cells from its part's start to its last
         for a, b in zip(starts, ends, strict=True):
             seq = int(seqs[a])
             cells = np.flatnonzero(self.member[:, seq])
@@ -356,7 +358,9 @@ class Causal:
             out.append((run[0][0], run[-1][0] + 1, run[0][1], cells, len(run)))
         return out
 
-    def _stream_mask(self, batch: BatchLayout, row: int, seq: int, n: int, cells: int):
+    def _stream_mask(
+        self, batch: BatchLayout, row: int, seq: int, n: int, cells: int
+    ) -> np.ndarray:
         """(N, 1, cells) mask of a run of decoding sequences (`_streams`): row row + i is
         sequence seq + i's, over the first `cells` of that sequence's part."""
         out = np.empty((n, 1, cells), dtype=np.float32)
