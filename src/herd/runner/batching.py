@@ -5,8 +5,9 @@ Decoding sequences come first: each has one token (and its speculative proposals
 and a long prompt must not hold their next token back. Prompts share what room is left, in
 the runner's rotating order (fair between slots), at most `prefill` tokens of them in a
 step while others decode (chunked prefill, as llama-server's ubatch and vLLM's token
-budget): a 2,000-token prompt is then a few steps of a few hundred tokens, between which
-every other sequence gets its token, instead of one step of seconds that stalls them all.
+budget; by default what room the batch has left): a 2,000-token prompt is then a few steps
+of up to `num_batch` tokens, between which every other sequence gets its token, instead of
+one step of seconds that stalls them all.
 
 The rows are then laid out in slot order, whatever order the room was shared in: the
 cache plans a block of queries per sequence (`herd.kvcache.causal`), and a decode step

@@ -84,7 +84,10 @@ class Runner:
         `encoder_backend`: the one holding its vision encoder (a projector file's), if
         not `backend`. `draft`: a draft model's proposer (`herd.runner.speculate`).
         `prefill`: most prompt tokens in a step while other sequences decode (chunked
-        prefill, `herd.runner.batching`); None: half of `num_batch`. `prompt_cache`: bytes
+        prefill, `herd.runner.batching`); None: the batch's room after the decoding
+        sequences' tokens, as llama-server's ubatch and vLLM's token budget share a step
+        (half of `num_batch` split bursts of prompts into two steps: chat at 8 clients
+        had a TTFT p95 of 1.30 s against llama-server's 1.09 s). `prompt_cache`: bytes
         of host memory for prompts that leave the slots (`herd.runner.prompt_cache`)."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
@@ -95,7 +98,7 @@ class Runner:
         self.model, self.backend, self.tokenizer = model, backend, tokenizer
         self.num_ctx = context_size(options, context_length)
         self.num_batch = max(1, min(options.num_batch, self.num_ctx))
-        self.prefill = max(1, prefill if prefill is not None else self.num_batch // 2)
+        self.prefill = max(1, prefill if prefill is not None else self.num_batch)
         self.cache = model.cache
         self.cache.init(backend, DType(cache_type), parallel, self.num_ctx, self.num_batch)
         self.slots = [Slot(i) for i in range(parallel)]
