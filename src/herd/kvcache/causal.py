@@ -15,18 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from herd.errors import CacheFullError
-from herd.kvcache import compact, rows
+from herd.kvcache import attend, compact, rows
+from herd.kvcache.attend import ALIGN, BLOCK, NEG_INF, Block
 from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor
 
 # model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
-
-NEG_INF = np.float32(-np.inf)
-# A batch longer than BLOCK attends in blocks of BLOCK query rows, each over only the cells
-# its rows may see (a causal prompt's first block skips the keys after it), the extents
-# rounded out to ALIGN cells so the products keep ggml's tiled kernels
-BLOCK, ALIGN = 128, 64
 
 
 @dataclass
@@ -201,12 +196,11 @@ class Causal:
                 block[seen] = 0
                 self._mask_array[np.ix_(span, locs[span] - lo)] = block
         self._blocks = self._plan_blocks(batch)
-        self._block_arrays = [
-            self._stream_mask(batch, a, s, n, e)
-            if n
-            else np.ascontiguousarray(self._mask_array[a:b, s:e])
-            for a, b, s, e, n in self._blocks
-        ]
+        self._block_arrays = []
+        for block in self._blocks:
+            a, b, s, e, runs = block
+            piece = self._mask_array[a:b, s:e] if not runs else self._stream_mask(batch, block)
+            self._block_arrays.append(np.ascontiguousarray(piece))
         if n == 1 and int(locs[0]) == int(in_use[-1]):  # the sequence's last cell
             self._step = (first, int(batch.positions[0]), int(locs[0]))
 
@@ -284,103 +278,48 @@ class Causal:
         self._step = (seq, position, loc)
         return True
 
-    def _plan_blocks(self, batch: BatchLayout) -> list[tuple[int, int, int, int, int]]:
-        """How the batch's query rows attend, in row order: (first row, end row, first
-        cell, end cell, 0) for a block of rows over cells of the attended range, or
-        (first row, end row, first sequence, cells, N) for N decoding sequences with
-        consecutive ids (`_streams`). None of either where blocks would save nothing.
-
-        A block is one sequence's rows (at most BLOCK of them, unless attention is fused:
-        flash skips a causal prompt's masked cells by itself): with several sequences in a
-        batch, each attends its own stretch of cells, not every cell between the first
-        sequence's and the last's (which lie apart, each in its own part of the cache:
-        `_place`)."""
+    def _plan_blocks(self, batch: BatchLayout) -> list[Block]:
+        """How the batch's query rows attend, in row order (`herd.kvcache.attend`): (first
+        row, end row, first cell, end cell, 0) for a block of one sequence's rows over
+        cells of the attended range, or (first row, end row, first sequence, cells, N)
+        for a run of N decoding sequences (`_streams`). None of either where blocks
+        would save nothing."""
         mask, seqs = self._mask_array, batch.sequences
         t, n = mask.shape
         cuts = np.flatnonzero(seqs[1:] != seqs[:-1]) + 1  # where the sequence changes
         if len(cuts) == 0 and (self.flash or t <= BLOCK):
             return []
         streams = self._streams(batch, cuts)
-        align, step = min(ALIGN, self.padding), t if self.flash else BLOCK
-        seen = mask == 0
-        blocks = []
-        edges = [0, *cuts.tolist(), t]
-        for start, end in zip(edges[:-1], edges[1:], strict=True):
-            if any(a <= start < b for a, b, *_ in streams):
-                continue
-            for a in range(start, end, step):
-                b = min(end, a + step)
-                cols = np.flatnonzero(seen[a:b].any(axis=0))
-                first, last = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-                end_cell = min(n, -(-last // align) * align)
-                blocks.append((a, b, first // align * align, end_cell, 0))
+        step = t if self.flash else BLOCK
+        blocks = attend.row_blocks(mask, cuts, streams, step, min(ALIGN, self.padding))
         if not streams and all(e - s == n for _, _, s, e, _ in blocks):
             return []
         return sorted(blocks + streams)
 
-    def _streams(
-        self, batch: BatchLayout, cuts: np.ndarray
-    ) -> list[tuple[int, int, int, int, int]]:
-        """Runs of two or more decoding sequences (one row each) with consecutive ids whose
-        cells all lie in their own parts of the cache: (first row, end row, first
-        sequence, cells, N), each of the N attending the first `cells` of its part. The
-        backend attends a run in one op (`CacheConfig.streams`, llama.cpp's per-sequence
-        streams): the parts are one (sequences, capacity) view of the cache."""
+    def _streams(self, batch: BatchLayout, cuts: np.ndarray) -> list[Block]:
+        """The batch's runs of decoding sequences (`attend.decoding_runs`), where the
+        backend attends them in one op and the parts are one (sequences, capacity) view."""
         if not self.streams or batch.spans:
             return []
-        seqs = batch.sequences
-        starts = [0, *cuts.tolist()]
-        ends = [*starts[1:], len(seqs)]
-        runs: list[list[tuple[int, int]]] = [[]]  # (row, sequence), per run
-        longest: dict[int, int] = {}  # sequence -> cells from its part's start to its last
-        for a, b in zip(starts, ends, strict=True):
-            seq = int(seqs[a])
-            cells = np.flatnonzero(self.member[:, seq])
-            home = seq * self.capacity
-            own = (
-                b - a == 1 and len(cells) and home <= cells[0] and cells[-1] < home + self.capacity
-            )
-            run = runs[-1]
-            if not own:
-                runs.append([])
-                continue
-            if run and seq != run[-1][1] + 1:
-                run = []
-                runs.append(run)
-            run.append((a, seq))
-            longest[seq] = int(cells[-1]) + 1 - home
-        out = []
-        for run in runs:
-            if len(run) < 2:
-                continue
-            cells = max(longest[s] for _, s in run)
-            cells = min(self.capacity, -(-cells // self.padding) * self.padding)
-            out.append((run[0][0], run[-1][0] + 1, run[0][1], cells, len(run)))
-        return out
+        return attend.decoding_runs(self.member, batch.sequences, cuts, self.capacity, self.padding)
 
-    def _stream_mask(
-        self, batch: BatchLayout, row: int, seq: int, n: int, cells: int
-    ) -> np.ndarray:
-        """(N, 1, cells) mask of a run of decoding sequences (`_streams`): row row + i is
-        sequence seq + i's, over the first `cells` of that sequence's part."""
+    def _stream_mask(self, batch: BatchLayout, run: Block) -> np.ndarray:
+        """(N, 1, cells) mask of a run: its row i is sequence seq + i's, over the first
+        `cells` of that sequence's part."""
+        row, _, seq, cells, n = run
         out = np.empty((n, 1, cells), dtype=np.float32)
         for i in range(n):
-            one = BatchLayout(
-                batch.positions[row + i : row + i + 1], batch.sequences[row + i : row + i + 1]
-            )
             home = (seq + i) * self.capacity
-            out[i] = self._mask(one, home, home + cells)
+            one = slice(row + i, row + i + 1)
+            out[i] = self._mask(
+                BatchLayout(batch.positions[one], batch.sequences[one]), home, home + cells
+            )
         return out
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
-        cell_pos = self.pos[lo:hi]  # (S,) int32; free cells are -1 and in no sequence
-        tok_pos = batch.positions[:, None]  # (T, 1) int32
-        ok = self.member[lo:hi, batch.sequences].T & (cell_pos <= tok_pos)  # (T, S)
-        if self.window is not None:
-            ok &= tok_pos - cell_pos < self.window
-        if self.chunk is not None:
-            ok &= cell_pos >= tok_pos - tok_pos % self.chunk
-        return np.where(ok, np.float32(0), NEG_INF)
+        return attend.causal_mask(
+            self.pos, self.member, batch.positions, batch.sequences, lo, hi, self.window, self.chunk
+        )
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Drop seq's tokens at positions [begin, end); later ones move back and re-rope."""
@@ -515,29 +454,21 @@ class Causal:
         part. Empty: attend in one piece."""
         if not self._blocks:
             return []
-        k, v, _ = self.get()
-        out = []
-        for (a, b, s, e, n), m in zip(self._blocks, self.block_masks, strict=True):
-            if n:
-                ks, vs = self._parts(s, n, e)
-                out.append((a, b, ks, vs, m))
-            else:
-                out.append((a, b, k.slice(0, s, e), v.slice(0, s, e), m))
-        return out
-
-    def _parts(self, seq: int, n: int, cells: int) -> tuple[Tensor, Tensor]:
-        """Keys (N, cells, Hkv, D) and values (N, cells, Hkv, Dv): the first cells of the
-        parts of sequences seq .. seq + n - 1, as views of the cache (no copy)."""
         keys = self.ctx.attach(self.keys[self.layer])
         values = self.ctx.attach(self.values[self.layer])
-        p, c = self.member.shape[1], self.capacity
-        k = keys.reshape(p, c, *keys.shape[1:]).slice(0, seq, seq + n).slice(1, 0, cells)
-        if self.v_trans:  # (Hkv, Dv, P, C) viewed as (N, cells, Hkv, Dv)
-            hv, dv = values.shape[:2]
-            v = values.reshape(hv, dv, p, c).slice(2, seq, seq + n).slice(3, 0, cells)
-            return k, v.permute(2, 3, 0, 1)
-        v = values.reshape(p, c, *values.shape[1:]).slice(0, seq, seq + n).slice(1, 0, cells)
-        return k, v
+        k = v = None  # the attended range's, made for the first block that needs them
+        out = []
+        for block, m in zip(self._blocks, self.block_masks, strict=True):
+            a, b, s, e, n = block
+            if n:
+                p = self.member.shape[1]
+                ks, vs = attend.part_views(keys, values, p, self.capacity, block, self.v_trans)
+                out.append((a, b, ks, vs, m))
+                continue
+            if k is None or v is None:
+                k, v, _ = self.get()
+            out.append((a, b, k.slice(0, s, e), v.slice(0, s, e), m))
+        return out
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range."""
