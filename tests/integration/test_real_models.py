@@ -7,6 +7,7 @@ GGUF (it dequantizes to fp32, as herd's NumPy backend does).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,18 +21,37 @@ DATA = Path(__file__).parent.parent / "testdata"
 
 # (top-1 agreement at least, mean |Δ log p| of llama.cpp's top token at most), per backend.
 # llama.cpp quantizes activations to 8 bits in its matmuls, so fp32 NumPy cannot match
-# exactly; ggml runs the same kernels and must be much closer. MLX keeps the GGUF's blocks
-# exactly (herd.ml.backends.mlx.quant) and computes in fp32 like NumPy, so NumPy's figures
-# are its floor: it meets them (SmolLM2 top-1 0.979, mean |Δ log p| 0.036; Gemma 3 0.967,
-# 0.049 on the AVX2 goldens), not the 0.03 of ggml's league.
+# exactly; ggml runs the same kernels and must be much closer.
 # ONNX Runtime keeps Q4_0/Q4_1/Q8_0 blocks exactly (MatMulNBits, int8 activations as
 # llama.cpp's q8 dot products) but not every type maps, so NumPy's figures are its bound too.
 THRESHOLDS = {
     "numpy": (0.9, 0.08),
     "ggml": (0.96, 0.02),
-    "mlx": (0.96, 0.05),
+    "mlx": (0.96, 0.03),
     "onnx": (0.9, 0.08),
 }
+# MLX keeps the GGUF's blocks exactly (herd.ml.backends.mlx.quant) and computes in fp32 as
+# NumPy does, so NumPy's figures on the same goldens are its floor (issue 16): its bound is
+# 0.03 or, where NumPy itself is further from llama.cpp, NumPy's own figure (measured: SmolLM2
+# 0.034 / 0.036, Gemma 3 0.053 / 0.049 on the AVX-512 / AVX2 goldens, which differ from each
+# other by 0.027 / 0.035 where their top tokens agree). MLX must sit on that floor.
+FLOOR_SLACK = 1e-3
+
+
+def bounds(backend: str, model: str, path) -> tuple[float, float]:
+    """(min top-1, max mean |Δ log p|) for `backend` on `model`'s logits goldens."""
+    min_top1, max_dlogp = THRESHOLDS[backend]
+    if backend == "mlx":
+        max_dlogp = max(max_dlogp, _numpy_dlogp(str(path), model) + FLOOR_SLACK)
+    return min_top1, max_dlogp
+
+
+@functools.cache
+def _numpy_dlogp(path: str, model: str) -> float:
+    """NumPy's mean |Δ log p| on the goldens' cases with positions, as the tests take it."""
+    llm = herd.load(path, backend="numpy")
+    cases = [c for c in load_golden("logits", model, "numpy")["cases"] if "positions" in c]
+    return float(np.mean([agreement(llm, c)[1] for c in cases]))
 
 
 def _backend_version(backend: str) -> str:
@@ -92,12 +112,12 @@ def smollm2(request, smollm2_path):
     return herd.load(smollm2_path, backend=request.param)
 
 
-def test_smollm2_teacher_forced_logits_match_llama_cpp(smollm2):
+def test_smollm2_teacher_forced_logits_match_llama_cpp(smollm2, smollm2_path):
     golden = load_golden("logits", "smollm2", smollm2.backend.name)
     results = {c["label"]: agreement(smollm2, c) for c in golden["cases"]}
     top1 = np.mean([r[0] for r in results.values()])
     dlogp = np.mean([r[1] for r in results.values()])
-    min_top1, max_dlogp = THRESHOLDS[smollm2.backend.name]
+    min_top1, max_dlogp = bounds(smollm2.backend.name, "smollm2", smollm2_path)
     version = _backend_version(smollm2.backend.name)
     assert top1 >= min_top1 and dlogp <= max_dlogp, (version, results)
 
@@ -158,7 +178,7 @@ def test_gemma3_logits_match_llama_cpp(gemma3_path, backend):
     cases = [c for c in golden["cases"] if "positions" in c]
     llm = herd.load(gemma3_path, backend=backend)
     results = [agreement(llm, c) for c in cases]
-    min_top1, max_dlogp = THRESHOLDS[backend]
+    min_top1, max_dlogp = bounds(backend, "gemma3", gemma3_path)
     top1 = np.mean([r[0] for r in results])
     dlogp = np.mean([r[1] for r in results])
     assert top1 >= min_top1 and dlogp <= max_dlogp, (_backend_version(backend), results)

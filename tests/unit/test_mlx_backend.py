@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFWriter
 from gguf.quants import dequantize
 
-from herd.errors import GGUFError, OutOfMemoryError
+from herd.errors import BackendError, GGUFError, OutOfMemoryError
 from herd.gguf.quants import quantize
 from herd.gguf.reader import open_gguf
 from herd.ml import BackendOptions, DType, open_backend
@@ -186,6 +186,27 @@ def test_unsupported_type_fails_at_load(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(GGUFError, match=r"blk\.0\.odd.*Q8_K"):
         open_backend("mlx", open_gguf(tmp_path / "q.gguf"))
+
+
+def test_a_64_bit_tensor_fails_at_load(tmp_path: Path) -> None:
+    """MLX has no 64-bit arrays on Metal: an I64 tensor is refused at open, named with
+    its type, before any weight is read (not when a pass first touches it)."""
+    writer = GGUFWriter(str(tmp_path / "i64.gguf"), "test")
+    writer.add_tensor("w.F32", rand(8, 64))
+    writer.add_tensor("blk.0.ids", np.arange(8, dtype=np.int64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match=r"blk\.0\.ids has type I64.*mlx backend cannot"):
+        open_backend("mlx", open_gguf(tmp_path / "i64.gguf"))
+
+
+def test_a_cache_type_mlx_has_no_arrays_for_is_refused(backend: Any) -> None:
+    """The KV cache is allocated when the runner starts, so a type MLX cannot hold is a
+    BackendError then, naming the types it can, never a failure in the middle of a pass."""
+    with pytest.raises(BackendError, match="cannot allocate a OTHER tensor; supported: f32"):
+        backend.alloc((4, 8), DType.OTHER, layer=0)
 
 
 def test_alloc_beyond_memory_is_refused(backend: Any) -> None:
