@@ -6,6 +6,7 @@ inside a sequence's own range."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from herd.kvcache import Causal, compact
 from herd.kvcache.causal import BatchLayout
@@ -97,3 +98,72 @@ def test_a_hole_in_a_sequences_part_is_closed_there():
     np.testing.assert_array_equal(new, [42, 43, 44])
     member[10, 1], pos[10] = True, 10  # another sequence's cell in 0's part: not packed
     assert compact.home(pos, member, 0, 3, 0, 32) is None
+
+
+def seen(cache: Causal) -> list[set[tuple[int, int]]]:
+    """What each query row of the planned pass attends, as (sequence, position) pairs:
+    where its block's mask (or the whole range's, without blocks) is 0."""
+    out: list[set[tuple[int, int]]] = [set() for _ in range(len(cache._locs))]
+
+    def add(row: int, cells: np.ndarray) -> None:
+        for cell in cells.tolist():
+            seqs = np.flatnonzero(cache.member[cell])
+            out[row] |= {(int(q), int(cache.pos[cell])) for q in seqs}
+
+    if not cache._blocks:
+        for row, mask in enumerate(cache._mask_array):
+            add(row, cache.lo + np.flatnonzero(mask == 0))
+    for (a, b, s, _, n), mask in zip(cache._blocks, cache._block_arrays, strict=True):
+        for i, row in enumerate(range(a, b)):
+            if n:  # a run: row i over the first cells of sequence s + i's part
+                add(row, (s + i) * cache.capacity + np.flatnonzero(mask[i, 0] == 0))
+            else:
+                add(row, cache.lo + s + np.flatnonzero(mask[i] == 0))
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("backend", [Small, Streams], ids=["blocks", "streams"])
+def test_a_decode_step_planned_from_the_last_sees_what_a_full_plan_sees(backend, window):
+    """`_next_step` plans a decode step of several sequences from the last one (their new
+    cells after their last ones, the masks' changed columns only). Over random histories
+    (sequences joining with prompts, decoding in changing groups, leaving), every row of
+    every step attends exactly the (sequence, position)s a full plan gives it, in the same
+    cells; and the short plan is taken for most decode steps."""
+    rng = np.random.default_rng(7)
+    # padded to 16 cells: a block's extent grows, and the full plan runs, every 16 tokens
+    fast, full = (Causal(padding=16, window=window) for _ in range(2))
+    for cache in (fast, full):
+        cache.init(backend(), DType.F32, max_sequences=4, capacity=48, max_batch=16)
+    full._next_step = lambda batch: False  # type: ignore[method-assign]
+    calls = {"short": 0, "steps": 0}
+    original = fast._next_step
+
+    def counted(batch: BatchLayout) -> bool:
+        short = original(batch)
+        calls["short"] += short
+        return short
+
+    fast._next_step = counted  # type: ignore[method-assign]
+    group = [0, 1, 2, 3]
+    for step in range(160):
+        if step % 20 == 0:  # a new group, some with a prompt chunk first
+            group = sorted(rng.choice(4, size=int(rng.integers(1, 5)), replace=False).tolist())
+            counts = [int(rng.integers(1, 6)) if rng.random() < 0.5 else 1 for _ in group]
+        else:
+            counts = [1] * len(group)
+        if step % 40 == 39:  # one leaves, its cells freed
+            seq = group.pop()
+            for cache in (fast, full):
+                cache.remove(seq, 0)
+            continue
+        for q, c in zip(group, counts, strict=True):
+            if fast.seq_length(q) + c > 44:  # its part is full: it starts again
+                for cache in (fast, full):
+                    cache.remove(q, 0)
+        for cache in (fast, full):
+            plan(cache, group, counts)
+        calls["steps"] += counts == [1] * len(group)
+        np.testing.assert_array_equal(fast._locs, full._locs)
+        assert seen(fast) == seen(full), step
+    assert calls["short"] > calls["steps"] // 2, calls
