@@ -31,13 +31,19 @@ def rand(*shape: int, seed: int = 0) -> np.ndarray:
 
 
 def write(path: Path, tensors: dict[str, tuple[np.ndarray, Q]]) -> Path:
+    """Each weight quantized to its type by herd (F32 as it is)."""
+    raw = {n: (w, None) if q == Q.F32 else (quantize(w, q), q) for n, (w, q) in tensors.items()}
+    return write_raw(path, raw)
+
+
+def write_raw(path: Path, tensors: dict[str, tuple[np.ndarray, Q | None]]) -> Path:
+    """Arrays as they are (None) or as the bytes of a GGUF type."""
     writer = GGUFWriter(str(path), "test")
-    for name, (w, qtype) in tensors.items():
-        if qtype == Q.F32:
-            writer.add_tensor(name, w)
+    for name, (a, qtype) in tensors.items():
+        if qtype is None:
+            writer.add_tensor(name, a)
         else:
-            raw = quantize(w, qtype)
-            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+            writer.add_tensor(name, a, raw_shape=a.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -177,29 +183,18 @@ def test_dequantized_weights_are_reported(path: Path, caplog: pytest.LogCaptureF
 def test_unsupported_type_fails_at_load(tmp_path: Path) -> None:
     """Q8_K (ggml's activation-only type): a GGUFError at open naming tensor and type,
     before any answer, not on first use."""
-    raw = np.zeros((4, 292), np.uint8)
-    writer = GGUFWriter(str(tmp_path / "q.gguf"), "test")
-    writer.add_tensor("blk.0.odd", raw, raw_shape=raw.shape, raw_dtype=Q.Q8_K)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_raw(tmp_path / "q.gguf", {"blk.0.odd": (np.zeros((4, 292), np.uint8), Q.Q8_K)})
     with pytest.raises(GGUFError, match=r"blk\.0\.odd.*Q8_K"):
-        open_backend("mlx", open_gguf(tmp_path / "q.gguf"))
+        open_backend("mlx", open_gguf(path))
 
 
 def test_a_64_bit_tensor_fails_at_load(tmp_path: Path) -> None:
     """MLX has no 64-bit arrays on Metal: an I64 tensor is refused at open, named with
     its type, before any weight is read (not when a pass first touches it)."""
-    writer = GGUFWriter(str(tmp_path / "i64.gguf"), "test")
-    writer.add_tensor("w.F32", rand(8, 64))
-    writer.add_tensor("blk.0.ids", np.arange(8, dtype=np.int64))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tensors = {"w.F32": (rand(8, 64), None), "blk.0.ids": (np.arange(8, dtype=np.int64), None)}
+    path = write_raw(tmp_path / "i64.gguf", tensors)
     with pytest.raises(GGUFError, match=r"blk\.0\.ids has type I64.*mlx backend cannot"):
-        open_backend("mlx", open_gguf(tmp_path / "i64.gguf"))
+        open_backend("mlx", open_gguf(path))
 
 
 def test_a_cache_type_mlx_has_no_arrays_for_is_refused(backend: Any) -> None:
