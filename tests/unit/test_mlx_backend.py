@@ -302,3 +302,23 @@ def test_large_weights_split_over_cpu_streams_give_the_same_product(
         outs.append(y)
     assert sum(s.shape[0] for s in b.weight("w").w.parts) == rows
     assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    ("system", "machine", "picked"),
+    [("darwin", "arm64", "mlx"), ("darwin", "x86_64", "ggml"), ("linux", "aarch64", "ggml")],
+)
+def test_auto_picks_mlx_on_apple_silicon_only(
+    monkeypatch: pytest.MonkeyPatch, system: str, machine: str, picked: str
+) -> None:
+    """`auto` takes MLX where mlx imports on an Apple-silicon Mac (Metal), ggml elsewhere
+    (MLX's CPU kernels are single-threaded: an order of magnitude behind ggml there)."""
+    from types import SimpleNamespace
+
+    from herd.ml import available_backends, registry
+
+    if picked == "ggml" and "ggml" not in available_backends():
+        pytest.skip("ggml-python not installed (pip install -e '.[ggml]')")
+    monkeypatch.setattr(registry, "sys", SimpleNamespace(platform=system))
+    monkeypatch.setattr(registry.platform, "machine", lambda: machine)
+    assert registry.resolve_backend_name("auto") == picked
