@@ -384,7 +384,9 @@ def test_encoder_cache_follows_removal_and_prefix_copies(converted, photo) -> No
     step = len(tokens)
     a = herd.forward(Batch.single([11], start=step, seq=0))
     b = herd.forward(Batch.single([11], start=step, seq=1))
-    np.testing.assert_array_equal(a, b)
+    # the same values at other cells: BLAS may sum them in another order there (seen as
+    # 7e-7 on an AVX-512 machine), while keys not brought along would differ by O(1)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     encoder = herd.model.encoder
     assert encoder.used_cells() == 2 * TILES * N_POS
     cache.remove(1, row + 1)  # the text after the image: the image stays
