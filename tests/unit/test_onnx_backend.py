@@ -215,6 +215,26 @@ def test_rerun_checks_the_written_rows_too(tiny_llama_path: Path) -> None:
     assert backend.sessions_created == 1
 
 
+def test_contexts_sharing_a_session_rerun_into_their_own_buffers(tiny_llama_path: Path) -> None:
+    """A session keeps its outputs bound between runs (60 bindings a decode step saved);
+    another context's plan on the same session binds its own again."""
+    backend = open_backend("onnx", open_gguf(tiny_llama_path))
+    ctxs = [backend.new_context() for _ in range(2)]
+    for i, ctx in enumerate(ctxs):
+        (out,) = ctx.compute(ctx.input(np.full((2, 3), i, np.float32)).scale(2.0))
+        assert out.tolist() == [[2.0 * i] * 3] * 2
+    assert backend.sessions_created == 1  # one graph, one session
+    seen = []
+    for step in range(3):
+        for i, ctx in enumerate(ctxs):
+            (out,) = ctx.rerun(np.full((2, 3), 10 * step + i, np.float32), copy=False)
+            seen.append(out)
+            assert out.tolist() == [[2.0 * (10 * step + i)] * 3] * 2
+    assert seen[-1] is not seen[-2] and not np.shares_memory(seen[-1], seen[-2])
+    for ctx in ctxs:
+        ctx.close()
+
+
 def _weights_file(path: Path) -> Path:
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter

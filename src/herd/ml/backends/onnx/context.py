@@ -294,7 +294,7 @@ class OnnxContext:
             [(n, s, np_out[e]) for n, e, s in outs],
             len(outputs),
             writes,
-            list(self.checks),
+            list(dict.fromkeys(self.checks)),  # each layer's K and V write the same ids
             [a for _, a in self.bounds.values()],
         )
         return self._run([a for _, a in self.inputs], copy=True)
