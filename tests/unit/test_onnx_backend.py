@@ -235,6 +235,27 @@ def test_contexts_sharing_a_session_rerun_into_their_own_buffers(tiny_llama_path
         ctx.close()
 
 
+@pytest.mark.parametrize(
+    ("ids", "rows"),
+    [([5], slice(5, 6)), ([2, 3], slice(2, 4)), ([2, 3, 4, 5], slice(2, 6)), ([7, 3], None),
+     ([3, 4, 6], None), ([4, 4], None), ([2, 4, 3], None), ([], None)],
+)  # fmt: skip
+def test_written_rows_are_a_slice_only_where_consecutive(
+    ids: list[int], rows: slice | None
+) -> None:
+    from herd.ml.backends.onnx.context import _rows
+
+    got = _rows(np.array(ids, np.int64))
+    if rows is None:
+        assert isinstance(got, np.ndarray) and got.tolist() == ids
+    else:
+        assert got == rows
+    buf, want = np.zeros(10), np.zeros(10)
+    buf[got] = np.arange(len(ids)) + 1.0
+    want[np.array(ids, np.int64)] = np.arange(len(ids)) + 1.0
+    np.testing.assert_array_equal(buf, want)
+
+
 def _weights_file(path: Path) -> Path:
     from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter
