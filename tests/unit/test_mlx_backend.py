@@ -22,6 +22,7 @@ from herd.ml import BackendOptions, DType, open_backend
 mx = pytest.importorskip("mlx.core", reason="mlx not installed (pip install -e '.[mlx]')")
 
 from herd.ml.backends.mlx import MlxBackend  # noqa: E402
+from herd.ml.backends.mlx import backend as mlx_backend  # noqa: E402
 from herd.ml.backends.mlx.quant import MlxWeight  # noqa: E402
 from herd.ml.backends.mlx.tensor import MlxTensor  # noqa: E402
 
@@ -153,6 +154,8 @@ def test_num_gpu_zero_runs_on_the_cpu(backend: Any) -> None:
     assert 0 < info.free_memory <= info.total_memory
     with backend.new_context():
         assert mx.default_device() == mx.cpu  # ops of this pass run on its stream
+    # the CPU's composed attention pays for every padded cell: a finer pad than a GPU's
+    assert backend.cache_config().pad == mlx_backend.CACHE_PAD_CPU < mlx_backend.CACHE_PAD
 
 
 def test_num_gpu_without_a_gpu_runs_on_the_cpu(path: Path) -> None:
