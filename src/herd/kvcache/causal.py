@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from herd.errors import CacheFullError
-from herd.kvcache import attend, compact, rows
-from herd.kvcache.attend import ALIGN, BLOCK, NEG_INF, Block
+from herd.kvcache import attend, compact, nextstep, rows
+from herd.kvcache.attend import ALIGN, BLOCK, Block
+from herd.kvcache.nextstep import Decoded
 from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor
 
@@ -32,16 +33,6 @@ class BatchLayout:
     sequences: np.ndarray  # (T,) int32
     # (first row, rows) of each image's placeholder tokens (see `Causal(bidirectional=)`)
     spans: list[tuple[int, int]] = field(default_factory=list)
-
-
-@dataclass
-class Decoded:
-    """The last plan's rows when it was a decode step (one row a sequence, each in its
-    sequence's last cell): what `Causal._next_step` plans the next step from."""
-
-    seqs: np.ndarray
-    positions: np.ndarray
-    locs: np.ndarray
 
 
 class Causal:
@@ -211,10 +202,7 @@ class Causal:
             a, b, s, e, runs = block
             piece = self._mask_array[a:b, s:e] if not runs else self._stream_mask(batch, block)
             self._block_arrays.append(np.ascontiguousarray(piece))
-        if len(np.unique(seqs)) == n and not batch.spans:  # one decoding row a sequence
-            last = [int(np.flatnonzero(self.member[:, q])[-1]) for q in seqs.tolist()]
-            if np.array_equal(locs, last):  # each row in its sequence's last cell
-                self._step = Decoded(seqs.copy(), batch.positions.copy(), locs.copy())
+        self._step = nextstep.decoded(self.member, batch, locs)
 
     def _place(self, is_free: np.ndarray, seq: int, n: int) -> np.ndarray:
         """Cells for n tokens of one sequence: right after its last cell when those are
@@ -254,64 +242,22 @@ class Causal:
         return locs
 
     def _next_step(self, batch: BatchLayout) -> bool:
-        """Plan a decode step from the last one, when it is that step's successor: the same
-        sequences in the same rows, each one position on, nothing else changed in the cache
-        since (any other plan, removal or copy forgets `_step`). Each row's last cell was
-        its sequence's last, so its new token takes the cell after it when that is free,
-        as `_place` would. The attended range and blocks stay unless a new cell falls past
-        them, and the masks change only in the columns whose visibility moves with the
-        position: the new token's own cell and, with a window, the cells at the position
-        that leaves it. A plan that runs every token on a cold CPU cache, so a handful of
-        NumPy calls instead of the full plan's ~25 per sequence (8 decoding sequences:
-        0.2 ms a step instead of 1.4; Gemma 3, one: ~0.1 ms a token with its two caches)."""
+        """Plan a decode step from the last one where it is that step's successor (any
+        other plan, removal or copy forgets `_step`): `herd.kvcache.nextstep`."""
         assert self._step is not None
-        step = self._step
-        positions, lo = batch.positions, self.lo
-        locs = step.locs + 1
-        if (
-            len(positions) != len(step.seqs)
-            or not np.array_equal(batch.sequences, step.seqs)
-            or not np.array_equal(positions, step.positions + 1)
-            or int(locs.max()) >= self.hi
-            or (self.pos[locs] >= 0).any()
-            or (self.chunk is not None and (positions % self.chunk == 0).any())
-            or not all(self._inside(block, locs) for block in self._blocks)
-        ):
+        seqs = self._step.seqs
+        locs = nextstep.follows(self._step, batch, self, self._blocks)
+        if locs is None:
             return False
-        self.pos[locs] = positions
+        self.pos[locs] = batch.positions
         self.member[locs] = False
-        self.member[locs, step.seqs] = True
-        rows = np.arange(len(locs))
-        mask = self._mask_array.copy()  # the last step's graph may still read its own
-        mask[rows, locs - lo] = 0
-        gone = None if self.window is None else positions - self.window
-        if gone is not None:
-            mask[self.pos[lo : self.hi][None, :] == gone[:, None]] = NEG_INF
-        arrays = []
-        for block, old in zip(self._blocks, self._block_arrays, strict=True):
-            a, b, s, e, n = block
-            if not n:
-                arrays.append(np.ascontiguousarray(mask[a:b, s:e]))
-                continue
-            homes = (s + np.arange(n)) * self.capacity  # a run: each row over its own part
-            new = old.copy()
-            new[:, 0][np.arange(n), locs[a:b] - homes] = 0
-            if gone is not None:
-                cell_pos = self.pos[homes[:, None] + np.arange(e)]
-                new[:, 0][cell_pos == gone[a:b, None]] = NEG_INF
-            arrays.append(new)
+        self.member[locs, seqs] = True
+        self._mask_array, self._block_arrays = nextstep.masks(
+            self, self._mask_array, self._blocks, self._block_arrays, batch.positions, locs
+        )
         self._locs = locs.astype(np.int32)
-        self._mask_array, self._block_arrays = mask, arrays
-        self._step = Decoded(step.seqs, positions.copy(), locs)
+        self._step = Decoded(seqs, batch.positions.copy(), locs)
         return True
-
-    def _inside(self, block: Block, locs: np.ndarray) -> bool:
-        """Whether the new cells of a block's rows lie within the cells it attends."""
-        a, b, s, e, n = block
-        if not n:
-            return bool((locs[a:b] - self.lo < e).all())
-        homes = (s + np.arange(n)) * self.capacity
-        return bool((locs[a:b] - homes < e).all())
 
     def _plan_blocks(self, batch: BatchLayout) -> list[Block]:
         """How the batch's query rows attend, in row order (`herd.kvcache.attend`): (first
