@@ -30,6 +30,16 @@ def requantize(src: Path, dst: Path, qtype: str = "q4_0") -> Path:
     to, file_type = TYPES[qtype]
     r = GGUFReader(src)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")  # renamed into place when whole
+    try:
+        _write(r, tmp, to, file_type)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(dst)
+    return dst
+
+
+def _write(r: GGUFReader, tmp: Path, to: Q, file_type: LlamaFileType) -> None:
     w = GGUFWriter(tmp, str(r.fields["general.architecture"].contents()))
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
@@ -50,8 +60,6 @@ def requantize(src: Path, dst: Path, qtype: str = "q4_0") -> Path:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tmp.replace(dst)
-    return dst
 
 
 def main() -> None:
@@ -60,7 +68,12 @@ def main() -> None:
     ap.add_argument("dst", type=Path)
     ap.add_argument("--type", default="q4_0", choices=sorted(TYPES))
     args = ap.parse_args()
-    print(requantize(args.src, args.dst, args.type))
+    if not args.src.is_file():
+        ap.error(f"{args.src}: no such file")
+    try:
+        print(requantize(args.src, args.dst, args.type))
+    except (ValueError, OSError) as e:  # not a GGUF, a type gguf cannot dequantize, disk
+        ap.error(f"{args.src}: {e}")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,15 @@ def test_an_unknown_type_is_refused(tiny_llama_path: Path, tmp_path: Path) -> No
     with pytest.raises(KeyError):
         requantize(tiny_llama_path, tmp_path / "x.gguf", "q3_nope")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_write_leaves_nothing(tiny_llama_path: Path, tmp_path: Path, monkeypatch) -> None:
+    import benchmarks.requantize as rq
+
+    def broken(array, qtype):
+        raise ValueError("no room")
+
+    monkeypatch.setattr(rq, "quantize", broken)
+    with pytest.raises(ValueError, match="no room"):
+        requantize(tiny_llama_path, tmp_path / "q4_0.gguf")
+    assert not list(tmp_path.iterdir())

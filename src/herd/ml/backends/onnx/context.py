@@ -335,12 +335,12 @@ class OnnxContext:
             h.flags.writeable = True
         plan.session.run(plan.inputs, hosts + plan.bounds, [n for n, _, _ in plan.outputs],
                          plan.host)  # fmt: skip
-        where: dict[int, Any] = {}  # ids source -> index (every layer's K and V share one)
+        where: dict[tuple[int, int], Any] = {}  # every layer's K and V share one index
         for buf, at, ids_in, ids_out, columns in plan.writes:
-            src = ids_in if ids_in >= 0 else -2 - ids_out
-            at_ids = where.get(src)
+            at_ids = where.get((ids_in, ids_out))
             if at_ids is None:
-                at_ids = where[src] = _rows(hosts[ids_in] if ids_in >= 0 else plan.host[ids_out])
+                ids = hosts[ids_in] if ids_in >= 0 else plan.host[ids_out]
+                at_ids = where[ids_in, ids_out] = _rows(ids)
             if columns:
                 buf[..., at_ids] = np.moveaxis(plan.host[at], 0, -1)
             else:
