@@ -6,9 +6,10 @@ llama-server is the engine Ollama runs today (continuous batching, a shared KV c
 `--parallel` slots, prompt caching). This builds it from the llama.cpp tree that
 llama-cpp-python 0.3.36's sdist vendors, the very source whose ggml herd's ggml backend
 is built from (scripts/build_ggml.py), with the same CPU flags (scripts/cpu_cmake_args.py,
-plus llamafile) and, unless `--stock`, herd's ggml patch (build_ggml.PATCHES: a prefetch
-that leaves every result bit-identical), so herd and the anchor run the same kernels and a
-difference between them is the serving engine's. `--stock` builds llama.cpp as released.
+plus llamafile) and, unless `--stock`, herd's ggml patches (build_ggml.PATCHES: a prefetch,
+attention's query tiles and the tiled Q4_1 prompt matmul, each leaving every result
+bit-identical), so herd and the anchor run the same kernels and a difference between them
+is the serving engine's. `--stock` builds llama.cpp as released.
 
 Only the `llama-server` target, statically linked (the binary alone is kept), without
 libcurl, OpenSSL, tests, examples or the web UI (whose assets would be downloaded). The
