@@ -18,6 +18,7 @@ import numpy as np
 
 from herd.errors import BackendError
 from herd.ml.backends.ggml import _lib as L
+from herd.ml.backends.ggml import one_thread
 from herd.ml.backends.ggml._lib import TYPE_F16, TYPE_F32, TYPE_I32, ggml_cast, ggml_cont
 from herd.ml.backends.ggml.dtypes import (
     CONT,
@@ -229,13 +230,15 @@ class GGMLContext:
             for p, a in self.inputs:
                 if tensor_data(p) is not None:  # inputs the graph does not use stay unallocated
                     tensor_set(p, a.ctypes.data, 0, a.nbytes)
-            status = L.ggml_backend_sched_graph_compute(pl.sched, self.graph)
+            graph, sched = self.graph, pl.sched
+            status = one_thread.run(lambda: L.ggml_backend_sched_graph_compute(sched, graph))
         else:
             host = self.host or self._host_arrays()
             for view, (_, a) in zip(host[0], self.inputs, strict=True):
                 if view is not None:
                     view[...] = a
-            status = L.ggml_backend_graph_compute(b.cpu, self.graph)
+            graph, cpu = self.graph, b.cpu
+            status = one_thread.run(lambda: L.ggml_backend_graph_compute(cpu, graph))
         if status != L.STATUS_SUCCESS:
             raise BackendError(f"ggml compute failed: {L.ggml_status_to_string(status).decode()}")
         if not copy:
