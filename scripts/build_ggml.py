@@ -101,7 +101,7 @@ static inline __attribute__((always_inline)) void herd_q4_1_tile(
     }
 }
 
-// herd: the nr x nc outputs of a block of Q4_1 rows by Q8_1 columns, in tiles of 4 x 2
+// herd: the nr x nc outputs of a block of Q4_1 rows by Q8_1 columns, in tiles of 4 rows
 void herd_gemm_q4_1_q8_1(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,
                          size_t bx, const void * GGML_RESTRICT vy, size_t by, int nr, int nc) {
     const int nb = n / QK8_1;
@@ -192,11 +192,11 @@ PATCHES: list[tuple[str, str, str]] = [
     # A prompt's Q4_1 matmuls (SmolLM2's every layer) have no tiled kernel on x86: llamafile's
     # takes Q4_0 and Q8_0, not Q4_1, so ggml calls one dot product per weight row and token,
     # unpacking each weight block again for every token (77% of a 7-prompt serving step in
-    # ggml_vec_dot_q4_1_q8_1 under perf). Tiles of 4 rows x 2 tokens unpack a block once for
-    # both tokens and load a token's block once for 4 rows. Each output is still computed as
-    # ggml_vec_dot_q4_1_q8_1 computes it (the same integer sums, the same float operations
-    # in the same order), so the results are bit-identical; tests/unit/test_ggml_kernels.py
-    # checks a prompt's rows against the same rows one token at a time.
+    # ggml_vec_dot_q4_1_q8_1 under perf). Tiles of 4 rows x 4 tokens (4 x 2 on AVX2) unpack a
+    # block once for the tile's tokens and load a token's block once for 4 rows. Each output
+    # is still computed as ggml_vec_dot_q4_1_q8_1 computes it (the same integer sums, the
+    # same float operations in the same order), so the results are bit-identical;
+    # tests/unit/test_ggml_kernels.py checks a prompt's rows against them one token at a time.
     (
         "src/ggml-cpu/arch/x86/quants.c",
         "void ggml_vec_dot_mxfp4_q8_0(int n",

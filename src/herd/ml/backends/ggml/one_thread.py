@@ -22,7 +22,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[], object], list[object], threading.Lock]
+# a job: the call, where its (result, error) goes, and the lock its caller waits on
+_Job = tuple[Callable[[], object], list[tuple[object, BaseException | None]], threading.Lock]
 _jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _thread: threading.Thread | None = None
 _start = threading.Lock()
@@ -32,15 +33,11 @@ def _serve() -> None:
     while True:
         fn, box, done = _jobs.get()
         try:
-            box.append(fn())
+            box.append((fn(), None))
         except BaseException as e:  # the caller raises it
-            box.append(e)
-            box.append(_FAILED)
+            box.append((None, e))
         finally:
             done.release()
-
-
-_FAILED = object()
 
 
 def run(fn: Callable[[], T]) -> T:
@@ -57,12 +54,13 @@ def run(fn: Callable[[], T]) -> T:
                 _thread = t
     done = threading.Lock()
     done.acquire()
-    box: list[object] = []
+    box: list[tuple[object, BaseException | None]] = []
     _jobs.put((fn, box, done))
     done.acquire()  # released by the compute thread once fn has returned or raised
-    if len(box) == 2 and box[1] is _FAILED:
-        raise box[0]  # type: ignore[misc]
-    return box[0]  # type: ignore[return-value]
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
 
 
 def compute_thread() -> threading.Thread | None:
