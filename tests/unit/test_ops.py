@@ -307,6 +307,20 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
         [X, rand(5, 2, 64, seed=1)],
         EXACT,
     ),
+    # a chain of blocks' rows (attention's blocks), a permuted view among them
+    (
+        "concat_rows",
+        lambda c, b, x, y, z: x.concat_rows([y, z.permute(1, 0, 2)]),
+        [X, rand(2, 5, 64, seed=1), rand(5, 4, 64, seed=2)],
+        EXACT,
+    ),
+    (
+        "concat_rows_2d",
+        lambda c, b, x, y: x.reshape(15, 64).concat_rows([y.slice(1, 0, 64), y]),
+        [X, rand(4, 64, seed=1)],
+        EXACT,
+    ),
+    ("concat_rows_one", lambda c, b, x: x.concat_rows([]), [X], EXACT),
     ("repeat", lambda c, b, x: x.repeat(6, 5, 128), [X], EXACT),
     ("cast_f16", lambda c, b, x: x.cast(DType.F16), [X], 1e-6),
     ("cast_f16_f32", lambda c, b, x: x.cast(DType.F16).cast(DType.F32).scale(2.0), [X], 1e-6),
@@ -544,6 +558,7 @@ def test_table_covers_the_contract() -> None:
     }
     tested = {op[0].split("_")[0] for op in OPS} | {
         "get_rows",
+        "concat_rows",
         "top_k",
         "take_along",
         "mul_mat_id",
@@ -727,6 +742,23 @@ def test_rerun_reuses_the_graph(backends: Any, keep: bool) -> None:
         got += [ctx.rerun(*steps[2])[0], ctx.rerun(*steps[3])[0]]
     for g, inputs in zip(got, steps, strict=True):
         assert nmse(g, run(oracle, build, inputs)[0]) < 2e-4
+
+
+def test_rerun_of_concat_rows_reads_the_new_parts(backends: Any) -> None:
+    """`concat_rows` takes its parts as a list: a rerun (MLX replays a tape of the ops,
+    their operands by slot) joins the new input's parts, not the first pass's."""
+    backend, oracle = backends
+    build = lambda c, b, x: x.slice(0, 0, 2).concat_rows(  # noqa: E731
+        [x.slice(0, 3, 4).scale(2.0), x.slice(0, 1, 3)]
+    )
+    steps = [rand(4, 16, seed=s) for s in range(3)]
+    with backend.new_context() as ctx:
+        if not isinstance(ctx, GraphReuse):
+            pytest.skip(f"{backend.name} has no graph reuse")
+        got = [ctx.compute(build(ctx, backend, ctx.input(steps[0])))[0]]
+        got += [ctx.rerun(x)[0] for x in steps[1:]]
+    for g, x in zip(got, steps, strict=True):
+        np.testing.assert_array_equal(g, run(oracle, build, [x])[0])
 
 
 def test_rerun_without_copy_gives_views_until_the_next_run(backends: Any) -> None:

@@ -205,6 +205,10 @@ class Tensor(Protocol):
 
     def contiguous(self) -> Tensor: ...
     def concat(self, other: Tensor, axis: int) -> Tensor: ...
+    def concat_rows(self, others: Sequence[Tensor]) -> Tensor:
+        """self's rows (axis 0) followed by each of `others`' (the same shape past axis 0),
+        in one op: a chain of `concat`s copies the first part again for every later one."""
+
     def repeat(self, *shape: int) -> Tensor:
         """Broadcast (tile) to `shape`, each dim a multiple of the input's."""
 

@@ -52,16 +52,14 @@ def attention(
         return _attend(q, k, v, mask, scale, fused)
     # each block of queries over only the cells its rows see: the causal triangle's upper
     # half is neither multiplied nor softmaxed (the masked cells it skips weigh exactly 0)
-    out: Tensor | None = None
+    parts = []
     for a, b, kb, vb, m in blocks:
         qb = q.slice(0, a, b)
         if len(kb.shape) == 4:  # N sequences' rows, each over its own keys
-            part = _attend_streams(qb, kb, vb, m, scale)
+            parts.append(_attend_streams(qb, kb, vb, m, scale))
         else:
-            part = _attend(qb, kb, vb, m, scale)
-        out = part if out is None else out.concat(part, 0)
-    assert out is not None
-    return out
+            parts.append(_attend(qb, kb, vb, m, scale))
+    return parts[0].concat_rows(parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def query_rows(x: Tensor, pos: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -99,11 +97,9 @@ def _attend_streams(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float)
         return cast(FusedAttention, q.reshape(n, t, hq, d)).scaled_dot_product_attention(
             k, v, mask, scale
         )
-    out: Tensor | None = None
+    parts = []
     for i in range(n):
         ki, vi = (x.slice(0, i, i + 1).reshape(*x.shape[1:]) for x in (k, v))
         mi = mask.slice(0, i, i + 1).reshape(*mask.shape[1:])
-        part = _attend(q.slice(0, i * t, (i + 1) * t), ki, vi, mi, scale)
-        out = part if out is None else out.concat(part, 0)
-    assert out is not None
-    return out
+        parts.append(_attend(q.slice(0, i * t, (i + 1) * t), ki, vi, mi, scale))
+    return parts[0].concat_rows(parts[1:])

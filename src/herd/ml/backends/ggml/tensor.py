@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from herd.ml.backends.ggml import _lib as L
-from herd.ml.backends.ggml import conv, matmul
+from herd.ml.backends.ggml import attention, conv, matmul
 from herd.ml.backends.ggml._lib import (
     TYPE_F16,
     TYPE_F32,
@@ -50,6 +50,8 @@ from herd.ml.backends.ggml.dtypes import (
 from herd.ml.base import DType, RopeOptions
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from herd.ml.backends.ggml.context import GGMLContext
 
 
@@ -288,65 +290,8 @@ class GGMLTensor:
         out = c.out(L.ggml_set_rows(c.g, dst, b, c.i32(ids)), (lead, s[-1], 1), self.gtype)
         return c.out(RESHAPE[len(s)](c.g, out.p, *ne(s)[: len(s)]), s, self.gtype)
 
-    def scaled_dot_product_attention(
-        self, k: GGMLTensor, v: GGMLTensor, mask: GGMLTensor | None, scale: float,
-        fused: bool | None = None,
-    ) -> GGMLTensor:  # fmt: skip
-        """Fused attention (nn's optional capability): q=self (T, Hq, D), k (S, Hkv, D),
-        v (S, Hkv, Dv), mask (T, S) or None -> (T, Hq * Dv), by ggml_flash_attn_ext. GQA
-        by broadcasting (Hq a multiple of Hkv). Off on the CPU by default unless `fused`
-        (BackendOptions.flash_attention), as in llama.cpp: then the composed ops nn would
-        use, whose logits match llama.cpp's; flash attention accumulates V in F16 for an
-        F16 cache."""
-        if len(self.shape) == 4:
-            return self._stream_attention(k, v, mask, scale)
-        c = self._c(k)
-        (t, hq, d), (s, hkv, dk), dv = self.shape, k.shape, v.shape[2]
-        assert d == dk and v.shape[:2] == (s, hkv) and hq % hkv == 0, (
-            f"attention: q {self.shape}, k {k.shape}, v {v.shape}"
-        )
-        assert mask is None or mask.shape == (t, s), f"attention: mask {mask} for ({t}, {s})"
-        q = self.permute(1, 0, 2)  # (Hq, T, D)
-        kh, vh = k.permute(1, 0, 2), v.permute(1, 0, 2)  # (Hkv, S, D), (Hkv, S, Dv)
-        if not (c.backend.flash_attention if fused is None else fused):
-            probs = q.matmul_t(kh).softmax(mask, scale)  # (Hq, T, S)
-            # matmul_t copies V only when its rows are not contiguous (a transposed cache
-            # hands them over as they are)
-            out = probs.matmul_t(vh.permute(0, 2, 1))  # (Hq, T, Dv)
-            return out.permute(1, 0, 2).contiguous().reshape(t, hq * dv)
-        m = c.f16(mask) if mask is not None else None
-        kv = c.src0 if fused is None or c.backend.exact_attention else c.f16  # see options
-        p = L.ggml_flash_attn_ext(c.g, c.f32(q), kv(kh), kv(vh), m, scale, 0.0, 0.0)
-        L.ggml_flash_attn_ext_set_prec(p, L.PREC_F32)
-        return c.out(p, (t, hq, dv)).reshape(t, hq * dv)  # ggml gives (T, Hq, Dv)
-
-    def _stream_attention(
-        self, k: GGMLTensor, v: GGMLTensor, mask: GGMLTensor | None, scale: float
-    ) -> GGMLTensor:
-        """N sequences in one op (`CacheConfig.streams`): q=self (N, T, Hq, D), k
-        (N, S, Hkv, D), v (N, S, Hkv, Dv), mask (N, T, S) -> (N * T, Hq * Dv). ggml's
-        matmuls, softmax and flash attention all take the sequences as their fourth axis,
-        as llama.cpp's per-sequence streams do: one node per layer for 8 decoding
-        sequences instead of 8 attentions and their concatenation (a 3000-node decode
-        graph, ~15% slower than llama.cpp's on 2 cores)."""
-        c = self._c(k)
-        (n, t, hq, d), (n_k, s, hkv, dk), dv = self.shape, k.shape, v.shape[3]
-        assert n == n_k and d == dk and v.shape[:3] == (n, s, hkv) and hq % hkv == 0, (
-            f"attention: q {self.shape}, k {k.shape}, v {v.shape}"
-        )
-        assert mask is not None and mask.shape == (n, t, s), f"attention: mask {mask}"
-        q = self.permute(0, 2, 1, 3)  # (N, Hq, T, D)
-        kh, vh = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # (N, Hkv, S, D/Dv)
-        m = mask.reshape(n, 1, t, s)  # one mask per sequence, over its heads
-        if not c.backend.flash_attention:
-            kq = c.out(L.ggml_mul_mat(c.g, c.src0(kh), c.f32(q)), (n, hq, t, s))
-            probs = kq.softmax(m, scale)
-            vt = vh.permute(0, 1, 3, 2)  # (N, Hkv, Dv, S): rows as a transposed cache has them
-            out = c.out(L.ggml_mul_mat(c.g, c.src0(vt), c.f32(probs)), (n, hq, t, dv))
-            return out.permute(0, 2, 1, 3).contiguous().reshape(n * t, hq * dv)
-        p = L.ggml_flash_attn_ext(c.g, c.f32(q), c.src0(kh), c.src0(vh), c.f16(m), scale, 0, 0)
-        L.ggml_flash_attn_ext_set_prec(p, L.PREC_F32)
-        return c.out(p, (n, t, hq, dv)).reshape(n * t, hq * dv)  # ggml: (N, T, Hq, Dv)
+    # --- attention: attention.py -------------------------------------------------------
+    scaled_dot_product_attention = attention.scaled_dot_product_attention
 
     # --- images (NCHW): conv.py ---------------------------------------------------------
     conv2d, avg_pool2d = conv.conv2d, conv.avg_pool2d
@@ -383,9 +328,15 @@ class GGMLTensor:
                 f"slice of a {type_name(self.gtype)} row must keep whole blocks"
             )
         shape = s[:axis] + (stop - start,) + s[axis + 1 :]
-        nb = L.tensor_nb(self.p)
+        nb = list(L.tensor_nb(self.p))
         offset = start * nb[g] // (BLOCK[self.gtype] if g == 0 else 1)
-        p = L.ggml_view_4d(c.g, self.p, *ne(shape), nb[1], nb[2], nb[3], offset)
+        dims = ne(shape)
+        # a dim of 1 takes the stride a packed tensor would have there: never used to
+        # address, but ggml_scale asserts it (a row slice of a matrix aborted the process)
+        for i in (1, 2, 3):
+            if dims[i] == 1:
+                nb[i] = nb[i - 1] * dims[i - 1] // (BLOCK[self.gtype] if i == 1 else 1)
+        p = L.ggml_view_4d(c.g, self.p, *dims, nb[1], nb[2], nb[3], offset)
         if nb[0] != L.tensor_nb(p)[0]:  # a permuted view: ggml_view_4d has no nb0 argument
             L.set_tensor_nb0(p, nb[0])
         return c.view(p, shape, self.gtype)
@@ -427,6 +378,25 @@ class GGMLTensor:
         shape = a[:axis] + (a[axis] + b[axis],) + a[axis + 1 :]
         p = L.ggml_concat(c.g, c.f32(self, STRIDED), c.f32(other, STRIDED), len(a) - 1 - axis)
         return c.out(p, shape)
+
+    def concat_rows(self, others: Sequence[GGMLTensor]) -> GGMLTensor:
+        # ggml_concat is binary (a chain copies the first part once per later one) and
+        # copies element by element; here each part is written once, by rows, into its
+        # place in one new tensor: a chain of in-place sets, each a view of the last
+        c = self._c()
+        parts = [self, *others]
+        rest = self.shape[1:]
+        assert all(p.shape[1:] == rest for p in parts), f"concat_rows {[p.shape for p in parts]}"
+        shape = (sum(p.shape[0] for p in parts), *rest)
+        dims = ne(shape)
+        row = math.prod(rest) * 4  # bytes of one F32 row of axis 0
+        nb = [dims[0] * 4, dims[0] * dims[1] * 4, dims[0] * dims[1] * dims[2] * 4]
+        out = c.node(L.ggml_new_tensor_4d(c.g, TYPE_F32, *dims))
+        at = 0
+        for p in parts:
+            out = c.node(L.ggml_set_inplace(c.g, out, c.f32(p), *nb, at * row))
+            at += p.shape[0]
+        return c.out(L.ggml_reshape_4d(c.g, out, *dims) if len(shape) != 4 else out, shape)
 
     def repeat(self, *shape: int) -> GGMLTensor:
         s = self.shape

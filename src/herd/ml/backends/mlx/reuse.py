@@ -80,8 +80,13 @@ def recorded(name: str, fn: Callable[..., MlxTensor]) -> Callable[..., MlxTensor
         tape: Tape = c.tape
         from herd.ml.backends.mlx.tensor import MlxTensor as T
 
-        enc = tuple(tape.ref(a, c) if isinstance(a, T) else a for a in args)
-        kw = {k: tape.ref(v, c) if isinstance(v, T) else v for k, v in kwargs.items()}
+        def encode(a: Any) -> Any:  # a tensor, or a list of them (`concat_rows`)
+            if isinstance(a, list | tuple):
+                return type(a)(encode(x) for x in a)
+            return tape.ref(a, c) if isinstance(a, T) else a
+
+        enc = tuple(encode(a) for a in args)
+        kw = {k: encode(v) for k, v in kwargs.items()}
         out.slot = tape.slot()
         tape.entries.append((name, tape.ref(self, c), enc, kw, out.slot))
         return out
@@ -114,6 +119,8 @@ def replay_fn(
         vals: list[Any] = [None] * tape.n_slots
 
         def get(r: Any) -> Any:
+            if isinstance(r, list | tuple):
+                return type(r)(get(x) for x in r)
             if not isinstance(r, Ref):
                 return r
             if r.tensor is None:

@@ -21,6 +21,8 @@ from herd.ml.backends.mlx.quant import MlxWeight
 from herd.ml.base import DType, Tensor, mul_mat_id_shape
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from herd.ml.backends.mlx.context import MlxContext
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -374,6 +376,12 @@ class MlxTensor:
         if a.dtype != b.dtype:
             a, b = f32(self), f32(other)
         return self._new(mx.concatenate([a, b], axis=axis), other)
+
+    def concat_rows(self, others: Sequence[MlxTensor]) -> MlxTensor:
+        parts = [self, *others]
+        if len({p._data().dtype for p in parts}) == 1:
+            return self._new(mx.concatenate([p._data() for p in parts]), *others)
+        return self._new(mx.concatenate([f32(p) for p in parts]), *others)
 
     def repeat(self, *shape: int) -> MlxTensor:
         s = self.shape

@@ -336,6 +336,9 @@ class NumpyTensor:
     def concat(self, other: NumpyTensor, axis: int) -> NumpyTensor:
         return self._new(np.concatenate([self.a, other.a], axis=axis), other)
 
+    def concat_rows(self, others: Sequence[NumpyTensor]) -> NumpyTensor:
+        return self._new(np.concatenate([self.a, *(o.a for o in others)]), *others)
+
     def repeat(self, *shape: int) -> NumpyTensor:
         reps = [s // d for s, d in zip(shape, self.a.shape, strict=True)]
         return self._new(np.tile(self.a, reps))

@@ -20,6 +20,8 @@ from herd.ml.backends.onnx.graph import ELEM
 from herd.ml.base import DType, mul_mat_id_shape
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from herd.ml.backends.onnx.context import OnnxContext
 
 # what a cast makes: no block types for activations (a quantized cache's cast keeps F16,
@@ -369,6 +371,15 @@ class OnnxTensor:
         shape[axis] += other.shape[axis]
         dtype = self._dtype if same else DType.F32
         return self._out(c.g.op("Concat", [a, b], axis=axis), tuple(shape), other, dtype=dtype)
+
+    def concat_rows(self, others: Sequence[OnnxTensor]) -> OnnxTensor:
+        parts = [self, *others]
+        c = _ctx(*parts)
+        same = len({p._dtype for p in parts}) == 1
+        names = [c.val(p) if same else c.f32(p) for p in parts]
+        shape = (sum(p.shape[0] for p in parts), *self.shape[1:])
+        dtype = self._dtype if same else DType.F32
+        return self._out(c.g.op("Concat", names, axis=0), shape, *others, dtype=dtype)
 
     def repeat(self, *shape: int) -> OnnxTensor:
         s = self.shape
