@@ -27,7 +27,9 @@ legitimately shares (the system prompt, the template) in its cache.
 
 Then the cache's own figure, `--rounds` times on freshly started herd and llama-server:
 one client's decode rate in a new conversation on the fresh server, and again after 8
-concurrent chats have left their conversations cached.
+concurrent chats have left their conversations cached: each the median of 3 new
+conversations in a row (one 64-token reply lasts half a second, and a single one moved
+by 25% between rounds on this shared VM), then the best of the rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -84,6 +87,11 @@ def measure_waves(servers: dict[str, tuple[str, str]], args: argparse.Namespace)
     return best
 
 
+def singles(url: str, model: str, tag: str, tokens: int, n: int = 3) -> float:
+    """The median decode rate of n new conversations, one after another."""
+    return statistics.median(single(url, model, f"{tag}.{i}", tokens).decode_rate for i in range(n))
+
+
 def measure_cached(names: list[str], setup: Setup, binary, args: argparse.Namespace):
     """Fresh-server vs after-8-cached-conversations single-client decode, best of rounds."""
     out: dict[str, Cached] = {}
@@ -91,9 +99,9 @@ def measure_cached(names: list[str], setup: Setup, binary, args: argparse.Namesp
         for name in names if take % 2 == 0 else names[::-1]:
             with start(name, setup, binary) as (url, model):
                 warm_up(url, model)
-                fresh = single(url, model, f"fresh {take}", args.single_tokens).decode_rate
+                fresh = singles(url, model, f"fresh {take}", args.single_tokens)
                 wave(url, model, "chat", 8, f"cached {take}", args.turns, args.tokens)
-                after = single(url, model, f"after {take}", args.single_tokens).decode_rate
+                after = singles(url, model, f"after {take}", args.single_tokens)
             print(
                 f"  round {take + 1}, {name}: single client {fresh:.1f} tok/s fresh, "
                 f"{after:.1f} after 8 cached chats",
