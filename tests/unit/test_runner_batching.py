@@ -2,10 +2,13 @@
 the cache's per-sequence blocks): each sequence's rows attend only its own cells, with the
 logits of attending the whole range, on every backend; decoding sequences get their token
 every step while a long prompt is fed in chunks of at most `prefill` tokens; a decode
-step's rows come in slot order, so its graph is rerun however the runner rotates."""
+step's rows come in slot order, so its graph is rerun however the runner rotates; requests
+that come during a step join the next one."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -150,3 +153,42 @@ def test_decode_steps_keep_their_layout_and_rerun_their_graph(tiny_llama_path):
         r.step()
     assert all(order == sorted(order) for order in orders)
     assert len(set(graphs)) <= 2  # built once (again at most once, crossing an alignment)
+
+
+def test_requests_that_come_during_a_step_join_the_next(tiny_llama_path):
+    """Requests that wait for the runner's lock while a step computes claim their slots
+    before the batch thread takes the lock again: the next step has their prompts. (A
+    Lock is not fair: the batch thread took it straight back, and requests that came
+    during a prompt step sat out the next decode steps.)"""
+    r = make_runner(tiny_llama_path, parallel=4)
+    batches: list[set[int]] = []
+    compute = r._compute
+
+    def recording(batch):
+        if not batches:  # the first step: hold it until all three are at the lock
+            deadline = time.monotonic() + 10
+            while r._admitting < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        batches.append(set(batch.sequences.tolist()))
+        return compute(batch)
+
+    r._compute = recording  # type: ignore[method-assign]
+    r.start()
+    try:
+        greedy = Options(temperature=0, num_predict=6)
+        first = threading.Thread(target=lambda: list(r.generate(prompts(1, [20])[0], greedy)))
+        first.start()
+        while not batches and r.step_started is None:
+            time.sleep(0.001)
+        later = [
+            threading.Thread(target=lambda t=t: list(r.generate(t, greedy)))
+            for t in prompts(2, [6, 7, 8])
+        ]
+        for t in later:
+            t.start()
+        for t in [first, *later]:
+            t.join(timeout=60)
+    finally:
+        r.stop()
+    assert len(batches[0]) == 1
+    assert len(batches[1]) == 4, batches[:4]
