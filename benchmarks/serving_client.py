@@ -92,6 +92,10 @@ def sse_data(line: str) -> dict | None:
 _local = threading.local()  # .http: the calling client thread's httpx.Client
 
 
+def new_client() -> httpx.Client:
+    return httpx.Client(timeout=600, limits=httpx.Limits(max_keepalive_connections=0))
+
+
 def chat(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[Result, str]:
     """One streamed chat completion: its timing, token count and text."""
     body = {
@@ -104,7 +108,7 @@ def chat(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[R
     }
     http = getattr(_local, "http", None)
     if http is None:  # outside a wave: a client of its own, made before the clock starts
-        with httpx.Client(timeout=600) as http:
+        with new_client() as http:
             _local.http = http
             try:
                 return chat(url, model, messages, max_tokens)
@@ -203,8 +207,11 @@ def wave(
     def client(i: int) -> None:
         # each client's HTTP client (as an OpenAI client object holds one) made before the
         # release: a new one per request cost 20-36 ms of CPU for its TLS context, 8 of
-        # them at once on the servers' two cores, inside the measured time
-        with httpx.Client(timeout=600) as http:
+        # them at once on the servers' two cores, inside the measured time. A connection
+        # per request still (loopback: ~0.1 ms): llama-server closed kept-alive ones
+        # under a new request now and then ("Server disconnected without sending a
+        # response"), which a retry would hide inside the timings
+        with new_client() as http:
             _local.http = http
             start.wait()
             try:
