@@ -36,13 +36,13 @@ from herd.runner.images import (
     batch_images,
     fits,
     place_images,
-    span_start,
     token_ids,
     whole_spans,
 )
-from herd.runner.prompt_cache import MIN_TOKENS, PromptCache
+from herd.runner.prompt_cache import PromptCache
 from herd.runner.recorder import InputRecorder, ReusableContext
 from herd.runner.sequence import Event, Sequence, Slot, context_size, finite, truncate
+from herd.runner.slots import claim_slot
 from herd.runner.speculate import propose, speculation, verify
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
@@ -52,14 +52,6 @@ if TYPE_CHECKING:
     from herd.runner.draft import Drafter
 
 log = logging.getLogger("herd.runner")
-
-
-def _common(cached: list[int], tokens: list[int]) -> int:
-    """How many of tokens, short of the last, start as cached does."""
-    n, limit = 0, min(len(cached), len(tokens) - 1)
-    while n < limit and cached[n] == tokens[n]:
-        n += 1
-    return n
 
 
 class Runner:
@@ -127,64 +119,6 @@ class Runner:
         self.prompts = PromptCache(prompt_cache) if prompt_cache > 0 else None
 
     # ---- sequences ----------------------------------------------------------------------
-    def _claim_slot(self, tokens: list[int]) -> tuple[Slot, int]:
-        """The free slot sharing the longest prefix with tokens; stale entries removed. On
-        a tie, the slot holding the fewest cells: an empty slot before one whose cached
-        prefix another request may still reuse. What the slot held past the shared prefix
-        goes to the prompt cache first, and a longer prefix comes back (`_borrow`)."""
-        free = [s for s in self.slots if not s.busy]
-        if not free:
-            raise HerdError("no free sequence slot")
-        slot = max(free, key=lambda s: (_common(s.cached, tokens), -len(s.cached)))
-        n = span_start(tokens, _common(slot.cached, tokens))  # an image's rows together
-        self._park(slot, n)
-        n = self._borrow(slot, tokens, n)
-        if n < len(slot.cached):
-            self.cache.remove(slot.id, n, None)
-            del slot.cached[n:]
-        slot.busy = True
-        return slot, n
-
-    def _borrow(self, slot: Slot, tokens: list[int], n: int) -> int:
-        """Copy into the slot a prefix of tokens longer than its own n, when one is held
-        (by at least MIN_TOKENS more): by the prompt cache, or by a slot another request is
-        using (its rows copied, not shared: each sequence keeps its own cells, compact).
-        The prefix the slot holds now."""
-        if self.prompts is None:
-            return n
-        kept, key = self.prompts.longest(tokens, len(tokens) - 1)
-        donor = max(
-            (s for s in self.slots if s.busy), key=lambda s: _common(s.cached, tokens), default=None
-        )
-        lent = 0 if donor is None else _common(donor.cached, tokens)
-        if max(kept, lent) - n < MIN_TOKENS:
-            return n
-        m = span_start(tokens, max(kept, lent))
-        if key is not None and kept >= lent:
-            snap = self.prompts.get(key)
-        else:
-            assert donor is not None
-            snap = self.cache.snapshot(donor.id, m)
-            if snap is None:
-                return n
-        if not self.cache.restore(slot.id, snap, m):
-            slot.cached = []  # the slot holds nothing now
-            return 0
-        slot.cached = list(tokens[:m])
-        self.prompts.restored += m
-        return m
-
-    def _park(self, slot: Slot, keep: int) -> None:
-        """Copy a slot's cached prompt to the prompt cache before all but its first `keep`
-        tokens leave the slot, when that is worth it (`PromptCache.wants`)."""
-        if self.prompts is None or len(slot.cached) - keep < MIN_TOKENS:
-            return
-        if not self.prompts.wants(slot.cached):
-            return
-        snap = self.cache.snapshot(slot.id, len(slot.cached))
-        if snap is not None:
-            self.prompts.put(slot.cached, snap)
-
     def _new_sequence(
         self,
         tokens: list[int],
@@ -201,7 +135,7 @@ class Runner:
         tokens = truncate(items, options.num_keep, self.num_ctx)
         if encoded:  # truncation may have cut into an image: it goes whole or not at all
             tokens = whole_spans(tokens, {k: rows for k, (_, rows) in encoded.items()})
-        slot, reused = self._claim_slot(tokens)
+        slot, reused = claim_slot(self, tokens)
         sampler = Sampler(**options.sampler_kwargs(), grammar=grammar)
         limit = options.num_predict if options.num_predict >= 0 else 10 * self.num_ctx
         return Sequence(
