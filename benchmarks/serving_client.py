@@ -108,12 +108,12 @@ def chat(url: str, model: str, messages: list[dict], max_tokens: int) -> tuple[R
     }
     http = getattr(_local, "http", None)
     if http is None:  # outside a wave: a client of its own, made before the clock starts
-        with new_client() as http:
-            _local.http = http
-            try:
-                return chat(url, model, messages, max_tokens)
-            finally:
-                del _local.http
+        with new_client() as own:
+            return _stream(own, url, body)
+    return _stream(http, url, body)
+
+
+def _stream(http: httpx.Client, url: str, body: dict) -> tuple[Result, str]:
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage, text = None, []

@@ -22,7 +22,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# a job: the call, where its (result, error) goes, and the lock its caller waits on
+# a job: the call, where its (result, error) goes, and the lock its caller waits on. A
+# one-worker ThreadPoolExecutor does the same with a Future per call: 51 us a handoff
+# against 21-45 for this queue and lock, on every decode step
 _Job = tuple[Callable[[], object], list[tuple[object, BaseException | None]], threading.Lock]
 _jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _thread: threading.Thread | None = None

@@ -389,12 +389,12 @@ class GGMLTensor:
         assert all(p.shape[1:] == rest for p in parts), f"concat_rows {[p.shape for p in parts]}"
         shape = (sum(p.shape[0] for p in parts), *rest)
         dims = ne(shape)
-        row = math.prod(rest) * 4  # bytes of one F32 row of axis 0
-        nb = [dims[0] * 4, dims[0] * dims[1] * 4, dims[0] * dims[1] * dims[2] * 4]
         out = c.node(L.ggml_new_tensor_4d(c.g, TYPE_F32, *dims))
+        nb = L.tensor_nb(out)
+        row = nb[len(shape) - 1]  # bytes of one row of axis 0
         at = 0
         for p in parts:
-            out = c.node(L.ggml_set_inplace(c.g, out, c.f32(p), *nb, at * row))
+            out = c.node(L.ggml_set_inplace(c.g, out, c.f32(p), nb[1], nb[2], nb[3], at * row))
             at += p.shape[0]
         return c.out(L.ggml_reshape_4d(c.g, out, *dims) if len(shape) != 4 else out, shape)
 
