@@ -192,3 +192,23 @@ def test_requests_that_come_during_a_step_join_the_next(tiny_llama_path):
         r.stop()
     assert len(batches[0]) == 1
     assert len(batches[1]) == 4, batches[:4]
+
+
+def test_the_cache_figures_never_wait_for_a_step(tiny_llama_path):
+    """Every request's last message carries the cache's figures. Asked for while a step
+    holds the runner, they are those of the last time it was free, at once: waiting held
+    chats' ends back through another request's prompt step, and their clients' next turns
+    then missed that step's batch."""
+    r = make_runner(tiny_llama_path)
+    list(r.generate(prompts(3, [12])[0], Options(temperature=0, num_predict=4)))
+    before = r.kv_stats()
+    assert before["cells_used"] > 0
+    got: list[dict[str, float]] = []
+    with r.lock:  # a step computing
+        asking = threading.Thread(target=lambda: got.append(r.kv_stats()))
+        asking.start()
+        asking.join(timeout=5)
+        assert not asking.is_alive(), "kv_stats waited for the step"
+    assert got == [before]
+    r.cache.remove(0, 0, None)  # free again: the figures are fresh
+    assert r.kv_stats()["cells_used"] < before["cells_used"]
