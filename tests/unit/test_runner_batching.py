@@ -212,3 +212,43 @@ def test_the_cache_figures_never_wait_for_a_step(tiny_llama_path):
     assert got == [before]
     r.cache.remove(0, 0, None)  # free again: the figures are fresh
     assert r.kv_stats()["cells_used"] < before["cells_used"]
+
+
+def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, monkeypatch):
+    """With nothing decoding and a step of several sequences just before (chat clients
+    whose answers ended together send their next turns), the first prompts of a burst
+    wait for a lull in arrivals: requests a few ms apart share one prompt step instead of
+    the first computing alone while the others wait for it. One client never waits."""
+    import herd.runner.engine as engine
+
+    monkeypatch.setattr(engine, "GATHER_QUIET", 0.2)  # generous: CI's threads start late
+    monkeypatch.setattr(engine, "GATHER_MAX", 5.0)
+    r = make_runner(tiny_llama_path, parallel=4)
+    batches: list[set[int]] = []
+    compute = r._compute
+
+    def recording(batch):
+        batches.append(set(batch.sequences.tolist()))
+        return compute(batch)
+
+    r._compute = recording  # type: ignore[method-assign]
+    greedy = Options(temperature=0, num_predict=3)
+    r.start()
+    try:
+        t = time.monotonic()
+        list(r.generate(prompts(4, [9])[0], greedy))  # one client: at once
+        assert time.monotonic() - t < 0.2 and len(batches[0]) == 1
+        for apart, wave in ((0.0, prompts(5, [6, 7])), (0.01, prompts(6, [5, 6, 7, 8]))):
+            batches.clear()
+            clients = [
+                threading.Thread(target=lambda p=p: list(r.generate(p, greedy))) for p in wave
+            ]
+            for c in clients:
+                c.start()
+                time.sleep(apart)
+            for c in clients:
+                c.join(timeout=60)
+        # the pair ended in a step of two: the next burst, 10 ms apart, goes together
+        assert len(batches[0]) == 4, batches
+    finally:
+        r.stop()

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("herd.runner")
 
+GATHER_QUIET = 0.008  # s without a new request that ends a burst (`Runner._gather`)
+GATHER_MAX = 0.03  # s a burst's first prompt waits at most for the rest
+GATHER_AFTER = 1.0  # s after a step of several sequences that a burst is expected
+
 
 class Runner:
     def __init__(
@@ -105,6 +109,8 @@ class Runner:
         # of 8 requests that came during a prompt step out of the next 8 decode steps)
         self._admitting = 0
         self._admitted = threading.Condition()
+        self._arrived = 0.0  # monotonic time the latest request reached the batch thread
+        self._together = -1e9  # monotonic time of the latest step of several sequences
         # the batch thread's health, for the runner process's watchdog (herd.runner.faults)
         self.failure: BaseException | None = None  # what ended the batch thread
         self.step_started: float | None = None  # monotonic time the running compute began
@@ -219,6 +225,8 @@ class Runner:
             propose(self, self.active)  # speculative decoding's proposals, if any
             step = plan_step(self, self.active, self.prefill)
             if step is not None:
+                if len(step.members) > 1:
+                    self._together = time.monotonic()
                 self.step_started = time.monotonic()
                 owners = step.owners
                 try:
@@ -329,6 +337,7 @@ class Runner:
                 self._admitting -= 1
                 self._admitted.notify_all()
         self.incoming.put(seq)
+        self._arrived = time.monotonic()
         self._wake.set()
         try:
             while True:
@@ -362,6 +371,7 @@ class Runner:
                 while not self._stop.is_set():
                     with self._admitted:  # bounded: a burst of requests cannot stall steps
                         self._admitted.wait_for(lambda: self._admitting == 0, timeout=0.05)
+                    self._gather()
                     if not self.step():
                         self._wake.wait(0.05)
                         self._wake.clear()
@@ -372,6 +382,28 @@ class Runner:
 
         self._thread = threading.Thread(target=loop, name="herd-runner", daemon=True)
         self._thread.start()
+
+    def _gather(self) -> None:
+        """New prompts with nothing decoding, within GATHER_AFTER of a step of several
+        sequences or several of them waiting: wait for a lull in arrivals (GATHER_QUIET,
+        at most GATHER_MAX, until every slot is taken) before the prompt step. A burst's
+        requests reach the runner over 15-25 ms (8 chats' next turns, sent as their
+        answers end together); a step started with the first ran 50-70 ms alone while
+        the rest waited, and left that sequence a step ahead of the others to its end,
+        where it had a step of its own again. vLLM's scheduler delays prompts likewise
+        (`delay_factor`), while sequences decode."""
+        if self.incoming.empty() or any(not s.done for s in self.active):
+            return
+        start = time.monotonic()
+        if start - self._together > GATHER_AFTER and self.incoming.qsize() < 2:
+            return  # one client at a time: no waiting
+        while not self._stop.is_set() and not all(s.busy for s in self.slots):
+            now = time.monotonic()
+            if now - start >= GATHER_MAX:
+                return
+            if now - self._arrived >= GATHER_QUIET and self._admitting == 0:
+                return
+            time.sleep(0.001)
 
     def stop(self) -> None:
         self._stop.set()
