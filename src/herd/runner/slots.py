@@ -75,11 +75,8 @@ def _borrow(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
 
 def _park(runner: Runner, slot: Slot, keep: int) -> None:
     """Copy a slot's cached prompt to the prompt cache before all but its first `keep`
-    tokens leave the slot, when that is worth it: more than half of them would leave (as
-    llama-server saves a slot only then), and `PromptCache.wants` it. A new chat under a
-    slot's system prompt keeps that prefix and parks nothing: the copy took ~5.5 ms for
-    300 SmolLM2 cells, under the runner's lock, for each of 8 chats arriving together."""
-    if runner.prompts is None or len(slot.cached) - keep < max(MIN_TOKENS, keep + 1):
+    tokens leave the slot, when that is worth it (`PromptCache.wants`)."""
+    if runner.prompts is None or len(slot.cached) - keep < MIN_TOKENS:
         return
     if not runner.prompts.wants(slot.cached):
         return
