@@ -215,8 +215,8 @@ def test_the_cache_figures_never_wait_for_a_step(tiny_llama_path):
 
 
 def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, monkeypatch):
-    """With nothing decoding and a step of several sequences just before (chat clients
-    whose answers ended together send their next turns), the first prompts of a burst
+    """With nothing decoding and two answers just ended (chat clients whose answers
+    ended together send their next turns), the first prompts of a burst
     wait for a lull in arrivals: requests a few ms apart share one prompt step instead of
     the first computing alone while the others wait for it. One client never waits."""
     import herd.runner.engine as engine
@@ -248,7 +248,7 @@ def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, 
                 time.sleep(apart)
             for c in clients:
                 c.join(timeout=60)
-        # the pair ended in a step of two: the next burst, 10 ms apart, goes together
+        # the pair's answers just ended: the next burst, 10 ms apart, goes together
         assert len(batches[0]) == 4, batches
     finally:
         r.stop()

@@ -55,7 +55,7 @@ log = logging.getLogger("herd.runner")
 
 GATHER_QUIET = 0.008  # s without a new request that ends a burst (`Runner._gather`)
 GATHER_MAX = 0.03  # s a burst's first prompt waits at most for the rest
-GATHER_AFTER = 1.0  # s after a step of several sequences that a burst is expected
+GATHER_AFTER = 0.25  # s after 2 or more answers ended that their next turns are expected
 
 
 class Runner:
@@ -110,7 +110,7 @@ class Runner:
         self._admitting = 0
         self._admitted = threading.Condition()
         self._arrived = 0.0  # monotonic time the latest request reached the batch thread
-        self._together = -1e9  # monotonic time of the latest step of several sequences
+        self._ended: list[float] = []  # monotonic times the latest answers ended
         # the batch thread's health, for the runner process's watchdog (herd.runner.faults)
         self.failure: BaseException | None = None  # what ended the batch thread
         self.step_started: float | None = None  # monotonic time the running compute began
@@ -225,8 +225,6 @@ class Runner:
             propose(self, self.active)  # speculative decoding's proposals, if any
             step = plan_step(self, self.active, self.prefill)
             if step is not None:
-                if len(step.members) > 1:
-                    self._together = time.monotonic()
                 self.step_started = time.monotonic()
                 owners = step.owners
                 try:
@@ -250,6 +248,9 @@ class Runner:
                             self._advance(seq, rows[0])
                     except Exception as e:  # this request's sampler, grammar or text
                         self._fail(seq, request_error(e))
+                ended = sum(seq.done for seq in step.members)
+                if ended:
+                    self._ended = (self._ended + [time.monotonic()] * ended)[-2:]
             # rotate so a long prompt cannot starve the others
             self.active = self.active[1:] + self.active[:1]
             return True
@@ -384,8 +385,8 @@ class Runner:
         self._thread.start()
 
     def _gather(self) -> None:
-        """New prompts with nothing decoding, within GATHER_AFTER of a step of several
-        sequences or several of them waiting: wait for a lull in arrivals (GATHER_QUIET,
+        """New prompts with nothing decoding, within GATHER_AFTER of the end of two
+        answers or several of them waiting: wait for a lull in arrivals (GATHER_QUIET,
         at most GATHER_MAX, until every slot is taken) before the prompt step. A burst's
         requests reach the runner over 15-25 ms (8 chats' next turns, sent as their
         answers end together); a step started with the first ran 50-70 ms alone while
@@ -395,7 +396,8 @@ class Runner:
         if self.incoming.empty() or any(not s.done for s in self.active):
             return
         start = time.monotonic()
-        if start - self._together > GATHER_AFTER and self.incoming.qsize() < 2:
+        recent = len(self._ended) == 2 and start - self._ended[0] <= GATHER_AFTER
+        if not recent and self.incoming.qsize() < 2:
             return  # one client at a time: no waiting
         while not self._stop.is_set() and not all(s.busy for s in self.slots):
             now = time.monotonic()
