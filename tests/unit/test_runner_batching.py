@@ -252,3 +252,34 @@ def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, 
         assert len(batches[0]) == 4, batches
     finally:
         r.stop()
+
+
+def test_a_claimed_slot_is_handed_to_the_batch_thread_with_the_lock(tiny_llama_path):
+    """Whenever the runner's lock is free, every taken slot's sequence is with the batch
+    thread (queued or active): one that saw every slot taken, or nobody claiming, and
+    stepped between a claim and its handover left that prompt to a step of its own."""
+    r = make_runner(tiny_llama_path)
+    seen: list[tuple[int, int]] = []
+
+    class Watched:
+        def __init__(self, lock: threading.Lock) -> None:
+            self.inner = lock
+
+        def __enter__(self):
+            self.inner.acquire()
+
+        def __exit__(self, *exc):
+            busy = sum(s.busy for s in r.slots)
+            held = r.incoming.qsize() + sum(not s.done for s in r.active)
+            seen.append((busy, held))
+            self.inner.release()
+
+        def acquire(self, blocking: bool = True) -> bool:
+            return self.inner.acquire(blocking)
+
+        def release(self) -> None:
+            self.inner.release()
+
+    r.lock = Watched(r.lock)  # type: ignore[assignment]
+    list(r.generate(prompts(7, [10])[0], Options(temperature=0, num_predict=3)))
+    assert seen and all(busy <= held for busy, held in seen), seen
