@@ -215,10 +215,11 @@ def test_the_cache_figures_never_wait_for_a_step(tiny_llama_path):
 
 
 def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, monkeypatch):
-    """With nothing decoding and two answers just ended (chat clients whose answers
-    ended together send their next turns), the first prompts of a burst
-    wait for a lull in arrivals: requests a few ms apart share one prompt step instead of
-    the first computing alone while the others wait for it. One client never waits."""
+    """With nothing decoding and answers just ended in a step of several sequences
+    (chat clients whose answers ended together send their next turns), the first prompts
+    of a burst wait for a lull in arrivals: requests a few ms apart share one prompt step instead of
+    the first computing alone while the others wait for it. One client never waits, even
+    with answers of one token that end a step after its request came."""
     import herd.runner.engine as engine
 
     monkeypatch.setattr(engine, "GATHER_QUIET", 0.2)  # generous: CI's threads start late
@@ -232,23 +233,25 @@ def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, 
         return compute(batch)
 
     r._compute = recording  # type: ignore[method-assign]
-    greedy = Options(temperature=0, num_predict=3)
     r.start()
     try:
-        t = time.monotonic()
-        list(r.generate(prompts(4, [9])[0], greedy))  # one client: at once
-        assert time.monotonic() - t < 0.2 and len(batches[0]) == 1
-        for apart, wave in ((0.0, prompts(5, [6, 7])), (0.01, prompts(6, [5, 6, 7, 8]))):
+        for p in prompts(4, [9, 8, 7]):  # one client's short requests, one after another
+            t = time.monotonic()
+            list(r.generate(p, Options(temperature=0, num_predict=1)))
+            assert time.monotonic() - t < 0.2  # at once, not after a lull of 0.2 s
+        # two clients decoding together (long enough to overlap), then a burst of four
+        for n, apart, wave in ((24, 0.0, prompts(5, [6, 7])), (3, 0.01, prompts(6, [5, 6, 7, 8]))):
             batches.clear()
+            ask = Options(temperature=0, num_predict=n)
             clients = [
-                threading.Thread(target=lambda p=p: list(r.generate(p, greedy))) for p in wave
+                threading.Thread(target=lambda p=p, ask=ask: list(r.generate(p, ask))) for p in wave
             ]
             for c in clients:
                 c.start()
                 time.sleep(apart)
             for c in clients:
                 c.join(timeout=60)
-        # the pair's answers just ended: the next burst, 10 ms apart, goes together
+        # the pair's answers ended among others: the next burst, 10 ms apart, goes together
         assert len(batches[0]) == 4, batches
     finally:
         r.stop()

@@ -55,7 +55,7 @@ log = logging.getLogger("herd.runner")
 
 GATHER_QUIET = 0.008  # s without a new request that ends a burst (`Runner._gather`)
 GATHER_MAX = 0.03  # s a burst's first prompt waits at most for the rest
-GATHER_AFTER = 0.25  # s after 2 or more answers ended that their next turns are expected
+GATHER_AFTER = 0.25  # s after answers ended among others that their next turns may come
 
 
 class Runner:
@@ -110,7 +110,7 @@ class Runner:
         self._admitting = 0
         self._admitted = threading.Condition()
         self._arrived = 0.0  # monotonic time the latest request reached the batch thread
-        self._ended: list[float] = []  # monotonic times the latest answers ended
+        self._ended = -1e9  # monotonic time an answer last ended in a step of several
         # the batch thread's health, for the runner process's watchdog (herd.runner.faults)
         self.failure: BaseException | None = None  # what ended the batch thread
         self.step_started: float | None = None  # monotonic time the running compute began
@@ -248,9 +248,8 @@ class Runner:
                             self._advance(seq, rows[0])
                     except Exception as e:  # this request's sampler, grammar or text
                         self._fail(seq, request_error(e))
-                ended = sum(seq.done for seq in step.members)
-                if ended:
-                    self._ended = (self._ended + [time.monotonic()] * ended)[-2:]
+                if len(step.members) > 1 and any(seq.done for seq in step.members):
+                    self._ended = time.monotonic()
             # rotate so a long prompt cannot starve the others
             self.active = self.active[1:] + self.active[:1]
             return True
@@ -389,20 +388,19 @@ class Runner:
         self._thread.start()
 
     def _gather(self) -> None:
-        """New prompts with nothing decoding, within GATHER_AFTER of the end of two
-        answers or several of them waiting: wait for a lull in arrivals (GATHER_QUIET,
-        at most GATHER_MAX, until every slot is taken) before the prompt step. A burst's
-        requests reach the runner over 15-25 ms (8 chats' next turns, sent as their
-        answers end together); a step started with the first ran 50-70 ms alone while
-        the rest waited, and left that sequence a step ahead of the others to its end,
-        where it had a step of its own again. vLLM's scheduler delays prompts likewise
-        (`delay_factor`), while sequences decode."""
+        """New prompts with nothing decoding, within GATHER_AFTER of an answer's end in a
+        step of several sequences, or several prompts waiting: wait for a lull in
+        arrivals (GATHER_QUIET, at most GATHER_MAX, until every slot is taken) before the
+        prompt step. A burst's requests reach the runner over 15-25 ms (8 chats' next
+        turns, sent as their answers end together); a step started with the first ran
+        50-70 ms alone while the rest waited, and left that sequence a step ahead of the
+        others to its end, where it had a step of its own again. vLLM's scheduler delays
+        prompts likewise (`delay_factor`), while sequences decode."""
         if self.incoming.empty() or any(not s.done for s in self.active):
             return
         start = time.monotonic()
-        recent = len(self._ended) == 2 and start - self._ended[0] <= GATHER_AFTER
-        if not recent and self.incoming.qsize() < 2:
-            return  # one client at a time: no waiting
+        if start - self._ended > GATHER_AFTER and self.incoming.qsize() < 2:
+            return  # one client at a time, however short its requests: no waiting
         while not self._stop.is_set() and not all(s.busy for s in self.slots):
             now = time.monotonic()
             if now - start >= GATHER_MAX:
