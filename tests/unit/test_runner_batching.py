@@ -222,7 +222,7 @@ def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, 
     with answers of one token that end a step after its request came."""
     import herd.runner.engine as engine
 
-    monkeypatch.setattr(engine, "GATHER_QUIET", 0.2)  # generous: CI's threads start late
+    monkeypatch.setattr(engine, "GATHER_QUIET", 0.5)  # generous: CI's threads start late
     monkeypatch.setattr(engine, "GATHER_MAX", 5.0)
     r = make_runner(tiny_llama_path, parallel=4)
     batches: list[set[int]] = []
@@ -238,9 +238,9 @@ def test_a_burst_of_prompts_after_a_busy_step_goes_in_one_step(tiny_llama_path, 
         for p in prompts(4, [9, 8, 7]):  # one client's short requests, one after another
             t = time.monotonic()
             list(r.generate(p, Options(temperature=0, num_predict=1)))
-            assert time.monotonic() - t < 0.2  # at once, not after a lull of 0.2 s
+            assert time.monotonic() - t < 0.4  # at once, not after a lull of 0.5 s
         # two clients decoding together (long enough to overlap), then a burst of four
-        for n, apart, wave in ((24, 0.0, prompts(5, [6, 7])), (3, 0.01, prompts(6, [5, 6, 7, 8]))):
+        for n, apart, wave in ((64, 0.0, prompts(5, [6, 7])), (3, 0.01, prompts(6, [5, 6, 7, 8]))):
             batches.clear()
             ask = Options(temperature=0, num_predict=n)
             clients = [
