@@ -159,6 +159,36 @@ def test_a_prefix_held_by_a_busy_slot_is_copied_not_computed(smollm2_path):
     np.testing.assert_allclose(got, fresh, rtol=1e-3, atol=1e-3)
 
 
+def test_a_prompt_without_memory_to_keep_it_is_dropped_and_the_request_goes_on(
+    smollm2_path, monkeypatch
+):
+    """Keeping a prompt is a saving: a refused map falls back to NumPy's memory, and with
+    no memory at all the new request is answered as without a prompt cache and nothing
+    is kept."""
+    _backend("ggml")
+    import mmap
+
+    import herd.kvcache.rows as rows
+
+    expected = run(make(smollm2_path, "ggml", prompt_cache=0), OTHER).tokens
+    runner = make(smollm2_path, "ggml")
+    run(runner, CHAT_A)
+
+    def refused(*a, **k):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refused)
+    before = runner.cache.snapshot(runner.slots[0].id, len(runner.slots[0].cached))
+    assert before is not None and before.raw  # the map refused: NumPy's memory instead
+
+    def no_memory(arrays):
+        raise MemoryError
+
+    monkeypatch.setattr(rows, "_copies", no_memory)
+    assert run(runner, OTHER).tokens == expected
+    assert len(runner.prompts) == 0
+
+
 def test_short_prompts_are_not_kept(tiny_llama_path):
     runner = make(tiny_llama_path)
     run(runner, SYSTEM[: MIN_TOKENS // 2])

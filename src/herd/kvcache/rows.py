@@ -130,11 +130,8 @@ def _copies(arrays: list[np.ndarray]) -> list[np.ndarray]:
     for a in arrays:
         offsets.append(total)
         total += -(-a.nbytes // align) * align
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if populate and total:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
-        block = np.frombuffer(mmap.mmap(-1, total, flags=flags), np.uint8)
-    else:
+    block = _mapped(total)
+    if block is None:  # no MAP_POPULATE here, or the map refused: NumPy's allocator
         block = np.empty(total, np.uint8)
     out = []
     for a, at in zip(arrays, offsets, strict=True):
@@ -142,6 +139,18 @@ def _copies(arrays: list[np.ndarray]) -> list[np.ndarray]:
         np.copyto(copy, a)
         out.append(copy)
     return out
+
+
+def _mapped(nbytes: int) -> np.ndarray | None:
+    """nbytes of anonymous memory with its pages mapped up front, or None."""
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if not populate or not nbytes:
+        return None
+    try:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
+    except OSError:
+        return None
 
 
 def can_write(backend: Backend, keys: Layers, values: Layers, snap: Snapshot) -> bool:

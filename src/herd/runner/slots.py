@@ -5,6 +5,7 @@ cache or from a busy slot."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from herd.errors import HerdError
@@ -14,6 +15,8 @@ from herd.runner.prompt_cache import MIN_TOKENS
 if TYPE_CHECKING:
     from herd.runner.engine import Runner
     from herd.runner.sequence import Slot
+
+log = logging.getLogger("herd.runner")
 
 
 def _common(cached: list[int], tokens: list[int]) -> int:
@@ -80,6 +83,10 @@ def _park(runner: Runner, slot: Slot, keep: int) -> None:
         return
     if not runner.prompts.wants(slot.cached):
         return
-    snap = runner.cache.snapshot(slot.id, len(slot.cached))
+    try:
+        snap = runner.cache.snapshot(slot.id, len(slot.cached))
+    except MemoryError:  # keeping it is a saving, not the request's business
+        log.warning("no host memory to keep a %d-token prompt", len(slot.cached))
+        return
     if snap is not None:
         runner.prompts.put(slot.cached, snap)
