@@ -189,6 +189,26 @@ def test_a_prompt_without_memory_to_keep_it_is_dropped_and_the_request_goes_on(
     assert len(runner.prompts) == 0
 
 
+def test_a_prefix_without_memory_to_copy_it_is_computed(smollm2_path, monkeypatch):
+    """Copying a busy slot's prefix is a saving too: with no host memory for the copy,
+    the prefix is computed and the answer is the same."""
+    _backend("ggml")
+    import herd.kvcache.rows as rows
+
+    fresh = run(make(smollm2_path, "ggml", prompt_cache=0), CHAT_B).tokens
+    runner = make(smollm2_path, "ggml", parallel=2)
+    answering = runner.generate(CHAT_A, Options(temperature=0, num_predict=150))
+    next(answering)  # A holds the system prompt in its slot, and is still decoding
+
+    def no_memory(arrays):
+        raise MemoryError
+
+    monkeypatch.setattr(rows, "_copies", no_memory)
+    got = run(runner, CHAT_B)
+    answering.close()
+    assert got.prompt_cached_count == 0 and got.tokens == fresh
+
+
 def test_short_prompts_are_not_kept(tiny_llama_path):
     runner = make(tiny_llama_path)
     run(runner, SYSTEM[: MIN_TOKENS // 2])

@@ -65,7 +65,11 @@ def _borrow(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
         snap = runner.prompts.get(key)
     else:
         assert donor is not None
-        snap = runner.cache.snapshot(donor.id, m)
+        try:
+            snap = runner.cache.snapshot(donor.id, m)
+        except MemoryError:  # a saving too: the prefix is computed instead
+            log.warning("no host memory to copy a %d-token prefix", m)
+            return n
         if snap is None:
             return n
     if not runner.cache.restore(slot.id, snap, m):
