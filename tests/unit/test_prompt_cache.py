@@ -126,6 +126,63 @@ def test_restored_rows_are_the_rows_that_left(smollm2_path, monkeypatch, path):
             np.testing.assert_array_equal(after.values[layer], before.values[layer], cache_type)
 
 
+@pytest.mark.parametrize("path", ["host memory", "graph"])
+def test_a_chat_under_a_kept_system_prompt_keeps_only_what_follows_it(
+    smollm2_path, monkeypatch, path
+):
+    """Chat B, under chat A's system prompt, leaves its slot after A did: only B's rows
+    past the system prompt are copied, the rest are A's kept rows, and restored B is the
+    B that left, byte for byte, on every cache type."""
+    _backend("ggml")
+    from herd.ml.backends.ggml.backend import GGMLBackend
+
+    if path == "graph":
+        monkeypatch.setattr(GGMLBackend, "host_view", lambda self, t: None)
+    for cache_type in ("f16", "q8_0", "q4_0"):
+        runner = make(smollm2_path, "ggml", cache_type=cache_type)
+        run(runner, CHAT_A)
+        run(runner, OTHER)  # A's rows to host memory, whole
+        (a,) = [e.snap for e in runner.prompts.entries.values()]
+        assert a.start == 0 and a.base is None
+        assert run(runner, CHAT_B).prompt_cached_count == len(SYSTEM)
+        held = list(runner.slots[0].cached)
+        whole = runner.cache.snapshot(runner.slots[0].id, len(held))
+        run(runner, OTHER)  # B's rows out: built on A's
+        kept = {tuple(e.tokens): e.snap for e in runner.prompts.entries.values()}
+        b = kept[tuple(held)]
+        assert b.start == len(SYSTEM) and b.base is a and b.length == len(held)
+        per_row = whole.nbytes // len(held)
+        assert b.nbytes == per_row * (len(held) - len(SYSTEM)) < whole.nbytes
+        assert len(kept) == 3  # A, OTHER (out as B came) and B: each one's rows once
+        assert runner.prompts.stored == sum(snap.nbytes for snap in kept.values())
+        runner.reset()  # forgets the kept prompts, not the snapshots held here
+        assert runner.cache.restore(0, b, len(held))
+        after = runner.cache.snapshot(0, len(held))
+        for layer in whole.keys:
+            np.testing.assert_array_equal(after.keys[layer], whole.keys[layer], cache_type)
+            np.testing.assert_array_equal(after.values[layer], whole.values[layer], cache_type)
+
+
+def test_a_conversation_built_on_a_kept_prompt_resumes_with_its_answer(gemma3_path):
+    """Gemma 3's two caches keep and restore a conversation built on a kept system prompt
+    together: its next turn answers as in a slot that never lost it."""
+    _backend("ggml")
+    kept = make(gemma3_path, "ggml", prompt_cache=0)
+    first = run(kept, CHAT_B)
+    turn = CHAT_B + list(first.tokens) + [40, 41]
+    expected = run(kept, turn)
+    runner = make(gemma3_path, "ggml")
+    for prompt in (CHAT_A, OTHER, CHAT_B):
+        run(runner, prompt)
+    held = tuple(runner.slots[0].cached)
+    run(runner, OTHER)  # B leaves, built on A's rows in both caches
+    (b,) = [e.snap for e in runner.prompts.entries.values() if tuple(e.tokens) == held]
+    assert [part.start for part in b.parts] == [len(SYSTEM)] * 2
+    got = run(runner, turn)
+    assert got.prompt_cached_count == len(CHAT_B) + len(first.tokens) - 1
+    assert got.tokens == expected.tokens
+
+
 def test_gemma3_sliding_and_global_caches_restore_together(gemma3_path):
     """Gemma 3's two caches (sliding-window and global layers) are kept and restored as
     one: a restored prefix answers as a computed one."""
@@ -225,8 +282,11 @@ def test_reset_forgets_kept_prompts(tiny_llama_path):
 
 
 class Rows:
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
+    def __init__(self, nbytes: int, base: Rows | None = None) -> None:
+        self.nbytes, self.base = nbytes, base
+
+    def pieces(self) -> list[Rows]:
+        return [self] + (self.base.pieces() if self.base else [])
 
 
 def test_the_cache_keeps_the_longest_prompts_within_its_budget():
@@ -247,6 +307,27 @@ def test_the_cache_keeps_the_longest_prompts_within_its_budget():
     cache.put(list(range(100, 200)), Rows(301))  # larger than the whole budget: not kept
     assert len(cache) == 2
     assert not PromptCache(0).wants(a)  # a budget of 0 keeps nothing
+
+
+def test_rows_another_kept_prompt_builds_on_stay_until_it_goes():
+    """A kept prompt's rows stay, and count against the budget, while a kept prompt
+    built on them does, even once their own prompt has gone."""
+    cache = PromptCache(limit=300)
+    system, a, b = list(range(40)), list(range(50)), list(range(40)) + [9] * 10
+    cache.put(a, Rows(100))
+    on_a = Rows(30, base=cache.entries[0].snap)
+    cache.put(b, on_a)  # b shares a's first 40: its rows past them only
+    assert cache.stored == 130
+    assert cache.base(b + [1]) == (on_a, 50)
+    assert cache.base(system + [7] * 10) == (cache.entries[0].snap, 40)
+    assert cache.base([5] * 50) == (None, 0)  # shares nothing
+    cache.put([6] * 40, Rows(150))  # 280 fits
+    cache.get(1)  # b used: a, then [6] * 40 the least recently
+    cache.put([7] * 40, Rows(60))  # 340: a goes, but b holds its rows; then [6] * 40
+    assert len(cache) == 2 and cache.stored == 100 + 30 + 60
+    assert cache.longest(a, 50) == (40, 1)  # a's own prompt is gone
+    cache.put([8] * 40, Rows(150))  # 340: b goes, and a's rows with it
+    assert len(cache) == 2 and cache.stored == 60 + 150
 
 
 @pytest.mark.parametrize(

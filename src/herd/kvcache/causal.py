@@ -372,16 +372,26 @@ class Causal:
         self.remove(dst, 0, None)
         self.member[self.member[:, src] & (self.pos < n), dst] = True
 
-    def snapshot(self, seq: int, n: int) -> Snapshot | None:
+    def snapshot(
+        self, seq: int, n: int, base: Snapshot | None = None, start: int = 0
+    ) -> Snapshot | None:
         """A host copy of seq's keys and values at positions < n, in position order, for
         `restore` into any sequence later (the runner's prompt cache); None when those
-        positions are not all held."""
-        cells = np.flatnonzero(self.member[:, seq] & (self.pos >= 0) & (self.pos < n))
+        positions are not all held. With a base (a snapshot of a prompt seq starts with,
+        to `start`), only positions start.. are copied: the rest are base's."""
+        base = base.on(start) if base is not None and 0 < start < n else None
+        start = start if base is not None else 0
+        mine = self.member[:, seq] & (self.pos >= start) & (self.pos < n)
+        cells = np.flatnonzero(mine)
         cells = cells[np.argsort(self.pos[cells], kind="stable")]
-        if n <= 0 or len(cells) != n or (self.pos[cells] != np.arange(n)).any() or not self.keys:
+        if n <= 0 or len(cells) != n - start or not self.keys:
+            return None
+        if (self.pos[cells] != np.arange(start, n)).any():
             return None
         assert self.backend is not None
-        return rows.read(self.backend, self.keys, self.values, cells, self.v_trans, self.dtype)
+        snap = rows.read(self.backend, self.keys, self.values, cells, self.v_trans, self.dtype)
+        snap.start, snap.base = start, base
+        return snap
 
     def restore(self, seq: int, snap: Snapshot, n: int) -> bool:
         """Make seq hold snap's first n positions (its cells dropped first): cells placed

@@ -182,7 +182,7 @@ class Encoder:
     def can_resume(self, seq: int, pos: int) -> bool:
         return True
 
-    def snapshot(self, seq: int, n: int) -> None:
+    def snapshot(self, seq: int, n: int, base: object = None, start: int = 0) -> None:
         """Not kept in a prompt cache: an image's cross-attention states are per slot."""
         return None
 

@@ -28,10 +28,33 @@ class Snapshot:
     keys: dict[int, np.ndarray]
     values: dict[int, np.ndarray]
     raw: bool  # the cache's own bytes (`HostTensors`), else float rows from a pass
+    # the rows of positions start.. only: those before are base's (a kept prompt this one
+    # extends, e.g. a shared system prompt), not copied again
+    start: int = 0
+    base: Snapshot | None = None
 
     @property
     def nbytes(self) -> int:
+        """The bytes of its own rows (its base's are counted there)."""
         return sum(a.nbytes for a in (*self.keys.values(), *self.values.values()))
+
+    @property
+    def length(self) -> int:
+        """How many positions it holds, its base's included."""
+        first = next(iter(self.keys.values()), None)
+        return self.start + (0 if first is None else len(first))
+
+    def pieces(self) -> list[Snapshot]:
+        """Itself and the snapshots it builds on, each holding rows of its own."""
+        return [self] + (self.base.pieces() if self.base is not None else [])
+
+    def on(self, start: int) -> Snapshot | None:
+        """The snapshot holding this one's positions < start as rows of its own (itself, or
+        one it builds on): what another may build on, never a chain of bases."""
+        snap: Snapshot | None = self
+        while snap is not None and snap.start >= start > 0:
+            snap = snap.base
+        return snap if start > 0 else None
 
 
 def as_slice(cells: np.ndarray) -> np.ndarray | slice:
@@ -95,7 +118,8 @@ def _host_views(
 def read(
     backend: Backend, keys: Layers, values: Layers, cells: np.ndarray, v_trans: bool, dtype: DType
 ) -> Snapshot:
-    """A host copy of the rows of cells, in their order."""
+    """A host copy of the rows of cells, in their order (the caller sets `start` and
+    `base` when they are a sequence's later positions)."""
     views = _host_views(backend, keys, values)
     if views is not None:  # the bytes themselves, whatever the type
         at = as_slice(cells)
@@ -155,8 +179,8 @@ def _mapped(nbytes: int) -> np.ndarray | None:
 
 def can_write(backend: Backend, keys: Layers, values: Layers, snap: Snapshot) -> bool:
     """Whether `write` takes snap here: the same layers, copied the way this cache is."""
-    same_form = snap.raw == (_host_views(backend, keys, values) is not None)
-    return set(snap.keys) == set(keys) and same_form
+    raw = _host_views(backend, keys, values) is not None
+    return all(p.raw == raw and set(p.keys) == set(keys) for p in snap.pieces())
 
 
 def write(
@@ -167,8 +191,13 @@ def write(
     snap: Snapshot,
     v_trans: bool,
 ) -> None:
-    """snap's first len(cells) rows into cells (`can_write` said it fits)."""
+    """snap's first len(cells) positions into cells (`can_write` said it fits)."""
+    if snap.base is not None:  # the positions it builds on, then its own
+        write(backend, keys, values, cells[: snap.start], snap.base, v_trans)
+        cells = cells[snap.start :]
     n = len(cells)
+    if not n:
+        return
     views = _host_views(backend, keys, values)
     if views is not None:
         at = as_slice(cells)

@@ -23,6 +23,9 @@ class Snapshots:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    def pieces(self) -> list[Snapshot]:
+        return [piece for p in self.parts for piece in p.pieces()]
+
 
 class Wrapper:
     def __init__(self, caches: Sequence[Causal | Encoder], layer_types: Sequence[int]) -> None:
@@ -49,8 +52,12 @@ class Wrapper:
         for cache in self.caches:
             cache.copy_prefix(src, dst, n)
 
-    def snapshot(self, seq: int, n: int) -> Snapshots | None:
-        parts = [cache.snapshot(seq, n) for cache in self.caches]
+    def snapshot(
+        self, seq: int, n: int, base: Snapshots | None = None, start: int = 0
+    ) -> Snapshots | None:
+        bases = base.parts if base is not None else (None,) * len(self.caches)
+        pairs = zip(self.caches, bases, strict=True)
+        parts = [cache.snapshot(seq, n, b, start) for cache, b in pairs]
         kept = [p for p in parts if p is not None]
         return Snapshots(tuple(kept)) if len(kept) == len(parts) else None
 

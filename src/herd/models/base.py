@@ -9,7 +9,7 @@ graph of an earlier pass by recording only them (see `herd.runner.engine`).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -142,10 +142,15 @@ class Vision(Protocol):
 
 
 class KeptRows(Protocol):
-    """A host copy of a sequence's cached rows (`Cache.snapshot`)."""
+    """A host copy of a sequence's cached rows (`Cache.snapshot`), perhaps of its later
+    positions only, built on another's."""
 
     @property
-    def nbytes(self) -> int: ...
+    def nbytes(self) -> int:
+        """The bytes of its own rows."""
+
+    def pieces(self) -> Sequence[KeptRows]:
+        """Itself and what it builds on: what holding it holds (`nbytes` each)."""
 
 
 class Cache(Protocol):
@@ -167,8 +172,9 @@ class Cache(Protocol):
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Forget positions [begin, end) of a sequence (None: to its end)."""
 
-    def snapshot(self, seq: int, n: int) -> KeptRows | None:
-        """A host copy of a sequence's positions < n (None: not possible here)."""
+    def snapshot(self, seq: int, n: int, base: Any = None, start: int = 0) -> KeptRows | None:
+        """A host copy of a sequence's positions < n (None: not possible here); with a
+        base, a snapshot of a prompt the sequence starts with, of positions start.. only."""
 
     def restore(self, seq: int, snap: Any, n: int) -> bool:
         """Make a sequence hold a snapshot's first n positions; False: it holds none."""

@@ -82,13 +82,15 @@ def _borrow(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
 
 def _park(runner: Runner, slot: Slot, keep: int) -> None:
     """Copy a slot's cached prompt to the prompt cache before all but its first `keep`
-    tokens leave the slot, when that is worth it (`PromptCache.wants`)."""
+    tokens leave the slot, when that is worth it (`PromptCache.wants`): only what follows
+    the longest kept prompt it starts with, under the runner's lock as a new chat waits."""
     if runner.prompts is None or len(slot.cached) - keep < MIN_TOKENS:
         return
     if not runner.prompts.wants(slot.cached):
         return
+    base, start = runner.prompts.base(slot.cached)
     try:
-        snap = runner.cache.snapshot(slot.id, len(slot.cached))
+        snap = runner.cache.snapshot(slot.id, len(slot.cached), base, start)
     except MemoryError:  # keeping it is a saving, not the request's business
         log.warning("no host memory to keep a %d-token prompt", len(slot.cached))
         return
