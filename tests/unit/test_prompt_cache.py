@@ -312,8 +312,9 @@ def test_the_cache_keeps_the_longest_prompts_within_its_budget():
 
 
 def test_rows_another_kept_prompt_builds_on_stay_until_it_goes():
-    """A kept prompt's rows stay, and count against the budget, while a kept prompt
-    built on them does, even once their own prompt has gone."""
+    """A kept prompt's rows count against the budget once, and stay while a kept prompt
+    built on them does: the least recently used prompt that others build on goes after
+    them, since its going would free nothing."""
     cache = PromptCache(limit=300)
     system, a, b = list(range(40)), list(range(50)), list(range(40)) + [9] * 10
     cache.put(a, Rows(100))
@@ -326,11 +327,13 @@ def test_rows_another_kept_prompt_builds_on_stay_until_it_goes():
     assert cache.base([5] * 50) == (None, 0)  # shares nothing
     cache.put([6] * 40, Rows(150))  # 280 fits
     cache.get(1)  # b used: a, then [6] * 40 the least recently
-    cache.put([7] * 40, Rows(60))  # 340: a goes, but b holds its rows; then [6] * 40
-    assert len(cache) == 2 and cache.stored == 100 + 30 + 60
-    assert cache.longest(a, 50) == (40, 1)  # a's own prompt is gone
-    cache.put([8] * 40, Rows(150))  # 340: b goes, and a's rows with it
+    cache.put([7] * 40, Rows(60))  # 340: not a (b holds its rows), [6] * 40 goes
+    assert cache.longest([6] * 40, 40) == (0, None)
+    assert len(cache) == 3 and cache.stored == 100 + 30 + 60
+    assert cache.longest(a, 50) == (50, 0)  # a's own prompt is still kept
+    cache.put([8] * 40, Rows(150))  # 340: b goes (30 freed), then a (100)
     assert len(cache) == 2 and cache.stored == 60 + 150
+    assert cache.longest(a, 50) == (0, None)
 
 
 @settings(max_examples=200, deadline=None)
@@ -358,6 +361,25 @@ def test_the_longest_kept_prefix_is_the_one_a_scan_of_every_prompt_finds(prompts
         assert n == want
         assert key is None if n == 0 else common(cache.entries[key].tokens, ask[:limit]) == n
     assert cache.stored == len(kept)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    puts=st.lists(
+        st.tuples(st.lists(st.integers(0, 2), min_size=32, max_size=38), st.integers(1, 5)),
+        max_size=20,
+    )
+)
+def test_what_is_held_is_counted_once_and_stays_within_the_budget(puts):
+    """Prompts kept on the rows of others, under a small budget: the bytes counted are
+    those of every row held by a kept prompt or one it builds on, each once, and never
+    more than the budget."""
+    cache = PromptCache(limit=12)
+    for prompt, nbytes in puts:
+        base, _ = cache.base(prompt)
+        cache.put(prompt, Rows(nbytes, base))
+        held = {id(p): p.nbytes for e in cache.entries.values() for p in e.snap.pieces()}
+        assert cache.stored == sum(held.values()) <= cache.limit
 
 
 @pytest.mark.parametrize(

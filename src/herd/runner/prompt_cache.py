@@ -110,7 +110,15 @@ class PromptCache:
             held[1] += 1
             self.stored += piece.nbytes if held[1] == 1 else 0
         while self.entries and self.stored > self.limit:
-            self._remove(next(iter(self.entries)))
+            self._remove(self._evictable())
+
+    def _evictable(self) -> int:
+        """The least recently used kept prompt whose going frees memory: one that others
+        build on goes after them (its rows would stay, and its own prompt be lost)."""
+        for key, entry in self.entries.items():
+            if any(self._held[id(p)][1] == 1 for p in entry.snap.pieces()):
+                return key
+        return next(iter(self.entries))
 
     def _remove(self, key: int) -> None:
         entry = self.entries.pop(key)
