@@ -130,6 +130,36 @@ def test_decoding_goes_on_while_a_long_prompt_is_fed_in_chunks(tiny_llama_path):
     assert len(batches) == -(-100 // 24)
 
 
+def test_two_long_prompts_share_the_prefill_budget_in_turn(tiny_llama_path):
+    """Two 100-token prompts arrive while two sequences decode: the runner's rotating
+    order puts each prompt first within one turn of its four sequences, so neither waits
+    until the other is in, and the decoding sequences still get a token every step."""
+    r = make_runner(tiny_llama_path, parallel=4, prefill=24)
+    a, b = (admit(r, p, n=60) for p in prompts(1, [6, 7]))
+    r.step()
+    r.step()
+    first, second = (admit(r, p, n=2) for p in prompts(3, [100, 100]))
+    batches = []
+    compute = r._compute
+
+    def recording(batch):
+        batches.append(batch.sequences.copy())
+        return compute(batch)
+
+    r._compute = recording  # type: ignore[method-assign]
+    while not (first.generated and second.generated):
+        before = (len(a.generated), len(b.generated))
+        r.step()
+        assert (len(a.generated), len(b.generated)) == (before[0] + 1, before[1] + 1)
+    rows = [[int((s == seq.slot.id).sum()) for s in batches] for seq in (first, second)]
+    assert all(max(r_) <= 24 for r_ in rows)
+    firsts = [next(i for i, n in enumerate(r_) if n) for r_ in rows]
+    assert max(firsts) < 4  # each prompt has come first within one turn of the four
+    last_steps = [max(i for i, n in enumerate(r_) if n) for r_ in rows]
+    assert min(last_steps) > max(firsts)  # the second began before the first was in
+    assert len(batches) <= -(-200 // 24) + 1  # the budget was used, not left idle
+
+
 def test_decode_steps_keep_their_layout_and_rerun_their_graph(tiny_llama_path):
     """Three sequences decoding together: the runner rotates its list every step, the
     batch's rows stay in slot order, and the kept decode graph is rerun, not rebuilt."""
