@@ -105,14 +105,10 @@ def test_each_sequence_attends_its_own_cells_with_the_same_logits(
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_decoding_goes_on_while_a_long_prompt_is_fed_in_chunks(tiny_llama_path):
-    """Two sequences decode; a 100-token prompt arrives. Every step feeds each decoding
-    sequence its token and at most `prefill` of the prompt's, until the prompt is in."""
-    r = make_runner(tiny_llama_path, prefill=24)
-    a, b = (admit(r, p, n=40) for p in prompts(1, [6, 7]))
-    r.step()  # both prompts in one step, then decoding
-    r.step()
-    long = admit(r, prompts(2, [100])[0], n=2)
+def steps_while_decoding(r: Runner, prompted: list[Sequence], decoding: list[Sequence]):
+    """The batches' slot ids (`Batch.sequences`) of the steps until every prompted
+    sequence's prompt is in (it has sampled its first token), each decoding sequence
+    getting a token every step."""
     batches = []
     compute = r._compute
 
@@ -121,10 +117,22 @@ def test_decoding_goes_on_while_a_long_prompt_is_fed_in_chunks(tiny_llama_path):
         return compute(batch)
 
     r._compute = recording  # type: ignore[method-assign]
-    while not long.generated:  # its prompt is in once it has sampled its first token
-        before = (len(a.generated), len(b.generated))
+    while not all(seq.generated for seq in prompted):
+        before = [len(seq.generated) for seq in decoding]
         r.step()
-        assert (len(a.generated), len(b.generated)) == (before[0] + 1, before[1] + 1)
+        assert [len(seq.generated) for seq in decoding] == [n + 1 for n in before]
+    return batches
+
+
+def test_decoding_goes_on_while_a_long_prompt_is_fed_in_chunks(tiny_llama_path):
+    """Two sequences decode; a 100-token prompt arrives. Every step feeds each decoding
+    sequence its token and at most `prefill` of the prompt's, until the prompt is in."""
+    r = make_runner(tiny_llama_path, prefill=24)
+    a, b = (admit(r, p, n=40) for p in prompts(1, [6, 7]))
+    r.step()  # both prompts in one step, then decoding
+    r.step()
+    long = admit(r, prompts(2, [100])[0], n=2)
+    batches = steps_while_decoding(r, [long], [a, b])
     prompt_rows = [int((s == long.slot.id).sum()) for s in batches]
     assert max(prompt_rows) <= 24 and sum(prompt_rows[:-1]) >= 100 - 24
     assert len(batches) == -(-100 // 24)
@@ -139,18 +147,7 @@ def test_two_long_prompts_share_the_prefill_budget_in_turn(tiny_llama_path):
     r.step()
     r.step()
     first, second = (admit(r, p, n=2) for p in prompts(3, [100, 100]))
-    batches = []
-    compute = r._compute
-
-    def recording(batch):
-        batches.append(batch.sequences.copy())
-        return compute(batch)
-
-    r._compute = recording  # type: ignore[method-assign]
-    while not (first.generated and second.generated):
-        before = (len(a.generated), len(b.generated))
-        r.step()
-        assert (len(a.generated), len(b.generated)) == (before[0] + 1, before[1] + 1)
+    batches = steps_while_decoding(r, [first, second], [a, b])
     rows = [[int((s == seq.slot.id).sum()) for s in batches] for seq in (first, second)]
     assert all(max(r_) <= 24 for r_ in rows)
     firsts = [next(i for i, n in enumerate(r_) if n) for r_ in rows]
