@@ -94,11 +94,13 @@ class PromptCache:
         """Keep a prompt's rows; a kept prompt that is a prefix of it goes (it covers it),
         then the least recently used until everything held fits: the rows of every kept
         prompt and of those they build on, which stay while one builds on them."""
-        if snap.nbytes > self.limit or not self.wants(tokens):
+        if snap.nbytes > self.limit or len(tokens) < MIN_TOKENS or self.limit <= 0:
+            return
+        n, key = self.longest(tokens, len(tokens))
+        if n == len(tokens):  # a prefix of a kept prompt (`wants`): covered by it
             return
         # no kept prompt is a prefix of another, so one at most is of tokens: the one
         # sharing the longest prefix with them, if it shares all of its own
-        n, key = self.longest(tokens, len(tokens))
         if key is not None and n == len(self.entries[key].tokens):
             self._remove(key)
         entry = Entry(tuple(tokens), snap)
