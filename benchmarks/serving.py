@@ -226,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.clients = [int(n) for n in args.clients.split(",")]
     args.scenarios = args.scenarios.split(",")
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
-    if unknown or min(args.clients) < 1 or args.rounds < 1:
-        ap.error(f"scenarios are {', '.join(SCENARIOS)}; clients and rounds at least 1")
+    if unknown or min(args.clients) < 1 or args.rounds < 1 or args.parallel < 1:
+        ap.error(f"scenarios are {', '.join(SCENARIOS)}; clients, rounds, parallel at least 1")
     args.servers = ["herd", *[p for p in args.peer.split(",") if p and p != "herd"]]
     return args
 
