@@ -312,6 +312,14 @@ def prompt_cache() -> int:
     return 2**30 if size is None else size
 
 
+def shared_prefix() -> bool:
+    """Slots take a prefix another slot holds as its cells, one copy for all of them
+    (HERD_SHARED_PREFIX=1), instead of copying its rows into their own. Off by default:
+    8 slots decoding under a 200-token shared system prompt took 35.1 ms a step against
+    31.1 ms with copies (SmolLM2, 2 cores), the prefix attended as a piece of its own."""
+    return _get("HERD_SHARED_PREFIX") not in ("", "0")
+
+
 def memory_limit() -> int | None:
     """Bytes runners may use in all (HERD_MEMORY_LIMIT, e.g. 8GiB); None: what is free."""
     return _size(_get("HERD_MEMORY_LIMIT"))

@@ -36,7 +36,11 @@ class FakeModel:
             self.cache.set_layer(0)
             self.cache.put(kv, kv)
             k, v, mask = self.cache.get()
-            return ctx.compute(k, v, mask)
+            prefix = self.cache.prefix()  # cells shared from another part, masked first
+            if prefix is None:
+                return ctx.compute(k, v, mask)
+            pk, pv, k, v, mask = ctx.compute(*prefix, k, v, mask)
+            return np.concatenate([pk, k]), np.concatenate([pv, v]), mask
 
 
 def visible(mask: np.ndarray, keys: np.ndarray) -> list[list[int]]:
@@ -115,12 +119,17 @@ def test_copy_prefix_shares_cells_without_copying():
     assert m.cache.used_cells() == 5
 
 
-def test_shared_cells_cannot_shift():
+def test_a_shift_copies_the_shared_cells_it_moves_and_leaves_the_others_theirs():
     m = new()
     m.step(list(range(4)), [0] * 4)
     m.cache.copy_prefix(0, 1, 4)
-    with pytest.raises(NotImplementedError):
-        m.cache.remove(0, 0, 1)
+    m.cache.remove(0, 0, 1)  # 0 drops position 0: its 1..3 move back, 1's stay
+    assert m.shifts == [-1, -1, -1]
+    k, _, mask = m.step([3], [0])
+    assert visible(mask, k) == [[0, 1, 2, 3]]  # 0's keys re-roped: 1..3 now 0..2
+    k, _, mask = m.step([4], [1])
+    assert visible(mask, k) == [[0, 1, 2, 3, 4]]  # 1's prefix as it was
+    assert m.cache.used_cells() == 4 + 3 + 2
 
 
 def test_full_cache_raises():

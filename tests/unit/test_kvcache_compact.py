@@ -69,15 +69,15 @@ class Tracked:
         for s, p in zip(sequences, positions, strict=True):
             self.expected[(s, p)] = (s, p)
         # each sequence's rows attend their block's cells (the whole range without blocks)
-        # (sequences that share cells move as one: their own cells are the group's)
+        # and the pass's prefix (cells shared from another part), if it has one
         blocks = self.cache._blocks or [(0, len(sq), 0, self.cache.hi - self.cache.lo, 0)]
-        member = self.cache.member[:, sorted(set(seqs))]
-        shared = (member.sum(axis=1) > 1).any()
+        prefix = self.cache._prefix
         for seq in set(seqs):
             rows = np.flatnonzero(sq == seq)
             extent = max(e - s for a, b, s, e, _ in blocks if a <= rows[-1] and b > rows[0])
-            own = member.any(axis=1) if shared else self.cache.member[:, seq]
-            self.spans.append((extent, int(own.sum())))
+            if prefix is not None:
+                extent += prefix[1] - prefix[0]
+            self.spans.append((extent, int(self.cache.member[:, seq].sum())))
 
     def rows(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """(T, 1, width): the two numbers, then zeros (a Q8_0 row is 32 wide)."""

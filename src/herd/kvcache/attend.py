@@ -25,6 +25,8 @@ NEG_INF = np.float32(-np.inf)
 BLOCK, ALIGN = 128, 64
 
 Block = tuple[int, int, int, int, int]  # see `row_blocks` and `decoding_runs`
+# A pass's sequences may also share a prefix from another sequence's part (`Causal.prefix`):
+# each block then attends it too, its mask's first columns, as one softmax with its own
 
 
 def causal_mask(
@@ -72,12 +74,18 @@ def row_blocks(
 
 
 def decoding_runs(
-    member: np.ndarray, sequences: np.ndarray, cuts: np.ndarray, capacity: int, padding: int
+    member: np.ndarray,
+    sequences: np.ndarray,
+    cuts: np.ndarray,
+    capacity: int,
+    padding: int,
+    prefix: tuple[int, int] | None = None,
 ) -> list[Block]:
     """Runs of two or more decoding sequences (one row each) with consecutive ids whose
-    cells all lie in their own parts of the cache: (first row, end row, first sequence,
-    cells, N), each of the N attending the first `cells` of its part (the run's longest,
-    padded)."""
+    cells all lie in their own parts of the cache, but for the pass's `prefix` (cells
+    they share from another part, attended once for all of them): (first row, end row,
+    first sequence, cells, N), each of the N attending the first `cells` of its part (the
+    run's longest, padded)."""
     starts = [0, *cuts.tolist()]
     ends = [*starts[1:], len(sequences)]
     runs: list[list[tuple[int, int]]] = [[]]  # (row, sequence), per run
@@ -85,6 +93,8 @@ def decoding_runs(
     for a, b in zip(starts, ends, strict=True):
         seq = int(sequences[a])
         cells = np.flatnonzero(member[:, seq])
+        if prefix is not None:
+            cells = cells[(cells < prefix[0]) | (cells >= prefix[1])]
         home = seq * capacity
         own = b - a == 1 and len(cells) and home <= cells[0] and cells[-1] < home + capacity
         run = runs[-1]

@@ -23,6 +23,7 @@ from herd.ml import Backend, Context, DType, Tensor
 
 # model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
+Keys = Tensor | tuple[Tensor, Tensor]  # a block's keys or values: (prefix's, its own) or one
 
 
 @dataclass
@@ -102,13 +103,13 @@ class Causal:
             self._planned = batch
         self.ctx = ctx
         self.locs = ctx.input(self._locs, DType.I32)
-        self.mask = ctx.input(self._mask_array, self.mask_dtype)
+        self.mask = ctx.input(self._joint_mask(), self.mask_dtype)
         self.block_masks = [ctx.input(m, self.mask_dtype) for m in self._block_arrays]
 
-    def view_key(self) -> tuple[int, int, tuple[tuple[int, int, int, int, int], ...]]:
-        """The attended cell range of this pass and its blocks: graphs over equal ranges
-        are reusable."""
-        return self.lo, self.hi, tuple(self._blocks)
+    def view_key(self) -> tuple[object, ...]:
+        """The attended cell range of this pass, its blocks and its prefix: graphs over
+        equal ranges are reusable."""
+        return self.lo, self.hi, tuple(self._blocks), self._prefix
 
     def _plan(self, batch: BatchLayout) -> None:
         n = len(batch.positions)
@@ -121,9 +122,6 @@ class Causal:
         seqs = batch.sequences
         first = int(seqs[0])
         one_sequence = n == 1 or bool((seqs == first).all())
-        if not one_sequence and self._sharing(seqs):
-            self._plan_together(batch)
-            return
         locs = np.empty(n, dtype=np.int64)
         moved = False
         # each sequence's tokens after its own cells, its cells moved together when they
@@ -132,10 +130,11 @@ class Causal:
         for seq in [first] if one_sequence else dict.fromkeys(seqs.tolist()):
             mine = np.flatnonzero(seqs == seq)
             cells = self._place(self.pos < 0, seq, len(mine))
-            if compact.scattered(self.member[:, seq], cells, self.padding):
+            own = self._own(seq)
+            if compact.scattered(own, cells, self.padding):
                 start = seq * self.capacity
                 end = min(self.size, start + self.capacity)
-                planned = compact.home(self.pos, self.member, seq, len(mine), start, end)
+                planned = compact.home(self.pos, self.member, seq, len(mine), start, end, own)
                 src, dst, cells = planned or compact.gather(
                     self.pos, self.member, np.array([seq]), len(mine), self.padding
                 )
@@ -149,26 +148,44 @@ class Causal:
             locs = self._cells_of(batch)
         self._finish_plan(batch, locs)
 
-    def _sharing(self, seqs: np.ndarray) -> bool:
-        """Whether any of these sequences share cells (a prefix given by `copy_prefix`)."""
-        group = np.unique(seqs)
-        return bool((self.member[:, group].sum(axis=1) > 1).any())
+    def _stretch(self, seq: int) -> tuple[int, int] | None:
+        """seq's cells outside its own part of the cache, when they are one run of cells
+        all shared: a prefix it shares with the sequence whose part holds it
+        (`copy_prefix`), attended as a piece of its own (`prefix`) rather than across the
+        parts between. None when it has no such cells, or they lie apart, or some are
+        its own alone."""
+        home = seq * self.capacity
+        cells = np.flatnonzero(self.member[:, seq])
+        out = cells[(cells < home) | (cells >= home + self.capacity)]
+        if len(out) == 0 or int(out[-1]) - int(out[0]) + 1 != len(out):
+            return None
+        if (self.member[out].sum(axis=1) < 2).any():  # its own, moved: compaction's
+            return None
+        return int(out[0]), int(out[-1]) + 1
 
-    def _plan_together(self, batch: BatchLayout) -> None:
-        """Sequences that share cells grow apart from one stretch, which they cannot all
-        continue: their new cells go near the group's and the group moves as one."""
-        n, seqs = len(batch.positions), batch.sequences
-        group = np.unique(seqs)
-        free = np.flatnonzero(self.pos < 0)
-        mine = self.member[:, group].any(axis=1)
-        locs = compact.near(free, mine, n)
-        if compact.scattered(mine, locs, self.padding):
-            src, dst, locs = compact.gather(self.pos, self.member, group, n, self.padding)
-            self._move(src, dst)
-        self.pos[locs] = batch.positions
-        self.member[locs] = False
-        self.member[locs, seqs] = True
-        self._finish_plan(batch, locs)
+    def _own(self, seq: int) -> np.ndarray:
+        """A mask of seq's cells, the shared prefix it attends as a piece left out: what
+        must lie together for its attention to cost its own length."""
+        mine = self.member[:, seq].copy()
+        stretch = self._stretch(seq)
+        if stretch is not None:
+            mine[stretch[0] : stretch[1]] = False
+        return mine
+
+    def _batch_prefix(self, seqs: np.ndarray) -> tuple[int, int] | None:
+        """The one prefix stretch (`_stretch`) of the batch's sequences that have one;
+        None when none has, or theirs differ (then the range spans them all)."""
+        found = None
+        for seq in np.unique(seqs).tolist():
+            home = seq * self.capacity
+            cells = np.flatnonzero(self.member[:, seq])
+            if not ((cells < home) | (cells >= home + self.capacity)).any():
+                continue
+            stretch = self._stretch(seq)
+            if stretch is None or (found is not None and stretch != found):
+                return None
+            found = stretch
+        return found
 
     def _finish_plan(self, batch: BatchLayout, locs: np.ndarray) -> None:
         """The attended range, mask and blocks for the batch's planned cells `locs`."""
@@ -180,12 +197,18 @@ class Causal:
             in_use = np.flatnonzero(self.member[:, first])
         else:
             in_use = np.flatnonzero(self.member[:, np.unique(seqs)].any(axis=1))
-        lo, hi = int(in_use[0]), int(in_use[-1]) + 1
-        lo = lo // self.padding * self.padding
-        hi = min(self.size, -(-hi // self.padding) * self.padding)
-        self.lo, self.hi = lo, hi
+        # a prefix shared from another sequence's part is a piece of its own: the range
+        # then covers the batch's own cells, not every part between them and it
+        prefix = self._batch_prefix(seqs)
+        if prefix is not None:
+            in_use = in_use[(in_use < prefix[0]) | (in_use >= prefix[1])]
+            if len(in_use) == 0:  # nothing of their own yet: the prefix is the range
+                in_use, prefix = np.arange(*prefix), None
+        self._prefix = prefix
+        self.lo, self.hi = lo, hi = self._range(in_use)
         self._locs = locs.astype(np.int32)
         self._mask_array = self._mask(batch, lo, hi)
+        self._prefix_array = None if prefix is None else self._mask(batch, *prefix, True)
         if self.bidirectional:
             for row, rows in batch.spans:  # a span's tokens are in this batch, all of them
                 span = np.arange(row, row + rows)
@@ -200,9 +223,28 @@ class Causal:
         self._block_arrays = []
         for block in self._blocks:
             a, b, s, e, runs = block
-            piece = self._mask_array[a:b, s:e] if not runs else self._stream_mask(batch, block)
+            piece = self._row_mask(a, b, s, e) if not runs else self._stream_mask(batch, block)
             self._block_arrays.append(np.ascontiguousarray(piece))
-        self._step = nextstep.decoded(self.member, batch, locs)
+        self._step = nextstep.decoded(self.member, batch, locs, self.capacity)
+
+    def _range(self, cells: np.ndarray) -> tuple[int, int]:
+        """The padded range from the first of cells to the last."""
+        lo, hi = int(cells[0]), int(cells[-1]) + 1
+        return lo // self.padding * self.padding, min(
+            self.size, -(-hi // self.padding) * self.padding
+        )
+
+    def _joint_mask(self) -> np.ndarray:
+        """`get`'s mask: the prefix's columns first where the pass has one."""
+        if self._prefix_array is None:
+            return self._mask_array
+        return np.concatenate([self._prefix_array, self._mask_array], axis=1)
+
+    def _row_mask(self, a: int, b: int, s: int, e: int) -> np.ndarray:
+        """The mask of a block of rows a..b over range cells s..e, after the prefix's."""
+        if self._prefix_array is None:
+            return self._mask_array[a:b, s:e]
+        return np.concatenate([self._prefix_array[a:b], self._mask_array[a:b, s:e]], axis=1)
 
     def _place(self, is_free: np.ndarray, seq: int, n: int) -> np.ndarray:
         """Cells for n tokens of one sequence: right after its last cell when those are
@@ -213,15 +255,25 @@ class Causal:
         decoded 1.5x slower after 8 cached conversations, attending 1408 cells for 164).
         A sequence that keeps a cached prefix far from its new stretch moves it there
         (`compact.scattered`, in `_plan`)."""
+        home = seq * self.capacity
+        end = min(self.size, home + self.capacity)
         mine = np.flatnonzero(self.member[:, seq])
-        if len(mine):
-            start = int(mine[-1]) + 1
+        inside = mine[(mine >= home) & (mine < end)]
+        linked = len(mine) and bool((self.member[mine].sum(axis=1) > 1).all())
+        if len(inside) or (len(mine) and not linked):
+            # after its last cell, in its part when it has any (a shared prefix lies apart)
+            start = int((inside if len(inside) else mine)[-1]) + 1
             if start + n <= self.size and is_free[start : start + n].all():
                 return np.arange(start, start + n)
-        else:  # a new sequence starts its slot's own part of the cache when it is free
-            home = seq * self.capacity
-            if is_free[home : min(self.size, home + self.capacity)].all():
-                return np.arange(home, home + n)
+        elif len(mine) == 0 and is_free[home:end].all():
+            # a new sequence starts its slot's own part of the cache when it is free
+            return np.arange(home, home + n)
+        else:  # else the first free stretch of its part with room, e.g. after the prefix
+            starts, ends = compact.free_runs(is_free[home:end])  # others share from there
+            fits = np.flatnonzero(ends - starts >= min(n + self.padding, end - home))
+            if len(fits) and ends[fits[0]] - starts[fits[0]] >= n:
+                start = home + int(starts[fits[0]])
+                return np.arange(start, start + n)
         need = n + self.padding
         starts, ends = compact.free_runs(is_free)
         fits = np.flatnonzero(ends - starts >= need)
@@ -282,25 +334,45 @@ class Causal:
         backend attends them in one op and the parts are one (sequences, capacity) view."""
         if not self.streams or batch.spans:
             return []
-        return attend.decoding_runs(self.member, batch.sequences, cuts, self.capacity, self.padding)
+        return attend.decoding_runs(
+            self.member, batch.sequences, cuts, self.capacity, self.padding, self._prefix
+        )
 
     def _stream_mask(self, batch: BatchLayout, run: Block) -> np.ndarray:
-        """(N, 1, cells) mask of a run: its row i is sequence seq + i's, over the first
-        `cells` of that sequence's part."""
+        """(N, 1, P + cells) mask of a run: its row i is sequence seq + i's, over the
+        batch's prefix (P cells, none without one) and the first `cells` of that
+        sequence's part."""
         row, _, seq, cells, n = run
-        out = np.empty((n, 1, cells), dtype=np.float32)
+        pre = self._prefix_cells()
+        out = np.empty((n, 1, len(pre) + cells), dtype=np.float32)
         for i in range(n):
             home = (seq + i) * self.capacity
-            one = slice(row + i, row + i + 1)
-            out[i] = self._mask(
-                BatchLayout(batch.positions[one], batch.sequences[one]), home, home + cells
+            one = BatchLayout(
+                batch.positions[row + i : row + i + 1], batch.sequences[row + i : row + i + 1]
             )
+            out[i, :, len(pre) :] = self._mask(one, home, home + cells)
+            if len(pre):
+                out[i, :, : len(pre)] = self._mask(one, int(pre[0]), int(pre[-1]) + 1, True)
         return out
 
-    def _mask(self, batch: BatchLayout, lo: int, hi: int) -> np.ndarray:
-        return attend.causal_mask(
+    def _prefix_cells(self) -> np.ndarray:
+        """The cells of the pass's prefix (`_batch_prefix`), none without one."""
+        if self._prefix is None:
+            return np.zeros(0, dtype=np.int64)
+        return np.arange(*self._prefix)
+
+    def _mask(self, batch: BatchLayout, lo: int, hi: int, prefix: bool = False) -> np.ndarray:
+        """The batch's mask over cells lo..hi. A pass's prefix cells are seen through the
+        prefix's own columns (`prefix`), hidden elsewhere: the sequence whose part holds
+        them, or a range across it, would otherwise see them twice."""
+        mask = attend.causal_mask(
             self.pos, self.member, batch.positions, batch.sequences, lo, hi, self.window, self.chunk
         )
+        if self._prefix is not None and not prefix:
+            a, b = max(lo, self._prefix[0]), min(hi, self._prefix[1])
+            if a < b:
+                mask[..., a - lo : b - lo] = attend.NEG_INF
+        return mask
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Drop seq's tokens at positions [begin, end); later ones move back and re-rope."""
@@ -316,12 +388,29 @@ class Causal:
         moved = np.flatnonzero(self.member[:, seq] & (self.pos >= end))
         if len(moved) == 0:
             return
-        if self.member[moved].sum(axis=1).max() > 1:
-            raise NotImplementedError("cannot shift cells shared with another sequence")
         if self.shift_fn is None:
             raise NotImplementedError("this model does not support shifting the cache")
+        if self.member[moved].sum(axis=1).max() > 1:  # a shared prefix stays as it is
+            moved = self._unshare(seq, moved)
         self.pos[moved] -= end - begin
         self._shift(moved.astype(np.int32), begin - end)
+
+    def _unshare(self, seq: int, cells: np.ndarray) -> np.ndarray:
+        """cells with seq's shared ones copied to cells of its own (their K/V rows too):
+        the others keep theirs as they were."""
+        shared = cells[self.member[cells].sum(axis=1) > 1]
+        free = int(np.count_nonzero(self.pos < 0))
+        if free < len(shared):
+            raise CacheFullError(f"KV cache full: {len(shared)} cells needed, {free} free")
+        copies = self._place(self.pos < 0, seq, len(shared))
+        if self.keys:
+            assert self.backend is not None
+            rows.move(self.backend, self.keys, self.values, shared, copies, self.v_trans)
+        self.pos[copies] = self.pos[shared]
+        self.member[copies] = False
+        self.member[copies, seq] = True
+        self.member[shared, seq] = False
+        return np.concatenate([cells[self.member[cells, seq]], copies])
 
     def _shift(self, cells: np.ndarray, delta: int) -> None:
         assert self.backend is not None and self.shift_fn is not None
@@ -357,17 +446,20 @@ class Causal:
 
     def stats(self) -> dict[str, float]:
         """Cells in use, the cache's size, its fragmentation (cells inside each sequence's
-        range that are not its own, over those ranges) and the cells moved to keep it
-        compact so far."""
+        range that are not its own, over those ranges), the cells moved to keep it
+        compact so far and the cells several sequences share."""
         return {
             "cells_used": self.used_cells(),
             "cells": self.size,
-            "fragmentation": compact.fragmentation(self.member),
+            "fragmentation": compact.fragmentation(self.member, self.capacity),
             "cells_moved": self.moved,
+            "cells_shared": int(np.count_nonzero(self.member.sum(axis=1) > 1)),
         }
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        """Let dst share src's cells for positions < n (no K/V copied)."""
+        """Let dst share src's cells for positions < n (no K/V copied): one copy of a
+        common prompt for both, which dst attends as a piece of its own (`prefix`) when
+        it lies in another part than dst's, its own cells going to its own part."""
         self._step = None
         self.remove(dst, 0, None)
         self.member[self.member[:, src] & (self.pos < n), dst] = True
@@ -393,22 +485,33 @@ class Causal:
         snap.start, snap.base = start, base
         return snap
 
-    def restore(self, seq: int, snap: Snapshot, n: int) -> bool:
+    def restore(self, seq: int, snap: Snapshot, n: int, start: int = 0) -> bool:
         """Make seq hold snap's first n positions (its cells dropped first): cells placed
-        as a new sequence's and their rows written. False, with seq left empty, when the
-        cache has not the room or the snapshot is not of this cache's kind."""
-        self.remove(seq, 0, None)
+        as a new sequence's and their rows written. With `start`, seq keeps its positions
+        before it (a prefix it shares, `copy_prefix`) and takes snap's start..n. False,
+        with seq left empty, when the cache has not the room or the snapshot is not of
+        this cache's kind."""
+        self.remove(seq, start, None)
         assert self.backend is not None
-        if int(np.count_nonzero(self.pos < 0)) < n:
+        fits = int(np.count_nonzero(self.pos < 0)) >= n - start
+        if not fits or not rows.can_write(self.backend, self.keys, self.values, snap):
+            self.remove(seq, 0, None)
             return False
-        if not rows.can_write(self.backend, self.keys, self.values, snap):
-            return False
-        cells = self._place(self.pos < 0, seq, n)
-        self.pos[cells] = np.arange(n, dtype=np.int32)
+        cells = self._place(self.pos < 0, seq, n - start)
+        self.pos[cells] = np.arange(start, n, dtype=np.int32)
         self.member[cells] = False
         self.member[cells, seq] = True
-        rows.write(self.backend, self.keys, self.values, cells, snap, self.v_trans)
+        rows.write(self.backend, self.keys, self.values, cells, snap, self.v_trans, start)
         return True
+
+    def shareable(self, src: int, n: int) -> int:
+        """How many of src's first n positions another sequence may share (`copy_prefix`)
+        as one prefix: those held in one run of cells, in position order."""
+        cells = np.flatnonzero(self.member[:, src] & (self.pos >= 0) & (self.pos < n))
+        cells = cells[np.argsort(self.pos[cells], kind="stable")]
+        steps = np.arange(len(cells))
+        run = (self.pos[cells] == steps) & (cells == (cells[0] if len(cells) else 0) + steps)
+        return int(np.argmin(run)) if not run.all() else len(cells)
 
     def can_resume(self, seq: int, pos: int) -> bool:
         return True  # every cell is kept, so any prefix can be resumed
@@ -437,36 +540,46 @@ class Causal:
             rows.write_values(self.values[self.layer], self.locs, v, self.v_trans),
         )
 
-    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
+    def blocks(self) -> list[tuple[int, int, Keys, Keys, Tensor]]:
         """The pass's attention blocks in row order, (first row, end row, keys, values,
         mask): keys (S, Hkv, D), values (S, Hkv, Dv) and mask (rows, S) over cells of
         `get`'s range, or for N decoding sequences attended together (`_streams`) keys
         (N, S, Hkv, D), values (N, S, Hkv, Dv) and mask (N, 1, S) over each one's own
-        part. Empty: attend in one piece."""
+        part. With a prefix (`prefix`), keys and values are (the prefix's, the block's)
+        and the mask covers the prefix's cells first. Empty: attend in one piece."""
         if not self._blocks:
             return []
         keys = self.ctx.attach(self.keys[self.layer])
         values = self.ctx.attach(self.values[self.layer])
         k = v = None  # the attended range's, made for the first block that needs them
-        out = []
+        pre = self.prefix()
+        out: list[tuple[int, int, Keys, Keys, Tensor]] = []
         for block, m in zip(self._blocks, self.block_masks, strict=True):
             a, b, s, e, n = block
             if n:
                 p = self.member.shape[1]
                 ks, vs = attend.part_views(keys, values, p, self.capacity, block, self.v_trans)
-                out.append((a, b, ks, vs, m))
-                continue
-            if k is None or v is None:
-                k, v, _ = self.get()
-            out.append((a, b, k.slice(0, s, e), v.slice(0, s, e), m))
+            else:
+                if k is None or v is None:
+                    k, v = self._view(self.lo, self.hi)
+                ks, vs = k.slice(0, s, e), v.slice(0, s, e)
+            out.append((a, b, ks, vs, m) if pre is None else (a, b, (pre[0], ks), (pre[1], vs), m))
         return out
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range."""
-        k = self.ctx.attach(self.keys[self.layer]).slice(0, self.lo, self.hi)
+        """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range; the
+        mask (T, P + S) where the pass has a prefix (`prefix`), its P cells first."""
+        return (*self._view(self.lo, self.hi), self.mask)
+
+    def prefix(self) -> tuple[Tensor, Tensor] | None:
+        """Keys (P, Hkv, D) and values (P, Hkv, Dv) of a prefix the pass's sequences share
+        from another's part of the cache, attended with `get`'s range as one softmax
+        (`_batch_prefix`); None where the range holds all they see."""
+        return None if self._prefix is None else self._view(*self._prefix)
+
+    def _view(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        k = self.ctx.attach(self.keys[self.layer]).slice(0, lo, hi)
         v = self.ctx.attach(self.values[self.layer])
         if self.v_trans:  # (Hkv, Dv, S) viewed as (S, Hkv, Dv)
-            v = v.slice(2, self.lo, self.hi).permute(2, 0, 1)
-        else:
-            v = v.slice(0, self.lo, self.hi)
-        return k, v, self.mask
+            return k, v.slice(2, lo, hi).permute(2, 0, 1)
+        return k, v.slice(0, lo, hi)

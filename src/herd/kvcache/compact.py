@@ -96,13 +96,13 @@ def gather(
 
 
 def home(
-    pos: np.ndarray, member: np.ndarray, seq: int, n: int, start: int, end: int
+    pos: np.ndarray, member: np.ndarray, seq: int, n: int, start: int, end: int, mine: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Sequence seq's cells and n new ones packed from `start`, in position order, when
-    they fit in its own part of the cache, cells start..end, and nothing else lies there
-    (a shift's hole closed where it is, none of the others' cells touched): (cells to
-    move, their new places, the n cells for the batch's tokens); None otherwise."""
-    mine = member[:, seq]
+    """Sequence seq's cells (`mine`: a mask of those that must lie together, a prefix
+    shared from elsewhere left out) and n new ones packed from `start`, in position
+    order, when they fit in its own part of the cache, cells start..end, and nothing else
+    lies there (a shift's hole closed where it is, none of the others' cells touched):
+    (cells to move, their new places, the n cells for the batch's tokens); None otherwise."""
     cells = np.flatnonzero(mine)
     others = (pos[start:end] >= 0) & ~mine[start:end]
     if len(cells) + n > end - start or others.any() or member[cells].sum(axis=1).max(initial=1) > 1:
@@ -126,15 +126,20 @@ def packed(pos: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return src[moved], dst[moved]
 
 
-def fragmentation(member: np.ndarray) -> float:
-    """Cells inside each sequence's range (its first cell to its last) that are not its
-    own, free or another's, over those ranges (0: every sequence is one run). What a
+def fragmentation(member: np.ndarray, capacity: int) -> float:
+    """Cells inside each sequence's ranges that are not its own, free or another's, over
+    those ranges (0: every sequence is one run). A range: its first cell to its last,
+    in its own part of the cache (sequence i's from i x capacity) and outside it (a
+    prefix shared from another's part, attended as a piece of its own). What a
     sequence's attention reads for nothing; the free cells between sequences, each in its
     own part of the cache, are room to grow and count for nothing here."""
     spans = waste = 0
     for seq in range(member.shape[1]):
         cells = np.flatnonzero(member[:, seq])
-        if len(cells):
-            span = int(cells[-1]) - int(cells[0]) + 1
-            spans, waste = spans + span, waste + span - len(cells)
+        home = seq * capacity
+        inside = (cells >= home) & (cells < home + capacity)
+        for part in (cells[inside], cells[~inside]):
+            if len(part):
+                span = int(part[-1]) - int(part[0]) + 1
+                spans, waste = spans + span, waste + span - len(part)
     return waste / spans if spans else 0.0

@@ -186,8 +186,12 @@ class Encoder:
         """Not kept in a prompt cache: an image's cross-attention states are per slot."""
         return None
 
-    def restore(self, seq: int, snap: object, n: int) -> bool:
+    def restore(self, seq: int, snap: object, n: int, start: int = 0) -> bool:
         return False
+
+    def shareable(self, src: int, n: int) -> int:
+        """None: an image's cross-attention states are per slot."""
+        return 0
 
     # ---- model side --------------------------------------------------------------------
     def set_layer(self, layer: int) -> None:
@@ -223,6 +227,9 @@ class Encoder:
     def gates(self) -> tuple[Tensor, Tensor]:
         """(T, 1) factors of the layer's attention and MLP outputs, per token."""
         return self.attn_gate, self.mlp_gate
+
+    def prefix(self) -> tuple[Tensor, Tensor] | None:
+        return None
 
     def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
         return []

@@ -35,12 +35,23 @@ class Decoded:
     locs: np.ndarray
 
 
-def decoded(member: np.ndarray, batch: BatchLayout, locs: np.ndarray) -> Decoded | None:
-    """The plan of `batch` at cells `locs` as a decode step, or None when it is not one."""
+def decoded(
+    member: np.ndarray, batch: BatchLayout, locs: np.ndarray, capacity: int
+) -> Decoded | None:
+    """The plan of `batch` at cells `locs` as a decode step, or None when it is not one.
+    A sequence's last cell: the last in its own part of the cache (sequence i's from
+    i x capacity), where the full plan puts its next token after (a prefix it shares
+    from another part lies elsewhere)."""
     seqs = batch.sequences
     if len(np.unique(seqs)) != len(seqs) or batch.spans:  # one decoding row a sequence
         return None
-    last = [int(np.flatnonzero(member[:, q])[-1]) for q in seqs.tolist()]
+    last = []
+    for q in seqs.tolist():
+        home = q * capacity
+        part = np.flatnonzero(member[home : home + capacity, q])
+        if len(part) == 0:
+            return None
+        last.append(home + int(part[-1]))
     if not np.array_equal(locs, last):  # each row in its sequence's last cell
         return None
     return Decoded(seqs.copy(), batch.positions.copy(), locs.copy())
@@ -79,20 +90,28 @@ def masks(
     mask = mask.copy()
     mask[np.arange(len(locs)), locs - lo] = 0
     gone = None if cache.window is None else positions - cache.window
+    pre = cache._prefix_cells()  # a prefix's columns come first in the blocks' masks
     if gone is not None:
         mask[cache.pos[lo:hi][None, :] == gone[:, None]] = NEG_INF
+        if len(pre):
+            cache._prefix_array = cache._prefix_array.copy()
+            cache._prefix_array[cache.pos[pre][None, :] == gone[:, None]] = NEG_INF
     out = []
     for block, old in zip(blocks, arrays, strict=True):
         a, b, s, e, n = block
         if not n:
-            out.append(np.ascontiguousarray(mask[a:b, s:e]))
+            piece = mask[a:b, s:e]
+            if len(pre):
+                piece = np.concatenate([cache._prefix_array[a:b], piece], axis=1)
+            out.append(np.ascontiguousarray(piece))
             continue
         homes = (s + np.arange(n)) * cache.capacity  # a run: each row over its own part
         new = old.copy()
-        new[:, 0][np.arange(n), locs[a:b] - homes] = 0
+        new[:, 0][np.arange(n), len(pre) + locs[a:b] - homes] = 0
         if gone is not None:
-            cell_pos = cache.pos[homes[:, None] + np.arange(e)]
-            new[:, 0][cell_pos == gone[a:b, None]] = NEG_INF
+            cells = np.concatenate([np.broadcast_to(pre, (n, len(pre))),
+                                    homes[:, None] + np.arange(e)], axis=1)  # fmt: skip
+            new[:, 0][cache.pos[cells] == gone[a:b, None]] = NEG_INF
         out.append(new)
     return mask, out
 
@@ -103,4 +122,4 @@ def _inside(cache: Causal, block: Block, locs: np.ndarray) -> bool:
     if not n:
         return bool((locs[a:b] - cache.lo < e).all())
     homes = (s + np.arange(n)) * cache.capacity
-    return bool((locs[a:b] - homes < e).all())
+    return bool(((locs[a:b] >= homes) & (locs[a:b] - homes < e)).all())

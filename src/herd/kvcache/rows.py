@@ -190,14 +190,20 @@ def write(
     cells: np.ndarray,
     snap: Snapshot,
     v_trans: bool,
+    first: int = 0,
 ) -> None:
-    """snap's first len(cells) positions into cells (`can_write` said it fits)."""
-    if snap.base is not None:  # the positions it builds on, then its own
-        write(backend, keys, values, cells[: snap.start], snap.base, v_trans)
-        cells = cells[snap.start :]
+    """snap's positions first.. first + len(cells) into cells (`can_write` said it fits)."""
+    if snap.base is not None and first < snap.start:  # the positions it builds on first
+        write(backend, keys, values, cells[: snap.start - first], snap.base, v_trans, first)
+        cells, first = cells[snap.start - first :], snap.start
     n = len(cells)
     if not n:
         return
+    at_row = first - snap.start  # where its own rows for position `first` start
+    if at_row:
+        snap = Snapshot({layer: a[at_row:] for layer, a in snap.keys.items()},
+                        {layer: a[..., at_row:] if v_trans and snap.raw else a[at_row:]
+                         for layer, a in snap.values.items()}, snap.raw)  # fmt: skip
     views = _host_views(backend, keys, values)
     if views is not None:
         at = as_slice(cells)

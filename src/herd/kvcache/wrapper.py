@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from herd.kvcache.causal import BatchLayout, Causal
+from herd.kvcache.causal import BatchLayout, Causal, Keys
 from herd.kvcache.encoder import Encoder
 from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor
@@ -52,6 +52,9 @@ class Wrapper:
         for cache in self.caches:
             cache.copy_prefix(src, dst, n)
 
+    def shareable(self, src: int, n: int) -> int:
+        return min(cache.shareable(src, n) for cache in self.caches)
+
     def snapshot(
         self, seq: int, n: int, base: Snapshots | None = None, start: int = 0
     ) -> Snapshots | None:
@@ -61,9 +64,9 @@ class Wrapper:
         kept = [p for p in parts if p is not None]
         return Snapshots(tuple(kept)) if len(kept) == len(parts) else None
 
-    def restore(self, seq: int, snap: Snapshots, n: int) -> bool:
+    def restore(self, seq: int, snap: Snapshots, n: int, start: int = 0) -> bool:
         pairs = zip(self.caches, snap.parts, strict=True)
-        ok = all([cache.restore(seq, part, n) for cache, part in pairs])
+        ok = all([cache.restore(seq, part, n, start) for cache, part in pairs])
         if not ok:  # all or nothing
             self.remove(seq, 0, None)
         return ok
@@ -98,5 +101,8 @@ class Wrapper:
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.current.get()
 
-    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
+    def prefix(self) -> tuple[Tensor, Tensor] | None:
+        return self.current.prefix()
+
+    def blocks(self) -> list[tuple[int, int, Keys, Keys, Tensor]]:
         return self.current.blocks()

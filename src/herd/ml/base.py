@@ -226,13 +226,21 @@ class FusedAttention(Protocol):
     when the query tensor has it, else composes attention from `matmul_t` and `softmax`."""
 
     def scaled_dot_product_attention(
-        self, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, fused: bool | None = None
+        self,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        scale: float,
+        fused: bool | None = None,
+        prefix: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """q=self (T, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv), mask (T, S) or None
         -> (T, Hq * Dv). Hq a multiple of Hkv: consecutive query heads share a K/V head.
         Where the backend's `CacheConfig.streams` says so, also N sequences at once: q
         (N, T, Hq, D), k (N, S, Hkv, D), v (N, S, Hkv, Dv), mask (N, T, S) -> (N * T,
-        Hq * Dv), sequence i's queries attending its own keys and values only.
+        Hq * Dv), sequence i's queries attending its own keys and values only, and with
+        `prefix` (keys (P, Hkv, D), values (P, Hkv, Dv)) those too, every sequence's, the
+        mask then (N, T, P + S) with the prefix's columns first: one softmax over both.
         `fused`: None, as the backend was opened (`BackendOptions.flash_attention`); True,
         fused whatever that says (a vision encoder's attention, as llama.cpp's mtmd runs
         it on every device: no cache, and a score matrix that would not fit a cache)."""

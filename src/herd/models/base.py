@@ -176,8 +176,15 @@ class Cache(Protocol):
         """A host copy of a sequence's positions < n (None: not possible here); with a
         base, a snapshot of a prompt the sequence starts with, of positions start.. only."""
 
-    def restore(self, seq: int, snap: Any, n: int) -> bool:
-        """Make a sequence hold a snapshot's first n positions; False: it holds none."""
+    def restore(self, seq: int, snap: Any, n: int, start: int = 0) -> bool:
+        """Make a sequence hold a snapshot's first n positions (with `start`: keep its own
+        positions before it, take the snapshot's start..n); False: it holds none."""
+
+    def shareable(self, src: int, n: int) -> int:
+        """How many of a sequence's first n positions another may share (`copy_prefix`)."""
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Let dst hold src's first n positions as src's cells (one copy for both)."""
 
     def used_cells(self) -> int: ...
     def stats(self) -> dict[str, float]:

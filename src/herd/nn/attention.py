@@ -6,11 +6,15 @@ from typing import Protocol, cast
 
 from herd.ml import FusedAttention, Tensor
 
+# a block's keys or values: one tensor, or (a prefix's, its own) attended as one softmax
+Keys = Tensor | tuple[Tensor, Tensor]
+
 
 class KVCache(Protocol):
     def put(self, k: Tensor, v: Tensor) -> None: ...
     def get(self) -> tuple[Tensor, Tensor, Tensor]: ...
-    def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]: ...
+    def prefix(self) -> tuple[Tensor, Tensor] | None: ...
+    def blocks(self) -> list[tuple[int, int, Keys, Keys, Tensor]]: ...
 
 
 def attention(
@@ -38,26 +42,37 @@ def attention(
     fused attention takes in one op (`CacheConfig.streams`). `fused=True`: the backend's fused
     attention whatever it was opened with (`FusedAttention`): vision encoders, whose
     thousands of patches would otherwise make a score matrix of a GiB.
+    A cache's sequences may share a prefix held once in another part of it (`prefix()`):
+    its keys and values are a second piece, attended with the rest as one softmax.
     """
-    blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+    blocks: list[tuple[int, int, Keys, Keys, Tensor]] = []
+    prefix = None
     if cache is not None:
         cache.put(k, v)
         k, v, mask = cache.get()
+        prefix = cache.prefix()
         if rows is None:
             blocks = cache.blocks()
     if rows is not None:
         assert q.shape[0] == rows.shape[0], f"q has {q.shape[0]} rows for {rows.shape[0]}"
         mask = mask.get_rows(rows) if mask is not None else None
     if not blocks:
+        if prefix is not None:
+            assert mask is not None
+            return _attend_pieces(q, (prefix[0], k), (prefix[1], v), mask, scale)
         return _attend(q, k, v, mask, scale, fused)
     # each block of queries over only the cells its rows see: the causal triangle's upper
     # half is neither multiplied nor softmaxed (the masked cells it skips weigh exactly 0)
     parts = []
     for a, b, kb, vb, m in blocks:
         qb = q.slice(0, a, b)
-        if len(kb.shape) == 4:  # N sequences' rows, each over its own keys
+        own = kb[1] if isinstance(kb, tuple) else kb
+        if len(own.shape) == 4:  # N sequences' rows, each over its own keys
             parts.append(_attend_streams(qb, kb, vb, m, scale))
+        elif isinstance(kb, tuple) and isinstance(vb, tuple):
+            parts.append(_attend_pieces(qb, kb, vb, m, scale))
         else:
+            assert not isinstance(kb, tuple) and not isinstance(vb, tuple)
             parts.append(_attend(qb, kb, vb, m, scale))
     return parts[0].concat_rows(parts[1:]) if len(parts) > 1 else parts[0]
 
@@ -87,19 +102,49 @@ def _attend(
     return out.permute(1, 0, 2).contiguous().reshape(t, hq * vh.shape[1])
 
 
-def _attend_streams(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def _attend_pieces(
+    q: Tensor, k: tuple[Tensor, Tensor], v: tuple[Tensor, Tensor], mask: Tensor, scale: float
+) -> Tensor:
+    """q (T, Hq, D) over two pieces of keys (S1, Hkv, D), (S2, Hkv, D) and values, mask
+    (T, S1 + S2): one softmax over both pieces' scores, each piece's values weighed by its
+    share. What one attention over their concatenation gives, without copying the keys
+    and values together: only the scores are."""
+    t, hq, _ = q.shape
+    qh = q.permute(1, 0, 2)  # (Hq, T, D)
+    scores = [qh.matmul_t(piece.permute(1, 0, 2)) for piece in k]  # (Hq, T, S_i)
+    probs = scores[0].concat(scores[1], axis=2).softmax(mask, scale)
+    n = k[0].shape[0]
+    outs = [
+        probs.slice(2, a, b).matmul_t(piece.permute(1, 2, 0))  # (Hq, T, Dv)
+        for (a, b), piece in zip(((0, n), (n, n + k[1].shape[0])), v, strict=True)
+    ]
+    out = outs[0].add(outs[1])
+    return out.permute(1, 0, 2).contiguous().reshape(t, hq * v[0].shape[2])
+
+
+def _attend_streams(q: Tensor, k: Keys, v: Keys, mask: Tensor, scale: float) -> Tensor:
     """q (N * T, Hq, D), each sequence's T rows over its own k (N, S, Hkv, D), v (N, S,
     Hkv, Dv), mask (N, T, S): in one op where the backend's fused attention takes the
-    sequences' axis (`CacheConfig.streams`), else one attention per sequence."""
+    sequences' axis (`CacheConfig.streams`), else one attention per sequence. k and v
+    may be (a prefix's (P, Hkv, D) that every sequence attends, their own): mask then
+    (N, T, P + S)."""
+    prefix = None
+    if isinstance(k, tuple) and isinstance(v, tuple):
+        prefix, k, v = (k[0], v[0]), k[1], v[1]
+    assert not isinstance(k, tuple) and not isinstance(v, tuple)
     n, (rows, hq, d) = k.shape[0], q.shape
     t = rows // n
     if issubclass(type(q), FusedAttention):
         return cast(FusedAttention, q.reshape(n, t, hq, d)).scaled_dot_product_attention(
-            k, v, mask, scale
+            k, v, mask, scale, prefix=prefix
         )
     parts = []
     for i in range(n):
         ki, vi = (x.slice(0, i, i + 1).reshape(*x.shape[1:]) for x in (k, v))
         mi = mask.slice(0, i, i + 1).reshape(*mask.shape[1:])
-        parts.append(_attend(q.slice(0, i * t, (i + 1) * t), ki, vi, mi, scale))
+        qi = q.slice(0, i * t, (i + 1) * t)
+        if prefix is None:
+            parts.append(_attend(qi, ki, vi, mi, scale))
+        else:
+            parts.append(_attend_pieces(qi, (prefix[0], ki), (prefix[1], vi), mi, scale))
     return parts[0].concat_rows(parts[1:])

@@ -123,6 +123,7 @@ class Runner:
         self.image_token = None if vision is None else vision.image_token
         self.draft = draft
         self.prompts = PromptCache(prompt_cache) if prompt_cache > 0 else None
+        self.prompts_shared = 0  # prompt tokens slots took as another's cells (slots._share)
         self._kv_stats: dict[str, float] = {}  # kv_stats' last figures
 
     # ---- sequences ----------------------------------------------------------------------
@@ -455,6 +456,7 @@ class Runner:
             return dict(self._kv_stats)
         try:
             stats = self.cache.stats()
+            stats["shared_tokens"] = self.prompts_shared
             if self.prompts is not None:
                 stats.update(self.prompts.stats())
         finally:

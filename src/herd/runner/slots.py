@@ -1,13 +1,15 @@
 """Which slot a new request takes, and what of its prompt the slot holds already: the
 slot sharing the longest prefix, its own cells kept for a chat's next turn; what it held
-past that prefix parked in the prompt cache, and a longer prefix copied in from the prompt
-cache or from a busy slot."""
+past that prefix parked in the prompt cache; a longer prefix shared from another slot's
+cells (one copy of a common system prompt), and more copied in from the prompt cache or
+from a busy slot."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
+from herd import envconfig
 from herd.errors import HerdError
 from herd.runner.images import span_start
 from herd.runner.prompt_cache import MIN_TOKENS
@@ -47,10 +49,11 @@ def claim_slot(runner: Runner, tokens: list[int]) -> tuple[Slot, int]:
 
 
 def _borrow(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
-    """Copy into the slot a prefix of tokens longer than its own n, when one is held
-    (by at least MIN_TOKENS more): by the prompt cache, or by a slot another request is
-    using (its rows copied, not shared: each sequence keeps its own cells, compact).
-    The prefix the slot holds now."""
+    """Give the slot a prefix of tokens longer than its own n, when one is held (by at
+    least MIN_TOKENS more). Another slot's cells first: shared, not copied (`_share`).
+    Then the prompt cache's rows, or a busy slot's copied where they cannot be shared,
+    for what follows. The prefix the slot holds now."""
+    n = _share(runner, slot, tokens, n)
     if runner.prompts is None:
         return n
     kept, key = runner.prompts.longest(tokens, len(tokens) - 1)
@@ -61,6 +64,7 @@ def _borrow(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
     if max(kept, lent) - n < MIN_TOKENS:
         return n
     m = span_start(tokens, max(kept, lent))
+    start = n  # the slot keeps what it holds (shared or its own), takes the rest
     if key is not None and kept >= lent:
         snap = runner.prompts.get(key)
     else:
@@ -72,12 +76,34 @@ def _borrow(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
             return n
         if snap is None:
             return n
-    if not runner.cache.restore(slot.id, snap, m):
+    if not runner.cache.restore(slot.id, snap, m, start):
         slot.cached = []  # the slot holds nothing now
         return 0
     slot.cached = list(tokens[:m])
-    runner.prompts.restored += m
+    runner.prompts.restored += m - start
     return m
+
+
+def _share(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
+    """Let the slot share the longest prefix of tokens that another slot holds, at least
+    MIN_TOKENS longer than its own n: the other's cells, one copy of a common system
+    prompt for every slot that starts with it, attended by each as a piece of its own
+    (`Causal.prefix`). Not where attention is fused (flash attention keeps no log-sum-exp
+    to merge the piece by), and only where HERD_SHARED_PREFIX asks for it (it costs
+    decode time yet: `envconfig.shared_prefix`). The prefix the slot holds now."""
+    if not envconfig.shared_prefix() or runner.backend.cache_config().flash_attention:
+        return n
+    donors = [s for s in runner.slots if s is not slot and s.cached]
+    donor = max(donors, key=lambda s: _common(s.cached, tokens), default=None)
+    if donor is None or _common(donor.cached, tokens) - n < MIN_TOKENS:
+        return n
+    shared = span_start(tokens, runner.cache.shareable(donor.id, _common(donor.cached, tokens)))
+    if shared - n < MIN_TOKENS:
+        return n
+    runner.cache.copy_prefix(donor.id, slot.id, shared)
+    slot.cached = list(tokens[:shared])
+    runner.prompts_shared += shared
+    return shared
 
 
 def _park(runner: Runner, slot: Slot, keep: int) -> None:

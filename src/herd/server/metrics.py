@@ -243,6 +243,18 @@ class Metrics:
                 "cells_moved",
             ),
             (
+                "herd:kv_cache_cells_shared",
+                "gauge",
+                "KV cache cells held once for several sequences (a prefix slots share).",
+                "cells_shared",
+            ),
+            (
+                "herd:kv_cache_shared_tokens_total",
+                "counter",
+                "Prompt tokens a slot took as another slot's cells, not computed or copied.",
+                "shared_tokens",
+            ),
+            (
                 "herd:prompt_cache_bytes",
                 "gauge",
                 "Host memory holding prompts that left the slots (HERD_PROMPT_CACHE).",

@@ -77,14 +77,17 @@ def scaled_dot_product_attention(
     mask: MlxTensor | None,
     scale: float,
     fused: bool | None = None,
+    prefix: tuple[MlxTensor, MlxTensor] | None = None,
 ) -> MlxTensor:
     """q=self (T, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv), mask (T, S) or None -> (T, Hq * Dv).
+    (No sequences' axis here, so never a prefix: `prefix` is for streams' backends.)
 
     `mx.fast.scaled_dot_product_attention` on (1, H, T, D) operands: MLX shares K/V heads
     over consecutive query heads itself (Hq a multiple of Hkv), and takes the additive
     mask as it is (-inf cells). Computed in float32 like every op here (an F16 cache is
     widened). Opened with `flash_attention=False` (and `fused` not True): composed from
     matmul_t and softmax, as nn would."""
+    assert prefix is None, "a prefix is attended with streams only"
     (t, hq, d), (s, hkv, dk), dv = self.shape, k.shape, v.shape[2]
     assert d == dk and v.shape[:2] == (s, hkv) and hq % hkv == 0, (
         f"attention: q {self.shape}, k {k.shape}, v {v.shape}"
