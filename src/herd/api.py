@@ -79,7 +79,8 @@ class LLM:
                              kv_cache_type=envconfig.kv_cache_type(),
                              image_limits=ImageLimits(**envconfig.image_limits()),
                              backend_options=from_env,
-                             prompt_cache=envconfig.prompt_cache())  # fmt: skip
+                             prompt_cache=envconfig.prompt_cache(),
+                             shared_prefix=envconfig.shared_prefix())  # fmt: skip
         self.source, self.name, self.gguf = source, source.name, self.loaded.gguf
         self.backend, self.model = self.loaded.backend, self.loaded.model
         self.tokenizer, self.template = self.loaded.tokenizer, self.loaded.template

@@ -91,7 +91,7 @@ def test_a_hole_in_a_sequences_part_is_closed_there():
     pos[32:36], pos[44:50] = range(4), range(4, 10)  # sequence 1: a hole at 36..43
     member[32:36, 1] = member[44:50, 1] = True
     pos[0:5], member[0:5, 0] = range(5), True
-    assert compact.fragmentation(member, 32) == 8 / (18 + 5)
+    assert compact.fragmentation(member) == 8 / (18 + 5)
     src, dst, new = compact.home(pos, member, 1, 3, 32, 64, member[:, 1])
     np.testing.assert_array_equal(src, np.arange(44, 50))
     np.testing.assert_array_equal(dst, np.arange(36, 42))

@@ -30,7 +30,7 @@ class Run:
         # NumPy, told it takes streams, attends each sequence of a run in turn
         config = replace(self.backend.cache_config(), streams=streams)
         self.backend.cache_config = lambda: config  # type: ignore[method-assign]
-        self.cache = Causal()
+        self.cache = Causal(padding=16)
         self.cache.init(self.backend, dtype, max_sequences=4, capacity=64, max_batch=64)
         self.tokens: dict[int, list[int]] = {s: [] for s in range(4)}
 
@@ -92,9 +92,12 @@ def test_a_shared_prefix_attends_as_each_sequences_own_copy(tiny_llama_path, bac
     own = _history(Run(tiny_llama_path, backend, streams, DType.F16), False)
     cache = shared_run.cache
     assert cache.stats()["cells_shared"] == 21  # one copy of the system prompt for three
-    # the four decoding together: one run over their parts, with the prefix piece
+    # the four decoding together: one run over their parts, with the prefix piece, which
+    # moved to the end of sequence 0's part when it was first shared: no view of a part
+    # (the first cells of each, as many as the longest needs) takes it in
     runs = [(b, p) for blocks, p in shared_run.planned for b in blocks if b[4] == 4]
-    assert bool(runs) == streams and all(p == (0, 21) for _, p in runs)
+    assert bool(runs) == streams and all(p == (64 - 21, 64) for _, p in runs)
+    assert all(b[3] <= 64 - 21 for b, _ in runs)
     for a, b in zip(shared, own, strict=True):
         for seq in a:
             rows = len(a[seq])

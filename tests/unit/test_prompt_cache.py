@@ -27,12 +27,13 @@ CHAT_B = SYSTEM + rng.integers(3, 60, 9).tolist()
 OTHER = rng.integers(3, 60, 40).tolist()  # shares nothing with the chats
 
 
-def make(path, backend="numpy", parallel=1, prompt_cache=2**26, cache_type="f16"):
+def make(path, backend="numpy", parallel=1, prompt_cache=2**26, cache_type="f16", shared=False):
     g = open_gguf(path)
     be = open_backend(backend, g)
     model = load_model(g.config(), be)
     return Runner(model, be, LetterTokenizer(), Options(num_ctx=256), model.context_length,
-                  parallel=parallel, cache_type=cache_type, prompt_cache=prompt_cache)  # fmt: skip
+                  parallel=parallel, cache_type=cache_type, prompt_cache=prompt_cache,
+                  shared_prefix=shared)  # fmt: skip
 
 
 def run(runner, tokens):
@@ -199,9 +200,7 @@ def test_gemma3_sliding_and_global_caches_restore_together(gemma3_path):
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "copied"])
-def test_a_prefix_held_by_a_busy_slot_is_shared_not_computed(
-    tiny_llama_path, smollm2_path, monkeypatch, shared
-):
+def test_a_prefix_held_by_a_busy_slot_is_shared_not_computed(tiny_llama_path, smollm2_path, shared):
     """Chat B arrives while chat A, under the same system prompt, is still answering in
     the other slot: B takes the system prompt as A's cells, one copy for both (or, where
     the cache cannot share them, as a copy of A's rows), and answers as if it had
@@ -213,9 +212,8 @@ def test_a_prefix_held_by_a_busy_slot_is_shared_not_computed(
     would: SmolLM2's logits are then the same to the bit."""
     _backend("ggml")
     path = tiny_llama_path if shared else smollm2_path
-    monkeypatch.setenv("HERD_SHARED_PREFIX", "1" if shared else "0")
     fresh = logprobs(make(path, "ggml", prompt_cache=0), CHAT_B)
-    runner = make(path, "ggml", parallel=2)
+    runner = make(path, "ggml", parallel=2, shared=shared)
     # no batch thread: the steps run inline, so A is still answering when B arrives (a
     # thread may decode A to its end before B's request gets the runner's lock)
     answering = runner.generate(CHAT_A, Options(temperature=0, num_predict=150))
@@ -270,8 +268,6 @@ def test_a_prefix_without_memory_to_copy_it_is_computed(smollm2_path, monkeypatc
     host memory for the copy, the prefix is computed and the answer is the same."""
     _backend("ggml")
     import herd.kvcache.rows as rows
-
-    monkeypatch.setenv("HERD_SHARED_PREFIX", "0")
 
     fresh = run(make(smollm2_path, "ggml", prompt_cache=0), CHAT_B).tokens
     runner = make(smollm2_path, "ggml", parallel=2)

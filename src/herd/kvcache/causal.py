@@ -149,19 +149,15 @@ class Causal:
         self._finish_plan(batch, locs)
 
     def _stretch(self, seq: int) -> tuple[int, int] | None:
-        """seq's cells outside its own part of the cache, when they are one run of cells
-        all shared: a prefix it shares with the sequence whose part holds it
-        (`copy_prefix`), attended as a piece of its own (`prefix`) rather than across the
-        parts between. None when it has no such cells, or they lie apart, or some are
-        its own alone."""
-        home = seq * self.capacity
+        """The cells seq shares with other sequences, when they are one run of cells: a
+        prefix held once for them (`copy_prefix`), attended as a piece of its own
+        (`prefix`) rather than across whatever lies between it and their own cells.
+        None when it shares none, or they lie apart."""
         cells = np.flatnonzero(self.member[:, seq])
-        out = cells[(cells < home) | (cells >= home + self.capacity)]
-        if len(out) == 0 or int(out[-1]) - int(out[0]) + 1 != len(out):
+        shared = cells[self.member[cells].sum(axis=1) > 1]
+        if len(shared) == 0 or int(shared[-1]) - int(shared[0]) + 1 != len(shared):
             return None
-        if (self.member[out].sum(axis=1) < 2).any():  # its own, moved: compaction's
-            return None
-        return int(out[0]), int(out[-1]) + 1
+        return int(shared[0]), int(shared[-1]) + 1
 
     def _own(self, seq: int) -> np.ndarray:
         """A mask of seq's cells, the shared prefix it attends as a piece left out: what
@@ -177,9 +173,8 @@ class Causal:
         None when none has, or theirs differ (then the range spans them all)."""
         found = None
         for seq in np.unique(seqs).tolist():
-            home = seq * self.capacity
             cells = np.flatnonzero(self.member[:, seq])
-            if not ((cells < home) | (cells >= home + self.capacity)).any():
+            if not (self.member[cells].sum(axis=1) > 1).any():
                 continue
             stretch = self._stretch(seq)
             if stretch is None or (found is not None and stretch != found):
@@ -258,11 +253,10 @@ class Causal:
         home = seq * self.capacity
         end = min(self.size, home + self.capacity)
         mine = np.flatnonzero(self.member[:, seq])
-        inside = mine[(mine >= home) & (mine < end)]
-        linked = len(mine) and bool((self.member[mine].sum(axis=1) > 1).all())
-        if len(inside) or (len(mine) and not linked):
-            # after its last cell, in its part when it has any (a shared prefix lies apart)
-            start = int((inside if len(inside) else mine)[-1]) + 1
+        alone = mine[self.member[mine].sum(axis=1) == 1]  # a shared prefix lies apart
+        inside = alone[(alone >= home) & (alone < end)]
+        if len(alone):  # after its last cell, in its part when it has any
+            start = int((inside if len(inside) else alone)[-1]) + 1
             if start + n <= self.size and is_free[start : start + n].all():
                 return np.arange(start, start + n)
         elif len(mine) == 0 and is_free[home:end].all():
@@ -451,18 +445,44 @@ class Causal:
         return {
             "cells_used": self.used_cells(),
             "cells": self.size,
-            "fragmentation": compact.fragmentation(self.member, self.capacity),
+            "fragmentation": compact.fragmentation(self.member),
             "cells_moved": self.moved,
             "cells_shared": int(np.count_nonzero(self.member.sum(axis=1) > 1)),
         }
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Let dst share src's cells for positions < n (no K/V copied): one copy of a
-        common prompt for both, which dst attends as a piece of its own (`prefix`) when
-        it lies in another part than dst's, its own cells going to its own part."""
+        common prompt for both, which each attends as a piece of its own (`prefix`), its
+        own cells in its own part of the cache."""
         self._step = None
         self.remove(dst, 0, None)
+        self._lend(src, n)
         self.member[self.member[:, src] & (self.pos < n), dst] = True
+
+    def _lend(self, src: int, n: int) -> None:
+        """Before src's first n positions are first shared, move them to the end of src's
+        part and its later cells to the part's start, where there is room: a run of
+        decoding sequences attends the first cells of each one's part (`attend.part_views`),
+        as many as the longest needs, so a prefix left at the start of src's part would
+        widen every sequence's view by its length."""
+        home = src * self.capacity
+        end = min(self.size, home + self.capacity)
+        mine = np.flatnonzero(self.member[:, src])
+        mine = mine[np.argsort(self.pos[mine], kind="stable")]
+        lent, rest = mine[self.pos[mine] < n], mine[self.pos[mine] >= n]
+        if len(lent) == 0 or (self.member[mine].sum(axis=1) > 1).any():
+            return  # shared already, or nothing to share
+        if (mine < home).any() or (mine >= end).any() or len(mine) > end - home:
+            return
+        src_cells = np.concatenate([lent, rest])
+        dst_cells = np.concatenate(
+            [np.arange(end - len(lent), end), np.arange(home, home + len(rest))]
+        )
+        taken = (self.pos[dst_cells] >= 0) & ~np.isin(dst_cells, src_cells)
+        if taken.any():
+            return
+        moved = src_cells != dst_cells
+        self._move(src_cells[moved], dst_cells[moved])
 
     def snapshot(
         self, seq: int, n: int, base: Snapshot | None = None, start: int = 0

@@ -126,19 +126,18 @@ def packed(pos: np.ndarray, member: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return src[moved], dst[moved]
 
 
-def fragmentation(member: np.ndarray, capacity: int) -> float:
+def fragmentation(member: np.ndarray) -> float:
     """Cells inside each sequence's ranges that are not its own, free or another's, over
-    those ranges (0: every sequence is one run). A range: its first cell to its last,
-    in its own part of the cache (sequence i's from i x capacity) and outside it (a
-    prefix shared from another's part, attended as a piece of its own). What a
-    sequence's attention reads for nothing; the free cells between sequences, each in its
-    own part of the cache, are room to grow and count for nothing here."""
+    those ranges (0: every sequence is one run). A sequence's ranges: its first cell to
+    its last, of the cells it holds alone and, apart, of those it shares (a prefix held
+    once for several, attended as a piece of its own). What a sequence's attention
+    reads for nothing; the free cells between sequences, each in its own part of the
+    cache, are room to grow and count for nothing here."""
     spans = waste = 0
+    shared = member.sum(axis=1) > 1
     for seq in range(member.shape[1]):
-        cells = np.flatnonzero(member[:, seq])
-        home = seq * capacity
-        inside = (cells >= home) & (cells < home + capacity)
-        for part in (cells[inside], cells[~inside]):
+        for part in (np.flatnonzero(member[:, seq] & ~shared),
+                     np.flatnonzero(member[:, seq] & shared)):  # fmt: skip
             if len(part):
                 span = int(part[-1]) - int(part[0]) + 1
                 spans, waste = spans + span, waste + span - len(part)

@@ -39,16 +39,17 @@ def decoded(
     member: np.ndarray, batch: BatchLayout, locs: np.ndarray, capacity: int
 ) -> Decoded | None:
     """The plan of `batch` at cells `locs` as a decode step, or None when it is not one.
-    A sequence's last cell: the last in its own part of the cache (sequence i's from
-    i x capacity), where the full plan puts its next token after (a prefix it shares
-    from another part lies elsewhere)."""
+    A sequence's last cell: the last it holds alone in its own part of the cache
+    (sequence i's from i x capacity), where the full plan puts its next token after (a
+    prefix it shares lies apart)."""
     seqs = batch.sequences
     if len(np.unique(seqs)) != len(seqs) or batch.spans:  # one decoding row a sequence
         return None
     last = []
     for q in seqs.tolist():
         home = q * capacity
-        part = np.flatnonzero(member[home : home + capacity, q])
+        rows = member[home : home + capacity]
+        part = np.flatnonzero(rows[:, q] & (rows.sum(axis=1) == 1))
         if len(part) == 0:
             return None
         last.append(home + int(part[-1]))

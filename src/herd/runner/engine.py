@@ -74,6 +74,7 @@ class Runner:
         draft: Drafter | None = None,
         prefill: int | None = None,
         prompt_cache: int = 0,
+        shared_prefix: bool = False,
     ) -> None:
         """`cache_type`: the KV cache's element type, "f16", "q8_0" or "q4_0" (Ollama's
         OLLAMA_KV_CACHE_TYPE values). `vision`: the model, where it takes images;
@@ -84,7 +85,9 @@ class Runner:
         sequences' tokens, as llama-server's ubatch and vLLM's token budget share a step
         (half of `num_batch` split bursts of prompts into two steps: chat at 8 clients
         had a TTFT p95 of 1.30 s against llama-server's 1.09 s). `prompt_cache`: bytes
-        of host memory for prompts that leave the slots (`herd.runner.prompt_cache`)."""
+        of host memory for prompts that leave the slots (`herd.runner.prompt_cache`).
+        `shared_prefix`: slots take a prefix another slot holds as its cells, one copy for
+        all (`herd.runner.slots`), instead of a copy of its rows (HERD_SHARED_PREFIX)."""
         if model.cache is None:
             raise CapabilityError("an embedding model has no cache to generate with")
         if cache_type not in KV_CACHE_TYPES:
@@ -123,6 +126,7 @@ class Runner:
         self.image_token = None if vision is None else vision.image_token
         self.draft = draft
         self.prompts = PromptCache(prompt_cache) if prompt_cache > 0 else None
+        self.shared_prefix = shared_prefix
         self.prompts_shared = 0  # prompt tokens slots took as another's cells (slots._share)
         self._kv_stats: dict[str, float] = {}  # kv_stats' last figures
 

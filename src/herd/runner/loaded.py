@@ -61,7 +61,8 @@ class Loaded:
     `backend_options`: what the environment sets for every backend opened here (the ONNX
     backend's onnx_* fields); the model's options and the two above override theirs.
     `prompt_cache`: bytes of host memory each runner made here keeps prompts that left its
-    slots in (`herd.runner.prompt_cache`; 0: none).
+    slots in (`herd.runner.prompt_cache`; 0: none). `shared_prefix`: its runners' slots
+    hold a common prefix once (`herd.runner.slots`).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class Loaded:
         image_limits: ImageLimits | None = None,
         backend_options: BackendOptions | None = None,
         prompt_cache: int = 0,
+        shared_prefix: bool = False,
     ) -> None:
         t0 = time.perf_counter_ns()
         self.source, self.name = source, source.name
@@ -82,6 +84,7 @@ class Loaded:
         self.gguf: GGUFFile = open_gguf(source.path)
         self.defaults = Options().merged(source.params).merged(options)
         self.kv_cache_type, self.prompt_cache = kv_cache_type, prompt_cache
+        self.shared_prefix = shared_prefix
         self.image_limits = image_limits or ImageLimits()
         self.images: LRU[Image] = LRU(8)  # preprocessed images by digest (the pipeline's)
         self.projector_gguf = open_projector(source.projector) if source.projector else None
@@ -182,7 +185,8 @@ class Loaded:
         return Runner(self.model, self.backend, self.tokenizer, options, self.context_length,
                       parallel=parallel, cache_type=self.kv_cache_type,
                       vision=self.vision, encoder_backend=self.projector_backend,
-                      draft=draft, prompt_cache=self.prompt_cache)  # fmt: skip
+                      draft=draft, prompt_cache=self.prompt_cache,
+                      shared_prefix=self.shared_prefix)  # fmt: skip
 
     def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """(len(inputs), n_embd) float32: the embedding of each token list, as many in one

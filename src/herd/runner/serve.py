@@ -255,6 +255,7 @@ class Child:
         image_limits: ImageLimits | None = None,
         backend_options: BackendOptions | None = None,
         prompt_cache: int = 0,
+        shared_prefix: bool = False,
     ) -> None:
         t0 = time.perf_counter_ns()
         source = Source(
@@ -277,6 +278,7 @@ class Child:
             image_limits=image_limits,
             backend_options=backend_options,
             prompt_cache=prompt_cache,
+            shared_prefix=shared_prefix,
         )
         parallel, num_ctx = 1, loaded.context_length
         if not loaded.is_embedding:
@@ -425,6 +427,7 @@ def main() -> None:
             image_limits=ImageLimits(**envconfig.image_limits()),
             backend_options=BackendOptions(**envconfig.backend_options()),
             prompt_cache=envconfig.prompt_cache(),
+            shared_prefix=envconfig.shared_prefix(),
         )
     except HerdError as e:
         child.send({"op": "error", "error": str(e), "type": type(e).__name__})

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from herd import envconfig
 from herd.errors import HerdError
 from herd.runner.images import span_start
 from herd.runner.prompt_cache import MIN_TOKENS
@@ -89,9 +88,9 @@ def _share(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
     MIN_TOKENS longer than its own n: the other's cells, one copy of a common system
     prompt for every slot that starts with it, attended by each as a piece of its own
     (`Causal.prefix`). Not where attention is fused (flash attention keeps no log-sum-exp
-    to merge the piece by), and only where HERD_SHARED_PREFIX asks for it (it costs
-    decode time yet: `envconfig.shared_prefix`). The prefix the slot holds now."""
-    if not envconfig.shared_prefix() or runner.backend.cache_config().flash_attention:
+    to merge the piece by), and only where the runner was asked to (HERD_SHARED_PREFIX,
+    `envconfig.shared_prefix`). The prefix the slot holds now."""
+    if not runner.shared_prefix or runner.backend.cache_config().flash_attention:
         return n
     donors = [s for s in runner.slots if s is not slot and s.cached]
     donor = max(donors, key=lambda s: _common(s.cached, tokens), default=None)

@@ -1,0 +1,75 @@
+"""8 slots decoding under one system prompt, the prompt held once for all of them
+(HERD_SHARED_PREFIX=1) against a copy in each slot (the default), on the engine alone: a
+Runner with 8 slots, the same model and threads, the two modes alternating.
+
+    python -m benchmarks.shared_prefix [--model PATH] [--threads 2] [--rounds 3]
+
+Each round and mode: a fresh runner answers one chat under the system prompt (its slot
+then holds it), then 8 chats under it at once; printed: the engine's decode rate summed
+over the 8 (each chat's eval_count over its eval_duration) and the KV cells in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from herd.options import Options
+from herd.runner import Runner
+from herd.runner.loaded import Loaded, Source
+
+
+def wave(runner: Runner, prompts: list[list[int]], n: int) -> tuple[float, float]:
+    rates: list[float] = []
+
+    def client(prompt: list[int]) -> None:
+        done = list(runner.generate(prompt, Options(temperature=0, num_predict=n)))[-1]
+        rates.append(done.eval_count / (done.eval_duration / 1e9))
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(rates), runner.cache.used_cells()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="/tmp/gm/smollm2.gguf")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--system", type=int, default=200, help="system prompt tokens")
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    loaded = Loaded(Source("m", Path(args.model)), "ggml", {"num_thread": args.threads})
+    options = Options(num_ctx=2048, num_thread=args.threads)
+    rates: dict[str, list[float]] = {}
+    cells: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for mode in ("copied", "shared"):
+            loaded.shared_prefix = mode == "shared"  # HERD_SHARED_PREFIX in a server
+            rng = np.random.default_rng(0)
+            system = [int(t) for t in rng.integers(200, 20000, args.system)]
+            runner = loaded.new_runner(options, 8)
+            runner.start()
+            wave(runner, [system + [int(t) for t in rng.integers(200, 20000, 20)]], 4)
+            chats = [system + [int(t) for t in rng.integers(200, 20000, 40)] for _ in range(8)]
+            rate, cells[mode] = wave(runner, chats, args.tokens)
+            rates.setdefault(mode, []).append(rate)
+            runner.stop()
+            runner.release_graphs()
+    for mode, values in rates.items():
+        each = [round(v, 1) for v in values]
+        print(f"{mode:7s} median {statistics.median(values):6.1f} tok/s over 8  {each}"
+              f"  cells in use {cells[mode]:.0f}")  # fmt: skip
+    ratio = statistics.median(rates["shared"]) / statistics.median(rates["copied"])
+    print(f"shared / copied: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
