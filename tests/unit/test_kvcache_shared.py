@@ -107,3 +107,24 @@ def test_a_shared_prefix_attends_as_each_sequences_own_copy(tiny_llama_path, bac
         cells = np.flatnonzero(cache.member[:, seq])
         mine = cells[cells >= seq * 64]
         assert len(mine) == len(cells) - 21 and mine[-1] - mine[0] + 1 == len(mine)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_prefix_stays_with_its_first_holder_when_the_others_leave(tiny_llama_path, backend):
+    """The others' chats end: the prefix, moved to the end of sequence 0's part when it
+    was first shared, is sequence 0's alone again, and 0's next chat under it goes to
+    its own part, attending as it would have."""
+    outs = {}
+    for shared in (True, False):
+        run = Run(tiny_llama_path, backend, True, DType.F16)
+        _history(run, shared)
+        for seq in (1, 2, 3):
+            run.cache.remove(seq, 0, None)
+        run.cache.remove(0, 21, None)  # a new chat keeps the system prompt
+        run.tokens[0] = run.tokens[0][:21]
+        outs[shared] = [run.step({0: rng_tokens(9, 6)})] + [run.step({0: [t]}) for t in (1, 2)]
+        cells = np.flatnonzero(run.cache.member[:, 0])
+        assert len(cells) == 21 + 8 and cells.min() >= 0 and cells.max() < 64
+        assert run.cache.stats()["cells_shared"] == 0
+    for a, b in zip(outs[True], outs[False], strict=True):
+        np.testing.assert_allclose(a[0], b[0], rtol=2e-3, atol=2e-3)

@@ -262,12 +262,13 @@ class Causal:
         elif len(mine) == 0 and is_free[home:end].all():
             # a new sequence starts its slot's own part of the cache when it is free
             return np.arange(home, home + n)
-        else:  # else the first free stretch of its part with room, e.g. after the prefix
-            starts, ends = compact.free_runs(is_free[home:end])  # others share from there
-            fits = np.flatnonzero(ends - starts >= min(n + self.padding, end - home))
-            if len(fits) and ends[fits[0]] - starts[fits[0]] >= n:
-                start = home + int(starts[fits[0]])
-                return np.arange(start, start + n)
+        # else the first free stretch of its part with room: a shared prefix may lie at
+        # its start or end (`_lend`), and its part is where a run of streams looks
+        starts, ends = compact.free_runs(is_free[home:end])
+        fits = np.flatnonzero(ends - starts >= min(n + self.padding, end - home))
+        if len(fits) and ends[fits[0]] - starts[fits[0]] >= n:
+            start = home + int(starts[fits[0]])
+            return np.arange(start, start + n)
         need = n + self.padding
         starts, ends = compact.free_runs(is_free)
         fits = np.flatnonzero(ends - starts >= need)
