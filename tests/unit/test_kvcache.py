@@ -39,8 +39,8 @@ class FakeModel:
             prefix = self.cache.prefix()  # cells shared from another part, masked first
             if prefix is None:
                 return ctx.compute(k, v, mask)
-            pk, pv, k, v, mask = ctx.compute(*prefix, k, v, mask)
-            return np.concatenate([pk, k]), np.concatenate([pv, v]), mask
+            pk, pv, pm, k, v, mask = ctx.compute(*prefix, k, v, mask)
+            return np.concatenate([pk, k]), np.concatenate([pv, v]), np.concatenate([pm, mask], 1)
 
 
 def visible(mask: np.ndarray, keys: np.ndarray) -> list[list[int]]:

@@ -103,7 +103,9 @@ class Causal:
             self._planned = batch
         self.ctx = ctx
         self.locs = ctx.input(self._locs, DType.I32)
-        self.mask = ctx.input(self._joint_mask(), self.mask_dtype)
+        self.mask = ctx.input(self._mask_array, self.mask_dtype)
+        pre = self._prefix_array
+        self.prefix_mask = None if pre is None else ctx.input(pre, self.mask_dtype)
         self.block_masks = [ctx.input(m, self.mask_dtype) for m in self._block_arrays]
 
     def view_key(self) -> tuple[object, ...]:
@@ -228,12 +230,6 @@ class Causal:
         return lo // self.padding * self.padding, min(
             self.size, -(-hi // self.padding) * self.padding
         )
-
-    def _joint_mask(self) -> np.ndarray:
-        """`get`'s mask: the prefix's columns first where the pass has one."""
-        if self._prefix_array is None:
-            return self._mask_array
-        return np.concatenate([self._prefix_array, self._mask_array], axis=1)
 
     def _row_mask(self, a: int, b: int, s: int, e: int) -> np.ndarray:
         """The mask of a block of rows a..b over range cells s..e, after the prefix's."""
@@ -574,7 +570,7 @@ class Causal:
         values = self.ctx.attach(self.values[self.layer])
         k = v = None  # the attended range's, made for the first block that needs them
         pre = self.prefix()
-        out: list[tuple[int, int, Keys, Keys, Tensor]] = []
+        out: list[tuple[int, int, Keys, Keys, Tensor]] = []  # masks: the prefix's columns first
         for block, m in zip(self._blocks, self.block_masks, strict=True):
             a, b, s, e, n = block
             if n:
@@ -588,15 +584,17 @@ class Causal:
         return out
 
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range; the
-        mask (T, P + S) where the pass has a prefix (`prefix`), its P cells first."""
+        """Keys (S, Hkv, D), values (S, Hkv, Dv) and mask (T, S) over the used range."""
         return (*self._view(self.lo, self.hi), self.mask)
 
-    def prefix(self) -> tuple[Tensor, Tensor] | None:
-        """Keys (P, Hkv, D) and values (P, Hkv, Dv) of a prefix the pass's sequences share
-        from another's part of the cache, attended with `get`'s range as one softmax
-        (`_batch_prefix`); None where the range holds all they see."""
-        return None if self._prefix is None else self._view(*self._prefix)
+    def prefix(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Keys (P, Hkv, D), values (P, Hkv, Dv) and mask (T, P) of a prefix the pass's
+        sequences share (`_batch_prefix`), attended with `get`'s range as one softmax;
+        None where the range holds all they see. Its mask apart from `get`'s: joined, a
+        wave of 8 prompts' (320 rows over every part of the cache, 21 MB) cost 38 ms."""
+        if self._prefix is None or self.prefix_mask is None:
+            return None
+        return (*self._view(*self._prefix), self.prefix_mask)
 
     def _view(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         k = self.ctx.attach(self.keys[self.layer]).slice(0, lo, hi)

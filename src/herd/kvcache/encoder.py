@@ -228,7 +228,7 @@ class Encoder:
         """(T, 1) factors of the layer's attention and MLP outputs, per token."""
         return self.attn_gate, self.mlp_gate
 
-    def prefix(self) -> tuple[Tensor, Tensor] | None:
+    def prefix(self) -> tuple[Tensor, Tensor, Tensor] | None:
         return None
 
     def blocks(self) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:

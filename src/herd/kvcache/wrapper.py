@@ -101,7 +101,7 @@ class Wrapper:
     def get(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.current.get()
 
-    def prefix(self) -> tuple[Tensor, Tensor] | None:
+    def prefix(self) -> tuple[Tensor, Tensor, Tensor] | None:
         return self.current.prefix()
 
     def blocks(self) -> list[tuple[int, int, Keys, Keys, Tensor]]:

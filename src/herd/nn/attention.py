@@ -13,7 +13,7 @@ Keys = Tensor | tuple[Tensor, Tensor]
 class KVCache(Protocol):
     def put(self, k: Tensor, v: Tensor) -> None: ...
     def get(self) -> tuple[Tensor, Tensor, Tensor]: ...
-    def prefix(self) -> tuple[Tensor, Tensor] | None: ...
+    def prefix(self) -> tuple[Tensor, Tensor, Tensor] | None: ...
     def blocks(self) -> list[tuple[int, int, Keys, Keys, Tensor]]: ...
 
 
@@ -56,10 +56,13 @@ def attention(
     if rows is not None:
         assert q.shape[0] == rows.shape[0], f"q has {q.shape[0]} rows for {rows.shape[0]}"
         mask = mask.get_rows(rows) if mask is not None else None
+        if prefix is not None:
+            prefix = (prefix[0], prefix[1], prefix[2].get_rows(rows))
     if not blocks:
         if prefix is not None:
             assert mask is not None
-            return _attend_pieces(q, (prefix[0], k), (prefix[1], v), mask, scale)
+            joint = prefix[2].concat(mask, axis=1)  # the prefix's columns first
+            return _attend_pieces(q, (prefix[0], k), (prefix[1], v), joint, scale)
         return _attend(q, k, v, mask, scale, fused)
     # each block of queries over only the cells its rows see: the causal triangle's upper
     # half is neither multiplied nor softmaxed (the masked cells it skips weigh exactly 0)

@@ -98,10 +98,9 @@ def _streams_prefixed(
     pk, pv = prefix[0].permute(1, 0, 2), prefix[1].permute(1, 2, 0)  # (Hkv, P, D), (Hkv, Dv, P)
     p, s = pk.shape[1], kh.shape[2]
     qp = c.f32(q)
-    pre = c.node(L.ggml_mul_mat(c.g, c.src0(pk), qp))  # [P, T, Hq, N]
-    own = c.node(L.ggml_mul_mat(c.g, c.src0(kh), qp))  # [S, T, Hq, N]
-    scores = c.out(L.ggml_concat(c.g, pre, own, 0), (n, hq, t, p + s))
-    probs = scores.softmax(m, scale)  # (N, Hq, T, P + S)
+    pre = c.out(L.ggml_mul_mat(c.g, c.src0(pk), qp), (n, hq, t, p))
+    own = c.out(L.ggml_mul_mat(c.g, c.src0(kh), qp), (n, hq, t, s))
+    probs = pre.concat(own, 3).softmax(m, scale)  # (N, Hq, T, P + S)
     vt = vh.permute(0, 1, 3, 2)  # (N, Hkv, Dv, S): rows as a transposed cache has them
     out = c.out(L.ggml_mul_mat(c.g, c.src0(vt), c.f32(probs.slice(3, p, p + s))), (n, hq, t, dv))
     shared = c.out(L.ggml_mul_mat(c.g, c.src0(pv), c.f32(probs.slice(3, 0, p))), (n, hq, t, dv))
