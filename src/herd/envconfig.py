@@ -314,9 +314,8 @@ def prompt_cache() -> int:
 
 def shared_prefix() -> bool:
     """Slots take a prefix another slot holds as its cells, one copy for all of them
-    (HERD_SHARED_PREFIX=1), instead of copying its rows into their own. Off by default:
-    8 slots decoding under a 200-token shared system prompt took 35.1 ms a step against
-    31.1 ms with copies (SmolLM2, 2 cores), the prefix attended as a piece of its own."""
+    (HERD_SHARED_PREFIX=1), instead of copying its rows into their own. Off by default
+    until it serves at least as well as the copies do (README, "Serving")."""
     return _get("HERD_SHARED_PREFIX") not in ("", "0")
 
 

@@ -111,7 +111,8 @@ class Causal:
     def view_key(self) -> tuple[object, ...]:
         """The attended cell range of this pass, its blocks and its prefix: graphs over
         equal ranges are reusable."""
-        return self.lo, self.hi, tuple(self._blocks), self._prefix
+        view = None if self._prefix is None else self._prefix_view()
+        return self.lo, self.hi, tuple(self._blocks), self._prefix, view
 
     def _plan(self, batch: BatchLayout) -> None:
         n = len(batch.positions)
@@ -202,10 +203,13 @@ class Causal:
             if len(in_use) == 0:  # nothing of their own yet: the prefix is the range
                 in_use, prefix = np.arange(*prefix), None
         self._prefix = prefix
+        # a prompt's rows take the prefix rounded up (see `_prefix_view`); decoding rows
+        # not: one row a sequence runs no tiled GEMM, and 8 streams would attend more
+        self._prefix_align = ALIGN if len(np.unique(seqs)) < n else 1
         self.lo, self.hi = lo, hi = self._range(in_use)
         self._locs = locs.astype(np.int32)
         self._mask_array = self._mask(batch, lo, hi)
-        self._prefix_array = None if prefix is None else self._mask(batch, *prefix, True)
+        self._prefix_array = None if prefix is None else self._prefix_mask(batch)
         if self.bidirectional:
             for row, rows in batch.spans:  # a span's tokens are in this batch, all of them
                 span = np.arange(row, row + rows)
@@ -343,14 +347,36 @@ class Causal:
             )
             out[i, :, len(pre) :] = self._mask(one, home, home + cells)
             if len(pre):
-                out[i, :, : len(pre)] = self._mask(one, int(pre[0]), int(pre[-1]) + 1, True)
+                out[i, :, : len(pre)] = self._prefix_mask(one)
         return out
 
+    def _prefix_view(self) -> tuple[int, int]:
+        """The cells attended as the pass's prefix: its own (`_batch_prefix`) and, where
+        the pass has a prompt's rows, before them as many more as round them up to
+        ALIGN, masked. A product over a length that is no multiple of the vector width
+        leaves ggml's tiled GEMM for one dot product a row: 8 prompts' rows under a
+        200-cell prefix took ~10% longer to compute (725 against 802 ms a step)."""
+        assert self._prefix is not None
+        ps, pe = self._prefix
+        n = -(-(pe - ps) // self._prefix_align) * self._prefix_align
+        lo = max(0, pe - n)
+        return lo, min(self.size, lo + n)
+
+    def _prefix_mask(self, batch: BatchLayout) -> np.ndarray:
+        """The batch's mask over `_prefix_view`: the prefix's cells as any others, the
+        cells rounding it up hidden (seen where they are, if anywhere)."""
+        assert self._prefix is not None
+        lo, hi = self._prefix_view()
+        mask = self._mask(batch, lo, hi, True)
+        mask[..., : self._prefix[0] - lo] = attend.NEG_INF
+        mask[..., self._prefix[1] - lo :] = attend.NEG_INF
+        return mask
+
     def _prefix_cells(self) -> np.ndarray:
-        """The cells of the pass's prefix (`_batch_prefix`), none without one."""
+        """The cells of the pass's prefix view (`_prefix_view`), none without one."""
         if self._prefix is None:
             return np.zeros(0, dtype=np.int64)
-        return np.arange(*self._prefix)
+        return np.arange(*self._prefix_view())
 
     def _mask(self, batch: BatchLayout, lo: int, hi: int, prefix: bool = False) -> np.ndarray:
         """The batch's mask over cells lo..hi. A pass's prefix cells are seen through the
@@ -594,7 +620,7 @@ class Causal:
         wave of 8 prompts' (320 rows over every part of the cache, 21 MB) cost 38 ms."""
         if self._prefix is None or self.prefix_mask is None:
             return None
-        return (*self._view(*self._prefix), self.prefix_mask)
+        return (*self._view(*self._prefix_view()), self.prefix_mask)
 
     def _view(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         k = self.ctx.attach(self.keys[self.layer]).slice(0, lo, hi)
