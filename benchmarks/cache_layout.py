@@ -62,16 +62,15 @@ def main() -> None:
     args = ap.parse_args()
     loaded = Loaded(Source("m", Path(args.model)), "ggml", {"num_thread": args.threads})
     options = Options(num_ctx=2048, num_thread=args.threads)
-    scattered, near = compact.scattered, compact.near
+    scattered = compact.scattered
     rates: dict[str, list[float]] = {}
     spans: dict[str, int] = {}
     for _ in range(args.rounds):
         for mode in ("off", "on"):
             if mode == "off":  # placement as before this change: no moves
                 compact.scattered = lambda *a: False  # type: ignore[assignment]
-                compact.near = lambda free, mine, n: free[:n]  # type: ignore[assignment]
             else:
-                compact.scattered, compact.near = scattered, near
+                compact.scattered = scattered
             rng = np.random.default_rng(0)
             fresh = loaded.new_runner(options, 8)
             rates.setdefault(f"fresh {mode}", []).append(
@@ -83,7 +82,7 @@ def main() -> None:
             spans[mode] = runner.cache.hi - runner.cache.lo
             print(mode, runner.cache.stats(), flush=True)
             runner.release_graphs()
-    compact.scattered, compact.near = scattered, near
+    compact.scattered = scattered
     for name, values in rates.items():
         each = [round(v, 1) for v in values]
         print(f"{name:12s} median {statistics.median(values):6.1f} tok/s  {each}")

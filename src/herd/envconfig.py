@@ -315,8 +315,9 @@ def prompt_cache() -> int:
 def shared_prefix() -> bool:
     """Slots take a prefix another slot holds as its cells, one copy for all of them
     (HERD_SHARED_PREFIX=1), instead of copying its rows into their own. Off by default
-    until it serves at least as well as the copies do (README, "Serving")."""
-    return _get("HERD_SHARED_PREFIX") not in ("", "0")
+    until it serves at least as well as the copies do (README, "Serving"). Read as
+    `flash_attention` reads a bool: unset, 0, f and false are off, any other value on."""
+    return _get("HERD_SHARED_PREFIX").lower() not in ("", "0", "f", "false")
 
 
 def memory_limit() -> int | None:

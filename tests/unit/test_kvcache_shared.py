@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from herd import envconfig
 from herd.gguf import open_gguf
 from herd.kvcache import Causal
 from herd.kvcache.causal import BatchLayout
@@ -128,3 +129,13 @@ def test_the_prefix_stays_with_its_first_holder_when_the_others_leave(tiny_llama
         assert run.cache.stats()["cells_shared"] == 0
     for a, b in zip(outs[True], outs[False], strict=True):
         np.testing.assert_allclose(a[0], b[0], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [("", False), ("0", False), ("false", False), ("F", False), ("1", True), ("true", True)],
+)
+def test_herd_shared_prefix_reads_as_a_bool(monkeypatch, value, want):
+    """Unset or a false value keeps the copies (the default); `false` is not on."""
+    monkeypatch.setenv("HERD_SHARED_PREFIX", value)
+    assert envconfig.shared_prefix() is want

@@ -14,6 +14,8 @@ per-sequence streams).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from herd.ml import Tensor
@@ -24,7 +26,19 @@ NEG_INF = np.float32(-np.inf)
 # rounded out to ALIGN cells so the products keep ggml's tiled kernels
 BLOCK, ALIGN = 128, 64
 
+
+@dataclass
+class BatchLayout:
+    """What a cache needs to know about a batch (a subset of models.Batch)."""
+
+    positions: np.ndarray  # (T,) int32
+    sequences: np.ndarray  # (T,) int32
+    # (first row, rows) of each image's placeholder tokens (see `Causal(bidirectional=)`)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+
+
 Block = tuple[int, int, int, int, int]  # see `row_blocks` and `decoding_runs`
+Keys = Tensor | tuple[Tensor, Tensor]  # a block's keys or values: one, or (a prefix's, its own)
 # A pass's sequences may also share a prefix from another sequence's part (`Causal.prefix`):
 # each block then attends it too, its mask's first columns, as one softmax with its own
 

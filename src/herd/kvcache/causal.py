@@ -10,30 +10,18 @@ an optional sliding window or chunk.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from herd.errors import CacheFullError
-from herd.kvcache import attend, compact, nextstep, rows
-from herd.kvcache.attend import ALIGN, BLOCK, Block
+from herd.kvcache import attend, compact, masks, nextstep, rows, shared
+from herd.kvcache.attend import ALIGN, BLOCK, BatchLayout, Block, Keys
 from herd.kvcache.nextstep import Decoded
 from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor
 
 # model.shift(ctx, layer, keys (N, Hkv, D), delta positions (N,) I32) -> re-roped keys
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
-Keys = Tensor | tuple[Tensor, Tensor]  # a block's keys or values: (prefix's, its own) or one
-
-
-@dataclass
-class BatchLayout:
-    """What a cache needs to know about a batch (a subset of models.Batch)."""
-
-    positions: np.ndarray  # (T,) int32
-    sequences: np.ndarray  # (T,) int32
-    # (first row, rows) of each image's placeholder tokens (see `Causal(bidirectional=)`)
-    spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Causal:
@@ -83,6 +71,11 @@ class Causal:
         self.moved = 0  # cells moved to keep the cache compact (`_move`)
         self._step: Decoded | None = None  # see _next_step
         self._planned: BatchLayout | None = None  # the batch the inputs below are for
+        # the pass's shared prefix (`shared.batch_prefix`), the cells attended as it and
+        # its mask (`prefix`)
+        self._prefix: shared.Stretch | None = None
+        self._prefix_cells = np.zeros(0, dtype=np.int64)
+        self._prefix_array: np.ndarray | None = None
         # values kept transposed, (Hkv, Dv, cells), where the backend asks for it:
         # attention's V operand is then a plain view instead of a copy of the whole
         # attended range per layer and step (~1.4 ms a token on SmolLM2). Never for
@@ -111,7 +104,7 @@ class Causal:
     def view_key(self) -> tuple[object, ...]:
         """The attended cell range of this pass, its blocks and its prefix: graphs over
         equal ranges are reusable."""
-        view = None if self._prefix is None else self._prefix_view()
+        view = (int(self._prefix_cells[0]), len(self._prefix_cells)) if self._prefix else None
         return self.lo, self.hi, tuple(self._blocks), self._prefix, view
 
     def _plan(self, batch: BatchLayout) -> None:
@@ -132,7 +125,7 @@ class Causal:
         # (`_plan_blocks`), not the range across every sequence in the batch
         for seq in [first] if one_sequence else dict.fromkeys(seqs.tolist()):
             mine = np.flatnonzero(seqs == seq)
-            cells = self._place(self.pos < 0, seq, len(mine))
+            cells = self._place(seq, len(mine))
             own = self._own(seq)
             if compact.scattered(own, cells, self.padding):
                 start = seq * self.capacity
@@ -143,47 +136,20 @@ class Causal:
                 )
                 self._move(src, dst)
                 moved = True
-            self.pos[cells] = batch.positions[mine]
-            self.member[cells] = False
-            self.member[cells, seq] = True
+            self._take(cells, batch.positions[mine], seq)
             locs[mine] = cells
         if moved and not one_sequence:  # a later move may have packed earlier ones' cells
             locs = self._cells_of(batch)
         self._finish_plan(batch, locs)
 
-    def _stretch(self, seq: int) -> tuple[int, int] | None:
-        """The cells seq shares with other sequences, when they are one run of cells: a
-        prefix held once for them (`copy_prefix`), attended as a piece of its own
-        (`prefix`) rather than across whatever lies between it and their own cells.
-        None when it shares none, or they lie apart."""
-        cells = np.flatnonzero(self.member[:, seq])
-        shared = cells[self.member[cells].sum(axis=1) > 1]
-        if len(shared) == 0 or int(shared[-1]) - int(shared[0]) + 1 != len(shared):
-            return None
-        return int(shared[0]), int(shared[-1]) + 1
-
     def _own(self, seq: int) -> np.ndarray:
         """A mask of seq's cells, the shared prefix it attends as a piece left out: what
         must lie together for its attention to cost its own length."""
         mine = self.member[:, seq].copy()
-        stretch = self._stretch(seq)
+        stretch = shared.stretch(self.member, seq)
         if stretch is not None:
             mine[stretch[0] : stretch[1]] = False
         return mine
-
-    def _batch_prefix(self, seqs: np.ndarray) -> tuple[int, int] | None:
-        """The one prefix stretch (`_stretch`) of the batch's sequences that have one;
-        None when none has, or theirs differ (then the range spans them all)."""
-        found = None
-        for seq in np.unique(seqs).tolist():
-            cells = np.flatnonzero(self.member[:, seq])
-            if not (self.member[cells].sum(axis=1) > 1).any():
-                continue
-            stretch = self._stretch(seq)
-            if stretch is None or (found is not None and stretch != found):
-                return None
-            found = stretch
-        return found
 
     def _finish_plan(self, batch: BatchLayout, locs: np.ndarray) -> None:
         """The attended range, mask and blocks for the batch's planned cells `locs`."""
@@ -197,34 +163,29 @@ class Causal:
             in_use = np.flatnonzero(self.member[:, np.unique(seqs)].any(axis=1))
         # a prefix shared from another sequence's part is a piece of its own: the range
         # then covers the batch's own cells, not every part between them and it
-        prefix = self._batch_prefix(seqs)
+        prefix = shared.batch_prefix(self.member, seqs)
         if prefix is not None:
             in_use = in_use[(in_use < prefix[0]) | (in_use >= prefix[1])]
             if len(in_use) == 0:  # nothing of their own yet: the prefix is the range
                 in_use, prefix = np.arange(*prefix), None
         self._prefix = prefix
-        # a prompt's rows take the prefix rounded up (see `_prefix_view`); decoding rows
-        # not: one row a sequence runs no tiled GEMM, and 8 streams would attend more
-        self._prefix_align = ALIGN if len(np.unique(seqs)) < n else 1
+        self._prefix_cells = np.zeros(0, dtype=np.int64)
+        if prefix is not None:  # rounded up for a prompt's rows (`shared.rounded`)
+            align = ALIGN if len(np.unique(seqs)) < n else 1
+            self._prefix_cells = np.arange(*shared.rounded(prefix, align, self.size))
         self.lo, self.hi = lo, hi = self._range(in_use)
         self._locs = locs.astype(np.int32)
-        self._mask_array = self._mask(batch, lo, hi)
-        self._prefix_array = None if prefix is None else self._prefix_mask(batch)
+        self._mask_array = masks.over(self, batch, lo, hi)
+        self._prefix_array = None if prefix is None else masks.of_prefix(self, batch)
         if self.bidirectional:
-            for row, rows in batch.spans:  # a span's tokens are in this batch, all of them
-                span = np.arange(row, row + rows)
-                seen = np.ones((rows, rows), dtype=bool)
-                if self.window is not None:  # (query, key): key not older than the window
-                    pos = batch.positions[span]
-                    seen = pos[:, None] - pos[None, :] < self.window
-                block = self._mask_array[np.ix_(span, locs[span] - lo)]
-                block[seen] = 0
-                self._mask_array[np.ix_(span, locs[span] - lo)] = block
+            masks.open_spans(self, batch, locs)
         self._blocks = self._plan_blocks(batch)
         self._block_arrays = []
         for block in self._blocks:
             a, b, s, e, runs = block
-            piece = self._row_mask(a, b, s, e) if not runs else self._stream_mask(batch, block)
+            piece = (
+                masks.of_rows(self, a, b, s, e) if not runs else masks.of_run(self, batch, block)
+            )
             self._block_arrays.append(np.ascontiguousarray(piece))
         self._step = nextstep.decoded(self.member, batch, locs, self.capacity)
 
@@ -235,47 +196,15 @@ class Causal:
             self.size, -(-hi // self.padding) * self.padding
         )
 
-    def _row_mask(self, a: int, b: int, s: int, e: int) -> np.ndarray:
-        """The mask of a block of rows a..b over range cells s..e, after the prefix's."""
-        if self._prefix_array is None:
-            return self._mask_array[a:b, s:e]
-        return np.concatenate([self._prefix_array[a:b], self._mask_array[a:b, s:e]], axis=1)
+    def _place(self, seq: int, n: int) -> np.ndarray:
+        """Free cells for n tokens of seq (`compact.place`)."""
+        return compact.place(self.member, self.pos < 0, seq, n, self.capacity, self.padding)
 
-    def _place(self, is_free: np.ndarray, seq: int, n: int) -> np.ndarray:
-        """Cells for n tokens of one sequence: right after its last cell when those are
-        free, else the first free stretch with room to grow (`padding` more cells), else
-        the lowest free cells. A sequence then stays in one stretch, and its attended range
-        (first to last cell) covers little else: taking the lowest free cells instead
-        scattered a new conversation among the cached ones of other slots (one sequence
-        decoded 1.5x slower after 8 cached conversations, attending 1408 cells for 164).
-        A sequence that keeps a cached prefix far from its new stretch moves it there
-        (`compact.scattered`, in `_plan`)."""
-        home = seq * self.capacity
-        end = min(self.size, home + self.capacity)
-        mine = np.flatnonzero(self.member[:, seq])
-        alone = mine[self.member[mine].sum(axis=1) == 1]  # a shared prefix lies apart
-        inside = alone[(alone >= home) & (alone < end)]
-        if len(alone):  # after its last cell, in its part when it has any
-            start = int((inside if len(inside) else alone)[-1]) + 1
-            if start + n <= self.size and is_free[start : start + n].all():
-                return np.arange(start, start + n)
-        elif len(mine) == 0 and is_free[home:end].all():
-            # a new sequence starts its slot's own part of the cache when it is free
-            return np.arange(home, home + n)
-        # else the first free stretch of its part with room: a shared prefix may lie at
-        # its start or end (`_lend`), and its part is where a run of streams looks
-        starts, ends = compact.free_runs(is_free[home:end])
-        fits = np.flatnonzero(ends - starts >= min(n + self.padding, end - home))
-        if len(fits) and ends[fits[0]] - starts[fits[0]] >= n:
-            start = home + int(starts[fits[0]])
-            return np.arange(start, start + n)
-        need = n + self.padding
-        starts, ends = compact.free_runs(is_free)
-        fits = np.flatnonzero(ends - starts >= need)
-        if len(fits):
-            start = int(starts[fits[0]])
-            return np.arange(start, start + n)
-        return np.flatnonzero(is_free)[:n]
+    def _take(self, cells: np.ndarray, positions: np.ndarray, seqs: np.ndarray | int) -> None:
+        """Tag cells as holding these positions of these sequences (one each)."""
+        self.pos[cells] = positions
+        self.member[cells] = False
+        self.member[cells, seqs] = True
 
     def _cells_of(self, batch: BatchLayout) -> np.ndarray:
         """The cell holding each of the batch's (sequence, position)s."""
@@ -296,9 +225,7 @@ class Causal:
         locs = nextstep.follows(self._step, batch, self, self._blocks)
         if locs is None:
             return False
-        self.pos[locs] = batch.positions
-        self.member[locs] = False
-        self.member[locs, seqs] = True
+        self._take(locs, batch.positions, seqs)
         self._mask_array, self._block_arrays = nextstep.masks(
             self, self._mask_array, self._blocks, self._block_arrays, batch.positions, locs
         )
@@ -333,64 +260,6 @@ class Causal:
             self.member, batch.sequences, cuts, self.capacity, self.padding, self._prefix
         )
 
-    def _stream_mask(self, batch: BatchLayout, run: Block) -> np.ndarray:
-        """(N, 1, P + cells) mask of a run: its row i is sequence seq + i's, over the
-        batch's prefix (P cells, none without one) and the first `cells` of that
-        sequence's part."""
-        row, _, seq, cells, n = run
-        pre = self._prefix_cells()
-        out = np.empty((n, 1, len(pre) + cells), dtype=np.float32)
-        for i in range(n):
-            home = (seq + i) * self.capacity
-            one = BatchLayout(
-                batch.positions[row + i : row + i + 1], batch.sequences[row + i : row + i + 1]
-            )
-            out[i, :, len(pre) :] = self._mask(one, home, home + cells)
-            if len(pre):
-                out[i, :, : len(pre)] = self._prefix_mask(one)
-        return out
-
-    def _prefix_view(self) -> tuple[int, int]:
-        """The cells attended as the pass's prefix: its own (`_batch_prefix`) and, where
-        the pass has a prompt's rows, before them as many more as round them up to
-        ALIGN, masked. A product over a length that is no multiple of the vector width
-        leaves ggml's tiled GEMM for one dot product a row: 8 prompts' rows under a
-        200-cell prefix took ~10% longer to compute (725 against 802 ms a step)."""
-        assert self._prefix is not None
-        ps, pe = self._prefix
-        n = -(-(pe - ps) // self._prefix_align) * self._prefix_align
-        lo = max(0, pe - n)
-        return lo, min(self.size, lo + n)
-
-    def _prefix_mask(self, batch: BatchLayout) -> np.ndarray:
-        """The batch's mask over `_prefix_view`: the prefix's cells as any others, the
-        cells rounding it up hidden (seen where they are, if anywhere)."""
-        assert self._prefix is not None
-        lo, hi = self._prefix_view()
-        mask = self._mask(batch, lo, hi, True)
-        mask[..., : self._prefix[0] - lo] = attend.NEG_INF
-        mask[..., self._prefix[1] - lo :] = attend.NEG_INF
-        return mask
-
-    def _prefix_cells(self) -> np.ndarray:
-        """The cells of the pass's prefix view (`_prefix_view`), none without one."""
-        if self._prefix is None:
-            return np.zeros(0, dtype=np.int64)
-        return np.arange(*self._prefix_view())
-
-    def _mask(self, batch: BatchLayout, lo: int, hi: int, prefix: bool = False) -> np.ndarray:
-        """The batch's mask over cells lo..hi. A pass's prefix cells are seen through the
-        prefix's own columns (`prefix`), hidden elsewhere: the sequence whose part holds
-        them, or a range across it, would otherwise see them twice."""
-        mask = attend.causal_mask(
-            self.pos, self.member, batch.positions, batch.sequences, lo, hi, self.window, self.chunk
-        )
-        if self._prefix is not None and not prefix:
-            a, b = max(lo, self._prefix[0]), min(hi, self._prefix[1])
-            if a < b:
-                mask[..., a - lo : b - lo] = attend.NEG_INF
-        return mask
-
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Drop seq's tokens at positions [begin, end); later ones move back and re-rope."""
         self._step = None
@@ -415,18 +284,16 @@ class Causal:
     def _unshare(self, seq: int, cells: np.ndarray) -> np.ndarray:
         """cells with seq's shared ones copied to cells of its own (their K/V rows too):
         the others keep theirs as they were."""
-        shared = cells[self.member[cells].sum(axis=1) > 1]
+        held = cells[self.member[cells].sum(axis=1) > 1]
         free = int(np.count_nonzero(self.pos < 0))
-        if free < len(shared):
-            raise CacheFullError(f"KV cache full: {len(shared)} cells needed, {free} free")
-        copies = self._place(self.pos < 0, seq, len(shared))
+        if free < len(held):
+            raise CacheFullError(f"KV cache full: {len(held)} cells needed, {free} free")
+        copies = self._place(seq, len(held))
         if self.keys:
             assert self.backend is not None
-            rows.move(self.backend, self.keys, self.values, shared, copies, self.v_trans)
-        self.pos[copies] = self.pos[shared]
-        self.member[copies] = False
-        self.member[copies, seq] = True
-        self.member[shared, seq] = False
+            rows.move(self.backend, self.keys, self.values, held, copies, self.v_trans)
+        self._take(copies, self.pos[held], seq)
+        self.member[held, seq] = False
         return np.concatenate([cells[self.member[cells, seq]], copies])
 
     def _shift(self, cells: np.ndarray, delta: int) -> None:
@@ -479,33 +346,10 @@ class Causal:
         own cells in its own part of the cache."""
         self._step = None
         self.remove(dst, 0, None)
-        self._lend(src, n)
+        moves = shared.lend(self.pos, self.member, src, n, self.capacity)
+        if moves is not None:  # out of the streams' views (`shared.lend`)
+            self._move(*moves)
         self.member[self.member[:, src] & (self.pos < n), dst] = True
-
-    def _lend(self, src: int, n: int) -> None:
-        """Before src's first n positions are first shared, move them to the end of src's
-        part and its later cells to the part's start, where there is room: a run of
-        decoding sequences attends the first cells of each one's part (`attend.part_views`),
-        as many as the longest needs, so a prefix left at the start of src's part would
-        widen every sequence's view by its length."""
-        home = src * self.capacity
-        end = min(self.size, home + self.capacity)
-        mine = np.flatnonzero(self.member[:, src])
-        mine = mine[np.argsort(self.pos[mine], kind="stable")]
-        lent, rest = mine[self.pos[mine] < n], mine[self.pos[mine] >= n]
-        if len(lent) == 0 or (self.member[mine].sum(axis=1) > 1).any():
-            return  # shared already, or nothing to share
-        if (mine < home).any() or (mine >= end).any() or len(mine) > end - home:
-            return
-        src_cells = np.concatenate([lent, rest])
-        dst_cells = np.concatenate(
-            [np.arange(end - len(lent), end), np.arange(home, home + len(rest))]
-        )
-        taken = (self.pos[dst_cells] >= 0) & ~np.isin(dst_cells, src_cells)
-        if taken.any():
-            return
-        moved = src_cells != dst_cells
-        self._move(src_cells[moved], dst_cells[moved])
 
     def snapshot(
         self, seq: int, n: int, base: Snapshot | None = None, start: int = 0
@@ -540,21 +384,14 @@ class Causal:
         if not fits or not rows.can_write(self.backend, self.keys, self.values, snap):
             self.remove(seq, 0, None)
             return False
-        cells = self._place(self.pos < 0, seq, n - start)
-        self.pos[cells] = np.arange(start, n, dtype=np.int32)
-        self.member[cells] = False
-        self.member[cells, seq] = True
+        cells = self._place(seq, n - start)
+        self._take(cells, np.arange(start, n, dtype=np.int32), seq)
         rows.write(self.backend, self.keys, self.values, cells, snap, self.v_trans, start)
         return True
 
     def shareable(self, src: int, n: int) -> int:
-        """How many of src's first n positions another sequence may share (`copy_prefix`)
-        as one prefix: those held in one run of cells, in position order."""
-        cells = np.flatnonzero(self.member[:, src] & (self.pos >= 0) & (self.pos < n))
-        cells = cells[np.argsort(self.pos[cells], kind="stable")]
-        steps = np.arange(len(cells))
-        run = (self.pos[cells] == steps) & (cells == (cells[0] if len(cells) else 0) + steps)
-        return int(np.argmin(run)) if not run.all() else len(cells)
+        """How many of src's first n positions another may share (`shared.shareable`)."""
+        return shared.shareable(self.pos, self.member, src, n)
 
     def can_resume(self, seq: int, pos: int) -> bool:
         return True  # every cell is kept, so any prefix can be resumed
@@ -615,12 +452,13 @@ class Causal:
 
     def prefix(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """Keys (P, Hkv, D), values (P, Hkv, Dv) and mask (T, P) of a prefix the pass's
-        sequences share (`_batch_prefix`), attended with `get`'s range as one softmax;
+        sequences share (`shared.batch_prefix`), attended with `get`'s range as one softmax;
         None where the range holds all they see. Its mask apart from `get`'s: joined, a
         wave of 8 prompts' (320 rows over every part of the cache, 21 MB) cost 38 ms."""
         if self._prefix is None or self.prefix_mask is None:
             return None
-        return (*self._view(*self._prefix_view()), self.prefix_mask)
+        lo, hi = int(self._prefix_cells[0]), int(self._prefix_cells[-1]) + 1
+        return (*self._view(lo, hi), self.prefix_mask)
 
     def _view(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         k = self.ctx.attach(self.keys[self.layer]).slice(0, lo, hi)

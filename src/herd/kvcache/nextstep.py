@@ -91,7 +91,7 @@ def masks(
     mask = mask.copy()
     mask[np.arange(len(locs)), locs - lo] = 0
     gone = None if cache.window is None else positions - cache.window
-    pre = cache._prefix_cells()  # a prefix's columns come first in the blocks' masks
+    pre = cache._prefix_cells  # a prefix's columns come first in the blocks' masks
     if gone is not None:
         mask[cache.pos[lo:hi][None, :] == gone[:, None]] = NEG_INF
         if len(pre):

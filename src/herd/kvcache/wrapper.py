@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from herd.kvcache.causal import BatchLayout, Causal, Keys
+from herd.kvcache.attend import Keys
+from herd.kvcache.causal import BatchLayout, Causal
 from herd.kvcache.encoder import Encoder
 from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol, cast
 
+from herd.kvcache.attend import Keys
 from herd.ml import FusedAttention, Tensor
-
-# a block's keys or values: one tensor, or (a prefix's, its own) attended as one softmax
-Keys = Tensor | tuple[Tensor, Tensor]
 
 
 class KVCache(Protocol):

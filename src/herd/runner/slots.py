@@ -92,11 +92,11 @@ def _share(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
     `envconfig.shared_prefix`). The prefix the slot holds now."""
     if not runner.shared_prefix or runner.backend.cache_config().flash_attention:
         return n
-    donors = [s for s in runner.slots if s is not slot and s.cached]
-    donor = max(donors, key=lambda s: _common(s.cached, tokens), default=None)
-    if donor is None or _common(donor.cached, tokens) - n < MIN_TOKENS:
+    donors = [(_common(s.cached, tokens), s) for s in runner.slots if s is not slot and s.cached]
+    held, donor = max(donors, key=lambda d: d[0], default=(0, slot))
+    if held - n < MIN_TOKENS:
         return n
-    shared = span_start(tokens, runner.cache.shareable(donor.id, _common(donor.cached, tokens)))
+    shared = span_start(tokens, runner.cache.shareable(donor.id, held))
     if shared - n < MIN_TOKENS:
         return n
     runner.cache.copy_prefix(donor.id, slot.id, shared)

@@ -377,38 +377,28 @@ class GGMLTensor:
         ), f"concat {a} and {b} on axis {axis}"
         shape = a[:axis] + (a[axis] + b[axis],) + a[axis + 1 :]
         if axis == len(a) - 1:
-            # along rows: each part's rows set into a new tensor's, a vector copy a row
-            # (ggml_concat copies element by element, with a branch for each: attention
-            # over a shared prefix concatenated 8 prompts' scores, ~1M floats a layer, in
-            # ~1 ms a layer)
-            dims = ne(shape)
-            out = c.node(L.ggml_new_tensor_4d(c.g, TYPE_F32, *dims))
-            nb = L.tensor_nb(out)
-            out = c.node(L.ggml_set_inplace(c.g, out, c.f32(self), nb[1], nb[2], nb[3], 0))
-            at = a[-1] * TYPE_SIZE[TYPE_F32]
-            out = c.node(L.ggml_set_inplace(c.g, out, c.f32(other), nb[1], nb[2], nb[3], at))
-            return c.out(L.ggml_reshape_4d(c.g, out, *dims) if len(shape) != 4 else out, shape)
+            # along rows: each part's rows set into their place (ggml_concat copies element
+            # by element, with a branch for each: attention over a shared prefix
+            # concatenated 8 prompts' scores, ~1M floats a layer, in ~1 ms a layer)
+            return _assembled(c, shape, [(self, 0), (other, a[-1] * TYPE_SIZE[TYPE_F32])])
         p = L.ggml_concat(c.g, c.f32(self, STRIDED), c.f32(other, STRIDED), len(a) - 1 - axis)
         return c.out(p, shape)
 
     def concat_rows(self, others: Sequence[GGMLTensor]) -> GGMLTensor:
         # ggml_concat is binary (a chain copies the first part once per later one) and
         # copies element by element; here each part is written once, by rows, into its
-        # place in one new tensor: a chain of in-place sets, each a view of the last
+        # place in one new tensor
         c = self._c()
         parts = [self, *others]
         rest = self.shape[1:]
         assert all(p.shape[1:] == rest for p in parts), f"concat_rows {[p.shape for p in parts]}"
         shape = (sum(p.shape[0] for p in parts), *rest)
-        dims = ne(shape)
-        out = c.node(L.ggml_new_tensor_4d(c.g, TYPE_F32, *dims))
-        nb = L.tensor_nb(out)
-        row = nb[len(shape) - 1]  # bytes of one row of axis 0
-        at = 0
+        row = TYPE_SIZE[TYPE_F32] * math.prod(rest)  # bytes of one row of axis 0
+        placed, at = [], 0
         for p in parts:
-            out = c.node(L.ggml_set_inplace(c.g, out, c.f32(p), nb[1], nb[2], nb[3], at * row))
+            placed.append((p, at * row))
             at += p.shape[0]
-        return c.out(L.ggml_reshape_4d(c.g, out, *dims) if len(shape) != 4 else out, shape)
+        return _assembled(c, shape, placed)
 
     def repeat(self, *shape: int) -> GGMLTensor:
         s = self.shape
@@ -474,3 +464,16 @@ class GGMLTensor:
             opts.beta_slow,
         )
         return c.out(p, s)
+
+
+def _assembled(
+    c: GGMLContext, shape: tuple[int, ...], parts: list[tuple[GGMLTensor, int]]
+) -> GGMLTensor:
+    """A new F32 tensor of `shape` with each part set into it at its byte offset, with the
+    new tensor's strides: a chain of in-place sets, each a view of the last."""
+    dims = ne(shape)
+    out = c.node(L.ggml_new_tensor_4d(c.g, TYPE_F32, *dims))
+    nb = L.tensor_nb(out)
+    for part, at in parts:
+        out = c.node(L.ggml_set_inplace(c.g, out, c.f32(part), nb[1], nb[2], nb[3], at))
+    return c.out(L.ggml_reshape_4d(c.g, out, *dims) if len(shape) != 4 else out, shape)
