@@ -23,6 +23,7 @@ import numpy as np
 from herd.options import Options
 from herd.runner import Runner
 from herd.runner.loaded import Loaded, Source
+from herd.runner.prompt_cache import MIN_TOKENS
 
 
 def wave(runner: Runner, prompts: list[list[int]], n: int) -> dict[str, float]:
@@ -56,6 +57,12 @@ def main() -> None:
     ap.add_argument("--system", type=int, default=200, help="system prompt tokens")
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
+    if not Path(args.model).is_file():
+        ap.error(f"no model file at {args.model} (give --model PATH to a GGUF)")
+    if min(args.threads, args.rounds, args.tokens) < 1:
+        ap.error("--threads, --rounds and --tokens must be at least 1")
+    if args.system < MIN_TOKENS:  # a shorter prefix is neither shared nor copied
+        ap.error(f"--system must be at least {MIN_TOKENS} tokens")
     # a server's default prompt cache: copies come from it or from a busy slot
     loaded = Loaded(Source("m", Path(args.model)), "ggml", {"num_thread": args.threads},
                     prompt_cache=2**30)  # fmt: skip
