@@ -307,6 +307,33 @@ OPS: list[tuple[str, Callable[..., Any], list[np.ndarray], float]] = [
         [X, rand(5, 2, 64, seed=1)],
         EXACT,
     ),
+    # a cache's keys and transposed values put together as they are stored (F16, Q8_0):
+    # a shared prefix's cells and a prompt's own (nn.attention._attend_pieces)
+    (
+        "concat_first_f16",
+        lambda c, b, x, y: x.cast(DType.F16).concat(y.cast(DType.F16), 0).cast(DType.F32),
+        [X, rand(2, 5, 64, seed=1)],
+        1e-6,
+    ),
+    (
+        "concat_first_transposed",
+        lambda c, b, x, y: (
+            x.cast(DType.F16)
+            .permute(2, 0, 1)
+            .concat(y.cast(DType.F16).permute(2, 0, 1), 0)
+            .permute(1, 2, 0)
+            .contiguous()
+            .cast(DType.F32)
+        ),
+        [rand(5, 8, 6, seed=2), rand(5, 8, 3, seed=3)],
+        1e-6,
+    ),
+    (
+        "concat_first_q8_0",
+        lambda c, b, x, y: x.cast(DType.Q8_0).concat(y.cast(DType.Q8_0), 0).cast(DType.F32),
+        [X, rand(2, 5, 64, seed=1)],
+        1e-4,
+    ),
     # a chain of blocks' rows (attention's blocks), a permuted view among them
     (
         "concat_rows",

@@ -23,8 +23,10 @@ from herd.ml import Tensor
 NEG_INF = np.float32(-np.inf)
 # A batch longer than BLOCK attends in blocks of BLOCK query rows, each over only the cells
 # its rows may see (a causal prompt's first block skips the keys after it), the extents
-# rounded out to ALIGN cells so the products keep ggml's tiled kernels
-BLOCK, ALIGN = 128, 64
+# rounded out to ALIGN cells so the products keep ggml's tiled kernels (llamafile's
+# tinyBLAS takes F16 products whose shared length is a multiple of 16 with AVX-512, 8
+# with AVX2): 16, not 64, saves a block up to 48 masked cells of products and softmax
+BLOCK, ALIGN = 128, 16
 
 
 @dataclass

@@ -167,6 +167,7 @@ ggml_permute = _f("ggml_permute", P, P, P, I, I, I, I)
 ggml_cont = _f("ggml_cont", P, P, P)
 ggml_cont_4d = _f("ggml_cont_4d", P, P, P, I64, I64, I64, I64)
 ggml_concat = _f("ggml_concat", P, P, P, P, I)
+ggml_cpy = _f("ggml_cpy", P, P, P, P)
 ggml_set_inplace = _f("ggml_set_inplace", P, P, P, P, Z, Z, Z, Z)
 ggml_repeat_4d = _f("ggml_repeat_4d", P, P, P, I64, I64, I64, I64)
 ggml_cast = _f("ggml_cast", P, P, P, I)
@@ -297,3 +298,8 @@ def tensor_srcs(t: int) -> bytes:
 
 def set_tensor_srcs(t: int, srcs: bytes) -> None:
     ctypes.memmove(t + TENSOR_SRC_OFFSET, srcs, TENSOR_SRC_BYTES)
+
+
+def set_tensor_src(t: int, i: int, src: int) -> None:
+    """Set the tensor's src[i] (one its op does not read: a dependency only)."""
+    ctypes.c_void_p.from_address(t + TENSOR_SRC_OFFSET + i * PTR).value = src

@@ -154,6 +154,10 @@ class GGMLContext:
     def forward(self, *tensors: GGMLTensor) -> None:
         self.forwards.extend(t.p for t in tensors)
 
+    def forward_node(self, p: int) -> None:
+        """Run node p before every node made after it (as `forward`'s tensors are)."""
+        self.forwards.append(p)
+
     def compute(self, *outputs: GGMLTensor) -> list[np.ndarray]:
         if self.graph is not None:  # computed before: its tensors hold stale placements
             L.unallocate(self.g)
