@@ -107,12 +107,14 @@ def _attend_pieces(
     q: Tensor, k: tuple[Tensor, Tensor], v: tuple[Tensor, Tensor], mask: Tensor, scale: float
 ) -> Tensor:
     """q (T, Hq, D) over two pieces of keys (S1, Hkv, D), (S2, Hkv, D) and values, mask
-    (T, S1 + S2): what one attention over their concatenation gives. Whichever is smaller
-    is copied together: the pieces' keys and values (a block of a prompt's rows under a
+    (T, S1 + S2): what one attention over their concatenation gives. Whichever has fewer
+    bytes is put together (F32 scores against an F16 cache's keys and values): the
+    pieces' keys and values, then one attention (a block of a prompt's rows under a
     shared prefix), or the scores over each piece, one softmax over both and each piece's
     values weighed by its share (a pass's last layer, its few output rows over every
-    sequence's cells). Joining the scores of 8 prompts' 40-row blocks made the wave's
-    prefill ~4% slower than joining their keys and values (SmolLM2, 2 threads)."""
+    sequence's cells). A wave of 8 prompts of 40 tokens under a shared 200-token prefix
+    (SmolLM2, 2 threads) computed in 507 ms with joined scores, 501 ms with joined keys
+    and values, and 489 ms over each one's own copy of the prefix."""
     t, hq, _ = q.shape
     _, hkv, d = k[0].shape
     if 2 * t * hq >= hkv * (d + v[0].shape[2]):
