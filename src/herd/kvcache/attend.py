@@ -23,10 +23,14 @@ from herd.ml import Tensor
 NEG_INF = np.float32(-np.inf)
 # A batch longer than BLOCK attends in blocks of BLOCK query rows, each over only the cells
 # its rows may see (a causal prompt's first block skips the keys after it), the extents
-# rounded out to ALIGN cells so the products keep ggml's tiled kernels (llamafile's
-# tinyBLAS takes F16 products whose shared length is a multiple of 16 with AVX-512, 8
-# with AVX2): 16, not 64, saves a block up to 48 masked cells of products and softmax
-BLOCK, ALIGN = 128, 16
+# rounded out so the products sum as over the whole range: to ALIGN cells for a block of
+# several rows (llamafile's tinyBLAS, which ggml runs for them, takes F16 products whose
+# shared length is a multiple of 16 with AVX-512, 8 with AVX2, and sums each lane alike
+# whatever the length), to ALIGN_ROW for one row (a decoding sequence: ggml's
+# vec_dot_f16 sums 64 at a time and the rest one by one, so lengths of 64s sum as the
+# streams' views do, `test_decoding_sequences_attended_together_keep_their_logits`).
+# 16, not 64, spares a block of a prompt's rows up to 48 masked cells
+BLOCK, ALIGN, ALIGN_ROW = 128, 16, 64
 
 
 @dataclass
@@ -69,11 +73,12 @@ def causal_mask(
 
 
 def row_blocks(
-    mask: np.ndarray, cuts: np.ndarray, skip: list[Block], step: int, align: int
+    mask: np.ndarray, cuts: np.ndarray, skip: list[Block], step: int, align: tuple[int, int]
 ) -> list[Block]:
     """(first row, end row, first cell, end cell, 0) of each block of at most `step` rows
     of one sequence (`cuts`: the rows where the sequence changes), cells relative to the
-    mask's range and rounded out to `align`; the rows of the runs in `skip` left out."""
+    mask's range and rounded out to `align` (for several rows, for one); the rows of the
+    runs in `skip` left out."""
     t, n = mask.shape
     seen = mask == 0
     blocks = []
@@ -85,7 +90,8 @@ def row_blocks(
             b = min(end, a + step)
             cols = np.flatnonzero(seen[a:b].any(axis=0))
             first, last = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-            blocks.append((a, b, first // align * align, min(n, -(-last // align) * align), 0))
+            al = align[0] if b - a > 1 else align[1]
+            blocks.append((a, b, first // al * al, min(n, -(-last // al) * al), 0))
     return blocks
 
 

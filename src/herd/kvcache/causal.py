@@ -15,7 +15,7 @@ import numpy as np
 
 from herd.errors import CacheFullError
 from herd.kvcache import attend, compact, masks, nextstep, rows, shared
-from herd.kvcache.attend import ALIGN, BLOCK, BatchLayout, Block, Keys
+from herd.kvcache.attend import ALIGN, ALIGN_ROW, BLOCK, BatchLayout, Block, Keys
 from herd.kvcache.nextstep import Decoded
 from herd.kvcache.rows import Snapshot
 from herd.ml import Backend, Context, DType, Tensor
@@ -246,7 +246,8 @@ class Causal:
             return []
         streams = self._streams(batch, cuts)
         step = t if self.flash else BLOCK
-        blocks = attend.row_blocks(mask, cuts, streams, step, min(ALIGN, self.padding))
+        align = (min(ALIGN, self.padding), min(ALIGN_ROW, self.padding))
+        blocks = attend.row_blocks(mask, cuts, streams, step, align)
         if not streams and all(e - s == n for _, _, s, e, _ in blocks):
             return []
         return sorted(blocks + streams)
