@@ -23,7 +23,9 @@ time to first token p50/p95 and inter-token latency (gaps between streamed chunk
 over all requests. The servers alternate wave by wave (the order flips every round) and
 each figure is the best of `--rounds` (the least disturbed run on a shared machine shows
 the engine). Every wave has prompts of its own, so it finds only what a server
-legitimately shares (the system prompt, the template) in its cache.
+legitimately shares (the system prompt, the template) in its cache. A second table gives
+each server's tok/s over llama-server's round by round and their median: the two ran
+back to back, so a spell of the VM weighs on both.
 
 Then the cache's own figure, `--rounds` times on freshly started herd and llama-server:
 one client's decode rate in a new conversation on the fresh server, and again after 8
@@ -50,6 +52,8 @@ from benchmarks.serving_client import SCENARIOS, Wave, chat, single, wave
 from benchmarks.serving_servers import Setup, llama_server_binary, start
 
 ANCHOR = "llama-server"
+# rates[scenario][clients][server]: the aggregate tok/s of each round, in order
+Rates = dict[str, dict[int, dict[str, list[float]]]]
 
 
 @dataclass
@@ -72,6 +76,7 @@ def measure_waves(servers: dict[str, tuple[str, str]], args: argparse.Namespace)
         warm_up(url, model)
         wave(url, model, "chat", args.parallel, "warm-up", 1, args.tokens)
     best: dict[str, dict[int, dict[str, Wave]]] = {}
+    rates: Rates = {}
     names = list(servers)
     for take in range(args.rounds):
         order = names if take % 2 == 0 else names[::-1]
@@ -89,7 +94,25 @@ def measure_waves(servers: dict[str, tuple[str, str]], args: argparse.Namespace)
                     slot = best.setdefault(scenario, {}).setdefault(n, {})
                     if name not in slot or w.tokens_per_s > slot[name].tokens_per_s:
                         slot[name] = w
-    return best
+                    by_round = rates.setdefault(scenario, {}).setdefault(n, {})
+                    by_round.setdefault(name, []).append(w.tokens_per_s)
+    return best, rates
+
+
+def paired(by_server: dict[str, list[float]], anchor: str) -> dict[str, list[float]]:
+    """Each server's tok/s over the anchor's round by round: the two ran one after the
+    other, so a slow or fast spell of a shared VM (minutes long here) weighs on both,
+    where the best of each can come from different spells (a first round of
+    llama-server's at 168.5 tok/s against 144.8 and 141.9 in its others made herd 0.91x
+    by best of 3, while it was ahead in the two later rounds)."""
+    base = by_server.get(anchor)
+    if not base:
+        return {}
+    return {
+        name: [a / b for a, b in zip(values, base, strict=True)]
+        for name, values in by_server.items()
+        if name != anchor
+    }
 
 
 def singles(url: str, model: str, tag: str, tokens: int, n: int = 3) -> float:
@@ -131,7 +154,7 @@ def machine_line(args: argparse.Namespace) -> str:
     )
 
 
-def tables(best, cached: dict[str, Cached], args: argparse.Namespace) -> str:
+def tables(best, cached: dict[str, Cached], args: argparse.Namespace, rates: Rates) -> str:
     lines = [
         machine_line(args),
         "",
@@ -149,6 +172,23 @@ def tables(best, cached: dict[str, Cached], args: argparse.Namespace) -> str:
                     f"{w.ttft(0.5):.2f} / {w.ttft(0.95):.2f} | "
                     f"{1000 * w.itl(0.5):.1f} / {1000 * w.itl(0.95):.1f} | {w.mean_tokens:.0f} |"
                 )
+    pairs = [
+        (scenario, n, name, ratios)
+        for scenario, by_clients in rates.items()
+        for n, by_server in by_clients.items()
+        for name, ratios in paired(by_server, ANCHOR).items()
+    ]
+    if pairs:
+        lines += [
+            "",
+            f"| scenario | clients | server | tok/s over {ANCHOR}'s, round by round | median |",
+            "|---|---|---|---|---|",
+        ]
+        for scenario, n, name, ratios in pairs:
+            each = ", ".join(f"{r:.2f}x" for r in ratios)
+            lines.append(
+                f"| {scenario} | {n} | {name} | {each} | {statistics.median(ratios):.2f}x |"
+            )
     if cached:
         lines += [
             "",
@@ -258,12 +298,12 @@ def main() -> None:
             for name in args.servers:
                 print(f"starting {name}...", file=sys.stderr, flush=True)
                 servers[name] = stack.enter_context(start(name, setup, binary))
-            best = measure_waves(servers, args)
+            best, rates = measure_waves(servers, args)
         cached = {}
         if not args.no_cached:
             names = [n for n in args.servers if n in ("herd", ANCHOR)]
             cached = measure_cached(names, setup, binary, args)
-    print(tables(best, cached, args))
+    print(tables(best, cached, args, rates))
     if binary is not None:
         build = binary.parent / "build.txt"
         what = build.read_text().strip() if build.exists() else str(binary)

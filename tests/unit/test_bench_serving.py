@@ -113,3 +113,16 @@ def test_chat_and_wave_against_a_streaming_server():
         assert max(len(b["messages"]) for b in httpd.bodies) == 4
     finally:
         httpd.shutdown()
+
+
+def test_paired_ratios_take_each_round_against_the_anchors_same_round():
+    """The round-by-round table: each server over the anchor within a round (the figures
+    of run T, whose best-of-3 ratio was 0.91x), and nothing where no anchor ran."""
+    rounds = {"herd": [152.2, 153.4, 147.8], "llama-server": [168.5, 144.8, 141.9]}
+    ratios = serving.paired(rounds, "llama-server")
+    assert list(ratios) == ["herd"]
+    assert ratios["herd"] == pytest.approx([152.2 / 168.5, 153.4 / 144.8, 147.8 / 141.9])
+    assert serving.paired({"herd": [1.0]}, "llama-server") == {}
+    args = serving.parse_args(["--quick", "--peer", "llama-server"])
+    text = serving.tables({}, {}, args, {"chat": {8: rounds}})
+    assert "| chat | 8 | herd | 0.90x, 1.06x, 1.04x | 1.04x |" in text
