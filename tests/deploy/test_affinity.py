@@ -1,11 +1,15 @@
-"""The prefix-affinity policy and the in-memory ASGI call, without Ray (fast)."""
+"""The prefix-affinity policy, the router's load counts and the in-memory ASGI call,
+without a Ray cluster (fast)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections import Counter
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -114,3 +118,40 @@ def test_closing_the_stream_early_ends_the_app_call() -> None:
         return chunk
 
     assert asyncio.run(asyncio.wait_for(first(), 10)) == b"0\n"
+
+
+# ---------------------------------------------------------------- Ray's request router
+def _router() -> object:
+    pytest.importorskip("ray")
+    from herd.deploy.ray import PrefixAffinityRouter
+
+    router = object.__new__(PrefixAffinityRouter)  # its state only: no Ray controller
+    router.initialize_state(preloaded=("m:1",))
+    return router
+
+
+def _pending(i: int) -> SimpleNamespace:
+    key = request_key("/api/chat", _chat([{"role": "user", "content": f"q{i}"}]))
+    meta = SimpleNamespace(internal_request_id=f"r{i}")
+    return SimpleNamespace(kwargs={"key": key}, metadata=meta)
+
+
+def test_a_request_done_before_it_is_counted_leaves_no_load() -> None:
+    """Ray's router (serve/_private/router.py) registers a request's completion callback
+    before it awaits the replica's accept message, and calls on_request_routed after: a
+    fast answer (a 400, a 4-token reply) fires on_request_completed first. It once left a
+    replica counted busy for good, and every new chat went to the other one."""
+    router: Any = _router()
+    a, b = SimpleNamespace(unique_id="a"), SimpleNamespace(unique_id="b")
+    router.on_request_completed(a, "r0")  # done first
+    router.on_request_routed(_pending(0), a, None)
+    router.on_request_routed(_pending(1), b, None)  # the usual order
+    assert router.inflight["a"] == 0 and router.inflight["b"] == 1
+    router.on_request_completed(b, "r1")
+    assert router.inflight["b"] == 0 and not router.requests and not router.early
+    # a request that one replica rejected (its completion fires) and another then took
+    router.on_request_completed(a, "r2")
+    router.on_request_routed(_pending(2), b, None)
+    assert router.inflight["b"] == 1
+    router.on_request_completed(b, "r2")
+    assert router.inflight["b"] == 0

@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +93,9 @@ class Plan:
 
 
 # ---------------------------------------------------------------- routing
+EARLY = 4096  # completions remembered before their request was counted
+
+
 class PrefixAffinityRouter(RequestRouter):
     """Ray Serve's request router for HerdReplica: `AffinityTable.rank` picks, one replica
     per rank, so Ray tries the best first and moves on only when its queue is full."""
@@ -103,6 +106,13 @@ class PrefixAffinityRouter(RequestRouter):
         self.table = AffinityTable(slack=slack, min_match=min_match, preloaded=preloaded)
         self.inflight: Counter[str] = Counter()
         self.requests: dict[str, str] = {}  # internal request id -> replica
+        # (request id, replica) whose completion came before the request was counted: Ray
+        # fires on_request_routed only after the replica's accept message, and a request
+        # answered fast (a 400, a short reply) may have finished and fired
+        # on_request_completed already. Counted then, it would stay in flight for good,
+        # and every new chat would go to the other replicas. Bounded: a rejected
+        # request's completion also lands here and is never routed to that replica.
+        self.early: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     async def choose_replicas(
         self,
@@ -117,14 +127,21 @@ class PrefixAffinityRouter(RequestRouter):
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
     ) -> None:
-        rid = replica_id.unique_id
+        rid, req = replica_id.unique_id, pending_request.metadata.internal_request_id
         self.table.record(_key(pending_request), rid)
+        if (req, rid) in self.early:  # done already (see initialize_state)
+            del self.early[(req, rid)]
+            return
         self.inflight[rid] += 1
-        self.requests[pending_request.metadata.internal_request_id] = rid
+        self.requests[req] = rid
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         rid = self.requests.pop(internal_request_id, None)
-        if rid is not None and self.inflight[rid] > 0:
+        if rid is None:
+            self.early[(internal_request_id, replica_id.unique_id)] = None
+            while len(self.early) > EARLY:
+                self.early.popitem(last=False)
+        elif self.inflight[rid] > 0:
             self.inflight[rid] -= 1
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
