@@ -1,10 +1,10 @@
 """Serving: `herd serve` against llama.cpp's llama-server (the engine under Ollama today)
 and llama-cpp-python's OpenAI server, same model file, threads and context per sequence.
 
-    python -m benchmarks.serving [--peer llama-server,llama-cpp-python] [--clients 1,4,8,16]
-                                 [--scenarios chat,independent] [--rounds 3] [--tokens 64]
-                                 [--turns 2] [--parallel 8] [--threads 2] [--quick]
-                                 [--flash-attn default|on|off]
+    python -m benchmarks.serving [--peer llama-server,llama-cpp-python,herd-shared]
+                                 [--clients 1,4,8,16] [--scenarios chat,independent]
+                                 [--rounds 3] [--tokens 64] [--turns 2] [--parallel 8]
+                                 [--threads 2] [--quick] [--flash-attn default|on|off]
 
 llama-server is built once by scripts/build_llama_server.py (`make llama-server`) from the
 llama.cpp source herd's ggml is built from, with the same CPU flags (`--llama-server PATH`
@@ -225,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--peer",
         default=f"{ANCHOR},llama-cpp-python",
-        help="servers herd is measured against (llama-server, llama-cpp-python)",
+        help="servers herd is measured against (llama-server, llama-cpp-python, herd-shared: "
+        "herd with HERD_SHARED_PREFIX=1)",
     )
     ap.add_argument("--llama-server", help="llama-server binary (default: the cached build)")
     ap.add_argument("--threads", type=int, default=2)
@@ -301,7 +302,7 @@ def main() -> None:
             best, rates = measure_waves(servers, args)
         cached = {}
         if not args.no_cached:
-            names = [n for n in args.servers if n in ("herd", ANCHOR)]
+            names = [n for n in args.servers if n in ("herd", "herd-shared", ANCHOR)]
             cached = measure_cached(names, setup, binary, args)
     print(tables(best, cached, args, rates))
     if binary is not None:

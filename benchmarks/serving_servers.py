@@ -87,7 +87,9 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def herd_server(s: Setup) -> Iterator[tuple[str, str]]:
+def herd_server(s: Setup, shared: bool = False) -> Iterator[tuple[str, str]]:
+    """`shared`: HERD_SHARED_PREFIX=1, one copy of a common system prompt for all slots
+    (the `herd-shared` peer), else the default (each slot its own copy)."""
     port = free_port()
     env = thread_env(s.threads) | {
         "HERD_MODELS": str(s.store),
@@ -95,13 +97,14 @@ def herd_server(s: Setup) -> Iterator[tuple[str, str]]:
         "HERD_NUM_PARALLEL": str(s.parallel),
         "HERD_CONTEXT_LENGTH": str(s.ctx),
         "HERD_KEEP_ALIVE": "-1",
+        "HERD_SHARED_PREFIX": "1" if shared else "0",
     }
     env.pop("HERD_API_KEY", None)
     if s.flash_attn != "default":
         env["HERD_FLASH_ATTENTION"] = "1" if s.flash_attn == "on" else "0"
     if s.backend != "auto":
         env["HERD_BACKEND"] = s.backend
-    url, log = f"http://127.0.0.1:{port}", s.logs / "herd.log"
+    url, log = f"http://127.0.0.1:{port}", s.logs / ("herd-shared.log" if shared else "herd.log")
     with process([sys.executable, "-m", "herd", "serve"], env, log) as proc:
         wait_up(url, proc, log)
         name = "bench-serving:latest"
@@ -154,11 +157,11 @@ def llama_cpp_python_server(s: Setup) -> Iterator[tuple[str, str]]:
 
 
 def start(name: str, s: Setup, binary: Path | None) -> contextlib.AbstractContextManager:
-    if name == "herd":
-        return herd_server(s)
+    if name in ("herd", "herd-shared"):
+        return herd_server(s, shared=name == "herd-shared")
     if name == "llama-server":
         assert binary is not None
         return llama_server(s, binary)
     if name == "llama-cpp-python":
         return llama_cpp_python_server(s)
-    raise SystemExit(f"unknown server {name!r} (herd, llama-server, llama-cpp-python)")
+    raise SystemExit(f"unknown server {name!r} (herd, herd-shared, llama-server, llama-cpp-python)")
