@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.serving_client import SCENARIOS, Wave, chat, single, wave
-from benchmarks.serving_servers import Setup, llama_server_binary, start
+from benchmarks.serving_servers import SERVERS, Setup, llama_server_binary, start
 
 ANCHOR = "llama-server"
 # rates[scenario][clients][server]: the aggregate tok/s of each round, in order
@@ -270,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or min(args.clients) < 1 or args.rounds < 1 or args.parallel < 1:
         ap.error(f"scenarios are {', '.join(SCENARIOS)}; clients, rounds, parallel at least 1")
     args.servers = ["herd", *[p for p in args.peer.split(",") if p and p != "herd"]]
+    unknown = [p for p in args.servers if p not in SERVERS]
+    if unknown:  # before any server starts
+        ap.error(f"unknown --peer {', '.join(unknown)}; choose from {', '.join(SERVERS[1:])}")
     return args
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ("herd", "herd-shared", "llama-server", "llama-cpp-python")  # what `start` runs
 
 
 @dataclass
@@ -164,4 +165,4 @@ def start(name: str, s: Setup, binary: Path | None) -> contextlib.AbstractContex
         return llama_server(s, binary)
     if name == "llama-cpp-python":
         return llama_cpp_python_server(s)
-    raise SystemExit(f"unknown server {name!r} (herd, herd-shared, llama-server, llama-cpp-python)")
+    raise SystemExit(f"unknown server {name!r} ({', '.join(SERVERS)})")

@@ -64,6 +64,9 @@ def test_arguments():
     assert serving.parse_args(["--flash-attn", "on"]).flash_attn == "on"
     with pytest.raises(SystemExit):
         serving.parse_args(["--flash-attn", "auto"])
+    assert serving.parse_args(["--peer", "herd-shared"]).servers == ["herd", "herd-shared"]
+    with pytest.raises(SystemExit):  # refused before a server starts
+        serving.parse_args(["--peer", "llama-serve"])
 
 
 def test_build_key_tells_builds_apart():
