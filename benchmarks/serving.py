@@ -2,7 +2,7 @@
 and llama-cpp-python's OpenAI server, same model file, threads and context per sequence.
 
     python -m benchmarks.serving [--peer llama-server,llama-cpp-python,herd-shared]
-                                 [--clients 1,4,8,16] [--scenarios chat,independent]
+                                 [--clients 1,4,8,16] [--scenarios chat,independent,staggered]
                                  [--rounds 3] [--tokens 64] [--turns 2] [--parallel 8]
                                  [--threads 2] [--quick] [--flash-attn default|on|off]
 
@@ -17,7 +17,9 @@ the earlier tables) serves one request at a time.
 Scenarios, each with 1, 4, 8 and 16 concurrent clients (more clients than slots queue):
   chat         each client holds a `--turns`-turn conversation under one shared system
                prompt, every turn re-sending the conversation (the realistic case);
-  independent  each client sends `--turns` unrelated prompts of 1-4 paragraphs.
+  independent  each client sends `--turns` unrelated prompts of 1-4 paragraphs;
+  staggered    (not run unless named) the prompts of independent, client i starting
+               0.25 x i s after the release: prompts that come while others decode.
 Per wave and server: aggregate generated tokens/s (all tokens over the wave's wall time),
 time to first token p50/p95 and inter-token latency (gaps between streamed chunks) p50/p95
 over all requests. The servers alternate wave by wave (the order flips every round) and

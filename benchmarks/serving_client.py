@@ -188,7 +188,25 @@ def independent_prompts(url: str, model: str, i: int, tag: str, turns: int, toke
     return out
 
 
-SCENARIOS: dict[str, Conversation] = {"chat": chat_conversation, "independent": independent_prompts}
+# Arrivals in `staggered`: client i starts i x STAGGER s after the wave's release
+STAGGER = 0.25
+
+
+def staggered_prompts(url: str, model: str, i: int, tag: str, turns: int, tokens: int):
+    """(c) The prompts of (b), client i starting i x STAGGER s after the others' release:
+    requests that come while others decode, as real traffic does. In (a) and (b) every
+    client starts at once and every reply has the same length, so a server that computes
+    each burst of prompts before it decodes keeps all its sequences in step, and its
+    streams never wait for another's prompt; here they do."""
+    time.sleep(i * STAGGER)  # its own tag: none of (b)'s prompts of the same round cached
+    return independent_prompts(url, model, i, f"staggered {tag}", turns, tokens)
+
+
+SCENARIOS: dict[str, Conversation] = {
+    "chat": chat_conversation,
+    "independent": independent_prompts,
+    "staggered": staggered_prompts,
+}
 
 
 def wave(

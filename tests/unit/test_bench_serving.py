@@ -7,13 +7,14 @@ import json
 import random
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import serving
+from benchmarks import serving, serving_client
 from benchmarks.serving_client import Result, Wave, chat, percentile, sse_data, wave
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -82,6 +83,7 @@ class _FakeChat(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body["_arrived"] = time.monotonic()  # the test's, never sent back
         self.server.bodies.append(body)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -116,6 +118,30 @@ def test_chat_and_wave_against_a_streaming_server():
         assert max(len(b["messages"]) for b in httpd.bodies) == 4
     finally:
         httpd.shutdown()
+
+
+def test_staggered_clients_arrive_apart_with_prompts_of_their_own(monkeypatch):
+    """Client i's first request comes i x STAGGER after the release, and its prompts are
+    not the independent scenario's of the same wave tag (a run of both in one round had
+    the second find every prompt of the first cached: 211 tok/s against ~60)."""
+    monkeypatch.setattr(serving_client, "STAGGER", 0.1)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeChat)
+    httpd.bodies = []
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        wave(url, "m", "staggered", 3, "t", 1, 5)
+        staggered = sorted(httpd.bodies, key=lambda b: b["_arrived"])
+        httpd.bodies = []
+        wave(url, "m", "independent", 3, "t", 1, 5)
+        independent = {b["messages"][0]["content"] for b in httpd.bodies}
+    finally:
+        httpd.shutdown()
+    arrived = [b["_arrived"] for b in staggered]
+    gaps = [b - a for a, b in zip(arrived[:-1], arrived[1:], strict=True)]
+    assert all(0.09 <= g < 1.0 for g in gaps), gaps  # 0.1 s apart, give or take a busy CI
+    asks = {b["messages"][0]["content"] for b in staggered}
+    assert len(asks) == 3 and not asks & independent
 
 
 def test_paired_ratios_take_each_round_against_the_anchors_same_round():
