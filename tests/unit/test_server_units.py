@@ -4,6 +4,7 @@ duration parsing, keep_alive, the metrics exposition, CORS origins and the host 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,40 @@ def test_cors_origins(origin: str, allowed: bool) -> None:
 def test_host_check(host: str, allowed: bool) -> None:
     check = HostCheck(lambda *a: None, "127.0.0.1")  # type: ignore[arg-type, return-value]
     assert check.allowed(host) == allowed
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"),
+    [
+        ("/api/generate", lambda b: isinstance(b["error"], str)),
+        ("/v1/chat/completions", lambda b: isinstance(b["error"]["message"], str)),
+        ("/v1/messages", lambda b: b["type"] == "error" and "message" in b["error"]),
+    ],
+)
+def test_a_refused_host_is_a_403_in_the_routes_shape(path: str, shape: Any) -> None:
+    """Ollama's 403 for a Host that is not local on a loopback bind, with a message a
+    client can show (it was an empty body: `make fuzz`'s shape check failed on it)."""
+    reached: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append(scope["path"])
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b""}
+
+    check = HostCheck(app, "127.0.0.1")  # type: ignore[arg-type]
+    for host, path_ in ((b"evil.example", path), (b"127.0.0.1:11434", path)):
+        scope = {"type": "http", "path": path_, "method": "POST", "headers": [(b"host", host)]}
+        asyncio.run(check(scope, receive, send))
+    assert reached == [path]  # the local host got through, the other did not
+    assert sent[0]["status"] == 403
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert shape(body) and "evil.example" in json.dumps(body)
 
 
 @pytest.mark.parametrize(

@@ -152,8 +152,13 @@ class HostCheck:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.active:
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if not self.allowed(host):
-                return await Response(status_code=403)(scope, receive, send)
+            if not self.allowed(host):  # Ollama's 403; a message in the route's shape too
+                message = (
+                    f"forbidden: Host {host[:100]!r} is not a local name, and this server "
+                    "is bound to a loopback address (DNS rebinding protection)"
+                )
+                response = error_for_path(scope["path"], 403, message)
+                return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
