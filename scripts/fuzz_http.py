@@ -4,7 +4,8 @@
 
 The server runs on a free port with HERD_API_KEY set and a temporary store holding a tiny
 random Llama with SmolLM2's tokenizer and chat template (or, with --smollm2, SmolLM2 135M
-itself; both need smollm2:135m in the test store in HERD_CACHE), on the NumPy backend.
+itself; both take smollm2:135m from the test store in HERD_CACHE, pulled there as the
+tests pull it when it is missing), on the NumPy backend.
 Requests go over raw sockets, so that bodies can be anything: every route of both APIs and
 the store routes, in phases:
 
@@ -430,17 +431,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def smollm2_path() -> Path:
+    """SmolLM2 135M's GGUF in the tests' store (tests/conftest.py), pulled there if missing
+    (a fresh machine that has not run `make test` yet)."""
+    from herd import envconfig
+    from herd.store import Store, resolve_or_pull
+
+    store = Store(envconfig.cache_dir() / "test-models")
+    return Path(resolve_or_pull("smollm2:135m", store=store).model_path)
+
+
 def tiny_bpe_model(path: Path) -> Path:
     """A random 2-layer Llama (width 32) with SmolLM2's tokenizer and chat template: byte
     level BPE, so any text encodes, and fast on the NumPy backend."""
     import numpy as np
 
-    from herd import envconfig
     from herd.gguf import open_gguf
     from herd.gguf.writer import write_gguf
-    from herd.store import Store
 
-    source = Store(envconfig.cache_dir() / "test-models").resolve("smollm2:135m").model_path
+    source = smollm2_path()
     kv = {k: v for k, v in open_gguf(source).kv.items() if k.startswith("tokenizer.")}
     n_vocab, d = len(kv["tokenizer.ggml.tokens"]), 32
     rng = np.random.default_rng(0)
@@ -471,9 +480,7 @@ def make_store(tmp: Path, smollm2: bool) -> Path:
     from herd.store.create import create
 
     if smollm2:
-        from herd import envconfig
-
-        gguf = Store(envconfig.cache_dir() / "test-models").resolve("smollm2:135m").model_path
+        gguf = smollm2_path()
     else:
         gguf = tiny_bpe_model(tmp / "tiny.gguf")
     # short answers unless a request asks otherwise

@@ -54,10 +54,11 @@ def make_store(tmp: Path, smollm2: bool) -> Path:
     from herd.store.create import create
 
     store = Store(tmp / "models")
-    if smollm2:
+    if smollm2:  # from the tests' store (tests/conftest.py), pulled there if missing
         from herd import envconfig
+        from herd.store import resolve_or_pull
 
-        source = Store(envconfig.cache_dir() / "test-models").resolve("smollm2:135m")
+        source = resolve_or_pull("smollm2:135m", store=Store(envconfig.cache_dir() / "test-models"))
         gguf = source.model_path
     else:
         sys.path.insert(0, str(ROOT / "tests" / "unit"))
