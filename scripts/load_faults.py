@@ -5,7 +5,8 @@ runner is killed at random and clients leave at random.
 
 The server runs on a free port with a temporary store holding the tiny random model of
 tests/unit/test_runner_faults.py (or, with --smollm2, SmolLM2 135M from the test store in
-HERD_CACHE), on the NumPy backend with HERD_NUM_PARALLEL=4 (so most clients queue). Each
+HERD_CACHE, pulled there if missing), on the NumPy backend with HERD_NUM_PARALLEL=4 (so
+most clients queue). Each
 client loops until the time is up: a streaming request on one of /api/generate, /api/chat,
 /v1/chat/completions, /v1/completions with a random length, leaving after a few lines one
 time in five. A killer SIGKILLs the runner every 3 to 10 s.
