@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from herd.gguf import open_gguf
-from herd.store import Store
+from herd.store import Store, resolve_or_pull
 from herd.template import JinjaTemplate
 from integration.test_server import FAST, MODEL, Server, _start, ollama, openai
 
@@ -57,6 +57,9 @@ GREEDY = {"temperature": 0, "num_predict": 40}
 def server(
     tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, test_store: object
 ) -> Iterator[Server]:
+    # the embedding tests' model, pulled here: run alone, this module found it missing
+    # (404) wherever no earlier test had pulled it into the store
+    resolve_or_pull(EMBED, store=test_store)  # type: ignore[arg-type]
     yield from _start(tmp_path_factory.mktemp("clients"), test_store, {})
 
 
