@@ -313,3 +313,74 @@ def test_a_claimed_slot_is_handed_to_the_batch_thread_with_the_lock(tiny_llama_p
     r.lock = Watched(r.lock)  # type: ignore[assignment]
     list(r.generate(prompts(7, [10])[0], Options(temperature=0, num_predict=3)))
     assert seen and all(busy <= held for busy, held in seen), seen
+
+
+def test_streamed_pieces_come_from_the_batch_thread_and_equal_the_yielded_ones(
+    tiny_llama_path,
+):
+    """`generate(stream=)`: three concurrent requests' pieces go to their callbacks in the
+    batch thread, and the iterator yields only the last Event; the text and counters are
+    those of the same requests without a stream."""
+
+    def run(streamed: bool) -> list[tuple[str, tuple[int, ...], set[str]]]:
+        r = make_runner(tiny_llama_path, parallel=3)
+        r.start()
+        out: list = [None] * 3
+
+        def client(i: int) -> None:
+            pieces: list[str] = []
+            threads: set[str] = set()
+
+            def stream(event) -> None:
+                pieces.append(event.text)
+                threads.add(threading.current_thread().name)
+
+            events = list(
+                r.generate(
+                    prompts(i, [5 + 7 * i])[0],
+                    Options(temperature=0, num_predict=6 + i),
+                    stream=stream if streamed else None,
+                )
+            )
+            if streamed:
+                assert len(events) == 1 and events[0].done
+            text = "".join(pieces) + "".join(e.text for e in events)
+            out[i] = (text, events[-1].tokens, threads)
+
+        try:
+            clients = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+            for t in clients:
+                t.start()
+            for t in clients:
+                t.join(60)
+        finally:
+            r.stop()
+        return out
+
+    plain, streamed = run(False), run(True)
+    assert [(t, k) for t, k, _ in streamed] == [(t, k) for t, k, _ in plain]
+    assert all(len(text) == 6 + i for i, (text, _, _) in enumerate(streamed))
+    assert all(threads == {"herd-runner"} for _, _, threads in streamed)
+
+
+def test_a_stream_that_fails_leaves_its_pieces_to_the_queue_in_order():
+    """`Events`: a callback that raises is dropped; the piece it failed on and every later
+    one wait in the queue, in order, and the batch loop never sees the error."""
+    from herd.runner.sequence import Event, Events
+
+    got: list[str] = []
+
+    def stream(event: Event) -> None:
+        if event.text == "c":
+            raise BrokenPipeError("the server went away")
+        got.append(event.text)
+
+    events = Events(stream)
+    for text in "abcd":
+        events.put(Event(text=text))
+    events.put(Event(done=True, done_reason="stop"))
+    queued = []
+    while not events.empty():
+        queued.append(events.get())
+    assert got == ["a", "b"]
+    assert [e.text for e in queued[:2]] == ["c", "d"] and queued[2].done

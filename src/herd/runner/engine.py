@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,15 @@ from herd.runner.images import (
 )
 from herd.runner.prompt_cache import PromptCache
 from herd.runner.recorder import InputRecorder, ReusableContext
-from herd.runner.sequence import Event, Sequence, Slot, context_size, finite, truncate
+from herd.runner.sequence import (
+    Event,
+    Events,
+    Sequence,
+    Slot,
+    context_size,
+    finite,
+    truncate,
+)
 from herd.runner.slots import claim_slot
 from herd.runner.speculate import propose, speculation, verify
 from herd.runner.stop import StopMatcher
@@ -140,6 +148,7 @@ class Runner:
         logprobs: int = -1,
         grammar: Constraint | None = None,
         images: Seq[tuple[int, Image]] = (),
+        stream: Callable[[Event], None] | None = None,
     ) -> Sequence:
         if not tokens:
             raise HerdError("empty prompt")
@@ -159,7 +168,7 @@ class Runner:
             StreamDecoder(self.tokenizer),
             StopMatcher(list(options.stop)),
             token_ids(self.image_token, tokens),
-            queue.SimpleQueue(),
+            Events(stream),
             cancelled or threading.Event(),
             evaluated=len(tokens) - reused,
             cached=reused,
@@ -315,6 +324,7 @@ class Runner:
         logprobs: int = -1,
         grammar: Constraint | None = None,
         images: Seq[tuple[int, Image]] = (),
+        stream: Callable[[Event], None] | None = None,
     ) -> Iterator[Event]:
         """Stream one request's events; runs the loop inline unless a thread runs it.
 
@@ -325,8 +335,11 @@ class Runner:
         log-probability and that many top alternatives. `grammar` constrains the answer
         (structured outputs) and ends it once complete. `images`: (index of the first
         placeholder in `tokens`, image) of each image in the prompt, encoded here unless
-        an earlier request brought the same one. Closing the iterator (a client that
-        went away) cancels the sequence.
+        an earlier request brought the same one. `stream`: called with each streamed
+        piece instead of yielding it, in the batch thread while it holds the runner's lock
+        (`sequence.Events`: it must be quick, and must not call the runner); the iterator
+        then yields the last Event only. Closing the iterator (a client that went away)
+        cancels the sequence.
         """
         if self.failure is not None:  # the batch thread died: nothing would serve it
             raise RunnerError(f"the model's engine stopped: {self.failure!r}")
@@ -335,7 +348,7 @@ class Runner:
         try:
             with self.lock:
                 seq = self._new_sequence(
-                    tokens, options, cancelled, shift, logprobs, grammar, images=images
+                    tokens, options, cancelled, shift, logprobs, grammar, images, stream
                 )
                 # handed over before the lock goes: a batch thread that saw every slot
                 # taken (or no request claiming) could step between the claim and the

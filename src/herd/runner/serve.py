@@ -104,12 +104,15 @@ class Engine(Protocol):
         logprobs: int = -1,
         grammar: Grammar | None = None,
         images: Sequence[tuple[int, Image]] = (),
+        stream: Callable[[Event], None] | None = None,
     ) -> Iterator[Event]:
         """Generate after `tokens` (with `images` placed in them). Ends with a `done`
         Event; returns early (without one) once `cancelled` is set. `shift=False`: stop
         with done_reason "length" when the context is full instead of shifting it;
         `logprobs` >= 0: Events carry each token's log-probability and that many top
-        alternatives; `grammar` constrains the tokens (structured outputs)."""
+        alternatives; `grammar` constrains the tokens (structured outputs); `stream`
+        takes the streamed pieces as they come (`Runner.generate`), and the iterator
+        yields only the rest."""
         ...
 
     def kv_usage(self) -> float:
@@ -139,6 +142,7 @@ class BatchEngine:
         logprobs: int = -1,
         grammar: Grammar | None = None,
         images: Sequence[tuple[int, Image]] = (),
+        stream: Callable[[Event], None] | None = None,
     ) -> Iterator[Event]:
         while not self.free.acquire(timeout=0.05):
             if cancelled.is_set():
@@ -156,6 +160,7 @@ class BatchEngine:
                 logprobs=logprobs,
                 grammar=grammar,
                 images=images,
+                stream=stream,
             )
         finally:
             self.free.release()
@@ -315,6 +320,9 @@ class Child:
             )
             return
         assert self.engine is not None
+        # the pieces are written by the batch thread as it makes them; this thread wakes
+        # for the last Event (and for any piece a failed write left queued). A server that
+        # stops reading stalls the steps, as it stalls the heartbeats it then misses.
         for event in self.engine.submit(
             prepared.tokens,
             prepared.options,
@@ -323,6 +331,7 @@ class Child:
             logprobs=_logprobs(req),
             grammar=prepared.grammar,
             images=prepared.images,
+            stream=lambda event: self.send(_piece(rid, prepared, event)),
         ):
             piece = _piece(rid, prepared, event)
             if not event.done:
