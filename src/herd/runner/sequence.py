@@ -58,8 +58,9 @@ class Events:
     server then wakes one request thread per request rather than one per token. At 8
     clients those 8 wakes a step took the GIL from the batch thread, which spent 2.3 ms
     of a 35.5 ms step after the compute (0.9 ms streamed, the writes included), and
-    streamed, `herd serve` gave 1.3% more tokens/s (9 of 10 paired waves ahead). A `stream` that raises is dropped: that piece and the
-    rest queue, so that the request gets them the usual way."""
+    streamed, `herd serve` gave 1.3% more tokens/s (9 of 10 paired waves ahead). A
+    `stream` that raises is dropped: that piece and the rest queue, so that the request
+    gets them the usual way."""
 
     def __init__(self, stream: Callable[[Event], None] | None = None) -> None:
         self.stream = stream
