@@ -172,7 +172,7 @@ def test_decode_steps_keep_their_layout_and_rerun_their_graph(tiny_llama_path):
     def recording(batch):
         orders.append(batch.sequences.tolist())
         out = compute(batch)
-        graphs.append(id(r._graphs["decode"][1]))
+        graphs.append(id(r.graphs.kept["decode"][1]))
         return out
 
     r._compute = recording  # type: ignore[method-assign]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from herd.errors import CapabilityError, HerdError, RunnerError
-from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, GraphReuse, Tensor
+from herd.ml import KV_CACHE_TYPES, Backend, Context, DType, Tensor
 from herd.models import Batch, Model, Pixels, Vision, batch_inputs
 from herd.options import Options
 from herd.runner.batching import plan_step
@@ -40,7 +40,7 @@ from herd.runner.images import (
     whole_spans,
 )
 from herd.runner.prompt_cache import PromptCache
-from herd.runner.recorder import InputRecorder, ReusableContext
+from herd.runner.recorder import KeptGraphs
 from herd.runner.sequence import (
     Event,
     Events,
@@ -126,9 +126,7 @@ class Runner:
         self.failure: BaseException | None = None  # what ended the batch thread
         self.step_started: float | None = None  # monotonic time the running compute began
         # graph reuse, for backends whose contexts can rerun a built graph
-        with backend.new_context() as probe:
-            self._reuse = reuse_graphs and isinstance(probe, GraphReuse)
-        self._graphs: dict[str, tuple[object, ReusableContext]] = {}  # kind -> (key, context)
+        self.graphs = KeptGraphs(backend, reuse_graphs)
         self.vision, self.encoder_backend = vision, encoder_backend or backend
         self.images = ImageCache(self._encode) if vision is not None else None
         self.image_token = None if vision is None else vision.image_token
@@ -244,7 +242,7 @@ class Runner:
                 try:
                     logits = self._compute(step.batch)
                 except Exception as e:  # the pass failed: its sequences end, the others go on
-                    self._drop_graphs()  # a graph that failed midway is not rerun
+                    self.graphs.drop()  # a graph that failed midway is not rerun
                     error = request_error(e)
                     for seq in step.members:
                         self._fail(seq, error)
@@ -269,35 +267,13 @@ class Runner:
             return True
 
     def _compute(self, batch: Batch) -> np.ndarray:
-        """Logits for the batch's outputs, reusing a kept graph when it fits (how and when:
-        `herd.runner.recorder`). Rerun, they are a read-only view of the graph's output:
-        read them before the next step."""
-        if not self._reuse:
-            with self.backend.new_context() as ctx:
-                (logits,) = ctx.compute(self._forward(ctx, batch))
-            return logits
-        recorder = InputRecorder()
-        self.cache.start_forward(recorder, batch)  # what _forward makes, recorded
-        batch_inputs(recorder, batch)
-        key = (tuple((a.shape, a.dtype.str) for a in recorder.arrays), self.cache.view_key())
-        kind = "decode" if len(batch.tokens) <= len(self.slots) else "prompt"
-        kept = self._graphs.pop(kind, None)
-        if kept is not None and kept[0] == key:
-            self._graphs[kind] = kept
-            return kept[1].rerun(*recorder.arrays, copy=False)[0]
-        if kept is not None:
-            kept[1].close()
-        ctx = self.backend.new_context()
-        assert isinstance(ctx, GraphReuse)  # as the probe was
-        if kind == "decode":  # rerun between prompts: a buffer of its own, never re-placed
-            ctx.keep()
-        (logits,) = ctx.compute(self._forward(ctx, batch))
-        self._graphs[kind] = (key, ctx)
-        return logits
+        """Logits for the batch's outputs, reusing a kept graph when it fits
+        (`recorder.KeptGraphs`): read them before the next step."""
+        return self.graphs.compute(self.cache, batch, len(self.slots), self._forward)
 
     def _forward(self, ctx: Context, batch: Batch) -> Tensor:
         """Build a forward pass: the cache's inputs, then the batch's, then the model.
-        `_compute` records the same two calls to rerun a graph: nothing else may make
+        `KeptGraphs` records the same two calls to rerun a graph: nothing else may make
         inputs, and they must come in this order."""
         self.cache.start_forward(ctx, batch)
         return self.model.forward(ctx, batch_inputs(ctx, batch))
@@ -484,14 +460,9 @@ class Runner:
     def release_graphs(self) -> None:
         """Free the kept graphs and their compute buffers (before the backend closes)."""
         with self.lock:
-            self._drop_graphs()
+            self.graphs.drop()
         if self.draft is not None:
             self.draft.runner.release_graphs()
-
-    def _drop_graphs(self) -> None:
-        graphs, self._graphs = list(self._graphs.values()), {}
-        for _, ctx in graphs:
-            ctx.close()
 
     def reset(self) -> None:
         """Forget every cached prefix."""
