@@ -254,9 +254,9 @@ def test_released_graphs_are_built_again(tiny_llama_path):
     model = load_model(g.config(), backend)
     runner = Runner(model, backend, LetterTokenizer(), Options(num_ctx=256), model.context_length)
     first = run(runner, PROMPTS[0])[0].tokens
-    assert set(runner._graphs) == {"prompt", "decode"}
+    assert set(runner.graphs.kept) == {"prompt", "decode"}
     runner.release_graphs()
-    assert runner._graphs == {}
+    assert runner.graphs.kept == {}
     runner.reset()
     assert run(runner, PROMPTS[0])[0].tokens == first
 
