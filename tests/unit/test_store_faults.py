@@ -221,6 +221,7 @@ def test_sigint_stops_herd_pull_with_a_clean_message(tmp_path: Path) -> None:
             "HERD_MODELS": str(tmp_path / "models"),
             "HERD_HOST": f"127.0.0.1:{_free_port()}",  # no server there: pull in-process
             "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1",  # a SIGABRT below prints every thread's stack
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "herd", "pull", "--insecure", fake.name],
@@ -237,7 +238,10 @@ def test_sigint_stops_herd_pull_with_a_clean_message(tmp_path: Path) -> None:
             time.sleep(0.2)
             sent = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=10)
+            try:
+                _, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                pytest.fail(_stuck(proc))
             took = time.monotonic() - sent
         finally:
             proc.kill()
@@ -248,6 +252,23 @@ def test_sigint_stops_herd_pull_with_a_clean_message(tmp_path: Path) -> None:
     assert text.strip().splitlines()[-1] == (
         f"Error: pull interrupted: `herd pull {fake.name}` resumes it"
     )
+
+
+def _stuck(proc: subprocess.Popen[bytes]) -> str:
+    """Why a child ignored SIGINT: its signal state (blocked, ignored, caught, pending; bit
+    2 is SIGINT) and, through faulthandler on SIGABRT, where each of its threads was."""
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        state = " ".join(ln for ln in status.splitlines() if ln.startswith(("Sig", "ShdPnd")))
+    except OSError as e:
+        state = f"(no /proc status: {e})"
+    proc.send_signal(signal.SIGABRT)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return f"herd pull ran on 10 s after SIGINT; {state}\n{err.decode(errors='replace')[-6000:]}"
 
 
 # ---- the server ---------------------------------------------------------------------------
