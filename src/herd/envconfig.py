@@ -81,6 +81,13 @@ def onnx_cache() -> bool:
     return _get("HERD_ONNX_CACHE") != "0"
 
 
+def onnx_kv_in_place() -> bool:
+    """Whether the ONNX backend keeps its KV cache heads first, F32, and has a decoding
+    row's attention write its cell in place (GroupQueryAttention); HERD_ONNX_KV_IN_PLACE=0:
+    not (cells first, F16, each step's rows copied in by the host)."""
+    return _get("HERD_ONNX_KV_IN_PLACE") != "0"
+
+
 def onnx_cache_dir() -> Path:
     """Where it keeps them: HERD_CACHE/onnx, default ~/.cache/herd/onnx."""
     return cache_dir() / "onnx"
@@ -113,6 +120,7 @@ def backend_options() -> dict[str, Any]:
         "onnx_dequantize": onnx_dequantize(),
         "onnx_cache": onnx_cache(),
         "onnx_cache_dir": onnx_cache_dir(),
+        "onnx_kv_in_place": onnx_kv_in_place(),
         "rpc_servers": rpc_servers(),
         "sched_spread": sched_spread(),
     }

@@ -16,6 +16,7 @@ NAMES = (
     "HERD_ONNX_PROVIDERS",
     "HERD_ONNX_DEQUANTIZE",
     "HERD_ONNX_CACHE",
+    "HERD_ONNX_KV_IN_PLACE",
     "HERD_CACHE",
     "HERD_RPC",
     "HERD_SCHED_SPREAD",
@@ -36,14 +37,16 @@ def test_unset_means_the_defaults(env: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert envconfig.onnx_providers() == ()  # the best installed
     assert envconfig.onnx_dequantize() is False
     assert envconfig.onnx_cache() is True
+    assert envconfig.onnx_kv_in_place() is True
     assert envconfig.onnx_cache_dir() == tmp_path / ".cache" / "herd" / "onnx"
     assert envconfig.rpc_servers() == () and envconfig.sched_spread() is False
     opts = BackendOptions(**envconfig.backend_options())
     defaults = BackendOptions()
-    assert (opts.onnx_providers, opts.onnx_dequantize, opts.onnx_cache) == (
+    assert (opts.onnx_providers, opts.onnx_dequantize, opts.onnx_cache, opts.onnx_kv_in_place) == (
         defaults.onnx_providers,
         defaults.onnx_dequantize,
         defaults.onnx_cache,
+        defaults.onnx_kv_in_place,
     )
 
 
@@ -51,6 +54,7 @@ def test_set_values_are_read(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env.setenv("HERD_ONNX_PROVIDERS", " cuda, CPUExecutionProvider ,,")
     env.setenv("HERD_ONNX_DEQUANTIZE", "1")
     env.setenv("HERD_ONNX_CACHE", "0")
+    env.setenv("HERD_ONNX_KV_IN_PLACE", "0")
     env.setenv("HERD_CACHE", str(tmp_path / "c"))
     env.setenv("HERD_RPC", " 10.0.0.2:50052,, host-b:50053 ")
     env.setenv("OLLAMA_SCHED_SPREAD", "1")
@@ -59,6 +63,7 @@ def test_set_values_are_read(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "onnx_dequantize": True,
         "onnx_cache": False,
         "onnx_cache_dir": tmp_path / "c" / "onnx",
+        "onnx_kv_in_place": False,
         "rpc_servers": ("10.0.0.2:50052", "host-b:50053"),
         "sched_spread": True,
     }
@@ -87,6 +92,14 @@ def test_dequantize_is_anything_but_0(env: pytest.MonkeyPatch, value: str, want:
 def test_only_0_turns_the_disk_cache_off(env: pytest.MonkeyPatch, value: str, want: bool) -> None:
     env.setenv("HERD_ONNX_CACHE", value)
     assert envconfig.onnx_cache() is want
+
+
+@pytest.mark.parametrize(("value", "want"), [("0", False), ("", True), ("1", True)])
+def test_only_0_turns_the_in_place_cache_off(
+    env: pytest.MonkeyPatch, value: str, want: bool
+) -> None:
+    env.setenv("HERD_ONNX_KV_IN_PLACE", value)
+    assert envconfig.onnx_kv_in_place() is want
 
 
 def test_the_backend_resolves_and_refuses_providers(env: pytest.MonkeyPatch) -> None:

@@ -168,3 +168,85 @@ def test_rope_is_one_rotary_embedding_and_matches_numpy(tmp_path, name):
     scale = np.abs(x).max()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * scale)
     np.testing.assert_allclose(got[:3], want[:3], rtol=0, atol=1e-6 * scale)
+
+
+# ---- a decoding row's attention in place (fused.attention_in_place) ------------------------
+CELLS, HQ, HKV, D = 32, 4, 2, 64
+
+
+def _decode_step(backend, cell: int, seen: np.ndarray, seed: int = 9):
+    """Cells [0, cell) filled by one pass, then a decoding row written at `cell` attending
+    the cells `seen` marks (its mask), as the cache hands them over: the step's output,
+    the K/V caches, the row's (q, k, v), the step graph's node kinds and its writes left
+    to the host."""
+    from herd.ml import DType
+
+    rng = np.random.default_rng(seed)
+    past_k, past_v = rng.standard_normal((2, cell, HKV, D)).astype(np.float32)
+    q, k, v = (rng.standard_normal((1, h, D)).astype(np.float32) for h in (HQ, HKV, HKV))
+    keys, values = (backend.alloc((CELLS, HKV, D), DType.F16) for _ in range(2))
+    with backend.new_context() as ctx:
+        ids = ctx.input(np.arange(cell), DType.I32)
+        ctx.compute(keys.set_rows(ids, ctx.input(past_k)), values.set_rows(ids, ctx.input(past_v)))
+    with backend.new_context() as ctx:
+        ids = ctx.input([cell], DType.I32)
+        ctx.forward(keys.set_rows(ids, ctx.input(k)), values.set_rows(ids, ctx.input(v)))
+        mask = ctx.input(np.where(seen, 0, -np.inf).astype(np.float32)[None, :])
+        kt, vt = (ctx.attach(c).slice(0, 0, CELLS) for c in (keys, values))
+        out = ctx.input(q).scaled_dot_product_attention(kt, vt, mask, 0.125)
+        if out is None:  # not in place: as nn composes it
+            probs = ctx.input(q).permute(1, 0, 2).matmul_t(kt.permute(1, 0, 2))
+            out = probs.softmax(mask, 0.125).matmul_t(vt.permute(1, 2, 0))
+            out = out.permute(1, 0, 2).contiguous().reshape(1, HQ * D)
+        kinds = [n.op_type for n in ctx.g.nodes]
+        (got,) = ctx.compute(out)
+        writes = len(ctx.plan.writes)
+    return got, keys, values, (q, k, v), kinds, writes
+
+
+def _attention64(q, keys, values, seen) -> np.ndarray:
+    """Float64 attention of q (1, Hq, D) over cells `seen` of keys/values (cells, Hkv, D)."""
+    out = []
+    for h in range(HQ):
+        kh, vh = keys[seen, h // (HQ // HKV)], values[seen, h // (HQ // HKV)]
+        s = kh.astype(np.float64) @ q[0, h] * 0.125
+        p = np.exp(s - s.max())
+        out.append((p / p.sum()) @ vh)
+    return np.concatenate(out)[None, :]
+
+
+def test_a_decoding_row_attends_and_writes_its_cache_in_place(tmp_path):
+    """One GroupQueryAttention reads and writes the heads-first cache itself: the row's
+    keys and values land in their cell with no output for the host to store, the output is
+    float64 attention's over the cells the mask shows (a hole in them included), and the
+    cells-first F16 layout (HERD_ONNX_KV_IN_PLACE=0) composes it from the attended slice."""
+    from herd.ml import BackendOptions
+
+    g = open_gguf(_qkv_file(tmp_path / "w.gguf", Q.Q8_0))
+    cell = 9
+    seen = np.arange(CELLS) <= cell
+    seen[3] = False  # another sequence's cell among this one's
+    got, keys, values, (q, k, v), kinds, writes = _decode_step(open_backend("onnx", g), cell, seen)
+    assert kinds.count("GroupQueryAttention") == 1 and writes == 0, (kinds, writes)
+    assert keys.host.shape == (1, HKV, CELLS, D) and keys.host.dtype == np.float32
+    np.testing.assert_array_equal(keys.host[0, :, cell], k[0])
+    np.testing.assert_array_equal(values.host[0, :, cell], v[0])
+    want = _attention64(q, keys.host[0].swapaxes(0, 1), values.host[0].swapaxes(0, 1), seen)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+    off = open_backend("onnx", g, BackendOptions(onnx_kv_in_place=False))
+    composed, keys16, _, _, kinds, writes = _decode_step(off, cell, seen)
+    assert "GroupQueryAttention" not in kinds and writes == 2
+    assert keys16.host.shape == (CELLS, HKV, D) and keys16.host.dtype == np.float16
+    np.testing.assert_allclose(composed, got, rtol=0, atol=2e-2)  # its F16 rounding
+
+
+def test_a_cell_seen_after_the_written_one_is_an_error_not_a_wrong_answer(tmp_path):
+    """In-place attention sees cells [0, written cell] only: a step that would see one after
+    it (the cache never places a row so) is refused by the host's check, not computed."""
+    from herd.errors import BackendError
+
+    g = open_gguf(_qkv_file(tmp_path / "w.gguf", Q.Q8_0))
+    seen = np.arange(CELLS) <= 12
+    with pytest.raises(BackendError, match="cell 9 is written in place while the step sees"):
+        _decode_step(open_backend("onnx", g), 9, seen)

@@ -59,10 +59,10 @@ def export_onnx(model: str, out: Path, *, num_ctx: int = 2048, force: bool = Fal
     from herd.ml import BackendOptions, open_backend
 
     g = open_gguf(path)
-    # the providers and disk cache the user set (HERD_ONNX_*), as a run would use
-    backend = open_backend(
-        "onnx", g, BackendOptions(num_ctx=num_ctx, **envconfig.backend_options())
-    )
+    # the providers and disk cache the user set (HERD_ONNX_*), as a run would use; the
+    # cache cells first, as the exported step's caller keeps it and stores rows into it
+    options = {**envconfig.backend_options(), "onnx_kv_in_place": False}
+    backend = open_backend("onnx", g, BackendOptions(num_ctx=num_ctx, **options))
     try:
         return _export(model, g, backend, out, num_ctx)
     finally:

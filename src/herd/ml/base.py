@@ -233,7 +233,7 @@ class FusedAttention(Protocol):
         scale: float,
         fused: bool | None = None,
         prefix: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
+    ) -> Tensor | None:
         """q=self (T, Hq, D), k (S, Hkv, D), v (S, Hkv, Dv), mask (T, S) or None
         -> (T, Hq * Dv). Hq a multiple of Hkv: consecutive query heads share a K/V head.
         Where the backend's `CacheConfig.streams` says so, also N sequences at once: q
@@ -243,7 +243,8 @@ class FusedAttention(Protocol):
         mask then (N, T, P + S) with the prefix's columns first: one softmax over both.
         `fused`: None, as the backend was opened (`BackendOptions.flash_attention`); True,
         fused whatever that says (a vision encoder's attention, as llama.cpp's mtmd runs
-        it on every device: no cache, and a score matrix that would not fit a cache)."""
+        it on every device: no cache, and a score matrix that would not fit a cache).
+        None where the backend has no fused form for these operands: nn composes it."""
 
 
 class Context(Protocol):
@@ -354,6 +355,9 @@ class BackendOptions:
     onnx_dequantize: bool = False  # every weight float32: the quantized mapping's reference
     onnx_cache: bool = True  # keep optimized sessions on disk (onnx/disk.py)
     onnx_cache_dir: Path | None = None  # where; None: ~/.cache/herd/onnx
+    # the KV cache heads first and F32, a decoding row's cell written by its attention in
+    # place (onnx/fused.py); False: cells first, F16, rows copied in after each step
+    onnx_kv_in_place: bool = True
     # tuning and test knobs of the ggml backend
     max_nodes: int = 16384  # graph nodes one context may hold
     # CPU weights in ggml's repacked layouts where its kernels have one (llama.cpp's

@@ -93,7 +93,9 @@ def _attend(
     # the backend's own attention where its tensors have one; asked of the class, which
     # Python caches, not the instance (a protocol isinstance walks its members: ~8 us)
     if issubclass(type(q), FusedAttention):
-        return cast(FusedAttention, q).scaled_dot_product_attention(k, v, mask, scale, fused)
+        out = cast(FusedAttention, q).scaled_dot_product_attention(k, v, mask, scale, fused)
+        if out is not None:
+            return out
     t, hq, d = q.shape
     qh = q.permute(1, 0, 2)  # (Hq, T, D)
     kh = k.permute(1, 0, 2)  # (Hkv, S, D)
@@ -144,9 +146,11 @@ def _attend_streams(q: Tensor, k: Keys, v: Keys, mask: Tensor, scale: float) -> 
     n, (rows, hq, d) = k.shape[0], q.shape
     t = rows // n
     if issubclass(type(q), FusedAttention):
-        return cast(FusedAttention, q.reshape(n, t, hq, d)).scaled_dot_product_attention(
+        out = cast(FusedAttention, q.reshape(n, t, hq, d)).scaled_dot_product_attention(
             k, v, mask, scale, prefix=prefix
         )
+        if out is not None:
+            return out
     parts = []
     for i in range(n):
         ki, vi = (x.slice(0, i, i + 1).reshape(*x.shape[1:]) for x in (k, v))

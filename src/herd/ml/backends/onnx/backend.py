@@ -15,8 +15,13 @@ MatMulNBits prepacks only initializers, and ran 11x slower on graph inputs (30 d
 matmuls of 1536x576: 194 ms vs 17 ms). ORT copies initializers into each session
 (`add_external_initializers`, measured: +197 MB a session for 200 MB of weights), so every
 session costs about the quantized weights again (SmolLM2: ~170 MB); `MAX_SESSIONS` bounds
-it. Other types are dequantized to float32 at load (`load_weight`). The KV cache is kept
-in F16 for the f16, q8_0 and q4_0 cache types (ONNX has no block types), F32 when asked.
+it. Other types are dequantized to float32 at load (`load_weight`).
+
+The K/V cache is kept heads first in F32, (1, H, cells, D) for each layer's (cells, H, D),
+so that a decoding row's attention reads and writes it in place (fused.py; ONNX has no
+block types, so q8_0 and q4_0 are F32 too). `BackendOptions.onnx_kv_in_place=False`
+(HERD_ONNX_KV_IN_PLACE=0) keeps it cells first in F16 (F32 when asked), every step's rows
+copied in by the host, the layout `herd export onnx` writes.
 
 Execution providers: `BackendOptions.onnx_providers` (HERD_ONNX_PROVIDERS, read by
 envconfig), full names or short ones (cuda, dml, coreml, openvino, cpu); by default the
@@ -108,14 +113,21 @@ class Session:
     """An InferenceSession with the weights and caches it reads bound once."""
 
     def __init__(
-        self, sess: ort.InferenceSession, bound: dict[str, np.ndarray], externals: list[Any]
+        self,
+        sess: ort.InferenceSession,
+        bound: dict[str, np.ndarray],
+        externals: list[Any],
+        aliases: dict[str, str],
     ) -> None:
         self.sess, self.externals = sess, externals  # what the session may still point at
         self.io = sess.io_binding()
         self._outputs: list[np.ndarray] | None = None  # the buffers its outputs are bound to
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in bound.values()]
-        for name, v in zip(bound, self.values, strict=True):
+        by_name = dict(zip(bound, self.values, strict=True))
+        for name, v in by_name.items():
             self.io.bind_ortvalue_input(name, v)  # the backend's memory, no copy
+        for out, src in aliases.items():  # written in place: the output is the input's memory
+            self.io.bind_ortvalue_output(out, by_name[src])
 
     def run(self, names: list[str], arrays: list[np.ndarray], outs: list[str],
             buffers: list[np.ndarray]) -> None:  # fmt: skip
@@ -151,6 +163,8 @@ class OnnxBackend:
         # GGUF blocks that map exactly stay quantized (quant.py); onnx_dequantize: every
         # weight float32 (a reference for the mapping, and what runs without it)
         self.quantized = not options.onnx_dequantize
+        # K/V caches heads first, F32: decoding rows attend and write them in place (fused.py)
+        self.in_place = options.onnx_kv_in_place
         self.sessions_created = 0
         self._warned_cache = False
         _validate(gguf)
@@ -169,7 +183,12 @@ class OnnxBackend:
         return name
 
     def session(
-        self, key: str, model: bytes, bound: dict[str, np.ndarray], externals: dict[str, np.ndarray]
+        self,
+        key: str,
+        model: bytes,
+        bound: dict[str, np.ndarray],
+        externals: dict[str, np.ndarray],
+        aliases: dict[str, str] | None = None,
     ) -> Session:
         s = self._sessions.get(key)
         if s is not None:
@@ -191,7 +210,7 @@ class OnnxBackend:
                 sess = cached.session(key, model, so, externals)
         except Exception as e:  # ORT raises its own types: a graph it cannot run
             raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
-        s = self._sessions[key] = Session(sess, dict(bound), values)
+        s = self._sessions[key] = Session(sess, dict(bound), values, dict(aliases or {}))
         self.sessions_created += 1
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
@@ -258,10 +277,14 @@ class OnnxBackend:
         return t
 
     def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> OnnxTensor:
-        if dtype in (DType.Q8_0, DType.Q4_0) and not self._warned_cache:
-            log.info("onnx: no %s arrays; the KV cache is kept as F16", dtype.name)
+        # a K/V cache's (cells, H, D) kept as (1, H, cells, D), GroupQueryAttention's past,
+        # in F32: its CPU kernel took 2.8x as long on F16 (30 layers over 300 cells)
+        kv = self.in_place and len(shape) == 3 and dtype != DType.I32
+        if dtype in (DType.Q8_0, DType.Q4_0, DType.F16) and not self._warned_cache:
+            if kv or dtype != DType.F16:
+                log.info("onnx: the KV cache is kept as %s", "F32" if kv else "F16")
             self._warned_cache = True
-        store = (DType.F16 if dtype in _CACHE_AS_F16 else
+        store = (DType.F32 if kv else DType.F16 if dtype in _CACHE_AS_F16 else
                  DType.I32 if dtype == DType.I32 else DType.F32)  # fmt: skip
         np_type = {DType.F16: np.float16, DType.I32: np.int32}.get(store, np.float32)
         nbytes = math.prod(shape) * np.dtype(np_type).itemsize
@@ -272,8 +295,8 @@ class OnnxBackend:
                 f"{dtype.name} tensor {tuple(shape)}{where} needs {size(nbytes)}, but "
                 f"{size(free)} is available; lower num_ctx"
             )
-        a = np.zeros(shape, np_type)
-        return OnnxTensor(None, a.shape, store, None, a, "cache")
+        a = np.zeros((1, shape[1], shape[0], shape[2]) if kv else shape, np_type)
+        return OnnxTensor(None, tuple(shape), store, None, a, "cache")
 
     def new_context(self) -> OnnxContext:
         return OnnxContext(self)

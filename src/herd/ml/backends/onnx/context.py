@@ -13,6 +13,12 @@ scattered into that slice (the indices checked on the host, each run, to lie in 
 any other read after a write scatters into the whole buffer (shifts and moves: rare).
 `rerun` (GraphReuse) runs the last compute's session again with new host inputs.
 
+A KV cache the backend keeps heads first (`OnnxTensor.heads_first`: the array
+(1, H, cells, D) behind a tensor whose shape is (cells, H, D)) is read through a transpose,
+and its written rows are stored transposed. A decoding row's attention may write its cell
+itself, in place (fused.py's GroupQueryAttention): that write is then no output of the
+graph, and the host stores nothing.
+
 Shapes are symbolic (dims.py): every input's sizes are `Dim`s, and slices along them, or
 along a cache's cells, take their bounds as one-element int64 inputs of the context's own
 (`slice_bound`: the attended range [lo, hi) of the KV cache, a block's rows), so a graph names
@@ -53,6 +59,8 @@ class Write:
     rows: str
     shape: tuple[int, ...]  # of the rows: (T, ...), a column write's moved to the front
     columns: bool = False  # written along the last axis (set_columns)
+    in_place: bool = False  # written by the graph into the bound buffer itself (fused.py)
+    heads_first: bool = False  # buf is (1, H, cells, D) behind the cache's (cells, H, D)
 
 
 @dataclass
@@ -63,10 +71,13 @@ class Plan:
     inputs: list[str]  # host input names, in `input` call order, then `bounds`' names
     outputs: list[tuple[str, tuple[int, ...], Any]]  # name, shape, NumPy type
     n_results: int  # the first outputs are compute's results; the rest, written rows/ids
-    # buf, rows output, ids input or -1, ids output or -1, columns
+    # buf (a view in the cache's own order), rows output, ids input or -1, ids output or -1, columns
     writes: list[tuple[np.ndarray, int, int, int, bool]]
     checks: list[tuple[int, int, int]]  # host input, lo, hi: written ids must lie in [lo, hi)
     bounds: list[np.ndarray]  # the context's slice bounds (`slice_bound`), given each run
+    # host inputs (mask, written cell) of in-place attention: no cell after the written one
+    # may be seen (fused.py), checked each run
+    in_place: list[tuple[int, int]] = field(default_factory=list)
     host: list[np.ndarray] = field(default_factory=list)  # output buffers (rerun copy=False)
 
 
@@ -85,6 +96,8 @@ class OnnxContext:
         self._full: dict[tuple[int, int], str] = {}  # (cache, writes seen) -> materialized
         self.memo: dict[tuple[object, ...], tuple[str, str]] = {}  # values ops share (rope)
         self.bounds: dict[tuple[object, int], tuple[str, np.ndarray]] = {}  # `slice_bound`
+        self.aliases: dict[str, str] = {}  # graph output -> the bound input it writes into
+        self.in_place: list[tuple[int, int]] = []  # Plan.in_place
         self.plan: Plan | None = None
 
     # ---- values -------------------------------------------------------------------------
@@ -104,8 +117,20 @@ class OnnxContext:
         name = self.backend.input_name(t.host)
         if name not in self.bound:
             self.bound[name] = t.host
-            self.g.declare(name, ELEM[t._dtype], t.shape)
+            self.g.declare(name, ELEM[t._dtype], t.host.shape if t.kind == "cache" else t.shape)
         return name
+
+    def _logical(self, t: OnnxTensor) -> str:
+        """A cache's whole bound array in the tensor's own (cells, ...) order."""
+        base = self._bind(t)
+        if not t.heads_first:
+            return base
+        key = ("logical", base)
+        if key not in self.memo:
+            _, h, c, d = t.host.shape  # (1, H, cells, D) -> (cells, H, D)
+            heads = self.g.op("Reshape", [base, self.g.const([h, c, d])])
+            self.memo[key] = (self.g.op("Transpose", [heads], perm=[1, 0, 2]), "")
+        return self.memo[key][0]
 
     def _cast_to(self, t: OnnxTensor, elem: int) -> str:
         v = self.val(t)
@@ -159,7 +184,7 @@ class OnnxContext:
 
     def _cache_value(self, t: OnnxTensor, seen: int) -> str:
         assert t.host is not None
-        base = self._bind(t)
+        base = self._logical(t)
         writes = self._writes_to(t.host, seen)
         if not writes:
             return base
@@ -201,10 +226,14 @@ class OnnxContext:
         writes = self._writes_to(t.host, seen)
         direct = all(w.ids.name in self._input_index and not w.columns for w in writes)
         g = self.g
-        src = self._bind(t) if direct else self._cache_value(t, seen)
         cells = ("cells", t.shape[0])
         start, stop = self.slice_bound(cells, lo), self.slice_bound(cells, hi)
-        v = g.op("Slice", [src, g.const([start]), g.const([stop]), g.const([0])])
+        if direct and t.heads_first:  # (1, H, cells, D): the rows, then (rows, H, D)
+            v = g.op("Slice", [self._bind(t), g.const([start]), g.const([stop]), g.const([2])])
+            v = g.op("Transpose", [g.op("Squeeze", [v, g.const([0])])], perm=[1, 0, 2])
+        else:
+            src = self._bind(t) if direct else self._cache_value(t, seen)
+            v = g.op("Slice", [src, g.const([start]), g.const([stop]), g.const([0])])
         if not direct:
             return v
         for w in writes:
@@ -230,7 +259,9 @@ class OnnxContext:
         if cache._dtype != DType.F32:
             rows = self.g.op("Cast", [rows], to=ELEM[cache._dtype])
         self._bind(cache)  # the cache is the session's, written or not
-        self.writes.append(Write(cache.host, ids, self.i64(ids), rows, shape, columns))
+        write = Write(cache.host, ids, self.i64(ids), rows, shape, columns)
+        write.heads_first = cache.heads_first
+        self.writes.append(write)
         return OnnxTensor(rows, shape, cache._dtype, self)
 
     # ---- the Context contract -----------------------------------------------------------
@@ -270,6 +301,8 @@ class OnnxContext:
                          t.shape))  # fmt: skip
         writes = []
         for w in self.writes:
+            if w.in_place:  # the graph stores it (fused.py): nothing for the host to do
+                continue
             at = len(outs)
             name = g.fresh("wrote")
             g.nodes.append(_identity(w.rows, name))
@@ -281,11 +314,15 @@ class OnnxContext:
                 name = g.fresh("ids")
                 g.nodes.append(_identity(w.ids64, name))
                 outs.append((name, TensorProto.INT64, (w.ids.shape[0],)))
-            writes.append((w.buf, at, ids_in, ids_out, w.columns))
-        model = g.model(outs).SerializeToString()
+            # the host stores into the cache in its (cells, ...) order: a view of the array
+            target = w.buf[0].swapaxes(0, 1) if w.heads_first else w.buf
+            writes.append((target, at, ids_in, ids_out, w.columns))
+        aliased = [(name, ELEM[_dtype_of(self.bound[src])], self.bound[src].shape)
+                   for name, src in self.aliases.items()]  # fmt: skip
+        model = g.model(outs + aliased).SerializeToString()
         del g.nodes[n0:]
         key = hashlib.sha1(model).hexdigest()
-        session = self.backend.session(key, model, self.bound, g.externals)
+        session = self.backend.session(key, model, self.bound, g.externals, self.aliases)
         np_out = {TensorProto.FLOAT: np.float32, TensorProto.INT32: np.int32,
                   TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64}  # fmt: skip
         self.plan = Plan(
@@ -296,6 +333,7 @@ class OnnxContext:
             writes,
             list(dict.fromkeys(self.checks)),  # each layer's K and V write the same ids
             [a for _, a in self.bounds.values()],
+            list(dict.fromkeys(self.in_place)),
         )
         return self._run([a for _, a in self.inputs], copy=True)
 
@@ -329,6 +367,14 @@ class OnnxContext:
                     f"onnx: cache rows {ids.tolist()} written outside the rows [{lo}, {hi}) "
                     "read in the same pass"
                 )
+        for mask_in, cell_in in plan.in_place:
+            cell = int(hosts[cell_in][0])
+            if np.isfinite(hosts[mask_in][0, cell + 1 :]).any():
+                raise BackendError(
+                    f"onnx: cell {cell} is written in place while the step sees cells after "
+                    "it, which in-place attention cannot attend (HERD_ONNX_KV_IN_PLACE=0 "
+                    "turns it off)"
+                )
         if not plan.host:
             plan.host = [np.empty(s, dt) for _, s, dt in plan.outputs]
         for h in plan.host:
@@ -358,6 +404,8 @@ class OnnxContext:
         self.bound.clear()
         self.bounds.clear()
         self.writes.clear()
+        self.aliases.clear()
+        self.in_place.clear()
 
     def __enter__(self) -> OnnxContext:
         return self

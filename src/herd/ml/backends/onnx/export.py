@@ -53,9 +53,11 @@ def capture(backend: OnnxBackend, ctx: OnnxContext, *outputs: OnnxTensor) -> Cap
     real = backend.session
 
     def keep(key: str, model: bytes, bound: dict[str, np.ndarray],
-             externals: dict[str, np.ndarray]) -> Any:  # fmt: skip
+             externals: dict[str, np.ndarray],
+             aliases: dict[str, str] | None = None) -> Any:  # fmt: skip
+        assert not aliases, "an exported step writes no cache in place"
         seen.append((model, dict(bound), dict(externals)))
-        return real(key, model, bound, externals)
+        return real(key, model, bound, externals, aliases)
 
     backend.session = keep  # type: ignore[method-assign]
     try:

@@ -8,6 +8,14 @@ token), so a few ops that were many nodes each become one kernel:
   them) read from position 0: 3 nodes per rotated tensor instead of 9 (NeoX) or 14
   (adjacent pairs). Whole-head rotation only; a partial one (dims < head size) stays
   composed.
+- a decoding row's attention: `com.microsoft::GroupQueryAttention` with the layer's K/V
+  cache as both its past and its present, one buffer (the backend keeps the cache heads
+  first, (1, H, cells, D), its layout), so ORT writes the row's keys and values into
+  their cell and attends cells [0, cell] where they lie: no slice, scatter or cast of the
+  attended cells, and nothing for the host to store after the step. herd's mask is its
+  attention bias (a sliding window, a cell of another sequence). It applies where the
+  row's sequence starts at cell 0 and sees no cell after the one it writes (the cache
+  places a sequence's tokens after its own cells), checked by the host each run.
 
 Measured and not kept: ONNX's opset-23 `Attention` (grouped K/V heads, additive mask) runs
 on onnxruntime 1.32's CPU provider, but SmolLM2's decode fell from 51.7 to 47.6 tok/s and
@@ -26,6 +34,7 @@ from herd.ml.backends.onnx import ops
 from herd.ml.base import RopeOptions
 
 if TYPE_CHECKING:
+    from herd.ml.backends.onnx.context import OnnxContext, Write
     from herd.ml.backends.onnx.tensor import OnnxTensor
 
 MS = "com.microsoft"
@@ -60,3 +69,64 @@ def rope(
              interleaved=0 if opts.neox else 1, num_heads=h, rotary_embedding_dim=d)  # fmt: skip
     y = g.op("Reshape", [y, g.const([-1, h, d])])
     return x._out(y, x.shape, positions)
+
+
+def attention_in_place(
+    q: OnnxTensor, k: OnnxTensor, v: OnnxTensor, mask: OnnxTensor | None, scale: float
+) -> OnnxTensor | None:
+    """q (1, Hq, D) over k, v read from heads-first caches from cell 0 (`rows_of`), this
+    step's row written into each at a host-given cell: GroupQueryAttention in place (the
+    module docstring), -> (1, Hq * D). None where that does not fit: nn composes it."""
+    if q.shape[0] != 1 or mask is None or k.rows_of is None or v.rows_of is None:
+        return None
+    (kc, k_lo, _), (vc, v_lo, _) = k.rows_of, v.rows_of
+    _, hq, d = q.shape
+    _, hkv, dv = v.shape
+    if k_lo or v_lo or not (kc.heads_first and vc.heads_first) or dv != d or hq % hkv:
+        return None
+    c = ops._ctx(q, k, v, mask)
+    wk, wv = _step_write(c, kc), _step_write(c, vc)
+    mask_in = c._input_index.get(mask.name or "")
+    if wk is None or wv is None or wk.ids is not wv.ids or mask_in is None:
+        return None
+    g = c.g
+    cell_in = c._input_index[wk.ids.name or ""]
+    lens = ("in-place cell", wk.ids.name)
+    if lens not in c.memo:  # every layer of the pass writes the same cell: [0, cell] seen
+        seqlens = g.op("Cast", [c.val(wk.ids)], to=TensorProto.INT32)
+        total = g.op("Squeeze", [g.op("Add", [seqlens, g.const([1], np.int32)]), g.const([0])])
+        c.memo[lens] = (seqlens, total)
+    seqlens, total = c.memo[lens]
+    seen = ("in-place bias", wk.ids.name, mask.name)
+    if seen not in c.memo:  # the mask's columns [0, cell], one per cache of the pass
+        end = g.op("Add", [wk.ids64, g.const([1])])
+        cols = g.op("Slice", [c.f32(mask), g.const([0]), end, g.const([1])])
+        c.memo[seen] = (g.op("Reshape", [cols, g.const([1, 1, 1, -1])]), "")
+    bias = c.memo[seen][0]
+    row = g.const([1, 1, -1])
+    past_k, past_v = c._bind(kc), c._bind(vc)
+    out, present_k, present_v = g.op(
+        "GroupQueryAttention",
+        [g.op("Reshape", [c.f32(q), row]), g.op("Reshape", [wk.rows, row]),
+         g.op("Reshape", [wv.rows, row]), past_k, past_v, seqlens, total, "", "", "", bias],
+        n_out=3, domain=MS, num_heads=hq, kv_num_heads=hkv, scale=float(scale),
+    )  # fmt: skip
+    c.aliases[present_k], c.aliases[present_v] = past_k, past_v
+    wk.in_place = wv.in_place = True
+    c.in_place.append((mask_in, cell_in))
+    y = g.op("Reshape", [out, g.const([1, hq * d])])
+    return q._out(y, (1, hq * d), k, v, mask)
+
+
+def _step_write(c: OnnxContext, cache: OnnxTensor) -> Write | None:
+    """The one write this pass made to `cache` before it was read: one row, at a cell the
+    host gives, into an F32 buffer (the row is then GroupQueryAttention's new key)."""
+    assert cache.host is not None
+    seen = cache.seen if cache.ctx is c and cache.seen >= 0 else len(c.writes)
+    writes = c._writes_to(cache.host, seen)
+    if len(writes) != 1 or cache.host.dtype != np.float32:
+        return None
+    w = writes[0]
+    if w.columns or w.in_place or w.ids.shape[0] != 1 or w.ids.name not in c._input_index:
+        return None
+    return w

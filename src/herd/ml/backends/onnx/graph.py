@@ -101,9 +101,11 @@ class Graph:
         return name
 
     def model(self, outputs: list[tuple[str, int, tuple[int, ...]]]) -> onnx.ModelProto:
-        """The recorded graph with these (name, elem type, shape) outputs."""
+        """The recorded graph with these (name, elem type, shape) outputs, less the nodes
+        none of them needs (ORT runs every node it is given: a decoding row's attention
+        in place leaves the cache reads the model made for the composed one unused)."""
         g = helper.make_graph(
-            self.nodes,
+            _needed(self.nodes, [n for n, _, _ in outputs]),
             "herd",
             [helper.make_tensor_value_info(n, e, _dims(s)) for n, (e, s) in self.inputs.items()],
             [helper.make_tensor_value_info(n, e, _dims(s)) for n, e, s in outputs],
@@ -114,6 +116,17 @@ class Graph:
         )
         m.ir_version = 10
         return m
+
+
+def _needed(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in record order."""
+    want = set(outputs)
+    keep = []
+    for node in reversed(nodes):
+        if any(o in want for o in node.output):
+            keep.append(node)
+            want.update(node.input)
+    return keep[::-1]
 
 
 def _dims(shape: tuple[int, ...]) -> list[int | str | None]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from herd.ml.backends.onnx import ops, quant
 from herd.ml.backends.onnx.dims import Dim
+from herd.ml.backends.onnx.fused import attention_in_place
 from herd.ml.backends.onnx.graph import ELEM
 from herd.ml.base import DType, mul_mat_id_shape
 
@@ -69,6 +70,7 @@ class OnnxTensor:
         "gguf_dtype",
         "q",
         "wname",
+        "rows_of",
     )
 
     def __init__(
@@ -87,6 +89,9 @@ class OnnxTensor:
         # a weight: its name, and its blocks as MatMulNBits reads them (quant.py), if they map
         self.wname: str = ""
         self.q: Any = None
+        # read from a cache: (the cache as this context saw it, first cell, end cell) at
+        # record time, for attention that uses the cache itself (fused.py)
+        self.rows_of: tuple[OnnxTensor, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"OnnxTensor{self._shape}:{self._dtype.name}"
@@ -98,6 +103,15 @@ class OnnxTensor:
     @property
     def dtype(self) -> DType:
         return self.gguf_dtype or self._dtype
+
+    @property
+    def heads_first(self) -> bool:
+        """A cache the backend keeps as (1, H, cells, D) behind its (cells, H, D) shape."""
+        return (
+            self.kind == "cache"
+            and self.host is not None
+            and self.host.ndim == len(self._shape) + 1
+        )
 
     # ---- helpers ----------------------------------------------------------------------
     def _out(
@@ -317,8 +331,22 @@ class OnnxTensor:
         )
         return _ctx(ids, src).write(self, ids, src, columns=True)
 
-    # ---- images and rope: ops.py ----------------------------------------------------------
+    # ---- images and rope: ops.py; attention in the cache: fused.py ------------------------
     conv2d, avg_pool2d, rope = ops.conv2d, ops.avg_pool2d, ops.rope
+
+    def scaled_dot_product_attention(
+        self,
+        k: OnnxTensor,
+        v: OnnxTensor,
+        mask: OnnxTensor | None,
+        scale: float,
+        fused: bool | None = None,
+        prefix: tuple[OnnxTensor, OnnxTensor] | None = None,
+    ) -> OnnxTensor | None:
+        """A decoding row over its cache in place (fused.py); None: nn composes it."""
+        if prefix is not None or len(k.shape) != 3:
+            return None
+        return attention_in_place(self, k, v, mask, scale)
 
     # ---- shapes -------------------------------------------------------------------------
     def reshape(self, *shape: int) -> OnnxTensor:
@@ -348,7 +376,9 @@ class OnnxTensor:
             start, stop = c.slice_bound(where, start), c.slice_bound(where, stop)
         shape = s[:axis] + (stop - start,) + s[axis + 1 :]
         if self.kind == "cache" and axis == 0:  # the attended rows, this pass's writes in
-            return self._out(c.cache_rows(self, start, stop), shape, dtype=self._dtype)
+            out = self._out(c.cache_rows(self, start, stop), shape, dtype=self._dtype)
+            out.rows_of = (self, int(start), int(stop))
+            return out
         y = c.g.op("Slice", [c.val(self), c.g.const([start]), c.g.const([stop]), c.g.const([axis])])
         return self._out(y, shape, dtype=self._dtype)
 
