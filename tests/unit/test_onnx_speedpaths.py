@@ -250,3 +250,50 @@ def test_a_cell_seen_after_the_written_one_is_an_error_not_a_wrong_answer(tmp_pa
     seen = np.arange(CELLS) <= 12
     with pytest.raises(BackendError, match="cell 9 is written in place while the step sees"):
         _decode_step(open_backend("onnx", g), 9, seen)
+
+
+# ---- fewer nodes a step: Reshape chains folded, a norm's weight as its scale ---------------
+def _run_graph(g, outputs, feed):
+    model = g.model(outputs)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [n.op_type for n in model.graph.node], sess.run(None, feed)
+
+
+@pytest.mark.parametrize(("last", "want"), [([-1], (24,)), ([0, -1], (4, 6))])
+def test_a_chain_of_reshapes_is_one_reshape_of_its_start(last, want):
+    """x (3, 2, 4) -> (6, 4) -> (4, 6) -> `last` becomes one Reshape of x (the others, read
+    by nothing else, left out), but not where `last` holds a 0 (ONNX's copy-this-dim, which
+    copies the intermediate's dim, not x's): then its input stays the (4, 6)."""
+    from onnx import TensorProto
+
+    from herd.ml.backends.onnx.graph import Graph
+
+    g = Graph()
+    g.declare("x", TensorProto.FLOAT, (3, 2, 4))
+    x = np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+    a = g.op("Reshape", ["x", g.const([6, 4])])
+    b = g.op("Reshape", [a, g.const([4, 6])])
+    c = g.op("Reshape", [b, g.const(last)])
+    kinds, (got,) = _run_graph(g, [(c, TensorProto.FLOAT, want)], {"x": x})
+    assert kinds == ["Reshape"] * (1 if 0 not in last else 2), kinds
+    np.testing.assert_array_equal(got, x.reshape(want))
+
+
+def test_a_norms_weight_becomes_its_scale(tmp_path):
+    """rms_norm then mul(weight): one SimplifiedLayerNormalization scaled by the weight,
+    no Mul, and NumPy's values."""
+    from herd.ml import DType
+    from herd.ml.backends.numpy import NumpyBackend
+
+    g = open_gguf(_qkv_file(tmp_path / "w.gguf", Q.Q8_0))
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    outs, kinds = [], []
+    for backend in (NumpyBackend(g), open_backend("onnx", g)):
+        with backend.new_context() as ctx:
+            y = ctx.input(x).rms_norm(1e-5).mul(ctx.input(w, DType.F32))
+            kinds = [n.op_type for n in ctx.g.nodes] if hasattr(ctx, "g") else kinds
+            outs.append(ctx.compute(y)[0])
+    assert kinds.count("SimplifiedLayerNormalization") == 2 and "Mul" not in kinds, kinds
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)

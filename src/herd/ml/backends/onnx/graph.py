@@ -101,11 +101,13 @@ class Graph:
         return name
 
     def model(self, outputs: list[tuple[str, int, tuple[int, ...]]]) -> onnx.ModelProto:
-        """The recorded graph with these (name, elem type, shape) outputs, less the nodes
-        none of them needs (ORT runs every node it is given: a decoding row's attention
-        in place leaves the cache reads the model made for the composed one unused)."""
+        """The recorded graph with these (name, elem type, shape) outputs, chains of
+        Reshapes folded and the nodes none of them needs left out: ORT runs every node it
+        is given, at a cost per node that a decode step of a small model notices (SmolLM2:
+        953 nodes a step, 738 folded, decode 1.10x; a decoding row's attention in place
+        leaves the cache reads made for the composed one unused)."""
         g = helper.make_graph(
-            _needed(self.nodes, [n for n, _, _ in outputs]),
+            _needed(_fold_reshapes(self.nodes, self.consts), [n for n, _, _ in outputs]),
             "herd",
             [helper.make_tensor_value_info(n, e, _dims(s)) for n, (e, s) in self.inputs.items()],
             [helper.make_tensor_value_info(n, e, _dims(s)) for n, e, s in outputs],
@@ -116,6 +118,27 @@ class Graph:
         )
         m.ir_version = 10
         return m
+
+
+def _fold_reshapes(
+    nodes: list[onnx.NodeProto], consts: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """Each Reshape to a constant shape reads the value before a chain of Reshapes, not the
+    chain's end: Reshape(Reshape(x, a), b) is Reshape(x, b) where b holds no 0 (ONNX's
+    "copy this dim", which would copy the intermediate's). The chain's Reshapes that
+    nothing else reads are then left out (`_needed`)."""
+    shapes = {t.name for t in consts if t.data_type == TensorProto.INT64 and len(t.dims) == 1}
+    fixed = {t.name for t in consts if t.name in shapes and (numpy_helper.to_array(t) != 0).all()}
+    source: dict[str, str] = {}  # a Reshape's output -> the value its chain starts from
+    out = []
+    for node in nodes:
+        if node.op_type == "Reshape" and not node.domain and not node.attribute:
+            src = source.get(node.input[0], node.input[0])
+            if node.input[1] in fixed and src != node.input[0]:
+                node = helper.make_node("Reshape", [src, node.input[1]], list(node.output))
+            source[node.output[0]] = src
+        out.append(node)
+    return out
 
 
 def _needed(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:

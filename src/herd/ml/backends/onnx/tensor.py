@@ -71,6 +71,7 @@ class OnnxTensor:
         "q",
         "wname",
         "rows_of",
+        "normed",
     )
 
     def __init__(
@@ -92,6 +93,9 @@ class OnnxTensor:
         # read from a cache: (the cache as this context saw it, first cell, end cell) at
         # record time, for attention that uses the cache itself (fused.py)
         self.rows_of: tuple[OnnxTensor, int, int] | None = None
+        # an rms_norm's output: (its input's value, eps), so that a scale multiplied in
+        # next becomes the norm's own (one node, not two)
+        self.normed: tuple[str, float] | None = None
 
     def __repr__(self) -> str:
         return f"OnnxTensor{self._shape}:{self._dtype.name}"
@@ -140,6 +144,11 @@ class OnnxTensor:
         return self._binary("Sub", other)
 
     def mul(self, other: OnnxTensor) -> OnnxTensor:
+        if self.normed is not None and other.shape == self.shape[-1:]:  # a norm's weight
+            c = _ctx(self, other)
+            x, eps = self.normed
+            y = c.g.op("SimplifiedLayerNormalization", [x, c.f32(other)], axis=-1, epsilon=eps)
+            return self._out(y, self.shape, other)
         return self._binary("Mul", other)
 
     def div(self, other: OnnxTensor) -> OnnxTensor:
@@ -222,8 +231,11 @@ class OnnxTensor:
         # where the composed form ran five nodes per norm
         c = _ctx(self)
         ones = c.g.const(np.ones(self.shape[-1]), np.float32)
-        y = c.g.op("SimplifiedLayerNormalization", [c.f32(self), ones], axis=-1, epsilon=eps)
-        return self._out(y, self.shape)
+        x = c.f32(self)
+        y = c.g.op("SimplifiedLayerNormalization", [x, ones], axis=-1, epsilon=eps)
+        out = self._out(y, self.shape)
+        out.normed = (x, eps)
+        return out
 
     def layer_norm(self, eps: float) -> OnnxTensor:
         c = _ctx(self)
