@@ -71,7 +71,8 @@ class Plan:
     inputs: list[str]  # host input names, in `input` call order, then `bounds`' names
     outputs: list[tuple[str, tuple[int, ...], Any]]  # name, shape, NumPy type
     n_results: int  # the first outputs are compute's results; the rest, written rows/ids
-    # buf (a view in the cache's own order), rows output, ids input or -1, ids output or -1, columns
+    # buf (a view in the cache's own order), rows output, ids input or -1, ids output or
+    # -1, columns
     writes: list[tuple[np.ndarray, int, int, int, bool]]
     checks: list[tuple[int, int, int]]  # host input, lo, hi: written ids must lie in [lo, hi)
     bounds: list[np.ndarray]  # the context's slice bounds (`slice_bound`), given each run
@@ -259,9 +260,8 @@ class OnnxContext:
         if cache._dtype != DType.F32:
             rows = self.g.op("Cast", [rows], to=ELEM[cache._dtype])
         self._bind(cache)  # the cache is the session's, written or not
-        write = Write(cache.host, ids, self.i64(ids), rows, shape, columns)
-        write.heads_first = cache.heads_first
-        self.writes.append(write)
+        self.writes.append(Write(cache.host, ids, self.i64(ids), rows, shape, columns,
+                                 heads_first=cache.heads_first))  # fmt: skip
         return OnnxTensor(rows, shape, cache._dtype, self)
 
     # ---- the Context contract -----------------------------------------------------------
