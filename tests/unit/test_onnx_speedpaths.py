@@ -297,3 +297,29 @@ def test_a_norms_weight_becomes_its_scale(tmp_path):
             outs.append(ctx.compute(y)[0])
     assert kinds.count("SimplifiedLayerNormalization") == 2 and "Mul" not in kinds, kinds
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_where_the_op_does_not_run_in_place_the_cache_stays_cells_first(tmp_path, monkeypatch):
+    """The backend tries the in-place node once (fused.runs_in_place, against NumPy): here
+    it runs; where onnxruntime cannot build it (an older version, another provider), the
+    backend keeps the cells-first F16 cache and composes attention, with a log line."""
+    from herd.ml import DType
+    from herd.ml.backends.onnx import fused
+
+    assert fused.runs_in_place(("CPUExecutionProvider",))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("GroupQueryAttention: no input named attention_bias")
+
+    fused.runs_in_place.cache_clear()
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    try:
+        assert not fused.runs_in_place(("CPUExecutionProvider",))
+    finally:
+        monkeypatch.undo()
+        fused.runs_in_place.cache_clear()
+    monkeypatch.setattr(fused, "runs_in_place", lambda providers: False)
+    backend = open_backend("onnx", open_gguf(_qkv_file(tmp_path / "w.gguf", Q.Q8_0)))
+    cache = backend.alloc((CELLS, HKV, D), DType.F16)
+    assert not backend.in_place and cache.host.shape == (CELLS, HKV, D)
+    assert cache.host.dtype == np.float16

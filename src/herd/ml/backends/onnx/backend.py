@@ -44,7 +44,7 @@ from gguf.quants import dequantize
 
 from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
 from herd.gguf import GGUFFile
-from herd.ml.backends.onnx import disk, quant
+from herd.ml.backends.onnx import disk, fused, quant
 from herd.ml.backends.onnx.context import OnnxContext
 from herd.ml.backends.onnx.tensor import OnnxTensor
 from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
@@ -163,8 +163,9 @@ class OnnxBackend:
         # GGUF blocks that map exactly stay quantized (quant.py); onnx_dequantize: every
         # weight float32 (a reference for the mapping, and what runs without it)
         self.quantized = not options.onnx_dequantize
-        # K/V caches heads first, F32: decoding rows attend and write them in place (fused.py)
-        self.in_place = options.onnx_kv_in_place
+        # K/V caches heads first, F32: decoding rows attend and write them in place (fused.py),
+        # where this onnxruntime and provider run that as fused.py asks
+        self.in_place = options.onnx_kv_in_place and fused.runs_in_place(tuple(self.providers))
         self.sessions_created = 0
         self._warned_cache = False
         _validate(gguf)

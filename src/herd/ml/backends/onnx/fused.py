@@ -25,10 +25,12 @@ alternating; alone, 1 query over 512 cells: 135 us against 107 us a layer).
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from herd.ml.backends.onnx import ops
 from herd.ml.base import RopeOptions
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from herd.ml.backends.onnx.tensor import OnnxTensor
 
 MS = "com.microsoft"
+log = logging.getLogger(__name__)
 
 
 def rope(
@@ -82,8 +85,8 @@ def attention_in_place(
     (kc, k_lo, _), (vc, v_lo, _) = k.rows_of, v.rows_of
     _, hq, d = q.shape
     _, hkv, dv = v.shape
-    if k_lo or v_lo or not (kc.heads_first and vc.heads_first) or dv != d or hq % hkv:
-        return None
+    if k_lo or v_lo or not (kc.heads_first and vc.heads_first) or dv != d or hq % hkv or d % 8:
+        return None  # (ORT's kernel takes head sizes in multiples of 8)
     c = ops._ctx(q, k, v, mask)
     wk, wv = _step_write(c, kc), _step_write(c, vc)
     mask_in = c._input_index.get(mask.name or "")
@@ -130,3 +133,72 @@ def _step_write(c: OnnxContext, cache: OnnxTensor) -> Write | None:
     if w.columns or w.in_place or w.ids.shape[0] != 1 or w.ids.name not in c._input_index:
         return None
     return w
+
+
+@functools.cache
+def runs_in_place(providers: tuple[str, ...]) -> bool:
+    """Whether this onnxruntime and these providers run `attention_in_place`'s node as it
+    is used: past and present one buffer, a row written at a cell given by seqlens_k, an
+    attention bias over cells [0, cell]. Tried once per process on a node of two heads
+    over four cells against NumPy (an older onnxruntime may lack the bias input, another
+    provider the shared buffer); where it does not, the cache stays cells first."""
+    import onnxruntime as ort
+
+    h, d, cells, cell = 2, 8, 4, 2
+    f32 = TensorProto.FLOAT
+    row, past = (1, 1, h * d), (1, h, cells, d)
+    shapes = {"q": row, "k": row, "v": row, "pk": past, "pv": past, "seqlens": (1,),
+              "total": (), "bias": (1, 1, 1, cell + 1)}  # fmt: skip
+    types = {"seqlens": TensorProto.INT32, "total": TensorProto.INT32}
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["q", "k", "v", "pk", "pv", "seqlens", "total", "", "", "", "bias"],
+        ["out", "present_k", "present_v"],
+        domain=MS, num_heads=h, kv_num_heads=h, scale=0.5,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "probe",
+        [helper.make_tensor_value_info(n, types.get(n, f32), s) for n, s in shapes.items()],
+        [helper.make_tensor_value_info("out", f32, shapes["q"]),
+         helper.make_tensor_value_info("present_k", f32, shapes["pk"]),
+         helper.make_tensor_value_info("present_v", f32, shapes["pv"])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(MS, 1)]
+    )
+    model.ir_version = 10
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shapes["q"]).astype(np.float32) for _ in range(3))
+    keys, values = (rng.standard_normal(shapes["pk"]).astype(np.float32) for _ in range(2))
+    bias = np.array([0, -np.inf, 0], np.float32).reshape(shapes["bias"])  # cell 1 hidden
+    want_k, want_v = keys.copy(), values.copy()
+    want_k[0, :, cell], want_v[0, :, cell] = k.reshape(h, d), v.reshape(h, d)
+    s = np.einsum("hd,hcd->hc", q.reshape(h, d), want_k[0, :, : cell + 1]) * 0.5 + bias[0, 0]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("hc,hcd->hd", p / p.sum(-1, keepdims=True), want_v[0, :, : cell + 1])
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 4  # a failure is this function's answer, not an error to print
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=list(providers))
+        io = sess.io_binding()
+        past_k, past_v = (ort.OrtValue.ortvalue_from_numpy(a) for a in (keys, values))
+        feed = {"q": q, "k": k, "v": v, "seqlens": np.array([cell], np.int32),
+                "total": np.array(cell + 1, np.int32), "bias": bias}  # fmt: skip
+        for name, a in feed.items():
+            io.bind_cpu_input(name, a)
+        io.bind_ortvalue_input("pk", past_k)
+        io.bind_ortvalue_input("pv", past_v)
+        io.bind_ortvalue_output("present_k", past_k)
+        io.bind_ortvalue_output("present_v", past_v)
+        io.bind_output("out", "cpu")
+        sess.run_with_iobinding(io)
+        (out,) = [o.numpy() for o in io.get_outputs()[-1:]]
+        ok = (np.allclose(out.reshape(h, d), want, atol=1e-5)
+              and np.allclose(keys, want_k) and np.allclose(values, want_v))  # fmt: skip
+        why = "" if ok else "its result differs from NumPy's"
+    except Exception as e:  # ORT raises its own types: an op or input it does not have
+        ok, why = False, str(e).splitlines()[0][:200]
+    if not ok:
+        log.info("onnx: GroupQueryAttention does not run in place here (%s); the KV cache "
+                 "stays cells first, F16", why)  # fmt: skip
+    return ok
