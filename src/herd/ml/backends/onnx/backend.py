@@ -281,12 +281,11 @@ class OnnxBackend:
         # a K/V cache's (cells, H, D) kept as (1, H, cells, D), GroupQueryAttention's past,
         # in F32: its CPU kernel took 2.8x as long on F16 (30 layers over 300 cells)
         kv = self.in_place and len(shape) == 3 and dtype != DType.I32
-        if dtype in (DType.Q8_0, DType.Q4_0, DType.F16) and not self._warned_cache:
-            if kv or dtype != DType.F16:
-                log.info("onnx: the KV cache is kept as %s", "F32" if kv else "F16")
-            self._warned_cache = True
         store = (DType.F32 if kv else DType.F16 if dtype in _CACHE_AS_F16 else
                  DType.I32 if dtype == DType.I32 else DType.F32)  # fmt: skip
+        if dtype in _CACHE_AS_F16 and store != dtype and not self._warned_cache:
+            log.info("onnx: the %s KV cache is kept as %s", dtype.name, store.name)
+            self._warned_cache = True
         np_type = {DType.F16: np.float16, DType.I32: np.int32}.get(store, np.float32)
         nbytes = math.prod(shape) * np.dtype(np_type).itemsize
         free = _cpu_info().free_memory

@@ -122,12 +122,12 @@ def attention_in_place(
 
 
 def _step_write(c: OnnxContext, cache: OnnxTensor) -> Write | None:
-    """The one write this pass made to `cache` before it was read: one row, at a cell the
-    host gives, into an F32 buffer (the row is then GroupQueryAttention's new key)."""
+    """The one write this pass made to `cache` (heads first, so F32) before it was read:
+    one row, at a cell the host gives (the row is then GroupQueryAttention's new key)."""
     assert cache.host is not None
     seen = cache.seen if cache.ctx is c and cache.seen >= 0 else len(c.writes)
     writes = c._writes_to(cache.host, seen)
-    if len(writes) != 1 or cache.host.dtype != np.float32:
+    if len(writes) != 1:
         return None
     w = writes[0]
     if w.columns or w.in_place or w.ids.shape[0] != 1 or w.ids.name not in c._input_index:

@@ -127,8 +127,12 @@ def _fold_reshapes(
     chain's end: Reshape(Reshape(x, a), b) is Reshape(x, b) where b holds no 0 (ONNX's
     "copy this dim", which would copy the intermediate's). The chain's Reshapes that
     nothing else reads are then left out (`_needed`)."""
-    shapes = {t.name for t in consts if t.data_type == TensorProto.INT64 and len(t.dims) == 1}
-    fixed = {t.name for t in consts if t.name in shapes and (numpy_helper.to_array(t) != 0).all()}
+    fixed = {  # constant shapes without a 0
+        t.name
+        for t in consts
+        if t.data_type == TensorProto.INT64 and len(t.dims) == 1
+        and (numpy_helper.to_array(t) != 0).all()
+    }  # fmt: skip
     source: dict[str, str] = {}  # a Reshape's output -> the value its chain starts from
     out = []
     for node in nodes:
