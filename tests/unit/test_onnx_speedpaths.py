@@ -323,3 +323,64 @@ def test_where_the_op_does_not_run_in_place_the_cache_stays_cells_first(tmp_path
     cache = backend.alloc((CELLS, HKV, D), DType.F16)
     assert not backend.in_place and cache.host.shape == (CELLS, HKV, D)
     assert cache.host.dtype == np.float16
+
+
+@pytest.mark.parametrize("neox", [False, True], ids=["adjacent", "neox"])
+def test_a_decoding_rows_rotation_and_qkv_split_go_inside_its_attention(
+    tmp_path, monkeypatch, neox
+):
+    """A decoding row's q and k rotated by rope, then attended in place: the attention
+    rotates them itself (do_rotary, the pass's cos/sin row repeated up to the written cell)
+    and reads the merged q/k/v product packed, so the step's graph has no RotaryEmbedding,
+    no Split and no Reshape of q, k or v. Its output and the key it stores equal the
+    graph with rope and split as nodes; the position (700) is not the cell (5)."""
+    from herd.ml import DType
+    from herd.ml.backends.onnx import fused
+
+    g = open_gguf(_qkv_file(tmp_path / "w.gguf", Q.Q8_0))
+    hq, hkv, d, cell = 4, 2, 16, 5  # the file's q (64 x 64), k and v (32 x 64)
+    opts = RopeOptions(dims=d, neox=neox)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    past_k, past_v = rng.standard_normal((2, cell, hkv, d)).astype(np.float32)
+
+    def step(inside: bool):
+        monkeypatch.setattr(fused, "ROTARY_INSIDE", inside)
+        backend = open_backend("onnx", g)
+        models: list[bytes] = []
+        session = backend.session
+        monkeypatch.setattr(backend, "session", lambda key, model, *a: models.append(model)
+                            or session(key, model, *a))  # fmt: skip
+        keys, values = (backend.alloc((CELLS, hkv, d), DType.F16) for _ in range(2))
+        with backend.new_context() as ctx:
+            ids = ctx.input(np.arange(cell), DType.I32)
+            ctx.compute(keys.set_rows(ids, ctx.input(past_k)),
+                        values.set_rows(ids, ctx.input(past_v)))  # fmt: skip
+        with backend.new_context() as ctx:
+            xt, pos, ids = ctx.input(x), ctx.input([700], DType.I32), ctx.input([cell], DType.I32)
+            q, k, v = (xt.linear(backend.weight(n)).reshape(1, h, d)
+                       for n, h in (("q", hq), ("k", hkv), ("v", hkv)))  # fmt: skip
+            q, k = q.rope(pos, opts), k.rope(pos, opts)
+            ctx.forward(keys.set_rows(ids, k), values.set_rows(ids, v))
+            mask = ctx.input(np.where(np.arange(CELLS) <= cell, 0, -np.inf)[None, :])
+            kt, vt = (ctx.attach(c).slice(0, 0, CELLS) for c in (keys, values))
+            (got,) = ctx.compute(q.scaled_dot_product_attention(kt, vt, mask, 0.25))
+        import onnx
+
+        nodes = onnx.load_from_string(models[-1]).graph.node
+        return got, keys.host[0, :, cell].copy(), nodes
+
+    got, key, nodes = step(True)
+    kinds = [n.op_type for n in nodes]
+    (gqa,) = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: a.i for a in gqa.attribute if a.name in ("do_rotary", "rotary_interleaved")}
+    assert attrs == {"do_rotary": 1, "rotary_interleaved": int(not neox)}, attrs
+    assert list(gqa.input[1:3]) == ["", ""], gqa.input  # q, k and v packed in its query
+    assert "RotaryEmbedding" not in kinds and "Split" not in kinds, kinds
+    assert kinds.count("MatMulNBits") == 1 and kinds.count("Reshape") == 3, kinds
+
+    apart, key_apart, nodes = step(False)
+    kinds = [n.op_type for n in nodes]
+    assert kinds.count("RotaryEmbedding") == 2 and "Split" in kinds, kinds
+    np.testing.assert_allclose(key, key_apart, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, apart, rtol=0, atol=1e-5)

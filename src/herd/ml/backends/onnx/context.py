@@ -61,6 +61,7 @@ class Write:
     columns: bool = False  # written along the last axis (set_columns)
     in_place: bool = False  # written by the graph into the bound buffer itself (fused.py)
     heads_first: bool = False  # buf is (1, H, cells, D) behind the cache's (cells, H, D)
+    rotated: tuple[str, str, str, bool] | None = None  # the rows' OnnxTensor.rotated
 
 
 @dataclass
@@ -261,7 +262,8 @@ class OnnxContext:
             rows = self.g.op("Cast", [rows], to=ELEM[cache._dtype])
         self._bind(cache)  # the cache is the session's, written or not
         self.writes.append(Write(cache.host, ids, self.i64(ids), rows, shape, columns,
-                                 heads_first=cache.heads_first))  # fmt: skip
+                                 heads_first=cache.heads_first,
+                                 rotated=None if columns else src.rotated))  # fmt: skip
         return OnnxTensor(rows, shape, cache._dtype, self)
 
     # ---- the Context contract -----------------------------------------------------------

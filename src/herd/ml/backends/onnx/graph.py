@@ -107,7 +107,10 @@ class Graph:
         953 nodes a step, 738 folded, decode 1.10x; a decoding row's attention in place
         leaves the cache reads made for the composed one unused)."""
         g = helper.make_graph(
-            _needed(_fold_reshapes(self.nodes, self.consts), [n for n, _, _ in outputs]),
+            _needed(
+                _pack_qkv(_fold_reshapes(self.nodes, self.consts), self._const),
+                [n for n, _, _ in outputs],
+            ),
             "herd",
             [helper.make_tensor_value_info(n, e, _dims(s)) for n, (e, s) in self.inputs.items()],
             [helper.make_tensor_value_info(n, e, _dims(s)) for n, e, s in outputs],
@@ -143,6 +146,43 @@ def _fold_reshapes(
             source[node.output[0]] = src
         out.append(node)
     return out
+
+
+def _pack_qkv(nodes: list[onnx.NodeProto], const: Any) -> list[onnx.NodeProto]:
+    """A GroupQueryAttention whose query, key and value are Reshapes of one Split's three
+    outputs, in that order, along the last axis (the merged q/k/v product, linear.py)
+    reads that product itself, packed, as its kernel allows: the Split and the three
+    Reshapes are then left out (`_needed`). In-place attention is a decoding row's, so the
+    product is (1, N) and its packed form (1, 1, N)."""
+    made = {o: n for n in nodes for o in n.output}
+    out = []
+    for node in nodes:
+        split = _split_of(node, made) if node.op_type == "GroupQueryAttention" else None
+        if split is not None:
+            packed = node.output[0] + ".qkv"
+            out.append(helper.make_node("Reshape", [split.input[0], const([1, 1, -1])], [packed]))
+            gqa = helper.make_node(node.op_type, [packed, "", "", *node.input[3:]],
+                                   list(node.output), domain=node.domain)  # fmt: skip
+            gqa.attribute.extend(node.attribute)
+            node = gqa
+        out.append(node)
+    return out
+
+
+def _split_of(gqa: onnx.NodeProto, made: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The Split along the last axis whose outputs 0, 1, 2 reach gqa's query, key and
+    value through one Reshape each; None where they do not."""
+    qkv = gqa.input[:3]
+    if len(qkv) < 3 or not all(qkv):
+        return None  # packed already
+    shaped = [made.get(v) for v in qkv]
+    if not all(r is not None and r.op_type == "Reshape" for r in shaped):
+        return None
+    parts = [r.input[0] for r in shaped if r is not None]
+    split = made.get(parts[0])
+    if split is None or split.op_type != "Split" or list(split.output) != parts:
+        return None
+    return split if [a.i for a in split.attribute if a.name == "axis"] == [-1] else None
 
 
 def _needed(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:

@@ -72,6 +72,7 @@ class OnnxTensor:
         "wname",
         "rows_of",
         "normed",
+        "rotated",
     )
 
     def __init__(
@@ -96,6 +97,9 @@ class OnnxTensor:
         # an rms_norm's output: (its input's value, eps), so that a scale multiplied in
         # next becomes the norm's own (one node, not two)
         self.normed: tuple[str, float] | None = None
+        # a RotaryEmbedding's output: (its input as (1, T, H*D), cos, sin, interleaved), so
+        # that in-place attention can rotate inside its own kernel (fused.py)
+        self.rotated: tuple[str, str, str, bool] | None = None
 
     def __repr__(self) -> str:
         return f"OnnxTensor{self._shape}:{self._dtype.name}"
