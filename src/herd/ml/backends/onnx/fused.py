@@ -121,7 +121,8 @@ def attention_in_place(
     query, key = g.op("Reshape", [c.f32(q), row]), g.op("Reshape", [wk.rows, row])
     cos = sin = ""
     rotary: dict[str, int] = {}
-    if ROTARY_INSIDE and (r := _one_rotation(q, wk)) is not None:
+    # (its rotary takes head sizes in multiples of 16)
+    if ROTARY_INSIDE and d % 16 == 0 and (r := _one_rotation(q, wk)) is not None:
         (query, key, cos, sin), interleaved = r[:4], r[4]
         cos, sin = _rotary_tables(c, cos, sin, end, d)
         rotary = {"do_rotary": 1, "rotary_interleaved": int(interleaved)}
