@@ -296,3 +296,68 @@ def test_which_weights_stay_quantized(
         err = float(np.mean((got - want) ** 2) / np.mean(want**2))
         exact = not kept
         assert err < (1e-12 if exact else 2e-4), f"{name} dequantize={dequantize}: nmse {err}"
+
+
+def _table_file(path: Path) -> tuple[Path, int]:
+    """A Q8_0 table of 40 MB (GatherBlockQuantized reads it as it is: no prepacked copy)."""
+    from gguf import GGMLQuantizationType as Q
+
+    from herd.gguf.quants import quantize
+    from herd.gguf.writer import write_gguf
+
+    rows, dim = 20480, 2048
+    w = np.random.default_rng(5).standard_normal((rows, dim)).astype(np.float32)
+    return write_gguf(path, "test", {}, [("t", quantize(w, Q.Q8_0), Q.Q8_0)]), rows * dim
+
+
+def _three_sessions(backend) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """Rows of table t through three different graphs (three sessions)."""
+    out = []
+    for k in (1.0, 2.0, 3.0):
+        with backend.new_context() as ctx:
+            rows = backend.weight("t").get_rows(ctx.input([0, 7, 20479], DType.I32))
+            (got,) = ctx.compute(rows.scale(k))
+            out.append(got / k)
+    return out
+
+
+def test_sessions_read_the_quantized_weights_not_copies(tmp_path: Path) -> None:
+    """Every session reads the backend's quantized arrays (add_initializer): three sessions
+    over a 40 MB table add far less than one copy of it (copied, as add_external_initializers
+    does, they added a copy each: +132 MB measured)."""
+    import gc
+
+    import psutil
+
+    path, table_bytes = _table_file(tmp_path / "t.gguf")
+    backend = open_backend("onnx", open_gguf(path), BackendOptions(onnx_cache=False))
+    backend.weight("t")  # the table in MatMulNBits' form, before the measure
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    outs = _three_sessions(backend)
+    grown = psutil.Process().memory_info().rss - before
+    assert backend.sessions_created == 3 and backend.share
+    assert grown < table_bytes / 2, f"3 sessions grew RSS by {grown >> 20} MB"
+    for got in outs[1:]:
+        np.testing.assert_array_equal(got, outs[0])
+
+
+def test_an_onnxruntime_that_cannot_share_them_copies_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the shared form does not build (here: the placeholder file ORT checks for is
+    gone), the session is built again with copies, with a log line, and later ones copy."""
+    import logging
+
+    from herd.ml.backends.onnx import backend as onnx_backend
+
+    path, _ = _table_file(tmp_path / "t.gguf")
+    want = _three_sessions(open_backend("onnx", open_gguf(path), BackendOptions(onnx_cache=False)))
+    monkeypatch.setattr(onnx_backend, "_placeholder", lambda: str(tmp_path / "missing"))
+    backend = open_backend("onnx", open_gguf(path), BackendOptions(onnx_cache=False))
+    with caplog.at_level(logging.INFO, logger=onnx_backend.__name__):
+        got = _three_sessions(backend)
+    assert not backend.share and backend.sessions_created == 3
+    assert sum("does not share initializers" in r.message for r in caplog.records) == 1
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -12,10 +12,13 @@ copied into a session.
 GGUF Q4_0, Q4_1 and Q8_0 weights stay in their blocks: `MatMulNBits` for `linear`,
 `GatherBlockQuantized` for embedding rows (quant.py). Those are initializers, not inputs:
 MatMulNBits prepacks only initializers, and ran 11x slower on graph inputs (30 decode
-matmuls of 1536x576: 194 ms vs 17 ms). ORT copies initializers into each session
-(`add_external_initializers`, measured: +197 MB a session for 200 MB of weights), so every
-session costs about the quantized weights again (SmolLM2: ~170 MB); `MAX_SESSIONS` bounds
-it. Other types are dequantized to float32 at load (`load_weight`).
+matmuls of 1536x576: 194 ms vs 17 ms). Every session reads the backend's own arrays
+(`SessionOptions.add_initializer`, ORT's way to share an initializer between sessions);
+`add_external_initializers` copied them into each (+197 MB a session for 200 MB of
+weights), and is what an onnxruntime that refuses the shared form gets (a log line). Each
+session still holds its own prepacked copy: ORT's Python API has no shared prepacked-weights
+container; `MAX_SESSIONS` bounds them. Other types are dequantized to float32 at load
+(`load_weight`).
 
 The K/V cache is kept heads first in F32, (1, H, cells, D) for each layer's (cells, H, D),
 so that a decoding row's attention reads and writes it in place (fused.py; ONNX has no
@@ -30,10 +33,15 @@ best one installed.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +54,7 @@ from herd.errors import BackendError, GGUFError, OutOfMemoryError, WeightError
 from herd.gguf import GGUFFile
 from herd.ml.backends.onnx import disk, fused, quant
 from herd.ml.backends.onnx.context import OnnxContext
+from herd.ml.backends.onnx.graph import EXTERNAL_LOCATION
 from herd.ml.backends.onnx.tensor import OnnxTensor
 from herd.ml.base import BackendOptions, CacheConfig, DeviceInfo, DType
 from herd.ml.layout import size
@@ -98,6 +107,20 @@ def providers(asked: Sequence[str] = ()) -> list[str]:
             )
         chosen.append(name)
     return chosen
+
+
+def _placeholder() -> str:
+    """A folder holding an empty file by the name graph.py gives external initializers
+    (made once per process, removed at its exit; made again if something removed it)."""
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None or not os.path.isdir(_PLACEHOLDER):
+        _PLACEHOLDER = tempfile.mkdtemp(prefix="herd-onnx-")
+        atexit.register(shutil.rmtree, _PLACEHOLDER, True)
+    Path(_PLACEHOLDER, EXTERNAL_LOCATION).touch()
+    return _PLACEHOLDER
+
+
+_PLACEHOLDER: str | None = None
 
 
 def load_weight(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
@@ -167,6 +190,7 @@ class OnnxBackend:
         # where this onnxruntime and provider run that as fused.py asks
         self.in_place = options.onnx_kv_in_place and fused.runs_in_place(tuple(self.providers))
         self.sessions_created = 0
+        self.share = True  # sessions read the quantized initializers from our arrays
         self._warned_cache = False
         _validate(gguf)
         self._cache_config = CacheConfig(
@@ -195,27 +219,46 @@ class OnnxBackend:
         if s is not None:
             self._sessions.move_to_end(key)
             return s
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
         values = [self._ortvalue(a) for a in externals.values()]
-        if externals:
-            so.add_external_initializers(list(externals), values)
         try:
-            cached = self.disk_cache()  # disk.py: optimized once
-            if cached is None:
-                sess = ort.InferenceSession(model, so, providers=self.providers)
-            else:
-                sess = cached.session(key, model, so, externals)
-        except Exception as e:  # ORT raises its own types: a graph it cannot run
+            try:
+                sess = self._build(key, model, externals, values, self.share)
+            except Exception as e:  # ORT raises its own types
+                if not (externals and self.share):
+                    raise
+                self.share = False  # copied from now on: the graph may still build so
+                log.info("onnx: this onnxruntime does not share initializers between "
+                         "sessions (%s); each copies the weights", str(e)[:200])  # fmt: skip
+                sess = self._build(key, model, externals, values, False)
+        except Exception as e:  # a graph it cannot run
             raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
         s = self._sessions[key] = Session(sess, dict(bound), values, dict(aliases or {}))
         self.sessions_created += 1
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
         return s
+
+    def _build(self, key: str, model: bytes, externals: dict[str, np.ndarray],
+               values: list[Any], share: bool) -> ort.InferenceSession:  # fmt: skip
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        if externals and share:
+            for name, v in zip(externals, values, strict=True):
+                so.add_initializer(name, v)  # the session reads our memory: no copy
+            # the model declares them as external data in a file (graph.py), which ORT
+            # checks is there before it sees they are given: an empty one is
+            so.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", _placeholder()
+            )
+        elif externals:
+            so.add_external_initializers(list(externals), values)
+        cached = self.disk_cache()  # disk.py: optimized once
+        if cached is None:
+            return ort.InferenceSession(model, so, providers=self.providers)
+        return cached.session(key, model, so, externals)
 
     def disk_cache(self) -> disk.DiskCache | None:
         """Where this backend's optimized sessions are kept (one per model file, providers

@@ -3,7 +3,7 @@ graph optimization (SmolLM2: ~1.4 s a session, ~0.3 s to load one already optimi
 
 ORT writes the optimized model (`SessionOptions.optimized_model_filepath`, ORT_ENABLE_ALL)
 while it builds a session; the cache keeps it without the weights: the quantized
-initializers the backend hands every session (`add_external_initializers`) are declared
+initializers the backend hands every session (`add_initializer`) are declared
 by name again, as graph.py declares them, and only what the optimizer made from them
 (a folded constant) is kept inline. A later load reads it with optimizations off.
 
@@ -36,6 +36,7 @@ import onnxruntime as ort
 from onnx import TensorProto
 
 from herd import __version__
+from herd.ml.backends.onnx.graph import EXTERNAL_LOCATION
 from herd.ml.base import BackendOptions
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,10 @@ def _same(t: TensorProto, raw: np.ndarray, mine: np.ndarray) -> bool:
 
 
 def declare(t: TensorProto, nbytes: int) -> None:
-    """An initializer the session is given (add_external_initializers): named, not held."""
+    """An initializer the session is given (backend.py): named, not held."""
     del t.external_data[:]
     t.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", "herd-weights"), ("offset", "0"), ("length", str(nbytes))):
+    for k, v in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(nbytes))):
         e = t.external_data.add()
         e.key, e.value = k, v
 

@@ -20,6 +20,7 @@ from herd.ml.base import DType
 
 OPSET = 20  # Gelu(approximate="tanh") and ReduceMean with axes as an input
 MS_DOMAIN = "com.microsoft"
+EXTERNAL_LOCATION = "herd-weights"  # the file external initializers name (never read)
 
 # element types of graph values
 ELEM = {
@@ -91,7 +92,7 @@ class Graph:
         t.name, t.data_type = name, helper.np_dtype_to_tensor_dtype(a.dtype)
         t.dims.extend(a.shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", "herd-weights"), ("offset", "0"), ("length", str(a.nbytes))):
+        for k, v in (("location", EXTERNAL_LOCATION), ("offset", "0"), ("length", str(a.nbytes))):
             e = t.external_data.add()
             e.key, e.value = k, v
         self._declared.append(t)
