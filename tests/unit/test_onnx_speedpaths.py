@@ -132,6 +132,14 @@ def test_linears_of_one_x_run_as_one_matmulnbits(tmp_path, qtype):
     with backend.new_context() as ctx:
         (want_o,) = ctx.compute(ctx.input(alone["q"]).linear(backend.weight("o")))
     np.testing.assert_array_equal(got[3], want_o)
+    # stacked, each weight's own blocks are views of the stack (held once, not twice), and
+    # used alone again (Q4_1: its block-sum rows made anew) they give the same products
+    bases = [backend.weight(n).q.b.base for n in ("q", "k", "v")]
+    assert bases[0] is not None and all(b is bases[0] for b in bases), bases
+    for name in ("q", "k", "v"):
+        with backend.new_context() as ctx:
+            (again,) = ctx.compute(ctx.input(x).linear(backend.weight(name)))
+        np.testing.assert_array_equal(again, alone[name])
 
 
 ROPES = {

@@ -320,6 +320,11 @@ class OnnxBackend:
             self._weights[name] = t
         return t
 
+    def keep_blocks(self, name: str, q: quant.NBits) -> None:
+        """Weight `name`'s blocks are now `q` (a view of stacked ones, linear.py): its own
+        arrays go, unless a session holds them."""
+        self._weights[name].q = q
+
     def alloc(self, shape: tuple[int, ...], dtype: DType, layer: int | None = None) -> OnnxTensor:
         # a K/V cache's (cells, H, D) kept as (1, H, cells, D), GroupQueryAttention's past,
         # in F32: its CPU kernel took 2.8x as long on F16 (30 layers over 300 cells)

@@ -65,6 +65,10 @@ def record(
     nb = per_backend.get(key)
     if nb is None:
         nb = per_backend[key] = quant.concat(group.nbs)
+        start = 0
+        for name, m in zip(group.names, group.nbs, strict=True):  # held once: views now
+            ctx.backend.keep_blocks(name, quant.part(nb, start, m.n))
+            start += m.n
     p = "q:" + "+".join(key)
     both = p + ".out"
     nodes, inits = quant.matmul_nbits_node(p, x, both, nb, level, rank == 2)

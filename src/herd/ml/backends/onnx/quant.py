@@ -73,6 +73,11 @@ class NBits:
     summed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @cached_property
+    def sum_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`summed`, made here for a part of stacked weights (`part`), which has none."""
+        return self.summed or _with_sum_rows(self.b, self.scales, self.bits)
+
+    @cached_property
     def offsets_t(self) -> np.ndarray | None:
         """offsets^T (k_blocks, n), as the nodes read it: one array for every pass (the
         backend holds initializers by identity), sharing offsets' memory."""
@@ -208,6 +213,17 @@ def concat(nbs: list[NBits]) -> NBits:
                  first.qtype, summed)  # fmt: skip
 
 
+def part(nb: NBits, start: int, n: int) -> NBits:
+    """Rows [start, start + n) of stacked weights as a weight of its own, viewing their
+    memory: a linear's own blocks once they are stacked, so a model's q, k, v, gate and up
+    are held once, not twice. Its block-sum rows (`sum_rows`) are made if it is used alone."""
+    rows = slice(start, start + n)
+    zero_points = None if nb.zero_points is None else nb.zero_points[rows]
+    offsets = None if nb.offsets is None else nb.offsets[rows]
+    return NBits(nb.b[rows], nb.scales[rows], zero_points, offsets, nb.bits, nb.block_size,
+                 nb.k, n, nb.qtype)  # fmt: skip
+
+
 def _transposed(offsets: np.ndarray) -> np.ndarray:
     """(n, k_blocks) offsets as the view of a contiguous (k_blocks, n) array: `offsets_t`
     is then that array, with no copy."""
@@ -292,8 +308,8 @@ def _rounded_offset_nodes(
     """W x + offsets' term on the block sums of x as MatMulNBits rounded it: one
     MatMulNBits with the block-sum rows, a Split, a MatMul by offsets^T and an Add (2-D:
     one Gemm, which ORT does not fuse them into itself when the token count is symbolic)."""
-    assert nb.summed is not None and nb.offsets is not None
-    b, scales, zero_points = nb.summed
+    assert nb.offsets is not None
+    b, scales, zero_points = nb.sum_rows
     inits = [(f"{p}.qweight_s", b), (f"{p}.scales_s", scales), (f"{p}.zero_points_s", zero_points),
              (f"{p}.offsets_t", nb.offsets_t),
              (f"{p}.split", np.array([nb.n, nb.k_blocks], dtype=np.int64))]  # fmt: skip
