@@ -1,6 +1,7 @@
 """Two checkouts of herd against each other: did a change move prefill or decode?
 
     python -m benchmarks.revisions BEFORE_DIR AFTER_DIR [--model smollm2:135m] [--pairs 8]
+                                   [--backend ggml|onnx|numpy|mlx]
 
 For a refactor that must not change speed, comparing two `benchmarks.compare` tables run
 minutes apart hands the machine's drift to the result (on a shared 2-core VM single
@@ -22,16 +23,18 @@ from pathlib import Path
 
 CHILD = (
     "import json, sys; from benchmarks.compare import bench_herd; "
-    "print(json.dumps(bench_herd('ggml', sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
+    "print(json.dumps(bench_herd(sys.argv[4], sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
 )
 FIGURES = (("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"))
 
 
-def measure(checkout: Path, path: str, threads: int, runs: int) -> dict[str, float]:
+def measure(
+    checkout: Path, path: str, threads: int, runs: int, backend: str = "ggml"
+) -> dict[str, float]:
     """One child process running `checkout`'s herd and its benchmark code."""
     env = {**os.environ, "PYTHONPATH": f"{checkout / 'src'}{os.pathsep}{checkout}"}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, path, str(threads), str(runs)],
+        [sys.executable, "-c", CHILD, path, str(threads), str(runs), backend],
         cwd=checkout,
         env=env,
         capture_output=True,
@@ -49,6 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3, help="timed runs per child (median)")
     ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--backend", default="ggml", help="herd's backend both sides run")
     args = ap.parse_args()
     from benchmarks.compare import model_path
 
@@ -58,9 +62,9 @@ def main() -> None:
     for i in range(args.pairs):
         order = ("before", "after") if i % 2 == 0 else ("after", "before")
         for side in order:
-            results[side].append(measure(sides[side], path, args.threads, args.runs))
+            results[side].append(measure(sides[side], path, args.threads, args.runs, args.backend))
         print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
-    print(f"model {args.model}, {args.threads} threads, {args.pairs} pairs")
+    print(f"model {args.model}, {args.backend}, {args.threads} threads, {args.pairs} pairs")
     for key, label in FIGURES:
         before = [r[key] for r in results["before"]]
         after = [r[key] for r in results["after"]]
