@@ -221,17 +221,17 @@ class OnnxBackend:
             return s
         values = [self._ortvalue(a) for a in externals.values()]
         try:
+            sess = self._build(key, model, externals, values, self.share)
+        except Exception as e:  # ORT raises its own types: a graph it cannot run, or
+            if not (externals and self.share):  # shared initializers it does not take
+                raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
             try:
-                sess = self._build(key, model, externals, values, self.share)
-            except Exception as e:  # ORT raises its own types
-                if not (externals and self.share):
-                    raise
-                self.share = False  # copied from now on: the graph may still build so
-                log.info("onnx: this onnxruntime does not share initializers between "
-                         "sessions (%s); each copies the weights", str(e)[:200])  # fmt: skip
                 sess = self._build(key, model, externals, values, False)
-        except Exception as e:  # a graph it cannot run
-            raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
+            except Exception:
+                raise BackendError(f"onnx: cannot build a session for this graph: {e}") from None
+            self.share = False  # the copies built: they are what this onnxruntime takes
+            log.info("onnx: this onnxruntime does not share initializers between sessions "
+                     "(%s); each copies the weights", str(e)[:200])  # fmt: skip
         s = self._sessions[key] = Session(sess, dict(bound), values, dict(aliases or {}))
         self.sessions_created += 1
         while len(self._sessions) > MAX_SESSIONS:
