@@ -228,6 +228,7 @@ def test_sigint_stops_herd_pull_with_a_clean_message(tmp_path: Path) -> None:
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=_sigint_as_at_a_terminal,
         )
         try:
             deadline = time.monotonic() + 30
@@ -252,6 +253,14 @@ def test_sigint_stops_herd_pull_with_a_clean_message(tmp_path: Path) -> None:
     assert text.strip().splitlines()[-1] == (
         f"Error: pull interrupted: `herd pull {fake.name}` resumes it"
     )
+
+
+def _sigint_as_at_a_terminal() -> None:
+    """The child's SIGINT at its default, as a command typed at a terminal has it. A shell
+    starts a background job (`make test &`) with SIGINT ignored, its children inherit that,
+    and Python keeps an inherited SIG_IGN rather than raise KeyboardInterrupt: the pull
+    then rightly ran on (its /proc status showed SigIgn 0x...07, SIGHUP, SIGINT, SIGQUIT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stuck(proc: subprocess.Popen[bytes]) -> str:
