@@ -18,9 +18,10 @@ token), so a few ops that were many nodes each become one kernel:
   places a sequence's tokens after its own cells), checked by the host each run. Where q
   and k come from rope by the same angles, the kernel rotates them itself (`do_rotary`):
   its cos/sin caches are the pass's one row repeated cell + 1 times, as it indexes them by
-  the cell, so the angle stays the row's position whatever its cell. graph.py then hands
-  it the merged q/k/v product packed (no Split). SmolLM2's decode graph: 677 -> 473
-  nodes, decode 1.04x (Q4_0 file, 8 pairs).
+  the cell, so the angle stays the row's position whatever its cell (head sizes in
+  multiples of 16, its rotary's rule). graph.py then hands it the merged q/k/v product
+  packed (no Split). SmolLM2's decode graph: 677 -> 470 nodes, decode 1.04x (Q4_0 file,
+  8 pairs).
 
 Measured and not kept: ONNX's opset-23 `Attention` (grouped K/V heads, additive mask) runs
 on onnxruntime 1.32's CPU provider, but SmolLM2's decode fell from 51.7 to 47.6 tok/s and
