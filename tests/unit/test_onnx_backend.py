@@ -361,3 +361,33 @@ def test_an_onnxruntime_that_cannot_share_them_copies_them(
     assert sum("does not share initializers" in r.message for r in caplog.records) == 1
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_first_weight_asked_for_converts_them_all_on_the_load_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking for one quantized weight converts every 2-D one that stays quantized on the
+    backend's threads (a model asks for them one by one; the conversion is most of a
+    load): each weight then gets its own blocks, as converting it alone gives them."""
+    import threading
+
+    from herd.ml.backends.onnx import quant
+
+    g = open_gguf(_weights_file(tmp_path / "q.gguf"))
+    where: dict[str, str] = {}
+    convert = quant.matmul_nbits
+
+    def spy(raw, qtype, shape):  # type: ignore[no-untyped-def]
+        where[qtype.name] = threading.current_thread().name
+        return convert(raw, qtype, shape)
+
+    monkeypatch.setattr(quant, "matmul_nbits", spy)
+    backend = open_backend("onnx", g, BackendOptions(num_thread=2))
+    weights = {name: backend.weight(name) for name in ("w.Q8_0", "w.Q4_0", "w.Q4_1")}
+    assert set(where) == {"Q4_0", "Q4_1", "Q8_0"}, where  # Q6_K is dequantized instead
+    assert all(name.startswith("herd-onnx-load") for name in where.values()), where
+    for name, w in weights.items():
+        info = g.tensors[name]
+        alone = convert(g.raw(name), info.type, tuple(info.shape))
+        np.testing.assert_array_equal(w.q.b, alone.b)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(w.q.scales, alone.scales)  # type: ignore[attr-defined]
