@@ -368,7 +368,16 @@ class OnnxBackend:
         return OnnxTensor(None, tuple(shape), store, None, a, "cache")
 
     def new_context(self) -> OnnxContext:
+        # by its first pass a model has asked for its weights: what the file holds beyond
+        # them (converted by `_blocks` all the same) is not kept
+        self._drop_conversions()
         return OnnxContext(self)
+
+    def _drop_conversions(self) -> None:
+        for job in (self._converting or {}).values():
+            job.cancel()  # those not started; the rest end on their own, unread
+        if self._converting is not None:
+            self._converting = {}
 
     def cache_config(self) -> CacheConfig:
         return self._cache_config
@@ -377,9 +386,7 @@ class OnnxBackend:
         return _devices(self.providers)
 
     def close(self) -> None:
-        for job in (self._converting or {}).values():
-            job.cancel()  # those not started; the rest end on their own
-        self._converting = {}
+        self._drop_conversions()
         self._sessions.clear()
         self._weights.clear()
         self._names.clear()

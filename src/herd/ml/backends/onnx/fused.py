@@ -119,12 +119,14 @@ def attention_in_place(
         c.memo[seen] = (g.op("Reshape", [cols, g.const([1, 1, 1, -1])]), "")
     bias = c.memo[seen][0]
     row = g.const([1, 1, -1])
-    query, key = g.op("Reshape", [c.f32(q), row]), g.op("Reshape", [wk.rows, row])
-    cos = sin = ""
-    rotary: dict[str, int] = {}
     # (its rotary takes head sizes in multiples of 16)
-    if ROTARY_INSIDE and d % 16 == 0 and (r := _one_rotation(q, wk)) is not None:
-        (query, key, cos, sin), interleaved = r[:4], r[4]
+    rotation = _one_rotation(q, wk) if ROTARY_INSIDE and d % 16 == 0 else None
+    if rotation is None:
+        query, key = g.op("Reshape", [c.f32(q), row]), g.op("Reshape", [wk.rows, row])
+        cos = sin = ""
+        rotary: dict[str, int] = {}
+    else:
+        query, key, cos, sin, interleaved = rotation
         cos, sin = _rotary_tables(c, cos, sin, end, d)
         rotary = {"do_rotary": 1, "rotary_interleaved": int(interleaved)}
     past_k, past_v = c._bind(kc), c._bind(vc)
