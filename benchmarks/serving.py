@@ -29,11 +29,13 @@ legitimately shares (the system prompt, the template) in its cache. A second tab
 each server's tok/s over llama-server's round by round and their median: the two ran
 back to back, so a spell of the VM weighs on both.
 
-Then the cache's own figure, `--rounds` times on freshly started herd and llama-server:
-one client's decode rate in a new conversation on the fresh server, and again after 8
-concurrent chats have left their conversations cached: each the median of 3 new
-conversations in a row (one 64-token reply lasts half a second, and a single one moved
-by 25% between rounds on this shared VM), then the best of the rounds.
+Then the cache's own figure, `--rounds` times for herd and llama-server: two instances of
+the server start side by side, one is given 8 concurrent chats that stay cached, and one
+client's new conversations then alternate between the fresh twin and the used one
+(`--singles` pairs a round). The figure is the median over all pairs of the used twin's
+decode rate over the fresh one's, each pair measured back to back: one 64-token reply lasts
+half a second, and a single one moves by 15-25% between minutes on this shared VM, more
+than the cache's effect (fresh and used runs minutes apart read 0.87x and 1.23x).
 """
 
 from __future__ import annotations
@@ -47,21 +49,29 @@ import signal
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.serving_client import SCENARIOS, Wave, chat, single, wave
 from benchmarks.serving_servers import SERVERS, Setup, llama_server_binary, start
 
 ANCHOR = "llama-server"
-# rates[scenario][clients][server]: the aggregate tok/s of each round, in order
+# rates[scenario][clients][server]: the aggregate tok/s of each round, in order (or, in
+# `ttfts`, the wave's TTFT p95)
 Rates = dict[str, dict[int, dict[str, list[float]]]]
 
 
 @dataclass
 class Cached:
-    fresh: float  # one client's decode tok/s on a fresh server
-    after: float  # ... after 8 concurrent chats left their conversations cached
+    """One client's decode tok/s in new conversations, pair by pair: on a fresh server and
+    on its twin after 8 concurrent chats left their conversations cached."""
+
+    fresh: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+
+    @property
+    def ratios(self) -> list[float]:
+        return [a / f for f, a in zip(self.fresh, self.after, strict=True) if f > 0]
 
 
 def warm_up(url: str, model: str) -> None:
@@ -79,6 +89,7 @@ def measure_waves(servers: dict[str, tuple[str, str]], args: argparse.Namespace)
         wave(url, model, "chat", args.parallel, "warm-up", 1, args.tokens)
     best: dict[str, dict[int, dict[str, Wave]]] = {}
     rates: Rates = {}
+    ttfts: Rates = {}
     names = list(servers)
     for take in range(args.rounds):
         order = names if take % 2 == 0 else names[::-1]
@@ -96,9 +107,10 @@ def measure_waves(servers: dict[str, tuple[str, str]], args: argparse.Namespace)
                     slot = best.setdefault(scenario, {}).setdefault(n, {})
                     if name not in slot or w.tokens_per_s > slot[name].tokens_per_s:
                         slot[name] = w
-                    by_round = rates.setdefault(scenario, {}).setdefault(n, {})
-                    by_round.setdefault(name, []).append(w.tokens_per_s)
-    return best, rates
+                    for into, value in ((rates, w.tokens_per_s), (ttfts, w.ttft(0.95))):
+                        by_round = into.setdefault(scenario, {}).setdefault(n, {})
+                        by_round.setdefault(name, []).append(value)
+    return best, rates, ttfts
 
 
 def paired(by_server: dict[str, list[float]], anchor: str) -> dict[str, list[float]]:
@@ -117,30 +129,28 @@ def paired(by_server: dict[str, list[float]], anchor: str) -> dict[str, list[flo
     }
 
 
-def singles(url: str, model: str, tag: str, tokens: int, n: int = 3) -> float:
-    """The median decode rate of n new conversations, one after another."""
-    return statistics.median(single(url, model, f"{tag}.{i}", tokens).decode_rate for i in range(n))
-
-
 def measure_cached(names: list[str], setup: Setup, binary, args: argparse.Namespace):
-    """Fresh-server vs after-8-cached-conversations single-client decode, best of rounds."""
-    out: dict[str, Cached] = {}
+    """Per server: a fresh instance and a twin that served 8 concurrent chats, one
+    client's new conversations alternating between them (the order flips every pair)."""
+    out = {name: Cached() for name in names}
     for take in range(args.rounds):
         for name in names if take % 2 == 0 else names[::-1]:
-            with start(name, setup, binary) as (url, model):
-                warm_up(url, model)
-                fresh = singles(url, model, f"fresh {take}", args.single_tokens)
-                wave(url, model, "chat", 8, f"cached {take}", args.turns, args.tokens)
-                after = singles(url, model, f"after {take}", args.single_tokens)
+            with start(name, setup, binary) as fresh, start(name, setup, binary) as used:
+                warm_up(*fresh)
+                warm_up(*used)
+                wave(*used, "chat", 8, f"cached {take}", args.turns, args.tokens)
+                for i in range(args.singles):
+                    tag = f"{take}.{i}"
+                    twins = [("fresh", fresh), ("after", used)]
+                    for which, (url, model) in twins if i % 2 == 0 else twins[::-1]:
+                        rate = single(url, model, f"{which} {tag}", args.single_tokens).decode_rate
+                        getattr(out[name], which).append(rate)
+            got = out[name]
             print(
-                f"  round {take + 1}, {name}: single client {fresh:.1f} tok/s fresh, "
-                f"{after:.1f} after 8 cached chats",
+                f"  round {take + 1}, {name}: single client, after 8 cached chats / fresh: "
+                + ", ".join(f"{r:.2f}x" for r in got.ratios[-args.singles :]),
                 file=sys.stderr,
                 flush=True,
-            )
-            prev = out.get(name)
-            out[name] = Cached(
-                max(fresh, prev.fresh if prev else 0.0), max(after, prev.after if prev else 0.0)
             )
     return out
 
@@ -156,7 +166,13 @@ def machine_line(args: argparse.Namespace) -> str:
     )
 
 
-def tables(best, cached: dict[str, Cached], args: argparse.Namespace, rates: Rates) -> str:
+def tables(
+    best,
+    cached: dict[str, Cached],
+    args: argparse.Namespace,
+    rates: Rates,
+    ttfts: Rates | None = None,
+) -> str:
     lines = [
         machine_line(args),
         "",
@@ -174,8 +190,9 @@ def tables(best, cached: dict[str, Cached], args: argparse.Namespace, rates: Rat
                     f"{w.ttft(0.5):.2f} / {w.ttft(0.95):.2f} | "
                     f"{1000 * w.itl(0.5):.1f} / {1000 * w.itl(0.95):.1f} | {w.mean_tokens:.0f} |"
                 )
+    ttfts = ttfts or {}
     pairs = [
-        (scenario, n, name, ratios)
+        (scenario, n, name, ratios, paired(ttfts.get(scenario, {}).get(n, {}), ANCHOR).get(name))
         for scenario, by_clients in rates.items()
         for n, by_server in by_clients.items()
         for name, ratios in paired(by_server, ANCHOR).items()
@@ -183,24 +200,32 @@ def tables(best, cached: dict[str, Cached], args: argparse.Namespace, rates: Rat
     if pairs:
         lines += [
             "",
-            f"| scenario | clients | server | tok/s over {ANCHOR}'s, round by round | median |",
-            "|---|---|---|---|---|",
+            f"| scenario | clients | server | tok/s over {ANCHOR}'s, round by round | median | "
+            f"TTFT p95 over {ANCHOR}'s, round by round | median |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for scenario, n, name, ratios in pairs:
+        for scenario, n, name, ratios, waits in pairs:
             each = ", ".join(f"{r:.2f}x" for r in ratios)
-            lines.append(
-                f"| {scenario} | {n} | {name} | {each} | {statistics.median(ratios):.2f}x |"
-            )
+            line = f"| {scenario} | {n} | {name} | {each} | {statistics.median(ratios):.2f}x |"
+            if waits:
+                line += " " + ", ".join(f"{r:.2f}x" for r in waits)
+                line += f" | {statistics.median(waits):.2f}x |"
+            else:
+                line += " - | - |"
+            lines.append(line)
     if cached:
         lines += [
             "",
-            "| server | one client, fresh server tok/s | after 8 cached chats tok/s | "
-            "after / fresh |",
+            "| server | one client, fresh server tok/s (median) | after 8 cached chats tok/s "
+            "(median) | after / fresh, pair by pair: median (range) |",
             "|---|---|---|---|",
         ]
         for name, c in cached.items():
-            ratio = f"{c.after / c.fresh:.2f}x" if c.fresh else "-"
-            lines.append(f"| {name} | {c.fresh:.1f} | {c.after:.1f} | {ratio} |")
+            r = c.ratios
+            ratio = f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" if r else "-"
+            fresh = statistics.median(c.fresh) if c.fresh else 0.0
+            after = statistics.median(c.after) if c.after else 0.0
+            lines.append(f"| {name} | {fresh:.1f} | {after:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -215,7 +240,10 @@ def raw(best, cached: dict[str, Cached]) -> dict:
         }
         for s, by_clients in best.items()
     }
-    return {"waves": waves, "cached": {name: vars(c) for name, c in cached.items()}}
+    return {
+        "waves": waves,
+        "cached": {name: {**vars(c), "ratios": c.ratios} for name, c in cached.items()},
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -244,6 +272,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="reply length of the single-client cache figure (default 128)",
     )
+    ap.add_argument(
+        "--singles",
+        type=int,
+        help="fresh/used pairs of new conversations a round for the cache figure (default 4)",
+    )
     ap.add_argument("--no-cached", action="store_true", help="skip the single-client figure")
     ap.add_argument("--backend", default="auto", help="herd's backend (auto picks its best)")
     ap.add_argument(
@@ -261,16 +294,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", help="also write the raw numbers here")
     args = ap.parse_args(argv)
     # --quick: 1 and 8 clients, 1 round, 32 tokens (64 alone); options given still count
-    short = {"clients": "1,8", "rounds": 1, "tokens": 32, "single_tokens": 64}
-    full = {"clients": "1,4,8,16", "rounds": 3, "tokens": 64, "single_tokens": 128}
+    short = {"clients": "1,8", "rounds": 1, "tokens": 32, "single_tokens": 64, "singles": 2}
+    full = {"clients": "1,4,8,16", "rounds": 3, "tokens": 64, "single_tokens": 128, "singles": 4}
     for name, value in (short if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.clients = [int(n) for n in args.clients.split(",")]
     args.scenarios = args.scenarios.split(",")
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
-    if unknown or min(args.clients) < 1 or args.rounds < 1 or args.parallel < 1:
-        ap.error(f"scenarios are {', '.join(SCENARIOS)}; clients, rounds, parallel at least 1")
+    if unknown or min(args.clients) < 1 or min(args.rounds, args.parallel, args.singles) < 1:
+        ap.error(f"scenarios are {', '.join(SCENARIOS)}; clients, rounds, parallel, singles >= 1")
     args.servers = ["herd", *[p for p in args.peer.split(",") if p and p != "herd"]]
     unknown = [p for p in args.servers if p not in SERVERS]
     if unknown:  # before any server starts
@@ -304,12 +337,12 @@ def main() -> None:
             for name in args.servers:
                 print(f"starting {name}...", file=sys.stderr, flush=True)
                 servers[name] = stack.enter_context(start(name, setup, binary))
-            best, rates = measure_waves(servers, args)
+            best, rates, ttfts = measure_waves(servers, args)
         cached = {}
         if not args.no_cached:
             names = [n for n in args.servers if n in ("herd", "herd-shared", ANCHOR)]
             cached = measure_cached(names, setup, binary, args)
-    print(tables(best, cached, args, rates))
+    print(tables(best, cached, args, rates, ttfts))
     if binary is not None:
         build = binary.parent / "build.txt"
         what = build.read_text().strip() if build.exists() else str(binary)

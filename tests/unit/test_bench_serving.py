@@ -154,4 +154,46 @@ def test_paired_ratios_take_each_round_against_the_anchors_same_round():
     assert serving.paired({"herd": [1.0]}, "llama-server") == {}
     args = serving.parse_args(["--quick", "--peer", "llama-server"])
     text = serving.tables({}, {}, args, {"chat": {8: rounds}})
-    assert "| chat | 8 | herd | 0.90x, 1.06x, 1.04x | 1.04x |" in text
+    assert "| chat | 8 | herd | 0.90x, 1.06x, 1.04x | 1.04x | - | - |" in text
+    waits = {"chat": {8: {"herd": [0.42, 0.34, 0.33], "llama-server": [0.38, 0.36, 0.33]}}}
+    text = serving.tables({}, {}, args, {"chat": {8: rounds}}, waits)
+    assert "| 1.04x | 1.11x, 0.94x, 1.00x | 1.00x |" in text
+
+
+def test_the_cache_figure_alternates_a_fresh_server_and_its_used_twin(monkeypatch):
+    """One client's conversations go to a fresh server and to a twin that served 8 chats
+    first, back to back and in flipping order, so a slow minute of the VM weighs on both
+    sides of a pair; the figure is the median of the pairs' ratios."""
+    calls: list[tuple[str, ...]] = []
+    started = iter(range(100))
+
+    class Twin:
+        def __enter__(self):
+            self.url = f"url{next(started)}"
+            return self.url, "m"
+
+        def __exit__(self, *exc):
+            calls.append(("stop", self.url))
+
+    rates = iter([100.0, 90.0, 80.0, 84.0, 120.0, 60.0, 100.0, 100.0])
+
+    def fake_single(url, model, tag, tokens):
+        calls.append(("single", url, tag.split()[0]))
+        return Result(0.0, 11, 10.0 / next(rates))  # 10 tokens after the first
+
+    monkeypatch.setattr(serving, "start", lambda name, setup, binary: Twin())
+    monkeypatch.setattr(serving, "warm_up", lambda url, model: calls.append(("warm", url)))
+    monkeypatch.setattr(serving, "wave", lambda url, *a: calls.append(("wave", url, *a[1:3])))
+    monkeypatch.setattr(serving, "single", fake_single)
+    args = serving.parse_args(["--rounds", "2", "--singles", "2", "--peer", "llama-server"])
+    out = serving.measure_cached(["herd"], None, None, args)
+    first = calls[: calls.index(("stop", "url1")) + 1]
+    assert first[:3] == [("warm", "url0"), ("warm", "url1"), ("wave", "url1", "chat", 8)]
+    singles = [c[1:] for c in first if c[0] == "single"]
+    assert singles == [("url0", "fresh"), ("url1", "after"), ("url1", "after"), ("url0", "fresh")]
+    c = out["herd"]
+    assert c.fresh == pytest.approx([100.0, 84.0, 120.0, 100.0])
+    assert c.after == pytest.approx([90.0, 80.0, 60.0, 100.0])
+    assert c.ratios == pytest.approx([0.9, 80 / 84, 0.5, 1.0])
+    text = serving.tables({}, out, args, {})
+    assert "| herd | 100.0 | 85.0 | 0.93x (0.50-1.00) |" in text
