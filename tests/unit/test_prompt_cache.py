@@ -5,6 +5,7 @@ gives."""
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +96,71 @@ def test_a_conversation_resumes_from_host_memory(tiny_llama_path):
     got = run(runner, turn)
     assert got.prompt_cached_count == len(CHAT_A) + len(first.tokens) - 1
     assert got.tokens == expected.tokens
+
+
+def test_an_idle_runner_keeps_its_slots_conversations_before_a_new_chat_needs_the_slot(
+    tiny_llama_path, monkeypatch
+):
+    """A slot idle for PARK_IDLE is copied to the prompt cache while the runner has
+    nothing to compute, so a new prompt that takes the slot copies nothing under the lock
+    (8 such claims in a burst spent ~20 ms there); the copy then serves a later chat
+    under the same system prompt, whose answer is a fresh server's. A chat's next turn,
+    sooner than that, is not copied."""
+    from herd.runner import engine
+
+    monkeypatch.setattr(engine, "PARK_IDLE", 0.05)
+    fresh = run(make(tiny_llama_path, prompt_cache=0), CHAT_B)
+    runner = make(tiny_llama_path)
+    copies = []
+    snapshot = runner.cache.snapshot
+    monkeypatch.setattr(
+        runner.cache, "snapshot", lambda *a, **k: copies.append(a) or snapshot(*a, **k)
+    )
+    runner.start()
+    try:
+        run(runner, CHAT_A)
+        deadline = time.monotonic() + 10
+        while not len(runner.prompts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(runner.prompts) == 1 and len(copies) == 1  # kept while idle
+        time.sleep(0.2)
+        assert len(copies) == 1  # once, not at every idle turn of the loop
+        run(runner, OTHER)  # takes the slot: nothing left to copy
+        assert len(copies) == 1
+        got = run(runner, CHAT_B)
+        assert got.prompt_cached_count == len(SYSTEM)  # restored from the idle copy
+        assert got.tokens == fresh.tokens
+    finally:
+        runner.stop()
+    monkeypatch.setattr(engine, "PARK_IDLE", 60.0)
+    runner = make(tiny_llama_path)
+    runner.start()
+    try:
+        first = run(runner, CHAT_A)
+        time.sleep(0.2)
+        run(runner, CHAT_A + list(first.tokens) + [40, 41])  # the next turn, in its slot
+        assert len(runner.prompts) == 0
+    finally:
+        runner.stop()
+
+
+def test_a_spare_copy_goes_first_until_its_slot_is_taken():
+    """A copy kept while its slot still holds the prompt is the first to go under
+    pressure; once the slot is taken it is the only copy, and counts as just used."""
+    a, b, c, d = ([i] * 40 for i in (1, 2, 3, 4))
+    cache = PromptCache(limit=300)
+    cache.put(a, Rows(100))
+    cache.put(b, Rows(100), spare=True)
+    cache.put(c, Rows(100))
+    cache.put(d, Rows(100))  # over the budget: the spare goes, not a (the oldest)
+    assert cache.longest(b, 40) == (0, None) and cache.longest(a, 40)[0] == 40
+    cache = PromptCache(limit=300)
+    cache.put(a, Rows(100))
+    cache.put(b, Rows(100), spare=True)
+    cache.refresh(b)  # b's slot was taken: b is the most recently used
+    cache.put(c, Rows(100))
+    cache.put(d, Rows(100))
+    assert cache.longest(a, 40) == (0, None) and cache.longest(b, 40)[0] == 40
 
 
 @pytest.mark.parametrize("path", ["host memory", "graph"])

@@ -75,3 +75,4 @@ def finish(seq: Sequence, reason: str) -> None:
     )
     seq.done = True
     seq.slot.busy = False
+    seq.slot.ended = time.monotonic()

@@ -50,7 +50,7 @@ from herd.runner.sequence import (
     finite,
     truncate,
 )
-from herd.runner.slots import claim_slot
+from herd.runner.slots import claim_slot, park_idle
 from herd.runner.speculate import propose, speculation, verify
 from herd.runner.stop import StopMatcher
 from herd.sample import Constraint, Sampler
@@ -64,6 +64,7 @@ log = logging.getLogger("herd.runner")
 GATHER_QUIET = 0.008  # s without a new request that ends a burst (`Runner._gather`)
 GATHER_MAX = 0.03  # s a burst's first prompt waits at most for the rest
 GATHER_AFTER = 0.25  # s after answers ended among others that their next turns may come
+PARK_IDLE = 0.5  # s a slot is idle before the idle runner copies it to the prompt cache
 
 
 class Runner:
@@ -371,6 +372,7 @@ class Runner:
                         self._admitted.wait_for(lambda: self._admitting == 0, timeout=0.05)
                     self._gather()
                     if not self.step():
+                        self._park_idle()
                         self._wake.wait(0.05)
                         self._wake.clear()
             except BaseException as e:  # a bug outside any one request: no more steps
@@ -402,6 +404,24 @@ class Runner:
             if now - self._arrived >= GATHER_QUIET and self._admitting == 0:
                 return
             time.sleep(0.001)
+
+    def _park_idle(self) -> None:
+        """With nothing to compute, copy the conversations of slots idle for PARK_IDLE to
+        the prompt cache (`slots.park_idle`), one slot a lock, and none once a request
+        comes: it goes first. A chat's next turn comes sooner than PARK_IDLE, and keeps
+        its slot's cells."""
+        if self.prompts is None:
+            return
+        for slot in self.slots:
+            if self._admitting or not self.incoming.empty() or self._stop.is_set():
+                return
+            if slot.busy or slot.parked == slot.ended:
+                continue
+            if time.monotonic() - slot.ended < PARK_IDLE:
+                continue
+            with self.lock:
+                if not slot.busy:
+                    park_idle(self, slot)
 
     def stop(self) -> None:
         self._stop.set()

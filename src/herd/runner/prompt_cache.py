@@ -90,10 +90,19 @@ class PromptCache:
         n, _ = self.longest(tokens, len(tokens))
         return n < len(tokens)
 
-    def put(self, tokens: list[int], snap: KeptRows) -> None:
+    def refresh(self, tokens: list[int]) -> None:
+        """The kept prompt that covers tokens (they are it or its prefix), if any, becomes
+        the most recently used: its slot was just taken, and it is the only copy now."""
+        n, key = self.longest(tokens, len(tokens))
+        if key is not None and n == len(tokens):
+            self.entries.move_to_end(key)
+
+    def put(self, tokens: list[int], snap: KeptRows, spare: bool = False) -> None:
         """Keep a prompt's rows; a kept prompt that is a prefix of it goes (it covers it),
         then the least recently used until everything held fits: the rows of every kept
-        prompt and of those they build on, which stay while one builds on them."""
+        prompt and of those they build on, which stay while one builds on them. `spare`:
+        a copy of a prompt its slot still holds (kept while the runner was idle), the first
+        to go until that slot is taken (`refresh`)."""
         if snap.nbytes > self.limit or len(tokens) < MIN_TOKENS or self.limit <= 0:
             return
         n, key = self.longest(tokens, len(tokens))
@@ -105,6 +114,8 @@ class PromptCache:
             self._remove(key)
         entry = Entry(tuple(tokens), snap)
         self.entries[self._next] = entry
+        if spare:
+            self.entries.move_to_end(self._next, last=False)
         insort(self._sorted, (entry.tokens, self._next))
         self._next += 1
         for piece in snap.pieces():

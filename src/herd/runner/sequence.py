@@ -88,6 +88,8 @@ class Slot:
     # tokens whose K/V are in the cache (image rows by their keys, `herd.runner.images`)
     cached: list[int] = field(default_factory=list)
     busy: bool = False
+    ended: float = 0.0  # monotonic time its last sequence ended
+    parked: float = -1.0  # `ended` of the conversation last offered to the prompt cache
 
 
 @dataclass

@@ -105,13 +105,25 @@ def _share(runner: Runner, slot: Slot, tokens: list[int], n: int) -> int:
     return shared
 
 
-def _park(runner: Runner, slot: Slot, keep: int) -> None:
+def park_idle(runner: Runner, slot: Slot) -> None:
+    """Copy the conversation of a slot idle for a while to the prompt cache, a spare while
+    the slot holds it, so that a new chat taking the slot later does not wait for the
+    copy: 8 new chats claiming slots one after another under the runner's lock spent
+    1.3-3.9 ms each on it (~20 ms of the burst's TTFT, traced in `herd serve`)."""
+    slot.parked = slot.ended
+    _park(runner, slot, 0, spare=True)
+
+
+def _park(runner: Runner, slot: Slot, keep: int, spare: bool = False) -> None:
     """Copy a slot's cached prompt to the prompt cache before all but its first `keep`
     tokens leave the slot, when that is worth it (`PromptCache.wants`): only what follows
-    the longest kept prompt it starts with, under the runner's lock as a new chat waits."""
+    the longest kept prompt it starts with, under the runner's lock as a new chat waits
+    (unless the runner kept it while idle, `park_idle`)."""
     if runner.prompts is None or len(slot.cached) - keep < MIN_TOKENS:
         return
     if not runner.prompts.wants(slot.cached):
+        if not spare:  # kept already (a spare, while idle): the only copy from now on
+            runner.prompts.refresh(slot.cached)
         return
     base, start = runner.prompts.base(slot.cached)
     try:
@@ -120,4 +132,4 @@ def _park(runner: Runner, slot: Slot, keep: int) -> None:
         log.warning("no host memory to keep a %d-token prompt", len(slot.cached))
         return
     if snap is not None:
-        runner.prompts.put(slot.cached, snap)
+        runner.prompts.put(slot.cached, snap, spare)
