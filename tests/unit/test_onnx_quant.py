@@ -28,7 +28,12 @@ from herd.gguf.quants import quantize  # noqa: E402
 from herd.ml.backends.onnx import quant  # noqa: E402
 
 # each mapped type: the byte offsets of its f16 fields (d, and m or dmin)
-F16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2]}
+F16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2],
+              Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}  # fmt: skip
+# each type's MatMulNBits form: (bits, block); 5- and 6-bit values take a byte each
+FORM = {Q.Q4_0: (4, 32), Q.Q4_1: (4, 32), Q.Q8_0: (8, 32), Q.Q4_K: (4, 32),
+        Q.Q5_0: (8, 32), Q.Q5_1: (8, 32), Q.Q5_K: (8, 32), Q.Q6_K: (8, 16)}  # fmt: skip
+OFFSET_TYPES = (Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K)
 EPS = float(np.finfo(np.float32).eps)
 
 
@@ -36,7 +41,7 @@ def real_blocks(qtype: Q, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     try:
         return quantize(w, qtype).reshape(-1)
-    except HerdError as e:  # Q4_K needs ggml-python's quantizer
+    except HerdError as e:  # K-quants need ggml-python's quantizer
         pytest.skip(f"herd cannot quantize to {qtype.name} here: {e}")
 
 
@@ -108,8 +113,10 @@ def test_matmul_nbits_packs_consecutive_values_low_nibble_first():
 
 
 # (6, 512) for every type; (5, 96) too where rows may be 3 blocks (odd: the packed zero
-# points end in half a byte), which Q4_K's 256-value blocks rule out
-CASES = [(q, (6, 512)) for q in F16_FIELDS] + [(q, (5, 96)) for q in (Q.Q4_0, Q.Q4_1, Q.Q8_0)]
+# points end in half a byte), which the K-quants' 256-value blocks rule out
+CASES = [(q, (6, 512)) for q in F16_FIELDS] + [
+    (q, (5, 96)) for q in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1)
+]
 
 
 @pytest.mark.parametrize("blocks", [real_blocks, random_blocks], ids=["quantized", "random"])
@@ -117,11 +124,13 @@ CASES = [(q, (6, 512)) for q in F16_FIELDS] + [(q, (5, 96)) for q in (Q.Q4_0, Q.
 def test_identity_input_gives_gguf_dequantization_bit_for_bit(qtype, shape, blocks):
     raw = blocks(qtype, shape)
     nb = quant.matmul_nbits(raw, qtype, shape)
-    assert nb is not None and (nb.n, nb.k, nb.block_size, nb.qtype) == (*shape, 32, qtype)
-    assert nb.bits == (8 if qtype == Q.Q8_0 else 4)
-    assert nb.b.dtype == np.uint8 and nb.b.shape == (shape[0], shape[1] // 32, 4 * nb.bits)
-    assert nb.scales.dtype == np.float32 and nb.scales.shape == (shape[0], shape[1] // 32)
-    assert (nb.offsets is not None) == (qtype in (Q.Q4_1, Q.Q4_K))
+    bits, block = FORM[qtype]
+    assert nb is not None and (nb.n, nb.k, nb.block_size, nb.qtype) == (*shape, block, qtype)
+    assert nb.bits == bits
+    blocks_a_row = shape[1] // block
+    assert nb.b.dtype == np.uint8 and nb.b.shape == (shape[0], blocks_a_row, block * bits // 8)
+    assert nb.scales.dtype == np.float32 and nb.scales.shape == (shape[0], blocks_a_row)
+    assert (nb.offsets is not None) == (qtype in OFFSET_TYPES)
     y = run_matmul(nb, np.eye(shape[1], dtype=np.float32), accuracy_level=0)
     assert_bits_equal(np.ascontiguousarray(y.T), gguf_dense(raw, qtype, shape))
 
@@ -154,8 +163,8 @@ def test_product_at_accuracy_level_4_within_int8_activation_rounding(qtype):
     x = np.random.default_rng(4).standard_normal((7, shape[1])).astype(np.float32)
     y = run_matmul(nb, x, accuracy_level=4)
     want = x.astype(np.float64) @ w.T
-    xb = np.abs(x.astype(np.float64)).reshape(7, -1, 32)
-    half_step = np.repeat(xb.max(axis=-1) / 127 / 2, 32, axis=-1)  # (7, k)
+    xb = np.abs(x.astype(np.float64)).reshape(7, -1, nb.block_size)
+    half_step = np.repeat(xb.max(axis=-1) / 127 / 2, nb.block_size, axis=-1)  # (7, k)
     w_q = np.abs(w) + offsets_dense(nb)  # >= |d q|, the part MatMulNBits multiplies
     bound = half_step @ w_q.T * (1 + 1e-3)
     bound += shape[1] * EPS * (np.abs(x.astype(np.float64)) @ (w_q + offsets_dense(nb)).T)
@@ -178,7 +187,7 @@ def test_offsets_work_for_any_rank_of_x():
 @pytest.mark.parametrize("qtype", sorted(quant.GATHER_TYPES), ids=lambda q: q.name)
 @pytest.mark.parametrize("blocks", [real_blocks, random_blocks], ids=["quantized", "random"])
 def test_gather_block_quantized_rows_equal_gguf_bit_for_bit(qtype, blocks):
-    shape = (40, 128)
+    shape = (40, 256)  # whole blocks of every gathered type (Q6_K: 256 values)
     raw = blocks(qtype, shape)
     nb = quant.gather_block_quantized(raw, qtype, shape)
     assert nb is not None
@@ -193,7 +202,7 @@ def test_types_without_an_exact_form_are_none_and_dequantize_as_gguf():
     shape = (4, 256)
     raw = real_blocks(Q.Q4_1, shape)
     assert quant.gather_block_quantized(raw, Q.Q4_1, shape) is None  # no float term
-    for qtype in (Q.Q5_0, Q.Q5_1):
+    for qtype in (Q.Q2_K, Q.Q3_K, Q.IQ4_NL):
         raw = real_blocks(qtype, shape)
         assert quant.matmul_nbits(raw, qtype, shape) is None
         assert_bits_equal(quant.dequantize(raw, qtype, shape), gguf_dense(raw, qtype, shape))

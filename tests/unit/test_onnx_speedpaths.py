@@ -36,7 +36,7 @@ def rounded_like_q8(x: np.ndarray) -> np.ndarray:
     return (q * step).reshape(x.shape)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K], ids=lambda q: q.name)
 def test_offsets_at_level_4_read_x_as_rounded(qtype):
     shape = (40, 512)
     raw = real_blocks(qtype, shape, seed=7)
@@ -60,7 +60,9 @@ def test_offsets_at_level_4_read_x_as_rounded(qtype):
     assert nmse(want + (x.astype(np.float64) - xq) @ offsets.T) > 1e-7
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.Q6_K], ids=lambda q: q.name
+)
 @pytest.mark.parametrize("level", [0, 4])
 def test_stacked_weights_give_each_weights_product(qtype, level):
     """quant.concat: one MatMulNBits over weights stacked along N, split after, gives

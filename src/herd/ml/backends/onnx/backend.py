@@ -88,8 +88,8 @@ _WEIGHT_DTYPE = {
 _DIRECT = {Q.F32: np.float32, Q.F16: np.float16, Q.I32: np.int32}
 _CACHE_AS_F16 = (DType.F16, DType.Q8_0, DType.Q4_0)
 # GGUF types kept in their blocks (MatMulNBits, with int8 activations as llama.cpp's q8 dot
-# products; Q4_1's and Q4_K's offsets on the block sums of x as rounded, quant.py)
-KEPT_QUANTIZED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K}) & quant.MAPPED_TYPES
+# products; offsets (Q4_1, Q5_1, Q4_K, Q5_K) on the block sums of x as rounded, quant.py)
+KEPT_QUANTIZED = quant.MAPPED_TYPES
 
 
 def providers(asked: Sequence[str] = ()) -> list[str]:

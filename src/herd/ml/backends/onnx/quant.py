@@ -129,33 +129,84 @@ def _q8_0(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return blk[:, 2:] ^ np.uint8(0x80), _f32(blk[:, :2]), None  # int8 x -> x + 128
 
 
-def _q4_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """256 values: 8 sub-blocks of 32 with 6-bit scales sc and mins m in 12 bytes (bytes
-    0-3: sc[0:4] low 6 bits, 4-7: m[0:4]; 8-11: sc[4:8] low nibble, m[4:8] high nibble, their
-    top 2 bits in the top 2 bits of bytes 0-3 and 4-7), then 4 runs of 32 nibble bytes:
-    run c's low nibbles are sub-block 2c, its high nibbles sub-block 2c+1."""
-    n = len(blk)
-    d, dmin = _f32(blk[:, :2]), _f32(blk[:, 2:4])
-    s = blk[:, 4:16]
+def _k_scales(d: np.ndarray, dmin: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 8 sub-block scales d*sc and offsets -dmin*m (n, 8) from their 12 bytes
+    (bytes 0-3: sc[0:4] low 6 bits, 4-7: m[0:4]; 8-11: sc[4:8] low nibble, m[4:8] high
+    nibble, their top 2 bits in the top 2 bits of bytes 0-3 and 4-7). Both products exact."""
     lo, hi, mix = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
-    scales = d[:, None] * sc.astype(np.float32)  # exact: 11 + 6 bits
-    offsets = -(dmin[:, None] * mn.astype(np.float32))
+    return d[:, None] * sc.astype(np.float32), -(dmin[:, None] * mn.astype(np.float32))
+
+
+def _q4_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values: 8 sub-blocks of 32 (d*sc)*q - dmin*m (`_k_scales`), then 4 runs of 32
+    nibble bytes: run c's low nibbles are sub-block 2c, its high nibbles sub-block 2c+1."""
+    n = len(blk)
+    scales, offsets = _k_scales(_f32(blk[:, :2]), _f32(blk[:, 2:4]), blk[:, 4:16])
     packed = _repacked(blk[:, 16:].reshape(n, 4, 32)).reshape(n * 8, BLOCK // 2)
     return packed, scales.reshape(-1), offsets.reshape(-1)
 
 
-# qtype -> (bits, unpack)
-_MAPPED: dict[Q, tuple[int, Unpack]] = {
-    Q.Q4_0: (4, _q4_0),
-    Q.Q4_1: (4, _q4_1),
-    Q.Q8_0: (8, _q8_0),
-    Q.Q4_K: (4, _q4_k),
+def _five_bits(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 32 values (n, 32) uint8: value j's low 4 bits are byte j's low nibble
+    of qs (16 bytes) for j < 16, byte j-16's high nibble after; its 5th bit is bit j of qh
+    (4 bytes, little-endian)."""
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+    high = np.unpackbits(qh, axis=-1, bitorder="little")
+    return low | (high << 4)
+
+
+def _q5_0(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    return _five_bits(blk[:, 6:], blk[:, 2:6]) + np.uint8(112), _f32(blk[:, :2]), None  # q-16+128
+
+
+def _q5_1(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    return _five_bits(blk[:, 8:], blk[:, 4:8]), _f32(blk[:, :2]), _f32(blk[:, 2:4])
+
+
+def _q5_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values, 8 sub-blocks of 32 (d*sc)*q - dmin*m, q 5 bits: run c of 32 bytes of qs
+    holds sub-block 2c's low 4 bits in its low nibbles, 2c+1's in its high ones; bit j of
+    qh's byte l is the 5th bit of sub-block j's value l."""
+    n = len(blk)
+    scales, offsets = _k_scales(_f32(blk[:, :2]), _f32(blk[:, 2:4]), blk[:, 4:16])
+    qh, qs = blk[:, 16:48], blk[:, 48:].reshape(n, 4, 1, 32)
+    low = ((qs >> np.array([0, 4], np.uint8)[:, None]) & 0x0F).reshape(n, 8, 32)
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    return (low | (high << 4)).reshape(n * 8, BLOCK), scales.reshape(-1), offsets.reshape(-1)
+
+
+def _q6_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values, 16 blocks of 16 (d*sc)*(q - 32), sc int8, q 6 bits: in each half of 128
+    values, ql's 64 bytes give values 0-63's low 4 bits in their low nibbles and 64-127's in
+    their high ones; qh's 32 bytes give values l, l+32, l+64, l+96 their top 2 bits (bits
+    0-1, 2-3, 4-5, 6-7 of byte l)."""
+    n = len(blk)
+    ql, qh = blk[:, :128].reshape(n, 2, 1, 64), blk[:, 128:192].reshape(n, 2, 1, 32)
+    low = ((ql >> np.array([0, 4], np.uint8)[:, None]) & 0x0F).reshape(n, 8, 32)
+    high = ((qh >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3).reshape(n, 8, 32)
+    q = (low | (high << 4)) + np.uint8(96)  # q - 32 + 128
+    sc = blk[:, 192:208].view(np.int8).astype(np.float32)
+    scales = _f32(blk[:, 208:210])[:, None] * sc  # exact: 11 + 8 bits
+    return q.reshape(n * 16, 16), scales.reshape(-1), None
+
+
+# qtype -> (bits, block, unpack): 4 bits where the values fit a nibble, else 8 (5- and
+# 6-bit values, one byte each: 1.125 bytes a weight against float32's 4)
+_MAPPED: dict[Q, tuple[int, int, Unpack]] = {
+    Q.Q4_0: (4, BLOCK, _q4_0),
+    Q.Q4_1: (4, BLOCK, _q4_1),
+    Q.Q8_0: (8, BLOCK, _q8_0),
+    Q.Q4_K: (4, BLOCK, _q4_k),
+    Q.Q5_0: (8, BLOCK, _q5_0),
+    Q.Q5_1: (8, BLOCK, _q5_1),
+    Q.Q5_K: (8, BLOCK, _q5_k),
+    Q.Q6_K: (8, 16, _q6_k),
 }
 MAPPED_TYPES = frozenset(_MAPPED)
 # GatherBlockQuantized has no offset term: only the types without one
-GATHER_TYPES = frozenset(q for q in _MAPPED if q in (Q.Q4_0, Q.Q8_0))
+GATHER_TYPES = frozenset({Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q6_K})
 
 
 def _check(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
@@ -180,18 +231,18 @@ def matmul_nbits(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> NBits | N
     raw = _check(raw, qtype, shape)
     if qtype not in _MAPPED or len(shape) != 2:
         return None
-    bits, unpack = _MAPPED[qtype]
+    bits, block, unpack = _MAPPED[qtype]
     n, k = shape
-    kb = k // BLOCK
+    kb = k // block
     b, scales, offsets = unpack(raw.reshape(-1, GGML_QUANT_SIZES[qtype][1]))
-    b = np.ascontiguousarray(b.reshape(n, kb, BLOCK * bits // 8))
+    b = np.ascontiguousarray(b.reshape(n, kb, block * bits // 8))
     scales = np.ascontiguousarray(scales.reshape(n, kb), dtype=np.float32)
     zero_points = summed = None
     if offsets is not None:  # q * scale + offset: zero point 0, packed as B is
         offsets = _transposed(offsets.reshape(n, kb))
         summed = _with_sum_rows(b, scales, bits)
         b, scales, zero_points = (a[:n] for a in summed)  # views: no second copy
-    return NBits(b, scales, zero_points, offsets, bits, BLOCK, k, n, qtype, summed)
+    return NBits(b, scales, zero_points, offsets, bits, block, k, n, qtype, summed)
 
 
 def concat(nbs: list[NBits]) -> NBits:
