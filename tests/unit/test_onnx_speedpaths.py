@@ -28,15 +28,16 @@ from herd.ml.backends.onnx import quant  # noqa: E402
 from herd.ml.base import RopeOptions  # noqa: E402
 
 
-def rounded_like_q8(x: np.ndarray) -> np.ndarray:
-    """x as llama.cpp's q8_1 (and MatMulNBits at level 4) rounds it, in float64."""
-    xb = x.astype(np.float64).reshape(*x.shape[:-1], -1, 32)
+def rounded_like_q8(x: np.ndarray, block: int = 32) -> np.ndarray:
+    """x as llama.cpp's q8_1 (and MatMulNBits at level 4) rounds it, in float64, per block
+    of `block` (MatMulNBits': its weight's block size)."""
+    xb = x.astype(np.float64).reshape(*x.shape[:-1], -1, block)
     step = np.abs(xb).max(axis=-1, keepdims=True) / 127
     q = np.round(xb / np.where(step == 0, 1, step))
     return (q * step).reshape(x.shape)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K, Q.Q2_K], ids=lambda q: q.name)
 def test_offsets_at_level_4_read_x_as_rounded(qtype):
     shape = (40, 512)
     raw = real_blocks(qtype, shape, seed=7)
@@ -46,9 +47,9 @@ def test_offsets_at_level_4_read_x_as_rounded(qtype):
     x = np.random.default_rng(8).standard_normal((5, shape[1])).astype(np.float32)
     x[1, :32] = 0  # a block of zeros: step 0, its sum 0 (no 0/0)
     y = run_matmul(nb, x, accuracy_level=4)
-    xq = rounded_like_q8(x)
+    xq = rounded_like_q8(x, nb.block_size)
     want = xq @ w.T
-    offsets = np.repeat(nb.offsets.astype(np.float64), 32, axis=1)  # (n, k)
+    offsets = np.repeat(nb.offsets.astype(np.float64), nb.block_size, axis=1)  # (n, k)
 
     def nmse(a: np.ndarray) -> float:
         return float(np.mean((a - want) ** 2) / np.mean(want**2))

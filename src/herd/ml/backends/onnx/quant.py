@@ -192,6 +192,43 @@ def _q6_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return q.reshape(n * 16, 16), scales.reshape(-1), None
 
 
+def _nibbles(v: np.ndarray) -> np.ndarray:
+    """Values below 16 (m, 2L) packed as MatMulNBits reads them (m, L): value 2i in the low
+    nibble of byte i, 2i+1 in the high one."""
+    return v[:, 0::2] | (v[:, 1::2] << 4)
+
+
+_CRUMBS = np.array([0, 2, 4, 6], np.uint8)[:, None]  # 2-bit fields of a byte, low first
+
+
+def _q2_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values, 16 blocks of 16 (d*sc)*q - dmin*m, sc and m 4 bits (byte j of the first
+    16: sc low, m high), q 2 bits: each half of 128 values has 32 bytes of qs whose bit
+    pairs 0-1, 2-3, 4-5, 6-7 are its values l, l+32, l+64, l+96. 4 bits, zero point 0."""
+    n = len(blk)
+    sc, qs = blk[:, :16], blk[:, 16:80].reshape(n, 2, 1, 32)
+    q = ((qs >> _CRUMBS) & 3).reshape(n * 16, 16)
+    scales = _f32(blk[:, 80:82])[:, None] * (sc & 0x0F).astype(np.float32)
+    offsets = -(_f32(blk[:, 82:84])[:, None] * (sc >> 4).astype(np.float32))
+    return _nibbles(q), scales.reshape(-1), offsets.reshape(-1)
+
+
+def _q3_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values, 16 blocks of 16 d*(sc-32)*q, sc 6 bits (low 4 in the nibbles of bytes
+    96-103, low nibbles first; top 2 in the bit pairs of bytes 104-107), q = low 2 bits
+    (as Q2_K's) - 4 where bit j of hmask byte l (value l + 32j) is clear: q + 8 in 4 bits,
+    the default zero point 8."""
+    n = len(blk)
+    qs, s = blk[:, 32:96].reshape(n, 2, 1, 32), blk[:, 96:108]
+    low = (s[:, :8].reshape(n, 1, 8) >> np.array([0, 4], np.uint8)[:, None]) & 0x0F
+    high = (s[:, 8:12].reshape(n, 1, 4) >> _CRUMBS) & 3
+    sc = (low.reshape(n, 16) | (high.reshape(n, 16) << 4)).astype(np.float32) - 32
+    ql = ((qs >> _CRUMBS) & 3).reshape(n, 16, 16)
+    qh = (blk[:, :32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    q = ql + 4 + (qh.reshape(n, 16, 16) << 2)  # ql - 4 (1 - bit) + 8
+    return _nibbles(q.reshape(n * 16, 16)), (_f32(blk[:, 108:110])[:, None] * sc).reshape(-1), None
+
+
 # qtype -> (bits, block, unpack): 4 bits where the values fit a nibble, else 8 (5- and
 # 6-bit values, one byte each: 1.125 bytes a weight against float32's 4)
 _MAPPED: dict[Q, tuple[int, int, Unpack]] = {
@@ -203,10 +240,12 @@ _MAPPED: dict[Q, tuple[int, int, Unpack]] = {
     Q.Q5_1: (8, BLOCK, _q5_1),
     Q.Q5_K: (8, BLOCK, _q5_k),
     Q.Q6_K: (8, 16, _q6_k),
+    Q.Q2_K: (4, 16, _q2_k),
+    Q.Q3_K: (4, 16, _q3_k),
 }
 MAPPED_TYPES = frozenset(_MAPPED)
 # GatherBlockQuantized has no offset term: only the types without one
-GATHER_TYPES = frozenset({Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q6_K})
+GATHER_TYPES = frozenset({Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q3_K})
 
 
 def _check(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
