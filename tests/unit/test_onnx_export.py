@@ -128,6 +128,18 @@ def test_smollm2_exported_decodes_herds_tokens(smollm2_path: Path, tmp_path: Pat
     assert _plain_onnxruntime(out) == _herd_greedy(smollm2_path, "onnx", 1, cells_first)
 
 
+def test_gemma3_exported_decodes_herds_tokens(gemma3_path: Path, tmp_path: Path) -> None:
+    """Gemma 3 (Q4_K, Q5_0, Q6_K and Q8_0, all kept in their blocks; sliding-window layers):
+    the same as SmolLM2's. Its weights go into model.onnx.data as blocks, its tied
+    embedding table once for the gather and the head: float32 Q5_0 or Q6_K layers or a
+    second copy of the table (462 MB) would make the file larger than the GGUF's 4/3."""
+    out = tmp_path / "gemma3"
+    export_onnx(str(gemma3_path), out, num_ctx=256)
+    assert (out / "model.onnx.data").stat().st_size < gemma3_path.stat().st_size * 4 / 3
+    cells_first = BackendOptions(onnx_kv_in_place=False)
+    assert _plain_onnxruntime(out) == _herd_greedy(gemma3_path, "onnx", 1, cells_first)
+
+
 def test_unknown_model_name(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError):
         export_onnx("no-such-model:7b", tmp_path / "x")
