@@ -8,18 +8,27 @@ consecutive values packed low bits first (4 bits: value 2i low nibble, 2i+1 high
 byte i); scales (N, k_blocks) float32; zero points packed the same way, default 2^(bits-1).
 Checked on the CPU provider by tests/unit/test_onnx_quant.py.
 
-Kept quantized (block 32; d, m, dmin the file's f16 values):
-    Q4_0  d*(q-8)           -> 4 bits, scale d, default zero point 8
-    Q8_0  d*x, x int8       -> 8 bits, q = x+128, scale d, default zero point 128
-    Q4_1  d*q + m           -> 4 bits, scale d, zero point 0, plus an offset m per block
-    Q4_K  (d*sc)*q - dmin*m -> 4 bits per sub-block of 32, scale d*sc, offset -dmin*m
+Kept quantized (block 32 unless said; d, m, dmin the file's f16 values, sc and m the
+K-quants' small integer scales and mins):
+    Q4_0  d*(q-8)              -> 4 bits, scale d, default zero point 8
+    Q8_0  d*x, x int8          -> 8 bits, q = x+128, scale d, default zero point 128
+    Q5_0  d*(q-16)             -> 8 bits, q-16+128, scale d, default zero point 128
+    Q4_1  d*q + m              -> 4 bits, scale d, zero point 0, plus an offset m per block
+    Q5_1  d*q + m              -> 8 bits, scale d, zero point 0, offset m
+    Q4_K  (d*sc)*q - dmin*m    -> 4 bits per sub-block of 32, scale d*sc, offset -dmin*m
+    Q5_K  (d*sc)*q - dmin*m    -> 8 bits per sub-block of 32, the same
+    Q6_K  (d*sc)*(q-32)        -> 8 bits per block of 16, q-32+128, scale d*sc (sc int8)
+    Q3_K  (d*(sc-32))*q, q>=-4 -> 4 bits per block of 16, q+8, scale d*(sc-32)
+    Q2_K  (d*sc)*q - dmin*m    -> 4 bits per block of 16, zero point 0, offset -dmin*m
+5- and 6-bit values take a byte each (1.125 bytes a weight, float32 takes 4); every scale
+and offset is a product float32 holds exactly (at most 11 + 8 bits of significand).
 An offset is a second term: sum over a block of x times offset = (x's block sums) @ offsets^T,
-a small MatMul beside the MatMulNBits (K/32 inner size), then an Add. At accuracy level 0
+a small MatMul beside the MatMulNBits (K/block inner size), then an Add. At accuracy level 0
 the block sums are x's own (a ReduceSum). At level 4 MatMulNBits rounds x to int8 per block
 (scale max|x|/127, round to nearest), and the offset term must see the same x, as llama.cpp's
 q8_1 activations carry the sum of their rounded values: taken from x exactly it left the
 errors of the two terms uncorrelated (SmolLM2's golden mean |Δ log p| 0.111 against 0.039).
-So the weight gets K/32 more rows, row n+b one on block b and zero elsewhere (scale 1): its
+So the weight gets K/block more rows, row n+b one on block b and zero elsewhere (scale 1): its
 outputs are the block sums of x as MatMulNBits rounded it, exactly, from the same kernel,
 split off after it. Why
 not MatMulNBits' float zero points (zp = -m/d): (q - zp) * d rounds twice, so 7.6% of
@@ -30,8 +39,9 @@ Exact: with float32 scales, d*(q-8), d*x and (d*sc)*q are exact (at most 11+6+8 
 significand), so MatMulNBits' weight equals gguf's; an offset's d*q + m is rounded once by
 the Add, as gguf rounds it once. With accuracy_level 0 and A = I_K the output is gguf's
 dequantization bit for bit. accuracy_level 4 (the default here) quantizes A to int8 in
-blocks of `block_size`, as llama.cpp quantizes activations to q8 for these types: faster on
-the CPU, with the error of that rounding of A (the test bounds it).
+blocks of `block_size`, as llama.cpp quantizes activations to q8 for these types (to q8_K,
+blocks of 256, for the K-quants; ORT's blocks of 16 or 32 round finer): faster on the CPU,
+with the error of that rounding of A (the test bounds it).
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from onnx import helper
 from herd.errors import GGUFError
 
 MS = "com.microsoft"
-BLOCK = 32  # every mapped type's block (Q4_0, Q4_1, Q8_0) or sub-block (Q4_K)
+BLOCK = 32  # most mapped types' block or sub-block; Q2_K, Q3_K and Q6_K have 16
 ACCURACY_LEVEL = 4  # A quantized to int8 per block, as llama.cpp does for these types
 
 
