@@ -264,7 +264,7 @@ def _weights_file(path: Path) -> Path:
 
     writer = GGUFWriter(str(path), "test")
     rng = np.random.default_rng(3)
-    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.IQ4_NL):
+    for qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.TQ2_0):
         raw = quantize(rng.standard_normal((48, 256)).astype(np.float32), qtype)
         writer.add_tensor(f"w.{qtype.name}", raw, raw_shape=raw.shape, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -274,12 +274,12 @@ def _weights_file(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["w.Q4_0", "w.Q4_1", "w.Q8_0", "w.Q5_0", "w.Q6_K", "w.IQ4_NL"])
+@pytest.mark.parametrize("name", ["w.Q4_0", "w.Q4_1", "w.Q8_0", "w.Q5_0", "w.Q6_K", "w.TQ2_0"])
 def test_which_weights_stay_quantized(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """Q4_0, Q4_1, Q8_0, Q5_0 and Q6_K run as MatMulNBits with int8 activations, as
-    llama.cpp; IQ4_NL is dequantized; HERD_ONNX_DEQUANTIZE=1 dequantizes every one (the
+    llama.cpp; TQ2_0 is dequantized; HERD_ONNX_DEQUANTIZE=1 dequantizes every one (the
     reference)."""
     g = open_gguf(_weights_file(tmp_path / "q.gguf"))
     x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
@@ -290,7 +290,7 @@ def test_which_weights_stay_quantized(
         monkeypatch.setenv("HERD_ONNX_DEQUANTIZE", dequantize)
         backend = open_backend("onnx", g, _from_env())
         w = backend.weight(name)
-        kept = dequantize == "0" and name != "w.IQ4_NL"
+        kept = dequantize == "0" and name != "w.TQ2_0"
         assert (w.q is not None) is kept  # type: ignore[attr-defined]
         with backend.new_context() as ctx:
             (got,) = ctx.compute(ctx.input(x).linear(w))
@@ -385,7 +385,7 @@ def test_the_first_weight_asked_for_converts_them_all_on_the_load_threads(
     monkeypatch.setattr(quant, "matmul_nbits", spy)
     backend = open_backend("onnx", g, BackendOptions(num_thread=2))
     weights = {name: backend.weight(name) for name in ("w.Q8_0", "w.Q4_0", "w.Q4_1")}
-    assert set(where) == {"Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q6_K"}, where  # IQ4_NL: dequantized
+    assert set(where) == {"Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q6_K"}, where  # TQ2_0: dequantized
     assert all(name.startswith("herd-onnx-load") for name in where.values()), where
     for name, w in weights.items():
         info = g.tensors[name]

@@ -30,11 +30,11 @@ from herd.ml.backends.onnx import quant  # noqa: E402
 # each mapped type: the byte offsets of its f16 fields (d, and m or dmin)
 F16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2],
               Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
-              Q.Q2_K: [80, 82], Q.Q3_K: [108]}  # fmt: skip
+              Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.IQ4_NL: [0], Q.IQ4_XS: [0]}  # fmt: skip
 # each type's MatMulNBits form: (bits, block); 5- and 6-bit values take a byte each
 FORM = {Q.Q4_0: (4, 32), Q.Q4_1: (4, 32), Q.Q8_0: (8, 32), Q.Q4_K: (4, 32),
         Q.Q5_0: (8, 32), Q.Q5_1: (8, 32), Q.Q5_K: (8, 32), Q.Q6_K: (8, 16),
-        Q.Q2_K: (4, 16), Q.Q3_K: (4, 16)}  # fmt: skip
+        Q.Q2_K: (4, 16), Q.Q3_K: (4, 16), Q.IQ4_NL: (8, 32), Q.IQ4_XS: (8, 32)}  # fmt: skip
 OFFSET_TYPES = (Q.Q4_1, Q.Q4_K, Q.Q5_1, Q.Q5_K, Q.Q2_K)
 EPS = float(np.finfo(np.float32).eps)
 
@@ -117,7 +117,7 @@ def test_matmul_nbits_packs_consecutive_values_low_nibble_first():
 # (6, 512) for every type; (5, 96) too where rows may be 3 blocks (odd: the packed zero
 # points end in half a byte), which the K-quants' 256-value blocks rule out
 CASES = [(q, (6, 512)) for q in F16_FIELDS] + [
-    (q, (5, 96)) for q in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1)
+    (q, (5, 96)) for q in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1, Q.IQ4_NL)
 ]
 
 
@@ -204,7 +204,7 @@ def test_types_without_an_exact_form_are_none_and_dequantize_as_gguf():
     shape = (4, 256)
     raw = real_blocks(Q.Q4_1, shape)
     assert quant.gather_block_quantized(raw, Q.Q4_1, shape) is None  # no float term
-    for qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.TQ2_0):
+    for qtype in (Q.TQ1_0, Q.TQ2_0, Q.IQ3_S):
         raw = real_blocks(qtype, shape)
         assert quant.matmul_nbits(raw, qtype, shape) is None
         assert_bits_equal(quant.dequantize(raw, qtype, shape), gguf_dense(raw, qtype, shape))

@@ -20,6 +20,8 @@ K-quants' small integer scales and mins):
     Q6_K  (d*sc)*(q-32)        -> 8 bits per block of 16, q-32+128, scale d*sc (sc int8)
     Q3_K  (d*(sc-32))*q, q>=-4 -> 4 bits per block of 16, q+8, scale d*(sc-32)
     Q2_K  (d*sc)*q - dmin*m    -> 4 bits per block of 16, zero point 0, offset -dmin*m
+    IQ4_NL d*level[q]          -> 8 bits, level+128 (int8 levels), scale d
+    IQ4_XS (d*(ls-32))*level[q] -> 8 bits per sub-block of 32, scale d*(ls-32)
 5- and 6-bit values take a byte each (1.125 bytes a weight, float32 takes 4); every scale
 and offset is a product float32 holds exactly (at most 11 + 8 bits of significand).
 An offset is a second term: sum over a block of x times offset = (x's block sums) @ offsets^T,
@@ -240,6 +242,32 @@ def _q3_k(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return _nibbles(q.reshape(n * 16, 16)), (_f32(blk[:, 108:110])[:, None] * sc).reshape(-1), None
 
 
+# IQ4_NL's 16 levels (llama.cpp's kvalues_iq4nl), + 128: 8-bit values on zero point 128
+_IQ4_LEVELS = (np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+               + 128).astype(np.uint8)  # fmt: skip
+
+
+def _iq4_nl(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """d * level[q], q 4 bits packed as Q4_0's (16 bytes: values 0-15 low nibbles, 16-31
+    high): not linear in q, so one byte a value, the level itself."""
+    qs = blk[:, 2:]
+    return _IQ4_LEVELS[np.concatenate([qs & 0x0F, qs >> 4], axis=-1)], _f32(blk[:, :2]), None
+
+
+def _iq4_xs(blk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """256 values, 8 sub-blocks of 32 d*(ls-32) * level[q]: ls 6 bits (low 4 in the nibbles
+    of bytes 4-7, low nibbles first; top 2 in bit pairs of the 16-bit word at bytes 2-3),
+    then 16 bytes a sub-block, nibbles as IQ4_NL's."""
+    n = len(blk)
+    low = (blk[:, 4:8, None] >> np.array([0, 4], np.uint8)) & 0x0F
+    high = (blk[:, 2:4].view("<u2") >> np.arange(0, 16, 2, dtype=np.uint16)) & 3
+    ls = low.reshape(n, 8) | (high.astype(np.uint8) << 4)
+    scales = _f32(blk[:, :2])[:, None] * (ls.astype(np.float32) - 32)  # exact: 11 + 6 bits
+    qs = blk[:, 8:].reshape(n, 8, 1, 16)
+    q = ((qs >> np.array([0, 4], np.uint8)[:, None]) & 0x0F).reshape(n * 8, 32)
+    return _IQ4_LEVELS[q], scales.reshape(-1), None
+
+
 # qtype -> (bits, block, unpack): 4 bits where the values fit a nibble, else 8 (5- and
 # 6-bit values, one byte each: 1.125 bytes a weight against float32's 4)
 _MAPPED: dict[Q, tuple[int, int, Unpack]] = {
@@ -253,10 +281,12 @@ _MAPPED: dict[Q, tuple[int, int, Unpack]] = {
     Q.Q6_K: (8, 16, _q6_k),
     Q.Q2_K: (4, 16, _q2_k),
     Q.Q3_K: (4, 16, _q3_k),
+    Q.IQ4_NL: (8, BLOCK, _iq4_nl),
+    Q.IQ4_XS: (8, BLOCK, _iq4_xs),
 }
 MAPPED_TYPES = frozenset(_MAPPED)
 # GatherBlockQuantized has no offset term: only the types without one
-GATHER_TYPES = frozenset({Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q3_K})
+GATHER_TYPES = frozenset({Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q6_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS})
 
 
 def _check(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
