@@ -73,3 +73,30 @@ def test_a_failed_build_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(RuntimeError, match="no onnx_ir here"):
         ortgenai_model.ensure(blob, root)
     assert list(root.iterdir()) == []
+
+
+def test_cache_benchmark_fills_the_cache_then_alternates_in_flipping_pairs():
+    from benchmarks import onnx_cache
+
+    calls: list[str] = []
+    times = onnx_cache.measure(3, lambda mode: calls.append(mode) or float(len(calls)))
+    assert calls == ["cached", "cached", "uncached", "uncached", "cached", "cached", "uncached"]
+    assert times == {"cached": [2.0, 5.0, 6.0], "uncached": [3.0, 4.0, 7.0]}
+    out = onnx_cache.line("m", times)
+    assert "5.00 s cached (runs 2.00-6.00)" in out and "4.00 s with HERD_ONNX_CACHE=0" in out
+    assert out.endswith(": 0.80x")
+
+
+def test_cache_benchmark_child_turns_the_cache_off_only_for_uncached(monkeypatch):
+    from benchmarks import onnx_cache
+
+    seen = []
+
+    def fake_run(cmd, **kw):  # type: ignore[no-untyped-def]
+        seen.append((kw["env"]["HERD_CACHE"], kw["env"]["HERD_ONNX_CACHE"], cmd[-2:]))
+        return type("R", (), {"stdout": '{"cold_s": 0.5}\n'})()
+
+    monkeypatch.setattr(onnx_cache.subprocess, "run", fake_run)
+    assert onnx_cache.cold_load("/m.gguf", 2, "/c", "uncached") == 0.5
+    assert onnx_cache.cold_load("/m.gguf", 2, "/c", "cached") == 0.5
+    assert seen == [("/c", "0", ["/m.gguf", "2"]), ("/c", "1", ["/m.gguf", "2"])]
