@@ -9,16 +9,16 @@ decode step; a prompt over 128 tokens, attended in blocks). The KV cache and flo
 weights are graph inputs bound from this backend's NumPy memory through IOBinding, never
 copied into a session.
 
-GGUF Q4_0, Q4_1 and Q8_0 weights stay in their blocks: `MatMulNBits` for `linear`,
-`GatherBlockQuantized` for embedding rows (quant.py). Those are initializers, not inputs:
-MatMulNBits prepacks only initializers, and ran 11x slower on graph inputs (30 decode
-matmuls of 1536x576: 194 ms vs 17 ms). Every session reads the backend's own arrays
-(`SessionOptions.add_initializer`, ORT's way to share an initializer between sessions);
-`add_external_initializers` copied them into each (+197 MB a session for 200 MB of
-weights), and is what an onnxruntime that refuses the shared form gets (a log line). Each
-session still holds its own prepacked copy: ORT's Python API has no shared prepacked-weights
-container; `MAX_SESSIONS` bounds them. Other types are dequantized to float32 at load
-(`load_weight`).
+GGUF weights whose blocks map exactly (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K, IQ4_NL/XS) stay in
+them: `MatMulNBits` for `linear`, `GatherBlockQuantized` for embedding rows (quant.py).
+Those are initializers, not inputs: MatMulNBits prepacks only initializers, and ran 11x
+slower on graph inputs (30 decode matmuls of 1536x576: 194 ms vs 17 ms). Every session reads
+the backend's own arrays (`SessionOptions.add_initializer`, ORT's way to share an
+initializer between sessions); `add_external_initializers` copied them into each (+197 MB a
+session for 200 MB of weights), and is what an onnxruntime that refuses the shared form gets
+(a log line). Each session still holds its own prepacked copy: ORT's Python API has no
+shared prepacked-weights container; `MAX_SESSIONS` bounds them. Other types are dequantized
+to float32 at load (`load_weight`).
 
 The K/V cache is kept heads first in F32, (1, H, cells, D) for each layer's (cells, H, D),
 so that a decoding row's attention reads and writes it in place (fused.py; ONNX has no
