@@ -1,5 +1,5 @@
 """GGUF blocks onto ONNX Runtime's MatMulNBits and GatherBlockQuantized
-(herd/ml/backends/onnx/quant.py), run by onnxruntime itself on the CPU provider.
+(herd/ml/backends/onnx/blocks.py, quant.py), run by onnxruntime itself on the CPU provider.
 
 The proof of each exact mapping: a graph of the nodes herd emits, fed the identity I_K at
 accuracy_level 0, outputs W^T, which must be gguf's own dequantization bit for bit (the
