@@ -4,40 +4,32 @@ without it (`HERD_ONNX_CACHE=0`): what the cache saves a second process.
     python -m benchmarks.onnx_cache [--model smollm2:135m ...] [--pairs 5] [--threads 2]
 
 Each load is a fresh child process timed by `benchmarks.compare.bench_herd` (its cold load
-to the first token). The cache lives in a temporary `HERD_CACHE`, filled by one load
-first; then cached and uncached loads alternate in pairs whose order flips (A B, B A, ...),
-so the machine's drift falls on both. Prints the medians, ranges and their ratio.
+to the first token), started as `benchmarks.revisions` starts its own. The cache lives in a
+temporary `HERD_CACHE`, filled by one load first; then cached and uncached loads alternate
+in pairs whose order flips (A B, B A, ...), so the machine's drift falls on both. Prints the
+medians, ranges and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-CHILD = (
-    "import json, sys; from benchmarks.compare import bench_herd; "
-    "print(json.dumps(bench_herd('onnx', sys.argv[1], int(sys.argv[2]), 1)))"
-)
+from benchmarks import revisions
+
 MODES = ("cached", "uncached")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cold_load(path: str, threads: int, cache: str, mode: str) -> float:
-    """One child process's cold load to a first token, seconds."""
-    env = {**os.environ, "HERD_CACHE": cache, "HERD_ONNX_CACHE": "0" if mode == "uncached" else "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, path, str(threads)],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["cold_s"])
+    """One child process's cold load to a first token, seconds (`revisions.measure`: this
+    checkout's herd, one timed run)."""
+    env = {"HERD_CACHE": cache, "HERD_ONNX_CACHE": "0" if mode == "uncached" else "1"}
+    return float(revisions.measure(ROOT, path, threads, 1, "onnx", env)["cold_s"])
 
 
 def measure(pairs: int, load: Callable[[str], float]) -> dict[str, list[float]]:

@@ -29,10 +29,16 @@ FIGURES = (("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"))
 
 
 def measure(
-    checkout: Path, path: str, threads: int, runs: int, backend: str = "ggml"
+    checkout: Path,
+    path: str,
+    threads: int,
+    runs: int,
+    backend: str = "ggml",
+    env: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """One child process running `checkout`'s herd and its benchmark code."""
-    env = {**os.environ, "PYTHONPATH": f"{checkout / 'src'}{os.pathsep}{checkout}"}
+    """One child process running `checkout`'s herd and its benchmark code (`env`: more
+    environment variables for it)."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{checkout / 'src'}{os.pathsep}{checkout}"}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, path, str(threads), str(runs), backend],
         cwd=checkout,

@@ -93,10 +93,11 @@ def test_cache_benchmark_child_turns_the_cache_off_only_for_uncached(monkeypatch
     seen = []
 
     def fake_run(cmd, **kw):  # type: ignore[no-untyped-def]
-        seen.append((kw["env"]["HERD_CACHE"], kw["env"]["HERD_ONNX_CACHE"], cmd[-2:]))
+        seen.append((kw["env"]["HERD_CACHE"], kw["env"]["HERD_ONNX_CACHE"], cmd[3:5]))
+        assert cmd[5:] == ["1", "onnx"]  # one timed run, on the onnx backend
         return type("R", (), {"stdout": '{"cold_s": 0.5}\n'})()
 
-    monkeypatch.setattr(onnx_cache.subprocess, "run", fake_run)
+    monkeypatch.setattr(onnx_cache.revisions.subprocess, "run", fake_run)
     assert onnx_cache.cold_load("/m.gguf", 2, "/c", "uncached") == 0.5
     assert onnx_cache.cold_load("/m.gguf", 2, "/c", "cached") == 0.5
     assert seen == [("/c", "0", ["/m.gguf", "2"]), ("/c", "1", ["/m.gguf", "2"])]
