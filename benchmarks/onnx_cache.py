@@ -61,11 +61,15 @@ def main() -> None:
     if args.pairs < 1 or args.threads < 1:
         ap.error("--pairs and --threads must be at least 1")
     from benchmarks.compare import model_path
+    from herd.errors import HerdError
 
     for model in args.model or ["smollm2:135m"]:
-        path = model_path(model)
-        with tempfile.TemporaryDirectory(prefix="herd-onnx-cache-") as cache:
-            times = measure(args.pairs, partial(cold_load, path, args.threads, cache))
+        try:
+            path = model_path(model)
+            with tempfile.TemporaryDirectory(prefix="herd-onnx-cache-") as cache:
+                times = measure(args.pairs, partial(cold_load, path, args.threads, cache))
+        except (HerdError, revisions.ChildFailed) as e:
+            raise SystemExit(f"onnx_cache: {model}: {e}") from None
         print(line(model, times), flush=True)
 
 

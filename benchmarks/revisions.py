@@ -45,9 +45,15 @@ def measure(
         env=env,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode != 0:  # the child's own last line says why (a bad file, a backend)
+        why = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ChildFailed(f"the {backend} run of {path} in {checkout} failed: {why}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class ChildFailed(RuntimeError):
+    """A measuring child process exited with an error."""
 
 
 def main() -> None:
@@ -68,7 +74,11 @@ def main() -> None:
     for i in range(args.pairs):
         order = ("before", "after") if i % 2 == 0 else ("after", "before")
         for side in order:
-            results[side].append(measure(sides[side], path, args.threads, args.runs, args.backend))
+            try:
+                result = measure(sides[side], path, args.threads, args.runs, args.backend)
+            except ChildFailed as e:
+                raise SystemExit(f"revisions: {e}") from None
+            results[side].append(result)
         print(f"pair {i + 1}/{args.pairs} done", file=sys.stderr)
     print(f"model {args.model}, {args.backend}, {args.threads} threads, {args.pairs} pairs")
     for key, label in FIGURES:

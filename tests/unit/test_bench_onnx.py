@@ -101,3 +101,14 @@ def test_cache_benchmark_child_turns_the_cache_off_only_for_uncached(monkeypatch
     assert onnx_cache.cold_load("/m.gguf", 2, "/c", "uncached") == 0.5
     assert onnx_cache.cold_load("/m.gguf", 2, "/c", "cached") == 0.5
     assert seen == [("/c", "0", ["/m.gguf", "2"]), ("/c", "1", ["/m.gguf", "2"])]
+
+
+def test_a_failed_child_is_one_clear_error_naming_the_file_and_why(tmp_path: Path):
+    """A file that is not a GGUF: the measuring child fails, and the benchmarks say so in
+    one line (the child's last), not with a CalledProcessError's traceback."""
+    from benchmarks import onnx_cache, revisions
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF")
+    with pytest.raises(revisions.ChildFailed, match=r"bad\.gguf.*not a GGUF file"):
+        onnx_cache.cold_load(str(bad), 1, str(tmp_path / "cache"), "cached")
