@@ -95,7 +95,7 @@ def test_cache_benchmark_child_turns_the_cache_off_only_for_uncached(monkeypatch
     def fake_run(cmd, **kw):  # type: ignore[no-untyped-def]
         seen.append((kw["env"]["HERD_CACHE"], kw["env"]["HERD_ONNX_CACHE"], cmd[3:5]))
         assert cmd[5:] == ["1", "onnx"]  # one timed run, on the onnx backend
-        return type("R", (), {"stdout": '{"cold_s": 0.5}\n'})()
+        return type("R", (), {"stdout": '{"cold_s": 0.5}\n', "returncode": 0})()
 
     monkeypatch.setattr(onnx_cache.revisions.subprocess, "run", fake_run)
     assert onnx_cache.cold_load("/m.gguf", 2, "/c", "uncached") == 0.5
