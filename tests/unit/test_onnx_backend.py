@@ -299,6 +299,23 @@ def test_which_weights_stay_quantized(
         assert err < (1e-12 if exact else 2e-4), f"{name} dequantize={dequantize}: nmse {err}"
 
 
+def test_a_type_without_an_exact_form_is_dequantized_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TQ2_0 has no MatMulNBits form here: it becomes float32, and the log says so once
+    for its type; the types that stay in their blocks are not named."""
+    import logging
+
+    from herd.ml.backends.onnx import backend as onnx_backend
+
+    backend = open_backend("onnx", open_gguf(_weights_file(tmp_path / "q.gguf")))
+    with caplog.at_level(logging.INFO, logger=onnx_backend.__name__):
+        for name in ("w.TQ2_0", "w.Q6_K", "w.TQ2_0", "w.Q5_0"):
+            backend.weight(name)
+    said = [r.message for r in caplog.records if "dequantized to float32" in r.message]
+    assert said == ["onnx: TQ2_0 weights dequantized to float32 at load"], said
+
+
 def _table_file(path: Path) -> tuple[Path, int]:
     """A Q8_0 table of 40 MB (GatherBlockQuantized reads it as it is: no prepacked copy)."""
     from gguf import GGMLQuantizationType as Q
